@@ -1,0 +1,184 @@
+"""Stage 2: the diffusion prior (``PriorTransformer`` + ``UnCLIPScheduler``).
+
+Text embeddings -> CLIP image embeddings, with classifier-free guidance, exactly
+as ``KandinskyV22PriorPipeline`` computes them for one image per seed. Every
+image keeps its own scheduler and generator, so its result does not depend on
+what else shares the forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import serve
+
+from deployments.batching import BatchSettings, Queued, run_until_done
+from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
+from deployments.messages import ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
+
+STAGE = "prior"
+
+
+@dataclass
+class PriorState:
+    """One image's prior denoising: ``k`` latent rows (2 when a negative prompt is embedded too)."""
+
+    cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # embeds, hidden states, mask; k rows
+    uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # same, only with guidance
+    guidance_scale: float
+    scheduler: object
+    generator: torch.Generator
+    latents: torch.Tensor  # (k, D)
+    index: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.index >= len(self.scheduler.timesteps)
+
+
+class PriorModel:
+    """The prior's math, without Ray."""
+
+    def __init__(self, prior, scheduler, zero_image_embed: torch.Tensor, device: str = "cpu") -> None:
+        self.prior = prior
+        self.scheduler_class = type(scheduler)
+        self.scheduler_config = scheduler.config
+        self.zero_image_embed = zero_image_embed  # (1, D), computed once: it never changes
+        self.device = device
+        self.dtype = prior.dtype
+
+    @classmethod
+    def from_pretrained(cls, prior_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "PriorModel":
+        from diffusers import PriorTransformer, UnCLIPScheduler
+        from transformers import CLIPVisionModelWithProjection
+
+        root = check_layout(prior_path, PRIOR_LAYOUT, "prior", parts=("prior", "scheduler", "image_encoder"))
+        prior = load_pretrained(PriorTransformer, root, "prior", device, torch_dtype(dtype))
+        scheduler = load_pretrained(UnCLIPScheduler, root, "scheduler")
+        # The vision encoder is needed only for the all-zero image's embedding, the
+        # default negative; it is dropped once that is cached.
+        image_encoder = load_pretrained(CLIPVisionModelWithProjection, root, "image_encoder", device, torch_dtype(dtype))
+        size = image_encoder.config.image_size
+        with torch.inference_mode():
+            zeros = torch.zeros(1, 3, size, size, device=device, dtype=image_encoder.dtype)
+            zero_embed = image_encoder(zeros).image_embeds
+        del image_encoder
+        return cls(prior, scheduler, zero_embed, device)
+
+    def _rows(self, array: np.ndarray, index: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array[index])).to(self.device)
+
+    def start(self, text: TextEmbeddings, params: PriorParams, seed: int) -> PriorState:
+        """Set up one image. Row 0 of ``text`` is the prompt, row 1 the negative prompt or ""."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        # As in the reference: a negative prompt is itself denoised (guided against
+        # itself) and becomes the negative image embedding; "" is only the unconditional text.
+        cond_rows = [0, 1] if params.has_negative else [0]
+        uncond_rows = [1, 1] if params.has_negative else [1]
+        def pick(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return (
+                self._rows(text.text_embeds, rows).to(self.dtype),
+                self._rows(text.hidden_states, rows).to(self.dtype),
+                self._rows(text.attention_mask, rows),
+            )
+
+        scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        scheduler.set_timesteps(params.num_steps, device=self.device)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        shape = (len(cond_rows), self.prior.config.embedding_dim)
+        latents = randn_tensor(shape, generator=generator, device=torch.device(self.device), dtype=self.dtype)
+        return PriorState(
+            cond=pick(cond_rows),
+            uncond=pick(uncond_rows) if params.guidance_scale > 1 else None,
+            guidance_scale=params.guidance_scale,
+            scheduler=scheduler,
+            generator=generator,
+            latents=latents * scheduler.init_noise_sigma,
+        )
+
+    @torch.inference_mode()
+    def step(self, states: list[PriorState]) -> None:
+        """One prior forward over every state's rows, then each state's own scheduler step."""
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for state in states:
+            t = state.scheduler.timesteps[state.index]
+            for embeds, hidden, mask in ([state.uncond] if state.uncond is not None else []) + [state.cond]:
+                parts.append((state.latents, t.expand(len(embeds)), embeds, hidden, mask))
+        latents, timesteps, embeds, hidden, mask = (torch.cat(column) for column in zip(*parts))
+        predicted = self.prior(
+            latents, timestep=timesteps, proj_embedding=embeds, encoder_hidden_states=hidden, attention_mask=mask
+        ).predicted_image_embedding
+        offset = 0
+        for state in states:
+            k = len(state.latents)
+            if state.uncond is not None:
+                uncond, cond = predicted[offset : offset + k], predicted[offset + k : offset + 2 * k]
+                prediction = uncond + state.guidance_scale * (cond - uncond)
+                offset += 2 * k
+            else:
+                prediction = predicted[offset : offset + k]
+                offset += k
+            timesteps = state.scheduler.timesteps
+            t = timesteps[state.index]
+            prev_t = None if state.index + 1 == len(timesteps) else timesteps[state.index + 1]
+            state.latents = state.scheduler.step(
+                prediction, timestep=t, sample=state.latents, generator=state.generator, prev_timestep=prev_t
+            ).prev_sample
+            state.index += 1
+
+    @torch.inference_mode()
+    def finish(self, state: PriorState) -> tuple[np.ndarray, np.ndarray]:
+        """(image embedding, negative image embedding) of one finished image, each (D,)."""
+        embeds = self.prior.post_process_latents(state.latents)
+        negative = embeds[1] if len(embeds) == 2 else self.zero_image_embed[0]
+        return embeds[0].float().cpu().numpy(), negative.float().cpu().numpy()
+
+    def generate(self, jobs: list[tuple[TextEmbeddings, PriorParams]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Run whole jobs together; one (image_embeds, negative_image_embeds) pair of (N, D) per job."""
+        states = [[self.start(text, params, seed) for seed in params.seeds] for text, params in jobs]
+        run_until_done([s for job in states for s in job], self.step)
+        results = []
+        for job in states:
+            pairs = [self.finish(state) for state in job]
+            results.append((np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])))
+        return results
+
+
+@serve.deployment(name="Prior", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+class Prior:
+    """Batches prompts from many requests into shared prior forward passes."""
+
+    def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.model = PriorModel.from_pretrained(prior_path, device, dtype)
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict) -> None:
+        settings = BatchSettings.model_validate(user_config or {})
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self._generate_batch.set_max_batch_size(settings.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    async def generate(self, text: TextEmbeddings, params: PriorParams) -> ImageEmbeddings:
+        return await self._generate_batch(Queued((text, params)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _generate_batch(self, calls: list[Queued[tuple[TextEmbeddings, PriorParams]]]) -> list[ImageEmbeddings]:
+        started = time.perf_counter()
+        outputs = await asyncio.to_thread(self.model.generate, [call.payload for call in calls])
+        compute_ms = (time.perf_counter() - started) * 1000.0
+        results = []
+        for call, (embeds, negative) in zip(calls, outputs):
+            text, params = call.payload
+            timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
+            results.append(ImageEmbeddings(embeds, negative, list(params.seeds), {**text.timings, STAGE: timing}))
+        return results
+
+    async def ready(self) -> bool:
+        return True

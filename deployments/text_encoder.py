@@ -1,0 +1,85 @@
+"""Stage 1: CLIP text encoder (tokenizer + ``CLIPTextModelWithProjection``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import serve
+
+from deployments.batching import BatchSettings, Queued
+from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
+from deployments.messages import StageTiming, TextEmbeddings
+
+STAGE = "text_encoder"
+
+
+class TextEncoderModel:
+    """Prompts -> pooled embeddings, last hidden states and masks, as the prior pipeline computes them."""
+
+    def __init__(self, tokenizer, text_encoder, device: str = "cpu") -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device
+        self.max_length = tokenizer.model_max_length
+
+    @classmethod
+    def from_pretrained(cls, prior_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "TextEncoderModel":
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        root = check_layout(prior_path, PRIOR_LAYOUT, "prior", parts=("tokenizer", "text_encoder"))
+        tokenizer = load_pretrained(CLIPTokenizer, root, "tokenizer")
+        encoder = load_pretrained(CLIPTextModelWithProjection, root, "text_encoder", device, torch_dtype(dtype))
+        return cls(tokenizer, encoder, device)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Encode ``texts`` in one forward pass (rows are independent: padded to the full context)."""
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        output = self.text_encoder(tokens.input_ids.to(self.device))
+        return (
+            output.text_embeds.float().cpu().numpy(),
+            output.last_hidden_state.float().cpu().numpy(),
+            tokens.attention_mask.bool().numpy(),
+        )
+
+
+@serve.deployment(name="TextEncoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+class TextEncoder:
+    """Batches prompts from many requests into one encoder forward pass."""
+
+    def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.model = TextEncoderModel.from_pretrained(prior_path, device, dtype)
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict) -> None:
+        settings = BatchSettings.model_validate(user_config or {})
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self._encode_batch.set_max_batch_size(settings.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    async def encode(self, texts: list[str]) -> TextEmbeddings:
+        return await self._encode_batch(Queued(list(texts)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _encode_batch(self, calls: list[Queued[list[str]]]) -> list[TextEmbeddings]:
+        started = time.perf_counter()
+        flat = [text for call in calls for text in call.payload]
+        embeds, hidden, mask = await asyncio.to_thread(self.model.encode, flat)
+        compute_ms = (time.perf_counter() - started) * 1000.0
+        results, offset = [], 0
+        for call in calls:
+            rows = slice(offset, offset + len(call.payload))
+            offset = rows.stop
+            timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
+            results.append(TextEmbeddings(call.payload, embeds[rows], hidden[rows], mask[rows], {STAGE: timing}))
+        return results
+
+    async def ready(self) -> bool:
+        return True

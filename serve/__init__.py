@@ -1,0 +1,1 @@
+"""kandinsky-serve: the HTTP ingress, schemas, settings, graph builder and CLI."""

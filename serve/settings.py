@@ -1,0 +1,197 @@
+"""Settings: one pydantic model per concern, loaded from a Ray Serve config file.
+
+A file in ``configs/`` is a plain Ray Serve config (``serve deploy``/``serve run``
+accept it as is). The project's own settings live in two places inside it:
+
+* ``applications[].args`` -> :class:`ServiceSettings` (models and API limits);
+* ``applications[].deployments[].user_config`` -> :class:`deployments.batching.BatchSettings`.
+
+:func:`load_config` validates both, plus Ray's own schema, and reports every
+problem as ``<file>: <field path>: <what is wrong>``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deployments.batching import BatchSettings
+
+PRIOR_PATH_ENV = "KANDINSKY_PRIOR_PATH"
+DECODER_PATH_ENV = "KANDINSKY_DECODER_PATH"
+CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
+
+STAGE_NAMES = ("TextEncoder", "Prior", "Denoiser", "MovqDecoder")
+INGRESS_NAME = "Ingress"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "kandinsky-serve"))
+
+
+class ModelSettings(BaseModel):
+    """Where the checkpoints are and how they run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prior_path: Path | None = None
+    """Directory in the layout of ``kandinsky-2-2-prior``. None: the embedded tiny model."""
+    decoder_path: Path | None = None
+    """Directory in the layout of ``kandinsky-2-2-decoder``. None: the embedded tiny model."""
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    """Torch device of every stage: ``cpu``, ``cuda`` or ``cuda:N``."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Weights and activations dtype. Half precision needs a GPU."""
+    embedded_seed: int = Field(default=0, ge=0)
+    """Seed of the embedded tiny checkpoint written when no paths are set."""
+    embedded_dir: Path | None = None
+    """Where the embedded checkpoint is written; default ``$KANDINSKY_CACHE_DIR`` or ~/.cache."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSettings":
+        if (self.prior_path is None) != (self.decoder_path is None):
+            raise ValueError(
+                "set both prior_path and decoder_path (real checkpoints) or neither (embedded tiny model)"
+            )
+        if self.device == "cpu" and self.dtype != "float32":
+            raise ValueError(f"dtype {self.dtype} needs a GPU device; use dtype float32 with device cpu")
+        return self
+
+    def with_env_overrides(self) -> "ModelSettings":
+        """``KANDINSKY_PRIOR_PATH`` / ``KANDINSKY_DECODER_PATH`` win over the file."""
+        updates = {}
+        if os.environ.get(PRIOR_PATH_ENV):
+            updates["prior_path"] = Path(os.environ[PRIOR_PATH_ENV])
+        if os.environ.get(DECODER_PATH_ENV):
+            updates["decoder_path"] = Path(os.environ[DECODER_PATH_ENV])
+        if not updates:
+            return self
+        return ModelSettings.model_validate({**self.model_dump(), **updates})
+
+
+class ApiLimits(BaseModel):
+    """Caps on what one request may ask for; every one is enforced before any model runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_side: int = Field(default=1024, ge=64, le=4096, multiple_of=64)
+    """Largest width or height in pixels (sizes are multiples of 64)."""
+    max_num_images: int = Field(default=8, ge=1, le=64)
+    """Most images one request may ask for."""
+    max_steps: int = Field(default=150, ge=1, le=1000)
+    """Most decoder denoising steps."""
+    max_prior_steps: int = Field(default=100, ge=1, le=1000)
+    """Most prior denoising steps."""
+    max_prompt_chars: int = Field(default=2000, ge=1, le=100_000)
+    """Longest prompt or negative prompt in characters (the encoder truncates at 77 tokens)."""
+    max_guidance_scale: float = Field(default=50.0, gt=0)
+    """Largest guidance scale for either stage."""
+
+
+class ServiceSettings(BaseModel):
+    """The application's ``args``: everything the graph builder needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: ModelSettings = ModelSettings()
+    limits: ApiLimits = ApiLimits()
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be served, with every problem listed."""
+
+
+def _format_errors(source: str, prefix: str, error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in (*prefix.split("."), *item["loc"]) if part != "")
+        lines.append(f"{source}: {loc}: {item['msg']}")
+    return lines
+
+
+def parse_service_settings(args: dict[str, Any] | None, source: str = "args") -> ServiceSettings:
+    """Validate an application's ``args`` and apply the environment overrides."""
+    try:
+        settings = ServiceSettings.model_validate(args or {})
+        return settings.model_copy(update={"models": settings.models.with_env_overrides()})
+    except ValidationError as error:
+        raise ConfigError("\n".join(_format_errors(source, "args", error))) from None
+
+
+class LoadedConfig(BaseModel):
+    """A validated config file: Ray's part and ours."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    path: Path
+    raw: dict[str, Any]
+    service: ServiceSettings
+    deployment_options: dict[str, dict[str, Any]]
+    """Per deployment name, the options to apply (Ray's override semantics)."""
+    http_host: str
+    http_port: int
+
+
+def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
+    """Read and validate a config file; raise :class:`ConfigError` listing every problem."""
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    try:
+        schema = ServeDeploySchema.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError("\n".join(_format_errors(source, "", error))) from None
+    if not schema.applications:
+        raise ConfigError(f"{source}: applications: list at least one application")
+    app = schema.applications[app_index]
+    problems: list[str] = []
+    service = ServiceSettings()
+    try:
+        service = parse_service_settings(app.args, source)
+    except ConfigError as error:
+        problems.append(str(error).replace(f"{source}: args", f"{source}: applications.{app_index}.args"))
+
+    options: dict[str, dict[str, Any]] = {}
+    known = (*STAGE_NAMES, INGRESS_NAME)
+    for index, deployment in enumerate(app.deployments):
+        where = f"applications.{app_index}.deployments.{index}"
+        if deployment.name not in known:
+            problems.append(f"{source}: {where}.name: unknown deployment {deployment.name!r}; expected one of {known}")
+            continue
+        opts = deployment.model_dump(exclude_unset=True, exclude={"name"})
+        if deployment.name in STAGE_NAMES:
+            try:
+                batch = BatchSettings.model_validate(opts.get("user_config") or {})
+            except ValidationError as error:
+                problems.extend(_format_errors(source, f"{where}.user_config", error))
+                continue
+            ongoing = opts.get("max_ongoing_requests")
+            if ongoing is not None and ongoing < batch.max_batch_size:
+                problems.append(
+                    f"{source}: {where}.max_ongoing_requests: {ongoing} is below user_config.max_batch_size "
+                    f"{batch.max_batch_size}; batches could never fill — raise max_ongoing_requests to at least "
+                    f"{batch.max_batch_size}"
+                )
+        options[deployment.name] = opts
+    if problems:
+        raise ConfigError("\n".join(problems))
+    http = schema.http_options
+    return LoadedConfig(
+        path=path,
+        raw=raw,
+        service=service,
+        deployment_options=options,
+        http_host=http.host,
+        http_port=http.port,
+    )
