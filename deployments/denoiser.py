@@ -9,7 +9,6 @@ a forward pass.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.batching import BatchSettings, Queued, group_by, run_until_done
+from deployments.batching import Queued, group_by, run_until_done
 from deployments.loading import DECODER_LAYOUT, CheckpointError, check_layout, load_pretrained, torch_dtype
 from deployments.messages import DenoiseParams, ImageEmbeddings, Latents, StageTiming
+from deployments.runtime import ModelThread, StageReplica
 
 STAGE = "denoiser"
 LEARNED_VARIANCE = ("learned", "learned_range")
@@ -159,27 +159,21 @@ class DenoiserModel:
 
 
 @serve.deployment(name="Denoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
-class Denoiser:
+class Denoiser(StageReplica):
     """Batches requests' denoising loops into shared U-Net forward passes."""
 
     def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.thread = ModelThread(STAGE)
         self.model = DenoiserModel.from_pretrained(decoder_path, device, dtype)
         self.reconfigure({})
 
-    def reconfigure(self, user_config: dict) -> None:
-        settings = BatchSettings.model_validate(user_config or {})
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self._generate_batch.set_max_batch_size(settings.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-
     async def generate(self, embeddings: ImageEmbeddings, params: DenoiseParams) -> Latents:
-        return await self._generate_batch(Queued((embeddings, params)))
+        return await self._run_batch(Queued((embeddings, params)))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
-    async def _generate_batch(self, calls: list[Queued[tuple[ImageEmbeddings, DenoiseParams]]]) -> list[Latents]:
+    async def _run_batch(self, calls: list[Queued[tuple[ImageEmbeddings, DenoiseParams]]]) -> list[Latents]:
         started = time.perf_counter()
-        outputs = await asyncio.to_thread(self.model.generate, [call.payload for call in calls])
+        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls])
         compute_ms = (time.perf_counter() - started) * 1000.0
         results = []
         for call, latents in zip(calls, outputs):
@@ -187,6 +181,3 @@ class Denoiser:
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
             results.append(Latents(latents, embeddings.seeds, {**embeddings.timings, STAGE: timing}))
         return results
-
-    async def ready(self) -> bool:
-        return True

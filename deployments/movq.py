@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 from pathlib import Path
@@ -12,9 +11,10 @@ import torch
 from PIL import Image
 from ray import serve
 
-from deployments.batching import BatchSettings, Queued, group_by
+from deployments.batching import Queued, group_by
 from deployments.loading import DECODER_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import DecodeParams, EncodedImages, Latents, StageTiming
+from deployments.runtime import ModelThread, StageReplica
 
 STAGE = "movq"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -72,25 +72,19 @@ def encode_image(pixels: np.ndarray, output_format: str) -> bytes:
 
 
 @serve.deployment(name="MovqDecoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
-class MovqDecoder:
+class MovqDecoder(StageReplica):
     """Batches requests' latents into shared MOVQ decode passes and encodes the images."""
 
     def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.thread = ModelThread(STAGE)
         self.model = MovqModel.from_pretrained(decoder_path, device, dtype)
         self.reconfigure({})
 
-    def reconfigure(self, user_config: dict) -> None:
-        settings = BatchSettings.model_validate(user_config or {})
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self._decode_batch.set_max_batch_size(settings.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-
     async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
-        return await self._decode_batch(Queued((latents, params)))
+        return await self._run_batch(Queued((latents, params)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _decode_batch(self, calls: list[Queued[tuple[Latents, DecodeParams]]]) -> list[EncodedImages]:
+    async def _run_batch(self, calls: list[Queued[tuple[Latents, DecodeParams]]]) -> list[EncodedImages]:
         started = time.perf_counter()
 
         def work() -> list[list[bytes]]:
@@ -100,7 +94,7 @@ class MovqDecoder:
                 for images, (_, params) in zip(pixels, (c.payload for c in calls))
             ]
 
-        encoded = await asyncio.to_thread(work)
+        encoded = await self.thread.run(work)
         compute_ms = (time.perf_counter() - started) * 1000.0
         results = []
         for call, images in zip(calls, encoded):
@@ -110,6 +104,3 @@ class MovqDecoder:
                 EncodedImages(images, MEDIA_TYPES[params.output_format], latents.seeds, {**latents.timings, STAGE: timing})
             )
         return results
-
-    async def ready(self) -> bool:
-        return True

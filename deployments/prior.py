@@ -8,7 +8,6 @@ what else shares the forward pass.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.batching import BatchSettings, Queued, run_until_done
+from deployments.batching import Queued, run_until_done
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
+from deployments.runtime import ModelThread, StageReplica
 
 STAGE = "prior"
 
@@ -151,27 +151,21 @@ class PriorModel:
 
 
 @serve.deployment(name="Prior", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
-class Prior:
+class Prior(StageReplica):
     """Batches prompts from many requests into shared prior forward passes."""
 
     def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.thread = ModelThread(STAGE)
         self.model = PriorModel.from_pretrained(prior_path, device, dtype)
         self.reconfigure({})
 
-    def reconfigure(self, user_config: dict) -> None:
-        settings = BatchSettings.model_validate(user_config or {})
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self._generate_batch.set_max_batch_size(settings.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-
     async def generate(self, text: TextEmbeddings, params: PriorParams) -> ImageEmbeddings:
-        return await self._generate_batch(Queued((text, params)))
+        return await self._run_batch(Queued((text, params)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _generate_batch(self, calls: list[Queued[tuple[TextEmbeddings, PriorParams]]]) -> list[ImageEmbeddings]:
+    async def _run_batch(self, calls: list[Queued[tuple[TextEmbeddings, PriorParams]]]) -> list[ImageEmbeddings]:
         started = time.perf_counter()
-        outputs = await asyncio.to_thread(self.model.generate, [call.payload for call in calls])
+        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls])
         compute_ms = (time.perf_counter() - started) * 1000.0
         results = []
         for call, (embeds, negative) in zip(calls, outputs):
@@ -179,6 +173,3 @@ class Prior:
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
             results.append(ImageEmbeddings(embeds, negative, list(params.seeds), {**text.timings, STAGE: timing}))
         return results
-
-    async def ready(self) -> bool:
-        return True

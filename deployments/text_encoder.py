@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -10,9 +9,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.batching import BatchSettings, Queued
+from deployments.batching import Queued
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import StageTiming, TextEmbeddings
+from deployments.runtime import ModelThread, StageReplica
 
 STAGE = "text_encoder"
 
@@ -50,28 +50,22 @@ class TextEncoderModel:
 
 
 @serve.deployment(name="TextEncoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
-class TextEncoder:
+class TextEncoder(StageReplica):
     """Batches prompts from many requests into one encoder forward pass."""
 
     def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.thread = ModelThread(STAGE)
         self.model = TextEncoderModel.from_pretrained(prior_path, device, dtype)
         self.reconfigure({})
 
-    def reconfigure(self, user_config: dict) -> None:
-        settings = BatchSettings.model_validate(user_config or {})
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self._encode_batch.set_max_batch_size(settings.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-
     async def encode(self, texts: list[str]) -> TextEmbeddings:
-        return await self._encode_batch(Queued(list(texts)))
+        return await self._run_batch(Queued(list(texts)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, calls: list[Queued[list[str]]]) -> list[TextEmbeddings]:
+    async def _run_batch(self, calls: list[Queued[list[str]]]) -> list[TextEmbeddings]:
         started = time.perf_counter()
         flat = [text for call in calls for text in call.payload]
-        embeds, hidden, mask = await asyncio.to_thread(self.model.encode, flat)
+        embeds, hidden, mask = await self.thread.run(self.model.encode, flat)
         compute_ms = (time.perf_counter() - started) * 1000.0
         results, offset = [], 0
         for call in calls:
@@ -80,6 +74,3 @@ class TextEncoder:
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
             results.append(TextEmbeddings(call.payload, embeds[rows], hidden[rows], mask[rows], {STAGE: timing}))
         return results
-
-    async def ready(self) -> bool:
-        return True

@@ -90,6 +90,8 @@ class ApiLimits(BaseModel):
     """Longest prompt or negative prompt in characters (the encoder truncates at 77 tokens)."""
     max_guidance_scale: float = Field(default=50.0, gt=0)
     """Largest guidance scale for either stage."""
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest request body in bytes; larger ones get 413."""
 
 
 class ServiceSettings(BaseModel):

@@ -1,0 +1,110 @@
+"""``kandinsky-serve``: run the service, write tiny checkpoints, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from deployments.loading import CheckpointError
+from serve.settings import ConfigError, LoadedConfig, load_config
+
+DEFAULT_CONFIG = "configs/local.yaml"
+
+
+def start_service(config: LoadedConfig, host: str | None = None, port: int | None = None) -> str:
+    """Start Ray (localhost-only dashboard) and the application; return the base URL."""
+    import ray
+    from ray import serve
+
+    from serve.graph import build_app
+
+    app_schema = config.raw["applications"][0]
+    app = build_app(app_schema.get("args"), config.deployment_options)
+    host = host or config.http_host
+    port = port or config.http_port
+    if not ray.is_initialized():
+        ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=app_schema.get("name", "kandinsky"), route_prefix=app_schema.get("route_prefix", "/"))
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    url = start_service(config, args.host, args.port)
+    print(f"kandinsky-serve is up: {url}  (API docs: {url}/docs; Ctrl-C stops it)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from serve.tiny import make_tiny
+
+    prior, decoder = make_tiny(args.dir, args.seed)
+    print(f"prior:   {prior}\ndecoder: {decoder}")
+    return 0
+
+
+def _cmd_bench_latency(args: argparse.Namespace) -> int:
+    from serve.bench import bench_latency
+
+    bench_latency(
+        config_path=args.config,
+        size=args.size,
+        steps=args.steps,
+        prior_steps=args.prior_steps,
+        rounds=args.rounds,
+        out=Path(args.out),
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kandinsky-serve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start the service from a config file")
+    run.add_argument("--config", default=DEFAULT_CONFIG)
+    run.add_argument("--host", default=None, help="override http_options.host")
+    run.add_argument("--port", type=int, default=None, help="override http_options.port")
+    run.set_defaults(func=_cmd_run)
+
+    tiny = commands.add_parser("make-tiny", help="write a tiny random-weight checkpoint pair")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_make_tiny)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="kind", required=True)
+    latency = kinds.add_parser("latency", help="single-request latency: diffusers in-process vs the served graph")
+    latency.add_argument("--config", default=DEFAULT_CONFIG)
+    latency.add_argument("--size", type=int, default=64)
+    latency.add_argument("--steps", type=int, default=50)
+    latency.add_argument("--prior-steps", type=int, default=25)
+    latency.add_argument("--rounds", type=int, default=10)
+    latency.add_argument("--out", default="bench-results/latency.json")
+    latency.set_defaults(func=_cmd_bench_latency)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as error:
+        print(f"kandinsky-serve: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
