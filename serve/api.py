@@ -41,8 +41,7 @@ def _error(status: int, kind: str, message: str, request_id: str | None, details
     body = ErrorResponse.model_validate(
         {"error": {"type": kind, "message": message, "details": details or []}, "request_id": request_id}
     )
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(body.model_dump(), status_code=status)
 
 
 def _field_name(loc: tuple) -> str:
@@ -93,8 +92,13 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(limits: ApiLimits, backend: GenerationBackend) -> FastAPI:
-    """Build the HTTP API on ``backend``."""
+def create_app(limits: ApiLimits, backend: GenerationBackend, echo_request_id: bool = True) -> FastAPI:
+    """Build the HTTP API on ``backend``.
+
+    ``echo_request_id``: set the ``X-Request-ID`` response header. Behind Ray Serve's
+    proxy it must be False: the proxy forwards the client's id (or one it made) to
+    us and sets the response header itself.
+    """
     Text2ImgRequest = text2img_request_model(limits)
     app = FastAPI(
         title="kandinsky-serve",
@@ -113,7 +117,8 @@ def create_app(limits: ApiLimits, backend: GenerationBackend) -> FastAPI:
             )
         request.state.request_id = supplied or uuid.uuid4().hex
         response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
+        if echo_request_id:
+            response.headers[REQUEST_ID_HEADER] = request.state.request_id
         return response
 
     @app.exception_handler(RequestValidationError)

@@ -39,7 +39,7 @@ class Ingress:
         self.movq = movq
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.settings.limits, backend=self)
+        return create_app(self.settings.limits, backend=self, echo_request_id=False)
 
     async def text2img(self, spec: Text2ImgSpec, request_id: str = "") -> EncodedImages:
         logger.info("request %s: text2img %dx%d, %d image(s)", request_id, spec.width, spec.height, len(spec.seeds))

@@ -1,0 +1,68 @@
+"""The deployed graph (shared Ray instance) against diffusers' pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.reference import MAX_PIXEL_DIFF, decode_png, max_diff, reference_images, spec
+
+
+def _generate(handle, s, request_id="t"):
+    return handle.text2img.remote(s, request_id).result(timeout_s=120)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"negative_prompt": "blue square, low quality"},
+        {"width": 128, "height": 64, "seeds": (21, 22)},
+        {"width": 64, "height": 128, "negative_prompt": "dark"},
+    ],
+    ids=["64x64", "64x64-negative", "128x64-two-images", "64x128-negative"],
+)
+def test_served_images_match_diffusers(served_app, tiny_checkpoint, overrides):
+    _, handle = served_app
+    s = spec(**overrides)
+    result = _generate(handle, s)
+    assert result.seeds == list(s.seeds) and result.media_type == "image/png"
+    for data, reference in zip(result.images, reference_images(*tiny_checkpoint, s), strict=True):
+        image = decode_png(data)
+        assert image.shape == (s.height, s.width, 3)
+        assert max_diff(image, reference) <= MAX_PIXEL_DIFF
+
+
+def test_every_stage_reports_its_timing(served_app):
+    _, handle = served_app
+    result = _generate(handle, spec())
+    assert set(result.timings) == {"text_encoder", "prior", "denoiser", "movq"}
+    for timing in result.timings.values():
+        assert timing.compute_ms > 0 and timing.queue_ms >= 0 and timing.batch_size >= 1
+
+
+def test_same_image_alone_and_inside_a_batch_of_eight_mixed_requests(served_app):
+    _, handle = served_app
+    target = spec(prompt="a yellow star", negative_prompt="blurry", seeds=(77,))
+    mates = [
+        spec(prompt="a cat", seeds=(1,)),
+        spec(prompt="a dog", width=128, seeds=(2,)),
+        spec(prompt="a tree", steps=3, prior_steps=2, seeds=(3,)),
+        spec(prompt="a boat", guidance_scale=1.0, seeds=(4,)),
+        spec(prompt="a house", negative_prompt="red", seeds=(5,)),
+        spec(prompt="the sea", height=128, seeds=(6,)),
+        spec(prompt="a moon", prior_guidance_scale=7.5, guidance_scale=2.0, seeds=(7,)),
+    ]
+    alone = decode_png(_generate(handle, target).images[0])
+
+    async def together():
+        responses = [handle.text2img.remote(s, f"mate{i}") for i, s in enumerate([*mates[:3], target, *mates[3:]])]
+        return await asyncio.gather(*responses)
+
+    results = asyncio.run(together())
+    batched = results[3]
+    # The target really shared batches: otherwise this test would prove nothing.
+    assert batched.timings["denoiser"].batch_size > 1
+    assert max(r.timings["prior"].batch_size for r in results) >= 4
+    assert max_diff(decode_png(batched.images[0]), alone) <= MAX_PIXEL_DIFF

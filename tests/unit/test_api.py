@@ -1,0 +1,149 @@
+"""The HTTP layer with a fake backend: validation, errors, ids, readiness. No Ray, no models."""
+
+import base64
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.messages import EncodedImages, StageTiming
+from serve.api import create_app
+from serve.settings import ApiLimits
+
+GOOD = {"prompt": "a red circle", "width": 64, "height": 64}
+
+
+class FakeBackend:
+    def __init__(self, fail: bool = False, stages=None):
+        self.calls = []
+        self.fail = fail
+        self.stages = stages if stages is not None else {"TextEncoder": "ready", "Prior": "ready", "Denoiser": "ready", "MovqDecoder": "ready"}
+
+    async def text2img(self, spec, request_id):
+        self.calls.append((spec, request_id))
+        if self.fail:
+            raise RuntimeError("replica exploded\nTraceback: secret internals")
+        timing = StageTiming(1.0, 2.0, 1)
+        return EncodedImages([b"img%d" % i for i in range(len(spec.seeds))], "image/png", list(spec.seeds), {"prior": timing})
+
+    async def readiness(self):
+        return self.stages
+
+
+@pytest.fixture
+def backend():
+    return FakeBackend()
+
+
+@pytest.fixture
+def client(backend):
+    return TestClient(create_app(ApiLimits(max_body_bytes=4096), backend))
+
+
+def test_generates_and_returns_seeds_timings_and_request_id(client, backend):
+    response = client.post("/v1/text2img", json={**GOOD, "num_images": 3, "seed": 40})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["seeds"] == [40, 41, 42]
+    assert [base64.b64decode(image) for image in body["images"]] == [b"img0", b"img1", b"img2"]
+    assert body["timings"]["prior"] == {"queue_ms": 1.0, "compute_ms": 2.0, "batch_size": 1}
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    spec = backend.calls[0][0]
+    assert (spec.prior_steps, spec.steps, spec.guidance_scale, spec.prior_guidance_scale) == (25, 50, 4.0, 4.0)
+    assert spec.negative_prompt is None and spec.output_format == "png"
+
+
+def test_random_seeds_when_none_given(client):
+    first = client.post("/v1/text2img", json={**GOOD, "num_images": 2}).json()["seeds"]
+    second = client.post("/v1/text2img", json=GOOD).json()["seeds"]
+    assert first[1] == first[0] + 1 and second[0] != first[0]
+
+
+def test_request_id_header_is_echoed(client, backend):
+    response = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "abc-123"})
+    assert response.headers["X-Request-ID"] == "abc-123" and response.json()["request_id"] == "abc-123"
+    assert backend.calls[0][1] == "abc-123"
+
+
+@pytest.mark.parametrize(
+    "body,field,words",
+    [
+        ({**GOOD, "prompt": ""}, "prompt", "at least 1 character"),
+        ({**GOOD, "prompt": "   "}, "prompt", "non-whitespace"),
+        ({"width": 64}, "prompt", "required"),
+        ({**GOOD, "width": 100}, "width", "multiple of 64"),
+        ({**GOOD, "height": 2048}, "height", "less than or equal to 1024"),
+        ({**GOOD, "steps": 0}, "steps", "greater than or equal to 1"),
+        ({**GOOD, "steps": 151}, "steps", "less than or equal to 150"),
+        ({**GOOD, "prior_steps": 101}, "prior_steps", "less than or equal to 100"),
+        ({**GOOD, "num_images": 9}, "num_images", "less than or equal to 8"),
+        ({**GOOD, "width": "64"}, "width", "valid integer"),
+        ({**GOOD, "seed": -1}, "seed", "greater than or equal to 0"),
+        ({**GOOD, "guidance_scale": 51}, "guidance_scale", "less than or equal to 50"),
+        ({**GOOD, "output_format": "gif"}, "output_format", "'png', 'jpeg' or 'webp'"),
+        ({**GOOD, "prompt": "x" * 2001}, "prompt", "at most 2000 characters"),
+        ({**GOOD, "nsfw": True}, "nsfw", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_input_is_422_naming_the_field_before_any_stage(client, backend, body, field, words):
+    response = client.post("/v1/text2img", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "validation_error"
+    assert any(d["field"] == field and words in d["message"] for d in error["details"]), error
+    assert field in error["message"] and words in error["message"]
+    assert backend.calls == []
+
+
+def test_seed_range_overflow_is_422(client, backend):
+    response = client.post("/v1/text2img", json={**GOOD, "seed": 2**63 - 1, "num_images": 2})
+    assert response.status_code == 422 and "seed" in response.json()["error"]["message"]
+    assert backend.calls == []
+
+
+def test_malformed_json_is_422(client, backend):
+    response = client.post("/v1/text2img", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and backend.calls == []
+
+
+def test_oversized_body_is_413(client, backend):
+    response = client.post("/v1/text2img", json={**GOOD, "negative_prompt": "x" * 5000})
+    assert response.status_code == 413
+    assert "4096 bytes" in response.json()["error"]["message"]
+    assert backend.calls == []
+
+
+def test_bad_request_id_header_is_422(client, backend):
+    response = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "x" * 200})
+    assert response.status_code == 422 and "X-Request-ID" in response.json()["error"]["message"]
+    assert backend.calls == []
+
+
+def test_stage_failure_is_explicit_500_without_internals():
+    client = TestClient(create_app(ApiLimits(), FakeBackend(fail=True)))
+    response = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "r1"})
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error"]["type"] == "generation_failed" and body["request_id"] == "r1"
+    assert "Traceback" not in response.text and "secret" not in response.text
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def test_not_ready_while_a_stage_has_no_replica():
+    stages = {"TextEncoder": "ready", "Denoiser": "UPDATING: no running replica"}
+    response = TestClient(create_app(ApiLimits(), FakeBackend(stages=stages))).get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["stages"]["Denoiser"].startswith("UPDATING")
+
+
+def test_limits_are_configurable_and_documented():
+    app = create_app(ApiLimits(max_num_images=2, max_side=256), FakeBackend())
+    schema = TestClient(app).get("/openapi.json").json()["components"]["schemas"]["Text2ImgRequest"]["properties"]
+    assert schema["num_images"]["maximum"] == 2 and schema["width"]["maximum"] == 256
+    assert schema["width"]["multipleOf"] == 64
+    response = TestClient(app).post("/v1/text2img", json={**GOOD, "num_images": 3})
+    assert response.status_code == 422 and "less than or equal to 2" in response.text

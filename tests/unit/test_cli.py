@@ -1,0 +1,27 @@
+import yaml
+
+from serve.cli import main
+
+
+def test_make_tiny_writes_both_checkpoints(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "out"), "--seed", "3"]) == 0
+    assert (tmp_path / "out" / "prior" / "model_index.json").is_file()
+    assert (tmp_path / "out" / "decoder" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "decoder:" in capsys.readouterr().out
+
+
+def test_run_refuses_a_bad_config_with_a_clear_message(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph:build_app",
+                                                      "args": {"models": {"dtype": "float64"}}}]}))
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "args.models.dtype" in err and str(path) in err
+
+
+def test_run_refuses_a_missing_checkpoint_before_starting_anything(tmp_path, capsys):
+    path = tmp_path / "missing.yaml"
+    args = {"models": {"prior_path": str(tmp_path / "no-prior"), "decoder_path": str(tmp_path / "no-decoder")}}
+    path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph:build_app", "args": args}]}))
+    assert main(["run", "--config", str(path)]) == 2
+    assert f"prior checkpoint directory {tmp_path / 'no-prior'} does not exist" in capsys.readouterr().err

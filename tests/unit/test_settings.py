@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.settings import ConfigError, ModelSettings, load_config, parse_service_settings
+
+CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = load_config(path)
+    assert config.http_host == "127.0.0.1", "configs bind HTTP to localhost by default"
+    assert set(config.deployment_options) >= {"TextEncoder", "Prior", "Denoiser", "MovqDecoder"}
+
+
+def test_local_config_runs_the_embedded_model_on_cpu():
+    config = load_config(Path(__file__).parents[2] / "configs" / "local.yaml")
+    assert config.service.models.prior_path is None and config.service.models.device == "cpu"
+
+
+def _write(tmp_path, mutate):
+    raw = yaml.safe_load((Path(__file__).parents[2] / "configs" / "local.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate,expected",
+    [
+        (lambda r: r["applications"][0]["args"]["models"].update(dtype="float16"), "needs a GPU"),
+        (lambda r: r["applications"][0]["args"]["models"].update(prior_path="/x"), "set both prior_path and decoder_path"),
+        (lambda r: r["applications"][0]["args"]["limits"].update(max_side=100), "args.limits.max_side"),
+        (lambda r: r["applications"][0]["args"].update(typo=1), "args.typo"),
+        (lambda r: r["applications"][0]["deployments"][3].update(max_ongoing_requests=2), "max_ongoing_requests: 2 is below"),
+        (lambda r: r["applications"][0]["deployments"][3]["user_config"].update(max_batch_size=0), "user_config.max_batch_size"),
+        (lambda r: r["applications"][0]["deployments"][3].update(name="Denoizer"), "unknown deployment 'Denoizer'"),
+        (lambda r: r.update(http_options={"port": "eighty"}), "http_options.port"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, mutate, expected):
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert expected in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_environment_overrides_paths(monkeypatch):
+    monkeypatch.setenv("KANDINSKY_PRIOR_PATH", "/models/prior")
+    monkeypatch.setenv("KANDINSKY_DECODER_PATH", "/models/decoder")
+    settings = parse_service_settings({"models": {"prior_path": "/a", "decoder_path": "/b"}})
+    assert settings.models.prior_path == Path("/models/prior")
+    assert settings.models.decoder_path == Path("/models/decoder")
+
+
+def test_environment_override_is_validated(monkeypatch):
+    monkeypatch.setenv("KANDINSKY_PRIOR_PATH", "/models/prior")
+    monkeypatch.delenv("KANDINSKY_DECODER_PATH", raising=False)
+    with pytest.raises(ConfigError, match="set both prior_path and decoder_path"):
+        parse_service_settings({})
+
+
+def test_half_precision_on_gpu_is_fine():
+    assert ModelSettings(device="cuda:1", dtype="bfloat16").dtype == "bfloat16"

@@ -1,0 +1,41 @@
+import hashlib
+
+from serve.tiny import MAX_TOKENS, build_clip_vocab, build_tokenizer, make_tiny
+
+
+def _digest(root):
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_vocab_is_deterministic_and_clip_shaped():
+    vocab, merges = build_clip_vocab()
+    assert (vocab, merges) == build_clip_vocab()
+    assert vocab["<|endoftext|>"] == len(vocab) - 1 and "<|startoftext|>" in vocab
+    assert len(set(vocab.values())) == len(vocab)
+
+
+def test_tokenizer_round_trips_words_and_pads_to_context():
+    tokenizer = build_tokenizer()
+    ids = tokenizer("a red circle", padding="max_length", max_length=MAX_TOKENS).input_ids
+    assert len(ids) == MAX_TOKENS
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "a red circle"
+    # Learned merges make common words single tokens; unknown scripts still encode (bytes).
+    assert len(tokenizer("circle").input_ids) == 3
+    assert len(tokenizer("красный круг").input_ids) > 3
+
+
+def test_make_tiny_is_deterministic(tiny_checkpoint, tmp_path):
+    prior, decoder = make_tiny(tmp_path, seed=0)
+    assert _digest(prior) == _digest(tiny_checkpoint[0])
+    assert _digest(decoder) == _digest(tiny_checkpoint[1])
+
+
+def test_make_tiny_seed_changes_weights(tiny_checkpoint, tmp_path):
+    _, decoder = make_tiny(tmp_path, seed=1)
+    other = _digest(decoder)
+    assert other["unet/diffusion_pytorch_model.safetensors"] != _digest(tiny_checkpoint[1])["unet/diffusion_pytorch_model.safetensors"]
