@@ -19,10 +19,10 @@ def start_service(config: LoadedConfig, host: str | None = None, port: int | Non
     import ray
     from ray import serve
 
-    from serve.graph import build_app
+    from serve.graph import build_graph
 
     app_schema = config.raw["applications"][0]
-    app = build_app(app_schema.get("args"), config.deployment_options)
+    app = build_graph(app_schema.get("args"), config.deployment_options)
     host = host or config.http_host
     port = port or config.http_port
     if not ray.is_initialized():

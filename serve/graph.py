@@ -32,11 +32,17 @@ def resolve_model_paths(models: ModelSettings) -> tuple[Path, Path]:
     )
 
 
-def build_app(args: dict[str, Any] | None = None, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
+def build_app(args: dict[str, Any]) -> Application:
+    """The ``import_path`` target: Ray calls it with the application's ``args`` and
+    applies the config's ``deployments`` section itself."""
+    return build_graph(args)
+
+
+def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
     """Validate the settings, resolve the checkpoints and bind the graph.
 
-    ``deployment_options`` (per deployment name) is applied with ``.options``; a
-    declarative ``serve deploy`` applies a config's ``deployments`` itself.
+    ``deployment_options`` (per deployment name) is applied with ``.options``, as
+    Ray does with a config's ``deployments`` section.
     """
     settings = parse_service_settings(args)
     prior_path, decoder_path = resolve_model_paths(settings.models)

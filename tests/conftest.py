@@ -56,11 +56,11 @@ def served_app(ray_session, tiny_checkpoint):
     """The full graph on the tiny checkpoint: (base_url, ingress handle)."""
     from ray import serve
 
-    from serve.graph import build_app
+    from serve.graph import build_graph
 
     prior, decoder = tiny_checkpoint
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"models": {"prior_path": str(prior), "decoder_path": str(decoder)}}
-    handle = serve.run(build_app(args, TEST_DEPLOYMENT_OPTIONS), name=APP_NAME, route_prefix="/")
+    handle = serve.run(build_graph(args, TEST_DEPLOYMENT_OPTIONS), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle

@@ -71,3 +71,14 @@ def test_environment_override_is_validated(monkeypatch):
 
 def test_half_precision_on_gpu_is_fine():
     assert ModelSettings(device="cuda:1", dtype="bfloat16").dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_import_path_is_a_ray_app_builder(path):
+    """Ray calls the import_path target with exactly one argument, the args dict."""
+    import importlib
+    import inspect
+
+    module, name = load_config(path).raw["applications"][0]["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert len(inspect.signature(builder).parameters) == 1
