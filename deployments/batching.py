@@ -1,18 +1,30 @@
 """Batching policy shared by every stage, kept apart from model execution.
 
-Ray Serve's ``@serve.batch`` collects calls; this module decides how a collected
-batch is split into groups that can share one forward pass, and carries the
-per-stage settings that tune it. It knows nothing about models or Ray.
+Two policies:
+
+* **request** batching: Ray Serve's ``@serve.batch`` collects calls, :func:`group_by`
+  splits them into groups that can share a forward pass and :func:`run_until_done`
+  steps a group until every member is done;
+* **step** batching (:class:`StepScheduler`): the set of images in flight is
+  re-formed at every step boundary — waiting images join, finished ones leave at
+  once, cancelled ones are dropped — so nobody waits for a whole loop to end.
+
+It knows nothing about models or Ray: a model is a ``step(states)`` callable.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
@@ -29,6 +41,15 @@ class BatchSettings(BaseModel):
     """How long the first call of a batch waits for others to join."""
     torch_threads: int | None = Field(default=None, ge=1, le=256)
     """Intra-op threads for this replica; None leaves torch's default."""
+
+
+class LoopBatchSettings(BatchSettings):
+    """``user_config`` of the two denoising loops (prior and denoiser)."""
+
+    batching: Literal["step", "request"] = "step"
+    """``step``: images join and leave the batch between steps. ``request``: whole-request batches."""
+    max_latent_pixels_per_step: int | None = Field(default=None, ge=1)
+    """Step batching only: most latent pixels (rows x h x w) in one forward pass, a GPU memory guard."""
 
 
 def group_by(items: Iterable[T], key: Callable[[T], K]) -> list[tuple[K, list[T]]]:
@@ -53,17 +74,73 @@ class Queued(Generic[T]):
         return max(0.0, (started_at - self.enqueued_at) * 1000.0)
 
 
-class Steppable:
-    """Protocol of a per-request denoising state: done once ``finished`` is true."""
+class Steppable(Protocol):
+    """A per-image denoising state: done once ``finished`` is true."""
 
-    finished: bool
+    @property
+    def finished(self) -> bool: ...
 
 
 S = TypeVar("S", bound=Steppable)
 
 
-def run_until_done(states: list[S], step: Callable[[list[S]], None]) -> int:
-    """Whole-batch policy: step every unfinished state together until all finish.
+class StepObserver(Protocol):
+    """What the policies report; metrics, statistics and progress subscribe to it."""
+
+    def on_admit(self, queue_wait_s: float) -> None: ...
+
+    def on_step(self, batch_size: int, seconds: float) -> None: ...
+
+    def on_progress(self, key: str, step: int, total: int) -> None: ...
+
+
+class StepStats:
+    """Plain counters of what the loop did (for tests and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.item_steps = 0
+        self.step_seconds = 0.0
+        self.admitted = 0
+        self.queue_wait_s = 0.0
+
+    def on_admit(self, queue_wait_s: float) -> None:
+        self.admitted += 1
+        self.queue_wait_s += queue_wait_s
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        self.steps += 1
+        self.item_steps += batch_size
+        self.step_seconds += seconds
+
+    def on_progress(self, key: str, step: int, total: int) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
+class Observers:
+    """Fans each report out to several observers."""
+
+    def __init__(self, *observers: StepObserver) -> None:
+        self.observers = observers
+
+    def on_admit(self, queue_wait_s: float) -> None:
+        for observer in self.observers:
+            observer.on_admit(queue_wait_s)
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        for observer in self.observers:
+            observer.on_step(batch_size, seconds)
+
+    def on_progress(self, key: str, step: int, total: int) -> None:
+        for observer in self.observers:
+            observer.on_progress(key, step, total)
+
+
+def run_until_done(states: list[S], step: Callable[[list[S]], None], observer: StepObserver | None = None) -> int:
+    """Request-batching policy: step every unfinished state together until all finish.
 
     A state that finishes early leaves the batch at once, so states with different
     step counts share every forward pass they can. Returns the number of steps run.
@@ -71,7 +148,190 @@ def run_until_done(states: list[S], step: Callable[[list[S]], None]) -> int:
     active = [state for state in states if not state.finished]
     steps = 0
     while active:
+        started = time.perf_counter()
         step(active)
+        if observer is not None:
+            observer.on_step(len(active), time.perf_counter() - started)
         steps += 1
         active = [state for state in active if not state.finished]
     return steps
+
+
+@dataclass(eq=False)
+class StepItem(Generic[S]):
+    """One image in the step scheduler, and what happened to it."""
+
+    state: S
+    bucket: Hashable
+    cost: int
+    total_steps: int
+    key: str
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    steps_done: int = 0
+    batch_size_sum: int = 0
+    """Sum over this item's steps of the batch size it ran in."""
+    max_batch_size: int = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+    @property
+    def queue_wait_s(self) -> float:
+        return (self.admitted_at or time.perf_counter()) - self.enqueued_at
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.batch_size_sum / self.steps_done if self.steps_done else 0.0
+
+
+@dataclass
+class _Bucket(Generic[S]):
+    waiting: deque = field(default_factory=deque)
+    active: list = field(default_factory=list)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+
+class StepScheduler(Generic[S]):
+    """Iteration-level batching of denoising loops (one per replica).
+
+    Invariants: a state is stepped only inside ``run_step`` and at most once per
+    step; admission, retirement and cancellation happen only between steps; one
+    step runs states of one bucket only (states that cannot share a forward pass
+    live in different buckets); buckets with work take steps in turn, and each
+    bucket admits first come, first served — so nothing starves.
+    """
+
+    def __init__(
+        self,
+        run_step: Callable[[list[S]], Awaitable[Any]],
+        *,
+        max_batch: int,
+        max_cost: int | None = None,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self._run_step = run_step
+        self.configure(max_batch, max_cost)
+        self._observer = observer or StepStats()
+        self._buckets: dict[Hashable, _Bucket[S]] = {}
+        self._turn: deque[Hashable] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def configure(self, max_batch: int, max_cost: int | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.max_cost = max_cost
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(bucket.waiting) for bucket in self._buckets.values())
+
+    @property
+    def active(self) -> int:
+        return sum(len(bucket.active) for bucket in self._buckets.values())
+
+    async def submit(self, state: S, *, total_steps: int, bucket: Hashable = None, cost: int = 1, key: str = "") -> StepItem[S]:
+        """Queue ``state`` and return its item once it has finished.
+
+        Cancelling the caller cancels the item: it leaves at the next step boundary.
+        """
+        loop = asyncio.get_running_loop()
+        item = StepItem(state, bucket, cost, total_steps, key, loop.create_future())
+        if state.finished:  # nothing to do (e.g. zero steps); never occupies a slot
+            return item
+        if bucket not in self._buckets:
+            self._buckets[bucket] = _Bucket()
+            self._turn.append(bucket)
+        self._buckets[bucket].waiting.append(item)
+        self._ensure_running()
+        await item.future
+        return item
+
+    def _ensure_running(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._serve_forever())
+        self._wakeup.set()
+
+    def _next_bucket(self) -> _Bucket[S] | None:
+        """Rotate to the next bucket with work; forget idle buckets."""
+        for _ in range(len(self._turn)):
+            key = self._turn[0]
+            self._turn.rotate(-1)
+            bucket = self._buckets[key]
+            self._drop_cancelled(bucket)
+            if bucket.has_work:
+                return bucket
+            del self._buckets[key]
+            self._turn.remove(key)
+        return None
+
+    @staticmethod
+    def _drop_cancelled(bucket: _Bucket) -> None:
+        bucket.active[:] = [item for item in bucket.active if not item.cancelled]
+        if any(item.cancelled for item in bucket.waiting):
+            bucket.waiting = deque(item for item in bucket.waiting if not item.cancelled)
+
+    def _admit(self, bucket: _Bucket) -> None:
+        cost = sum(item.cost for item in bucket.active)
+        now = time.perf_counter()
+        while bucket.waiting and len(bucket.active) < self.max_batch:
+            item = bucket.waiting[0]
+            # An item over the cost cap on its own still runs, alone.
+            if self.max_cost is not None and bucket.active and cost + item.cost > self.max_cost:
+                break
+            bucket.waiting.popleft()
+            item.admitted_at = now
+            cost += item.cost
+            bucket.active.append(item)
+            self._observer.on_admit(item.queue_wait_s)
+
+    async def _serve_forever(self) -> None:
+        assert self._wakeup is not None
+        try:
+            while True:
+                bucket = self._next_bucket()
+                if bucket is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._admit(bucket)
+                await self._step(bucket)
+        except BaseException as error:  # never leave a caller waiting on a dead loop
+            for bucket in self._buckets.values():
+                for item in (*bucket.waiting, *bucket.active):
+                    if not item.future.done():
+                        item.future.set_exception(RuntimeError(f"step scheduler stopped: {error!r}"))
+            self._buckets.clear()
+            self._turn.clear()
+            raise
+
+    async def _step(self, bucket: _Bucket) -> None:
+        batch = list(bucket.active)
+        started = time.perf_counter()
+        try:
+            await self._run_step([item.state for item in batch])
+        except Exception as error:  # a failed step fails exactly the items that were in it
+            logger.exception("denoising step failed for %d item(s)", len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            bucket.active[:] = [item for item in bucket.active if item not in batch]
+            return
+        self._observer.on_step(len(batch), time.perf_counter() - started)
+        for item in batch:
+            item.steps_done += 1
+            item.batch_size_sum += len(batch)
+            item.max_batch_size = max(item.max_batch_size, len(batch))
+            self._observer.on_progress(item.key, item.steps_done, item.total_steps)
+            if item.state.finished and not item.future.done():
+                item.future.set_result(item)
+        bucket.active[:] = [item for item in bucket.active if not item.future.done()]

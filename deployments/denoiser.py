@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.batching import Queued, group_by, run_until_done
+from deployments.batching import Queued, StepObserver, group_by, run_until_done
 from deployments.loading import DECODER_LAYOUT, CheckpointError, check_layout, load_pretrained, torch_dtype
 from deployments.messages import DenoiseParams, ImageEmbeddings, Latents, StageTiming
-from deployments.runtime import ModelThread, StageReplica
+from deployments.runtime import LoopReplica, ModelThread
 
 STAGE = "denoiser"
 LEARNED_VARIANCE = ("learned", "learned_range")
@@ -48,8 +48,23 @@ class DenoiseState:
     index: int = 0
 
     @property
+    def total_steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
     def finished(self) -> bool:
-        return self.index >= len(self.scheduler.timesteps)
+        return self.index >= self.total_steps
+
+    @property
+    def bucket(self) -> tuple[int, ...]:
+        """States share a forward pass only with states of the same latent shape."""
+        return tuple(self.latents.shape)
+
+    @property
+    def cost(self) -> int:
+        """Latent pixels this state adds to a forward pass."""
+        rows = 2 if self.negative_image_embeds is not None else 1
+        return rows * self.latents.shape[-2] * self.latents.shape[-1]
 
 
 class DenoiserModel:
@@ -146,34 +161,47 @@ class DenoiserModel:
             state.latents = state.scheduler.step(prediction, t, state.latents, generator=state.generator)[0]
             state.index += 1
 
-    def generate(self, jobs: list[tuple[ImageEmbeddings, DenoiseParams]]) -> list[np.ndarray]:
-        """Denoise whole jobs; images of one latent size share forward passes. One (N, C, h, w) array per job."""
-        states = [
-            [self.start(e, n, params, seed) for e, n, seed in zip(emb.image_embeds, emb.negative_image_embeds, emb.seeds)]
-            for emb, params in jobs
-        ]
+    def start_all(self, embeddings: ImageEmbeddings, params: DenoiseParams) -> list[DenoiseState]:
+        rows = zip(embeddings.image_embeds, embeddings.negative_image_embeds, embeddings.seeds, strict=True)
+        return [self.start(embed, negative, params, seed) for embed, negative, seed in rows]
+
+    @staticmethod
+    def finish_all(states: list[DenoiseState]) -> np.ndarray:
+        """One request's final latents, (N, C, h, w)."""
+        return torch.cat([state.latents for state in states]).float().cpu().numpy()
+
+    def generate(self, jobs: list[tuple[ImageEmbeddings, DenoiseParams]], observer: StepObserver | None = None) -> list[np.ndarray]:
+        """Request batching: denoise whole jobs to the end; one latent size per forward pass."""
+        states = [self.start_all(embeddings, params) for embeddings, params in jobs]
         flat = [state for job in states for state in job]
-        for _, group in group_by(flat, key=lambda state: tuple(state.latents.shape)):
-            run_until_done(group, self.step)
-        return [torch.cat([s.latents for s in job]).float().cpu().numpy() for job in states]
+        for _, group in group_by(flat, key=lambda state: state.bucket):
+            run_until_done(group, self.step, observer)
+        return [self.finish_all(job) for job in states]
 
 
 @serve.deployment(name="Denoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
-class Denoiser(StageReplica):
-    """Batches requests' denoising loops into shared U-Net forward passes."""
+class Denoiser(LoopReplica):
+    """The U-Net's denoising loop, shared by many requests (step or request batching)."""
 
     def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
         self.thread = ModelThread(STAGE)
         self.model = DenoiserModel.from_pretrained(decoder_path, device, dtype)
+        self.init_loop(STAGE)
         self.reconfigure({})
 
     async def generate(self, embeddings: ImageEmbeddings, params: DenoiseParams) -> Latents:
-        return await self._run_batch(Queued((embeddings, params)))
+        if not self.step_batching:
+            return await self._run_batch(Queued((embeddings, params)))
+        started = time.perf_counter()
+        states = self.model.start_all(embeddings, params)
+        items = await self.run_loop(states, key=params.request_id, bucket=states[0].bucket, cost=states[0].cost)
+        latents = self.model.finish_all(states)
+        return Latents(latents, embeddings.seeds, {**embeddings.timings, STAGE: self.loop_timing(items, started)})
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _run_batch(self, calls: list[Queued[tuple[ImageEmbeddings, DenoiseParams]]]) -> list[Latents]:
         started = time.perf_counter()
-        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls])
+        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls], self.observer)
         compute_ms = (time.perf_counter() - started) * 1000.0
         results = []
         for call, latents in zip(calls, outputs):

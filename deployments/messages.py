@@ -43,6 +43,7 @@ class PriorParams:
     guidance_scale: float
     has_negative: bool
     """True when row 1 of the text embeddings is a user negative prompt (not "")."""
+    request_id: str = ""
 
 
 @dataclass
@@ -63,6 +64,7 @@ class DenoiseParams:
     width: int
     num_steps: int
     guidance_scale: float
+    request_id: str = ""
 
 
 @dataclass

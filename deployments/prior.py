@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.batching import Queued, run_until_done
+from deployments.batching import Queued, StepObserver, run_until_done
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
-from deployments.runtime import ModelThread, StageReplica
+from deployments.runtime import LoopReplica, ModelThread
 
 STAGE = "prior"
 
@@ -37,8 +37,17 @@ class PriorState:
     index: int = 0
 
     @property
+    def total_steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
     def finished(self) -> bool:
-        return self.index >= len(self.scheduler.timesteps)
+        return self.index >= self.total_steps
+
+    @property
+    def rows(self) -> int:
+        """Rows this state adds to a forward pass."""
+        return len(self.latents) * (2 if self.uncond is not None else 1)
 
 
 class PriorModel:
@@ -139,33 +148,46 @@ class PriorModel:
         negative = embeds[1] if len(embeds) == 2 else self.zero_image_embed[0]
         return embeds[0].float().cpu().numpy(), negative.float().cpu().numpy()
 
-    def generate(self, jobs: list[tuple[TextEmbeddings, PriorParams]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Run whole jobs together; one (image_embeds, negative_image_embeds) pair of (N, D) per job."""
-        states = [[self.start(text, params, seed) for seed in params.seeds] for text, params in jobs]
-        run_until_done([s for job in states for s in job], self.step)
-        results = []
-        for job in states:
-            pairs = [self.finish(state) for state in job]
-            results.append((np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])))
-        return results
+    def start_all(self, text: TextEmbeddings, params: PriorParams) -> list[PriorState]:
+        return [self.start(text, params, seed) for seed in params.seeds]
+
+    def finish_all(self, states: list[PriorState]) -> tuple[np.ndarray, np.ndarray]:
+        """(image_embeds, negative_image_embeds), each (N, D), of one request's finished states."""
+        pairs = [self.finish(state) for state in states]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def generate(self, jobs: list[tuple[TextEmbeddings, PriorParams]], observer: StepObserver | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Request batching: run whole jobs together to the end; one embeddings pair per job."""
+        states = [self.start_all(text, params) for text, params in jobs]
+        run_until_done([s for job in states for s in job], self.step, observer)
+        return [self.finish_all(job) for job in states]
 
 
 @serve.deployment(name="Prior", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
-class Prior(StageReplica):
-    """Batches prompts from many requests into shared prior forward passes."""
+class Prior(LoopReplica):
+    """The prior's denoising loop, shared by many requests (step or request batching)."""
 
     def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
         self.thread = ModelThread(STAGE)
         self.model = PriorModel.from_pretrained(prior_path, device, dtype)
+        self.init_loop(STAGE)
         self.reconfigure({})
 
     async def generate(self, text: TextEmbeddings, params: PriorParams) -> ImageEmbeddings:
-        return await self._run_batch(Queued((text, params)))
+        if not self.step_batching:
+            return await self._run_batch(Queued((text, params)))
+        started = time.perf_counter()
+        states = self.model.start_all(text, params)
+        # Every prior state has the same row shape, so one bucket serves all.
+        items = await self.run_loop(states, key=params.request_id, bucket=None, cost=states[0].rows)
+        embeds, negative = await self.thread.run(self.model.finish_all, states)
+        timings = {**text.timings, STAGE: self.loop_timing(items, started)}
+        return ImageEmbeddings(embeds, negative, list(params.seeds), timings)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run_batch(self, calls: list[Queued[tuple[TextEmbeddings, PriorParams]]]) -> list[ImageEmbeddings]:
         started = time.perf_counter()
-        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls])
+        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls], self.observer)
         compute_ms = (time.perf_counter() - started) * 1000.0
         results = []
         for call, (embeds, negative) in zip(calls, outputs):

@@ -9,11 +9,16 @@ threads at once. The replica's event loop stays free to queue requests.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
+
+from deployments.batching import BatchSettings, LoopBatchSettings, Observers, StepItem, StepScheduler, StepStats
+from deployments.messages import StageTiming
+from deployments.progress import ProgressBoard
 
 R = TypeVar("R")
 
@@ -37,16 +42,80 @@ class StageReplica:
     with ``@serve.batch``; the decorator's defaults are replaced by ``user_config``.
     """
 
+    settings_class: type[BatchSettings] = BatchSettings
     thread: ModelThread
     _run_batch: Any
 
     def reconfigure(self, user_config: dict | None) -> None:
-        from deployments.batching import BatchSettings
-
-        settings = BatchSettings.model_validate(user_config or {})
+        settings = self.settings_class.model_validate(user_config or {})
         self.thread.set_torch_threads(settings.torch_threads)
         self._run_batch.set_max_batch_size(settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.batch_settings = settings
 
     async def ready(self) -> bool:
         return True
+
+
+class LoopReplica(StageReplica):
+    """A stage whose model runs a denoising loop, under step or request batching.
+
+    The model must offer ``step(states)``; every state has ``total_steps`` and
+    ``finished``. Step batching sends each image through one shared
+    :class:`StepScheduler`; request batching uses ``@serve.batch`` and runs each
+    collected batch to completion. Both report to the same observers.
+    """
+
+    settings_class = LoopBatchSettings
+    batch_settings: LoopBatchSettings
+    model: Any
+
+    def init_loop(self, stage: str) -> None:
+        from deployments.metrics import LoopMetrics
+
+        self.stats = StepStats()
+        self.progress = ProgressBoard()
+        self.observer = Observers(self.stats, self.progress, LoopMetrics(stage))
+        self.scheduler: StepScheduler = StepScheduler(self._step_on_model_thread, max_batch=1, observer=self.observer)
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        super().reconfigure(user_config)
+        self.scheduler.configure(self.batch_settings.max_batch_size, self.batch_settings.max_latent_pixels_per_step)
+
+    @property
+    def step_batching(self) -> bool:
+        return self.batch_settings.batching == "step"
+
+    async def _step_on_model_thread(self, states: list) -> None:
+        await self.thread.run(self.model.step, states)
+
+    async def run_loop(self, states: list, *, key: str, bucket: Hashable, cost: int) -> list[StepItem]:
+        """Step batching: all of one request's images through the shared scheduler."""
+        self.progress.start(key, sum(state.total_steps for state in states))
+        try:
+            return list(await asyncio.gather(*(
+                self.scheduler.submit(state, total_steps=state.total_steps, bucket=bucket, cost=cost, key=key)
+                for state in states
+            )))
+        finally:
+            self.progress.finish(key)
+
+    @staticmethod
+    def loop_timing(items: list[StepItem], started: float) -> StageTiming:
+        total_ms = (time.perf_counter() - started) * 1000.0
+        queue_ms = max((item.queue_wait_s for item in items), default=0.0) * 1000.0
+        return StageTiming(queue_ms, max(0.0, total_ms - queue_ms), max((i.max_batch_size for i in items), default=0))
+
+    async def request_progress(self, request_id: str) -> dict | None:
+        """Image-steps done / total for a request in flight in this replica, else None."""
+        progress = self.progress.get(request_id)
+        return None if progress is None else {"done": progress.done, "total": progress.total}
+
+    async def loop_stats(self) -> dict:
+        """What the loop has done so far in this replica (for benchmarks and tests)."""
+        return {
+            "batching": self.batch_settings.batching,
+            "active": self.scheduler.active,
+            "waiting": self.scheduler.waiting,
+            **self.stats.snapshot(),
+        }

@@ -46,10 +46,10 @@ class Ingress:
         has_negative = spec.negative_prompt is not None
         text = self.text_encoder.encode.remote([spec.prompt, spec.negative_prompt if has_negative else ""])
         embeddings = self.prior.generate.remote(
-            text, PriorParams(spec.seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative)
+            text, PriorParams(spec.seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative, request_id)
         )
         latents = self.denoiser.generate.remote(
-            embeddings, DenoiseParams(spec.height, spec.width, spec.steps, spec.guidance_scale)
+            embeddings, DenoiseParams(spec.height, spec.width, spec.steps, spec.guidance_scale, request_id)
         )
         return await self.movq.decode.remote(latents, DecodeParams(spec.output_format))
 

@@ -4,7 +4,8 @@ A file in ``configs/`` is a plain Ray Serve config (``serve deploy``/``serve run
 accept it as is). The project's own settings live in two places inside it:
 
 * ``applications[].args`` -> :class:`ServiceSettings` (models and API limits);
-* ``applications[].deployments[].user_config`` -> :class:`deployments.batching.BatchSettings`.
+* ``applications[].deployments[].user_config`` -> :class:`deployments.batching.BatchSettings`
+  (:class:`~deployments.batching.LoopBatchSettings` for the prior and the denoiser).
 
 :func:`load_config` validates both, plus Ray's own schema, and reports every
 problem as ``<file>: <field path>: <what is wrong>``.
@@ -19,13 +20,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deployments.batching import BatchSettings
+from deployments.batching import BatchSettings, LoopBatchSettings
 
 PRIOR_PATH_ENV = "KANDINSKY_PRIOR_PATH"
 DECODER_PATH_ENV = "KANDINSKY_DECODER_PATH"
 CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
 
 STAGE_NAMES = ("TextEncoder", "Prior", "Denoiser", "MovqDecoder")
+LOOP_STAGE_NAMES = ("Prior", "Denoiser")  # user_config is LoopBatchSettings
 INGRESS_NAME = "Ingress"
 
 
@@ -174,7 +176,8 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
         opts = deployment.model_dump(exclude_unset=True, exclude={"name"})
         if deployment.name in STAGE_NAMES:
             try:
-                batch = BatchSettings.model_validate(opts.get("user_config") or {})
+                settings_class = LoopBatchSettings if deployment.name in LOOP_STAGE_NAMES else BatchSettings
+                batch = settings_class.model_validate(opts.get("user_config") or {})
             except ValidationError as error:
                 problems.extend(_format_errors(source, f"{where}.user_config", error))
                 continue

@@ -105,3 +105,46 @@ def test_encode_image_formats(fmt, magic):
 def test_encode_image_rejects_unknown_format():
     with pytest.raises(ValueError, match="output_format"):
         encode_image(np.zeros((8, 8, 3), "uint8"), "gif")
+
+
+def test_step_batching_joining_mid_flight_gives_the_same_image(graph):
+    """A request that joins a batch already at a later timestep still draws exactly its own image."""
+    import asyncio
+
+    from deployments.batching import StepScheduler
+
+    target = spec(seeds=(5,), steps=8)
+    early = spec(prompt="a blue square", seeds=(6, 7), steps=12)
+    s = target
+    [(embeds, negative)] = graph.prior.generate(
+        [(graph.embeddings(s), PriorParams(s.seeds, s.prior_steps, s.prior_guidance_scale, False))]
+    )
+    [(e_embeds, e_negative)] = graph.prior.generate(
+        [(graph.embeddings(early), PriorParams(early.seeds, early.prior_steps, early.prior_guidance_scale, False))]
+    )
+    params = DenoiseParams(s.height, s.width, s.steps, s.guidance_scale)
+    alone = graph.denoiser.generate([(ImageEmbeddings(embeds, negative, list(s.seeds)), params)])[0]
+
+    async def joined():
+        batches = []
+
+        async def step(states):
+            batches.append(len(states))
+            graph.denoiser.step(states)
+            await asyncio.sleep(0)
+
+        scheduler = StepScheduler(step, max_batch=8)
+        early_states = graph.denoiser.start_all(
+            ImageEmbeddings(e_embeds, e_negative, list(early.seeds)), DenoiseParams(64, 64, early.steps, 4.0)
+        )
+        running = [asyncio.ensure_future(scheduler.submit(st, total_steps=st.total_steps)) for st in early_states]
+        while len(batches) < 3:  # the early request is three steps in
+            await asyncio.sleep(0)
+        states = graph.denoiser.start_all(ImageEmbeddings(embeds, negative, list(s.seeds)), params)
+        [item] = await asyncio.gather(*(scheduler.submit(st, total_steps=st.total_steps) for st in states))
+        await asyncio.gather(*running)
+        return graph.denoiser.finish_all(states), item
+
+    latents, item = asyncio.run(joined())
+    assert item.max_batch_size == 3, "the target must have shared steps with the two early images"
+    assert max_diff(graph.movq.decode(latents)[0], graph.movq.decode(alone)[0]) <= MAX_PIXEL_DIFF

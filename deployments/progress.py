@@ -1,0 +1,65 @@
+"""Per-request progress of a replica's denoising loop, for whoever subscribes.
+
+The step scheduler reports every image's every step; the board turns that into
+"request R: d of n image-steps done" and pushes each change to subscribers (a
+progress API, a test). Progress only moves forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+class ProgressBoard:
+    def __init__(self) -> None:
+        self._progress: dict[str, Progress] = {}
+        self._subscribers: dict[str, list[asyncio.Queue]] = {}
+
+    def start(self, key: str, total: int) -> None:
+        if key:
+            self._progress[key] = Progress(0, total)
+            self._publish(key)
+
+    def finish(self, key: str) -> None:
+        self._progress.pop(key, None)
+        for queue in self._subscribers.pop(key, []):
+            queue.put_nowait(None)  # end of stream
+
+    def get(self, key: str) -> Progress | None:
+        return self._progress.get(key)
+
+    def subscribe(self, key: str) -> asyncio.Queue:
+        """A queue of :class:`Progress` updates for ``key``, ending with ``None``."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.setdefault(key, []).append(queue)
+        if key in self._progress:
+            queue.put_nowait(self._progress[key])
+        return queue
+
+    # StepObserver
+    def on_admit(self, queue_wait_s: float) -> None:
+        pass
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        pass
+
+    def on_progress(self, key: str, step: int, total: int) -> None:
+        current = self._progress.get(key)
+        if current is not None:
+            self._progress[key] = Progress(min(current.done + 1, current.total), current.total)
+            self._publish(key)
+
+    def _publish(self, key: str) -> None:
+        for queue in self._subscribers.get(key, []):
+            queue.put_nowait(self._progress[key])
