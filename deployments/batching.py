@@ -46,8 +46,11 @@ class BatchSettings(BaseModel):
 class LoopBatchSettings(BatchSettings):
     """``user_config`` of the two denoising loops (prior and denoiser)."""
 
-    batching: Literal["step", "request"] = "step"
-    """``step``: images join and leave the batch between steps. ``request``: whole-request batches."""
+    batching: Literal["step", "request", "request-when-idle"] = "step"
+    """``step``: images join and leave the loop between steps. ``request``: whole-request
+    batches from ``@serve.batch`` (which forms the next batch while the current one runs).
+    ``request-when-idle``: whole-request batches formed only when the loop is idle, from
+    everything waiting — the strongest whole-request baseline."""
     max_latent_pixels_per_step: int | None = Field(default=None, ge=1)
     """Step batching only: most latent pixels (rows x h x w) in one forward pass, a GPU memory guard."""
 
@@ -214,20 +217,24 @@ class StepScheduler(Generic[S]):
         max_batch: int,
         max_cost: int | None = None,
         observer: StepObserver | None = None,
+        admit_when_idle_only: bool = False,
     ) -> None:
         self._run_step = run_step
-        self.configure(max_batch, max_cost)
+        self.configure(max_batch, max_cost, admit_when_idle_only)
         self._observer = observer or StepStats()
         self._buckets: dict[Hashable, _Bucket[S]] = {}
         self._turn: deque[Hashable] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    def configure(self, max_batch: int, max_cost: int | None = None) -> None:
+    def configure(self, max_batch: int, max_cost: int | None = None, admit_when_idle_only: bool = False) -> None:
+        """``admit_when_idle_only`` turns step batching into whole-request batching:
+        a bucket admits only when nothing of it is in flight, then runs that batch out."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
         self.max_cost = max_cost
+        self.admit_when_idle_only = admit_when_idle_only
 
     @property
     def waiting(self) -> int:
@@ -281,6 +288,8 @@ class StepScheduler(Generic[S]):
             bucket.waiting = deque(item for item in bucket.waiting if not item.cancelled)
 
     def _admit(self, bucket: _Bucket) -> None:
+        if self.admit_when_idle_only and bucket.active:
+            return
         cost = sum(item.cost for item in bucket.active)
         now = time.perf_counter()
         while bucket.waiting and len(bucket.active) < self.max_batch:

@@ -111,7 +111,8 @@ class DenoiserModel:
         latents = randn_tensor(shape, generator=generator, device=torch.device(self.device), dtype=self.dtype)
 
         def row(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array[None])).to(self.device, self.dtype)
+            # A copy: arrays that come through Ray's object store are read-only.
+            return torch.tensor(array[None]).to(self.device, self.dtype)
 
         guided = params.guidance_scale > 1
         return DenoiseState(
@@ -190,7 +191,7 @@ class Denoiser(LoopReplica):
         self.reconfigure({})
 
     async def generate(self, embeddings: ImageEmbeddings, params: DenoiseParams) -> Latents:
-        if not self.step_batching:
+        if not self.uses_scheduler:
             return await self._run_batch(Queued((embeddings, params)))
         started = time.perf_counter()
         states = self.model.start_all(embeddings, params)

@@ -40,7 +40,8 @@ class MovqModel:
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(N, C, h, w) float latents of one size -> (N, H, W, 3) uint8 images."""
-        sample = torch.from_numpy(np.ascontiguousarray(latents)).to(self.device, self.dtype)
+        # A copy: arrays that come through Ray's object store are read-only.
+        sample = torch.tensor(latents).to(self.device, self.dtype)
         image = self.movq.decode(sample, force_not_quantize=True)["sample"]
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (image * 255).round().astype("uint8")

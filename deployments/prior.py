@@ -80,7 +80,8 @@ class PriorModel:
         return cls(prior, scheduler, zero_embed, device)
 
     def _rows(self, array: np.ndarray, index: list[int]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array[index])).to(self.device)
+        # A copy: arrays that come through Ray's object store are read-only.
+        return torch.tensor(array[index]).to(self.device)
 
     def start(self, text: TextEmbeddings, params: PriorParams, seed: int) -> PriorState:
         """Set up one image. Row 0 of ``text`` is the prompt, row 1 the negative prompt or ""."""
@@ -174,7 +175,7 @@ class Prior(LoopReplica):
         self.reconfigure({})
 
     async def generate(self, text: TextEmbeddings, params: PriorParams) -> ImageEmbeddings:
-        if not self.step_batching:
+        if not self.uses_scheduler:
             return await self._run_batch(Queued((text, params)))
         started = time.perf_counter()
         states = self.model.start_all(text, params)

@@ -61,9 +61,10 @@ class LoopReplica(StageReplica):
     """A stage whose model runs a denoising loop, under step or request batching.
 
     The model must offer ``step(states)``; every state has ``total_steps`` and
-    ``finished``. Step batching sends each image through one shared
-    :class:`StepScheduler`; request batching uses ``@serve.batch`` and runs each
-    collected batch to completion. Both report to the same observers.
+    ``finished``. Step batching (and its whole-batch variant ``request-when-idle``)
+    sends each image through one shared :class:`StepScheduler`; ``request`` batching
+    uses ``@serve.batch`` and runs each collected batch to completion. All report
+    to the same observers.
     """
 
     settings_class = LoopBatchSettings
@@ -80,17 +81,21 @@ class LoopReplica(StageReplica):
 
     def reconfigure(self, user_config: dict | None) -> None:
         super().reconfigure(user_config)
-        self.scheduler.configure(self.batch_settings.max_batch_size, self.batch_settings.max_latent_pixels_per_step)
+        settings = self.batch_settings
+        self.scheduler.configure(
+            settings.max_batch_size, settings.max_latent_pixels_per_step, settings.batching == "request-when-idle"
+        )
 
     @property
-    def step_batching(self) -> bool:
-        return self.batch_settings.batching == "step"
+    def uses_scheduler(self) -> bool:
+        """``step`` and ``request-when-idle`` run on the scheduler; ``request`` on ``@serve.batch``."""
+        return self.batch_settings.batching != "request"
 
     async def _step_on_model_thread(self, states: list) -> None:
         await self.thread.run(self.model.step, states)
 
     async def run_loop(self, states: list, *, key: str, bucket: Hashable, cost: int) -> list[StepItem]:
-        """Step batching: all of one request's images through the shared scheduler."""
+        """All of one request's images through the shared scheduler."""
         self.progress.start(key, sum(state.total_steps for state in states))
         try:
             return list(await asyncio.gather(*(

@@ -114,3 +114,182 @@ def bench_latency(config_path: str, size: int, steps: int, prior_steps: int, rou
     out.write_text(json.dumps(result, indent=2))
     print(f"written: {out}")
     return result
+
+
+# --------------------------------------------------------------------------- batching
+
+BATCHING_LOADS = (0.3, 0.7, 1.0)
+BATCHING_MODES = ("request", "request-when-idle", "step")
+
+
+def deploy_denoiser(decoder_path, mode: str, max_batch: int, app_name: str, torch_threads: int = 1):
+    """One Denoiser replica as an application of its own; returns its handle."""
+    from ray import serve
+
+    from deployments.denoiser import Denoiser
+
+    deployment = Denoiser.options(
+        num_replicas=1,
+        max_ongoing_requests=max(64, 4 * max_batch),
+        ray_actor_options={"num_cpus": 1},
+        user_config={"batching": mode, "max_batch_size": max_batch, "batch_wait_timeout_s": 0.002, "torch_threads": torch_threads},
+    )
+    return serve.run(deployment.bind(str(decoder_path)), name=app_name, route_prefix=None)
+
+
+def _embeddings(dim: int, seed: int):
+    import numpy as np
+
+    from deployments.messages import ImageEmbeddings
+
+    rng = np.random.default_rng(seed)
+    return ImageEmbeddings(
+        rng.standard_normal((1, dim)).astype("float32"), rng.standard_normal((1, dim)).astype("float32"), [seed]
+    )
+
+
+async def _closed_loop(handle, make_request, concurrency: int, duration_s: float) -> float:
+    """Saturation throughput (requests/s) with ``concurrency`` clients for ``duration_s``."""
+    import asyncio
+
+    deadline = time.perf_counter() + duration_s
+    done = 0
+
+    async def client(index: int) -> None:
+        nonlocal done
+        i = index
+        while time.perf_counter() < deadline:
+            await handle.generate.remote(*make_request(i))
+            done += 1
+            i += concurrency
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+async def _open_loop(handle, make_request, rate: float, duration_s: float, seed: int, timeout_s: float) -> dict:
+    """Poisson arrivals at ``rate``/s for ``duration_s``; latency from each scheduled send time."""
+    import asyncio
+    import random
+
+    rng = random.Random(seed)
+    schedule, t = [], rng.expovariate(rate)
+    while t < duration_s:
+        schedule.append(t)
+        t += rng.expovariate(rate)
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter() + 0.05
+    finished_at = start
+
+    async def one(index: int, at: float) -> None:
+        nonlocal errors, finished_at
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            await asyncio.wait_for(handle.generate.remote(*make_request(index)), timeout_s)
+            now = time.perf_counter()
+            latencies.append(now - (start + at))  # from the scheduled time: no coordinated omission
+            finished_at = max(finished_at, now)
+        except Exception:
+            errors += 1
+
+    await asyncio.gather(*(one(i, at) for i, at in enumerate(schedule)))
+    elapsed = max(finished_at - start, duration_s)
+    return {
+        "sent": len(schedule),
+        "completed": len(latencies),
+        "errors": errors,
+        "throughput_rps": len(latencies) / elapsed,
+        "p50_s": _percentile(latencies, 0.5) if latencies else None,
+        "p90_s": _percentile(latencies, 0.9) if latencies else None,
+        "p99_s": _percentile(latencies, 0.99) if latencies else None,
+    }
+
+
+def bench_batching(config_path: str, size: int, steps: int, max_batch: int, duration_s: float,
+                   capacity_s: float, out: Path) -> dict:
+    import asyncio
+
+    import ray
+    from ray import serve
+
+    from deployments.messages import DenoiseParams
+    from serve.graph import resolve_model_paths
+    from serve.settings import load_config
+
+    config = load_config(config_path)
+    _, decoder_path = resolve_model_paths(config.service.models)
+    if not ray.is_initialized():
+        ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+    dim = json.loads((Path(decoder_path) / "unet" / "config.json").read_text())["encoder_hid_dim"]
+
+    def make_request(index: int):
+        return _embeddings(dim, index), DenoiseParams(size, size, steps, 4.0, f"bench-{index}")
+
+    async def run_mode(mode: str, rates: list[float] | None) -> dict:
+        handle = deploy_denoiser(decoder_path, mode, max_batch, f"bench-{mode}")
+        await _closed_loop(handle, make_request, max_batch, 2.0)  # warm-up
+        capacity = await _closed_loop(handle, make_request, 2 * max_batch, capacity_s)
+        points = []
+        for load, rate in zip(BATCHING_LOADS, rates or []):
+            before = await handle.loop_stats.remote()
+            result = await _open_loop(handle, make_request, rate, duration_s, seed=int(load * 100), timeout_s=120)
+            after = await handle.loop_stats.remote()
+            steps_run = after["steps"] - before["steps"]
+            result.update(
+                load=load, offered_rps=rate,
+                mean_batch_per_step=(after["item_steps"] - before["item_steps"]) / steps_run if steps_run else 0.0,
+            )
+            points.append(result)
+        serve.delete(f"bench-{mode}")
+        return {"capacity_rps": capacity, "points": points}
+
+    async def main() -> dict:
+        # Capacity: the better of the two modes' saturation throughput, measured first,
+        # so both modes are offered exactly the same rates.
+        capacities = {mode: (await run_mode(mode, None))["capacity_rps"] for mode in BATCHING_MODES}
+        capacity = max(capacities.values())
+        rates = [load * capacity for load in BATCHING_LOADS]
+        return {"capacities_rps": capacities, "capacity_rps": capacity,
+                "modes": {mode: await run_mode(mode, rates) for mode in BATCHING_MODES}}
+
+    measured = asyncio.run(main())
+    by_mode = {mode: {p["load"]: p for p in measured["modes"][mode]["points"]} for mode in BATCHING_MODES}
+    p99_ratio_70 = by_mode["step"][0.7]["p99_s"] / by_mode["request"][0.7]["p99_s"]
+    throughput_ratio_100 = by_mode["step"][1.0]["throughput_rps"] / by_mode["request"][1.0]["throughput_rps"]
+    idle = by_mode["request-when-idle"]
+    idle_p99_ratio_70 = by_mode["step"][0.7]["p99_s"] / idle[0.7]["p99_s"]
+    idle_throughput_ratio_100 = by_mode["step"][1.0]["throughput_rps"] / idle[1.0]["throughput_rps"]
+    result = {
+        "benchmark": "batching",
+        "size": size, "steps": steps, "max_batch": max_batch, "duration_s": duration_s,
+        "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+        **measured,
+        "p99_step_over_request_at_70": p99_ratio_70,
+        "throughput_step_over_request_at_100": throughput_ratio_100,
+        "p99_step_over_request_when_idle_at_70": idle_p99_ratio_70,
+        "throughput_step_over_request_when_idle_at_100": idle_throughput_ratio_100,
+        "targets": {"p99_ratio_at_70_max": 0.6, "throughput_ratio_at_100_min": 1.0},
+        "met": p99_ratio_70 <= 0.6 and throughput_ratio_100 >= 1.0,
+    }
+    capacities = ", ".join(f"{mode} {rps:.2f}" for mode, rps in measured["capacities_rps"].items())
+    print(f"\none denoiser replica, {size}x{size}, {steps} steps, max batch {max_batch}, "
+          f"capacity {measured['capacity_rps']:.2f} req/s ({capacities}), {duration_s:.0f} s per point")
+    print(f"{'mode':<19}{'load':>6}{'offered/s':>11}{'achieved/s':>12}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}"
+          f"{'batch/step':>12}{'sent':>6}{'err':>5}")
+    for mode in BATCHING_MODES:
+        for p in measured["modes"][mode]["points"]:
+            print(f"{mode:<19}{p['load']:>6.0%}{p['offered_rps']:>11.2f}{p['throughput_rps']:>12.2f}{p['p50_s']:>8.2f}"
+                  f"{p['p90_s']:>8.2f}{p['p99_s']:>8.2f}{p['mean_batch_per_step']:>12.2f}{p['sent']:>6}{p['errors']:>5}")
+    print(f"p99 step / request at 70%: {p99_ratio_70:.2f} (target <= 0.6)   "
+          f"throughput step / request at 100%: {throughput_ratio_100:.2f} (target >= 1.0)   "
+          f"{'met' if result['met'] else 'MISSED'}")
+    print(f"against request-when-idle: p99 ratio at 70% {idle_p99_ratio_70:.2f}, "
+          f"throughput ratio at 100% {idle_throughput_ratio_100:.2f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written: {out}")
+    return result

@@ -69,6 +69,21 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_batching(args: argparse.Namespace) -> int:
+    from serve.bench import bench_batching
+
+    bench_batching(
+        config_path=args.config,
+        size=args.size,
+        steps=args.steps,
+        max_batch=args.max_batch,
+        duration_s=args.duration,
+        capacity_s=args.capacity_duration,
+        out=Path(args.out),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--rounds", type=int, default=10)
     latency.add_argument("--out", default="bench-results/latency.json")
     latency.set_defaults(func=_cmd_bench_latency)
+    batching = kinds.add_parser("batching", help="step vs request batching under open-loop Poisson load")
+    batching.add_argument("--config", default=DEFAULT_CONFIG)
+    batching.add_argument("--size", type=int, default=64)
+    batching.add_argument("--steps", type=int, default=50)
+    batching.add_argument("--max-batch", type=int, default=8)
+    batching.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per load point")
+    batching.add_argument("--capacity-duration", type=float, default=10.0)
+    batching.add_argument("--out", default="bench-results/batching.json")
+    batching.set_defaults(func=_cmd_bench_batching)
     return parser
 
 

@@ -234,3 +234,16 @@ def test_already_finished_state_returns_at_once():
 
     item, batches = run(scenario())
     assert item.steps_done == 0 and batches == []
+
+
+def test_admit_when_idle_only_runs_whole_batches():
+    async def scenario():
+        model = FakeModel()
+        scheduler = StepScheduler(model.step, max_batch=8, admit_when_idle_only=True)
+        first = submit(scheduler, FakeState("a", 3))
+        await model.wait_steps(1)
+        late = [submit(scheduler, FakeState("b", 2)), submit(scheduler, FakeState("c", 1))]
+        await asyncio.gather(first, *late)
+        return model.batches
+
+    assert run(scenario()) == [["a"], ["a"], ["a"], ["b", "c"], ["b"]]
