@@ -51,6 +51,9 @@ class Ingress:
         latents = self.denoiser.generate.remote(
             embeddings, DenoiseParams(spec.height, spec.width, spec.steps, spec.guidance_scale, request_id)
         )
+        # If the client goes away, Ray Serve cancels this call and with it every
+        # stage call made under it; a denoising loop then drops the request at its
+        # next step boundary (tests/e2e: test_client_disconnect_stops_the_denoising_loop).
         return await self.movq.decode.remote(latents, DecodeParams(spec.output_format))
 
     async def readiness(self) -> dict[str, str]:

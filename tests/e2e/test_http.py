@@ -68,3 +68,25 @@ def test_health_readiness_and_docs(client):
     assert ready.json()["stages"] == {name: "ready" for name in ("TextEncoder", "Prior", "Denoiser", "MovqDecoder")}
     assert client.get("/docs").status_code == 200
     assert "/v1/text2img" in client.get("/openapi.json").json()["paths"]
+
+
+def test_client_disconnect_stops_the_denoising_loop(served_app):
+    import time
+
+    from ray import serve
+
+    url, _ = served_app
+    denoiser = serve.get_deployment_handle("Denoiser", app_name="kandinsky")
+    before = denoiser.loop_stats.remote().result(timeout_s=30)
+    body = {**REQUEST, "width": 64, "steps": 150, "seed": 5}
+    with pytest.raises(httpx.TimeoutException):
+        # The client gives up long before 150 steps are done.
+        httpx.post(f"{url}/v1/text2img", json=body, timeout=httpx.Timeout(1.5))
+    deadline = time.monotonic() + 60
+    while True:
+        stats = denoiser.loop_stats.remote().result(timeout_s=30)
+        if stats["active"] == 0 and stats["waiting"] == 0 and stats["steps"] > before["steps"]:
+            break
+        assert time.monotonic() < deadline, f"the loop kept running: {stats}"
+        time.sleep(0.05)  # polling interval
+    assert stats["steps"] - before["steps"] < 150, "the abandoned request ran to completion"
