@@ -78,7 +78,7 @@ def test_client_disconnect_stops_the_denoising_loop(served_app):
     url, _ = served_app
     denoiser = serve.get_deployment_handle("Denoiser", app_name="kandinsky")
     before = denoiser.loop_stats.remote().result(timeout_s=30)
-    body = {**REQUEST, "width": 64, "steps": 150, "seed": 5}
+    body = {**REQUEST, "width": 256, "height": 256, "steps": 150, "seed": 5}  # several seconds of work
     with pytest.raises(httpx.TimeoutException):
         # The client gives up long before 150 steps are done.
         httpx.post(f"{url}/v1/text2img", json=body, timeout=httpx.Timeout(1.5))
