@@ -9,7 +9,6 @@ a forward pass.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.batching import Queued, StepObserver, group_by, run_until_done
+from deployments.batching import StepObserver, group_by, run_until_done
 from deployments.loading import DECODER_LAYOUT, CheckpointError, check_layout, load_pretrained, torch_dtype
 from deployments.messages import DenoiseParams, ImageEmbeddings, Latents, StageTiming
 from deployments.runtime import LoopReplica, ModelThread
@@ -191,22 +190,7 @@ class Denoiser(LoopReplica):
         self.reconfigure({})
 
     async def generate(self, embeddings: ImageEmbeddings, params: DenoiseParams) -> Latents:
-        if not self.uses_scheduler:
-            return await self._run_batch(Queued((embeddings, params)))
-        started = time.perf_counter()
-        states = self.model.start_all(embeddings, params)
-        items = await self.run_loop(states, key=params.request_id, bucket=states[0].bucket, cost=states[0].cost)
-        latents = self.model.finish_all(states)
-        return Latents(latents, embeddings.seeds, {**embeddings.timings, STAGE: self.loop_timing(items, started)})
+        return await self.run_request(embeddings, params)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
-    async def _run_batch(self, calls: list[Queued[tuple[ImageEmbeddings, DenoiseParams]]]) -> list[Latents]:
-        started = time.perf_counter()
-        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls], self.observer)
-        compute_ms = (time.perf_counter() - started) * 1000.0
-        results = []
-        for call, latents in zip(calls, outputs):
-            embeddings, _ = call.payload
-            timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
-            results.append(Latents(latents, embeddings.seeds, {**embeddings.timings, STAGE: timing}))
-        return results
+    def make_output(self, embeddings: ImageEmbeddings, params: DenoiseParams, latents, timing: StageTiming) -> Latents:
+        return Latents(latents, embeddings.seeds, {**embeddings.timings, STAGE: timing})

@@ -8,7 +8,6 @@ what else shares the forward pass.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.batching import Queued, StepObserver, run_until_done
+from deployments.batching import StepObserver, run_until_done
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
 from deployments.runtime import LoopReplica, ModelThread
@@ -44,8 +43,10 @@ class PriorState:
     def finished(self) -> bool:
         return self.index >= self.total_steps
 
+    bucket = None  # every prior state has the same row shape: one bucket serves all
+
     @property
-    def rows(self) -> int:
+    def cost(self) -> int:
         """Rows this state adds to a forward pass."""
         return len(self.latents) * (2 if self.uncond is not None else 1)
 
@@ -175,24 +176,8 @@ class Prior(LoopReplica):
         self.reconfigure({})
 
     async def generate(self, text: TextEmbeddings, params: PriorParams) -> ImageEmbeddings:
-        if not self.uses_scheduler:
-            return await self._run_batch(Queued((text, params)))
-        started = time.perf_counter()
-        states = self.model.start_all(text, params)
-        # Every prior state has the same row shape, so one bucket serves all.
-        items = await self.run_loop(states, key=params.request_id, bucket=None, cost=states[0].rows)
-        embeds, negative = await self.thread.run(self.model.finish_all, states)
-        timings = {**text.timings, STAGE: self.loop_timing(items, started)}
-        return ImageEmbeddings(embeds, negative, list(params.seeds), timings)
+        return await self.run_request(text, params)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _run_batch(self, calls: list[Queued[tuple[TextEmbeddings, PriorParams]]]) -> list[ImageEmbeddings]:
-        started = time.perf_counter()
-        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls], self.observer)
-        compute_ms = (time.perf_counter() - started) * 1000.0
-        results = []
-        for call, (embeds, negative) in zip(calls, outputs):
-            text, params = call.payload
-            timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
-            results.append(ImageEmbeddings(embeds, negative, list(params.seeds), {**text.timings, STAGE: timing}))
-        return results
+    def make_output(self, text: TextEmbeddings, params: PriorParams, output, timing: StageTiming) -> ImageEmbeddings:
+        embeds, negative = output
+        return ImageEmbeddings(embeds, negative, list(params.seeds), {**text.timings, STAGE: timing})

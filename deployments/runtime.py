@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
+from ray import serve
 
-from deployments.batching import BatchSettings, LoopBatchSettings, Observers, StepItem, StepScheduler, StepStats
+from deployments.batching import BatchSettings, LoopBatchSettings, Observers, Queued, StepItem, StepScheduler, StepStats
 from deployments.messages import StageTiming
 from deployments.progress import ProgressBoard
 
@@ -94,22 +95,48 @@ class LoopReplica(StageReplica):
     async def _step_on_model_thread(self, states: list) -> None:
         await self.thread.run(self.model.step, states)
 
-    async def run_loop(self, states: list, *, key: str, bucket: Hashable, cost: int) -> list[StepItem]:
-        """All of one request's images through the shared scheduler."""
+    def make_output(self, upstream: Any, params: Any, output: Any, timing: StageTiming) -> Any:
+        """The stage's message for one request from the model's ``finish_all`` output."""
+        raise NotImplementedError
+
+    async def run_request(self, upstream: Any, params: Any) -> Any:
+        """One request through the loop, under the configured policy."""
+        if not self.uses_scheduler:
+            return await self._run_batch(Queued((upstream, params)))
+        started = time.perf_counter()
+        states = self.model.start_all(upstream, params)
+        items = await self._run_on_scheduler(states, key=params.request_id)
+        output = await self.thread.run(self.model.finish_all, states)
+        return self.make_output(upstream, params, output, self._timing(items, started))
+
+    async def _run_on_scheduler(self, states: list, key: str) -> list[StepItem]:
         self.progress.start(key, sum(state.total_steps for state in states))
         try:
             return list(await asyncio.gather(*(
-                self.scheduler.submit(state, total_steps=state.total_steps, bucket=bucket, cost=cost, key=key)
+                self.scheduler.submit(state, total_steps=state.total_steps, bucket=state.bucket, cost=state.cost, key=key)
                 for state in states
             )))
         finally:
             self.progress.finish(key)
 
     @staticmethod
-    def loop_timing(items: list[StepItem], started: float) -> StageTiming:
+    def _timing(items: list[StepItem], started: float) -> StageTiming:
         total_ms = (time.perf_counter() - started) * 1000.0
         queue_ms = max((item.queue_wait_s for item in items), default=0.0) * 1000.0
         return StageTiming(queue_ms, max(0.0, total_ms - queue_ms), max((i.max_batch_size for i in items), default=0))
+
+    # One batch queue per decorated function per process: fine, as each replica is its
+    # own process and holds one stage.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _run_batch(self, calls: list[Queued]) -> list:
+        """``batching: request``: ``@serve.batch`` collects calls; the batch runs to the end."""
+        started = time.perf_counter()
+        outputs = await self.thread.run(self.model.generate, [call.payload for call in calls], self.observer)
+        compute_ms = (time.perf_counter() - started) * 1000.0
+        return [
+            self.make_output(*call.payload, output, StageTiming(call.queue_wait_ms(started), compute_ms, len(calls)))
+            for call, output in zip(calls, outputs)
+        ]
 
     async def request_progress(self, request_id: str) -> dict | None:
         """Image-steps done / total for a request in flight in this replica, else None."""
