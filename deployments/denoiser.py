@@ -19,7 +19,7 @@ from ray import serve
 from deployments.batching import StepObserver, group_by, run_until_done
 from deployments.loading import DECODER_LAYOUT, CheckpointError, check_layout, load_pretrained, torch_dtype
 from deployments.messages import DenoiseParams, ImageEmbeddings, Latents, StageTiming
-from deployments.runtime import LoopReplica, ModelThread
+from deployments.runtime import LoopReplica
 
 STAGE = "denoiser"
 LEARNED_VARIANCE = ("learned", "learned_range")
@@ -184,10 +184,7 @@ class Denoiser(LoopReplica):
     """The U-Net's denoising loop, shared by many requests (step or request batching)."""
 
     def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.thread = ModelThread(STAGE)
-        self.model = DenoiserModel.from_pretrained(decoder_path, device, dtype)
-        self.init_loop(STAGE)
-        self.reconfigure({})
+        self.setup(STAGE, device, lambda: DenoiserModel.from_pretrained(decoder_path, device, dtype))
 
     async def generate(self, embeddings: ImageEmbeddings, params: DenoiseParams) -> Latents:
         return await self.run_request(embeddings, params)

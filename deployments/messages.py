@@ -79,6 +79,7 @@ class Latents:
 @dataclass(frozen=True)
 class DecodeParams:
     output_format: str  # "png" | "jpeg" | "webp"
+    request_id: str = ""
 
 
 @dataclass

@@ -14,7 +14,7 @@ from ray import serve
 from deployments.batching import Queued, group_by
 from deployments.loading import DECODER_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import DecodeParams, EncodedImages, Latents, StageTiming
-from deployments.runtime import ModelThread, StageReplica
+from deployments.runtime import StageReplica
 
 STAGE = "movq"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -77,12 +77,10 @@ class MovqDecoder(StageReplica):
     """Batches requests' latents into shared MOVQ decode passes and encodes the images."""
 
     def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.thread = ModelThread(STAGE)
-        self.model = MovqModel.from_pretrained(decoder_path, device, dtype)
-        self.reconfigure({})
+        self.setup(STAGE, device, lambda: MovqModel.from_pretrained(decoder_path, device, dtype))
 
     async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
-        return await self._run_batch(Queued((latents, params)))
+        return await self.serve_call(self._run_batch(Queued((latents, params))), params.request_id)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run_batch(self, calls: list[Queued[tuple[Latents, DecodeParams]]]) -> list[EncodedImages]:
@@ -96,7 +94,7 @@ class MovqDecoder(StageReplica):
             ]
 
         encoded = await self.thread.run(work)
-        compute_ms = (time.perf_counter() - started) * 1000.0
+        compute_ms = self.record_batch(calls, started)
         results = []
         for call, images in zip(calls, encoded):
             latents, params = call.payload

@@ -18,7 +18,7 @@ from ray import serve
 from deployments.batching import StepObserver, run_until_done
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
-from deployments.runtime import LoopReplica, ModelThread
+from deployments.runtime import LoopReplica
 
 STAGE = "prior"
 
@@ -170,10 +170,7 @@ class Prior(LoopReplica):
     """The prior's denoising loop, shared by many requests (step or request batching)."""
 
     def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.thread = ModelThread(STAGE)
-        self.model = PriorModel.from_pretrained(prior_path, device, dtype)
-        self.init_loop(STAGE)
-        self.reconfigure({})
+        self.setup(STAGE, device, lambda: PriorModel.from_pretrained(prior_path, device, dtype))
 
     async def generate(self, text: TextEmbeddings, params: PriorParams) -> ImageEmbeddings:
         return await self.run_request(text, params)

@@ -9,8 +9,9 @@ threads at once. The replica's event loop stays free to queue requests.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from deployments.messages import StageTiming
 from deployments.progress import ProgressBoard
 
 R = TypeVar("R")
+logger = logging.getLogger("ray.serve")
 
 
 class ModelThread:
@@ -37,15 +39,58 @@ class ModelThread:
 
 
 class StageReplica:
-    """Plumbing every stage deployment shares: the model thread, batching knobs, readiness.
+    """Plumbing every stage deployment shares: model thread, metrics, request logs,
+    batching knobs, readiness.
 
-    Subclasses set ``self.thread`` and ``self.model`` and decorate ``_run_batch``
+    Subclasses call :meth:`setup` from ``__init__`` and decorate ``_run_batch``
     with ``@serve.batch``; the decorator's defaults are replaced by ``user_config``.
     """
 
     settings_class: type[BatchSettings] = BatchSettings
     thread: ModelThread
     _run_batch: Any
+
+    def setup(self, stage: str, device: str, load_model: Callable[[], Any]) -> None:
+        from deployments.metrics import StageMetrics
+
+        self.stage = stage
+        self.thread = ModelThread(stage)
+        self.metrics = StageMetrics(stage, device)
+        started = time.perf_counter()
+        self.model = load_model()
+        self.metrics.model_loaded(time.perf_counter() - started)
+        self.init_policy()
+        self.reconfigure({})
+
+    def init_policy(self) -> None:
+        """Hook for subclasses that need more than ``@serve.batch`` (set up before reconfigure)."""
+
+    async def serve_call(self, work: Awaitable[R], request_id: str) -> R:
+        """Count, time and log one call; every outcome is recorded, errors by type."""
+        self.metrics.request()
+        try:
+            result = await work
+        except Exception as error:
+            self.metrics.error(error)
+            logger.warning("request %s: stage %s failed: %s", request_id, self.stage, type(error).__name__,
+                           extra={"stage": self.stage, "error_type": type(error).__name__})
+            raise
+        self.metrics.produced(len(getattr(result, "seeds", ())))  # images out of this stage
+        timing = result.timings[self.stage]
+        logger.info(
+            "request %s: stage %s done: batch_size=%d queue_ms=%.1f compute_ms=%.1f",
+            request_id, self.stage, timing.batch_size, timing.queue_ms, timing.compute_ms,
+            # Fields of their own in JSON logs (logging_config.encoding: JSON).
+            extra={"stage": self.stage, "batch_size": timing.batch_size,
+                   "queue_ms": round(timing.queue_ms, 3), "compute_ms": round(timing.compute_ms, 3)},
+        )
+        return result
+
+    def record_batch(self, calls: list[Queued], started: float) -> float:
+        """Batch-level metrics of a ``@serve.batch`` batch; returns its compute time in ms."""
+        compute_s = time.perf_counter() - started
+        self.metrics.batch(len(calls), compute_s, [call.queue_wait_ms(started) / 1000.0 for call in calls])
+        return compute_s * 1000.0
 
     def reconfigure(self, user_config: dict | None) -> None:
         settings = self.settings_class.model_validate(user_config or {})
@@ -56,6 +101,10 @@ class StageReplica:
 
     async def ready(self) -> bool:
         return True
+
+    def check_health(self) -> None:
+        """Called by Ray Serve every ``health_check_period_s``; also keeps gauges exported."""
+        self.metrics.refresh_gauges()
 
 
 class LoopReplica(StageReplica):
@@ -72,12 +121,12 @@ class LoopReplica(StageReplica):
     batch_settings: LoopBatchSettings
     model: Any
 
-    def init_loop(self, stage: str) -> None:
+    def init_policy(self) -> None:
         from deployments.metrics import LoopMetrics
 
         self.stats = StepStats()
         self.progress = ProgressBoard()
-        self.observer = Observers(self.stats, self.progress, LoopMetrics(stage))
+        self.observer = Observers(self.stats, self.progress, LoopMetrics(self.stage))
         self.scheduler: StepScheduler = StepScheduler(self._step_on_model_thread, max_batch=1, observer=self.observer)
 
     def reconfigure(self, user_config: dict | None) -> None:
@@ -101,6 +150,9 @@ class LoopReplica(StageReplica):
 
     async def run_request(self, upstream: Any, params: Any) -> Any:
         """One request through the loop, under the configured policy."""
+        return await self.serve_call(self._run_request(upstream, params), params.request_id)
+
+    async def _run_request(self, upstream: Any, params: Any) -> Any:
         if not self.uses_scheduler:
             return await self._run_batch(Queued((upstream, params)))
         started = time.perf_counter()
@@ -132,7 +184,7 @@ class LoopReplica(StageReplica):
         """``batching: request``: ``@serve.batch`` collects calls; the batch runs to the end."""
         started = time.perf_counter()
         outputs = await self.thread.run(self.model.generate, [call.payload for call in calls], self.observer)
-        compute_ms = (time.perf_counter() - started) * 1000.0
+        compute_ms = self.record_batch(calls, started)
         return [
             self.make_output(*call.payload, output, StageTiming(call.queue_wait_ms(started), compute_ms, len(calls)))
             for call, output in zip(calls, outputs)

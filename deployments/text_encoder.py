@@ -12,7 +12,7 @@ from ray import serve
 from deployments.batching import Queued
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import StageTiming, TextEmbeddings
-from deployments.runtime import ModelThread, StageReplica
+from deployments.runtime import StageReplica
 
 STAGE = "text_encoder"
 
@@ -54,19 +54,17 @@ class TextEncoder(StageReplica):
     """Batches prompts from many requests into one encoder forward pass."""
 
     def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.thread = ModelThread(STAGE)
-        self.model = TextEncoderModel.from_pretrained(prior_path, device, dtype)
-        self.reconfigure({})
+        self.setup(STAGE, device, lambda: TextEncoderModel.from_pretrained(prior_path, device, dtype))
 
-    async def encode(self, texts: list[str]) -> TextEmbeddings:
-        return await self._run_batch(Queued(list(texts)))
+    async def encode(self, texts: list[str], request_id: str = "") -> TextEmbeddings:
+        return await self.serve_call(self._run_batch(Queued(list(texts))), request_id)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run_batch(self, calls: list[Queued[list[str]]]) -> list[TextEmbeddings]:
         started = time.perf_counter()
         flat = [text for call in calls for text in call.payload]
         embeds, hidden, mask = await self.thread.run(self.model.encode, flat)
-        compute_ms = (time.perf_counter() - started) * 1000.0
+        compute_ms = self.record_batch(calls, started)
         results, offset = [], 0
         for call in calls:
             rows = slice(offset, offset + len(call.payload))

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.messages import EncodedImages
@@ -36,6 +36,42 @@ class GenerationBackend(Protocol):
         """Per stage, ``"ready"`` or the reason it is not."""
         ...
 
+    async def metrics_text(self) -> str:
+        """The product's metrics from every stage, in Prometheus text format."""
+        ...
+
+
+class ApiMetrics(Protocol):
+    """What the HTTP layer records (``deployments.metrics.IngressMetrics`` in production)."""
+
+    def http_request(self, route: str, status: int, request_bytes: int, response_bytes: int) -> None: ...
+
+    def generation(self, mode: str, width: int, height: int, seconds: float) -> None: ...
+
+    def rejection(self, reason: str) -> None: ...
+
+
+class NoMetrics:
+    def http_request(self, route: str, status: int, request_bytes: int, response_bytes: int) -> None:
+        pass
+
+    def generation(self, mode: str, width: int, height: int, seconds: float) -> None:
+        pass
+
+    def rejection(self, reason: str) -> None:
+        pass
+
+
+KNOWN_ROUTES = ("/v1/text2img", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+
+
+def _route_label(scope: Scope) -> str:
+    """A bounded route label: the matched route's template, else a known path, else "other"."""
+    route = scope.get("route")
+    if route is not None and getattr(route, "path", None):
+        return route.path
+    return scope.get("path") if scope.get("path") in KNOWN_ROUTES else "other"
+
 
 def _error(status: int, kind: str, message: str, request_id: str | None, details: list[dict] | None = None) -> JSONResponse:
     body = ErrorResponse.model_validate(
@@ -52,9 +88,10 @@ def _field_name(loc: tuple) -> str:
 class BodySizeLimit:
     """Refuse request bodies over ``max_bytes`` with 413, counting what is actually received."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ApiMetrics) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,6 +118,8 @@ class BodySizeLimit:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics.rejection("payload_too_large")
+        self.metrics.http_request(_route_label(scope), 413, 0, 0)
         response = _error(
             413, "payload_too_large", f"request body exceeds the limit of {self.max_bytes} bytes", None,
             [{"field": "body", "message": f"at most {self.max_bytes} bytes"}],
@@ -92,7 +131,9 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(limits: ApiLimits, backend: GenerationBackend, echo_request_id: bool = True) -> FastAPI:
+def create_app(
+    limits: ApiLimits, backend: GenerationBackend, echo_request_id: bool = True, metrics: ApiMetrics | None = None
+) -> FastAPI:
     """Build the HTTP API on ``backend``.
 
     ``echo_request_id``: set the ``X-Request-ID`` response header. Behind Ray Serve's
@@ -100,6 +141,7 @@ def create_app(limits: ApiLimits, backend: GenerationBackend, echo_request_id: b
     us and sets the response header itself.
     """
     Text2ImgRequest = text2img_request_model(limits)
+    metrics = metrics or NoMetrics()
     app = FastAPI(
         title="kandinsky-serve",
         version="0.1.0",
@@ -109,20 +151,27 @@ def create_app(limits: ApiLimits, backend: GenerationBackend, echo_request_id: b
     @app.middleware("http")
     async def request_id_middleware(request: Request, call_next):
         supplied = request.headers.get(REQUEST_ID_HEADER)
+        declared = request.headers.get("content-length", "")
+        request_bytes = int(declared) if declared.isdigit() else 0
         if supplied is not None and not _REQUEST_ID.match(supplied):
-            return _error(
+            metrics.rejection("validation")
+            response = _error(
                 422, "validation_error",
                 f"{REQUEST_ID_HEADER}: must be 1-128 characters of letters, digits and ._:-",
                 None, [{"field": REQUEST_ID_HEADER, "message": "1-128 characters of [A-Za-z0-9._:-]"}],
             )
-        request.state.request_id = supplied or uuid.uuid4().hex
-        response = await call_next(request)
-        if echo_request_id:
-            response.headers[REQUEST_ID_HEADER] = request.state.request_id
+        else:
+            request.state.request_id = supplied or uuid.uuid4().hex
+            response = await call_next(request)
+            if echo_request_id:
+                response.headers[REQUEST_ID_HEADER] = request.state.request_id
+        sent = response.headers.get("content-length", "")
+        metrics.http_request(_route_label(request.scope), response.status_code, request_bytes, int(sent) if sent.isdigit() else 0)
         return response
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        metrics.rejection("validation")
         details = [{"field": _field_name(tuple(item["loc"])), "message": item["msg"]} for item in error.errors()]
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return _error(422, "validation_error", message, getattr(request.state, "request_id", None), details)
@@ -137,6 +186,7 @@ def create_app(limits: ApiLimits, backend: GenerationBackend, echo_request_id: b
         try:
             spec = body.to_spec()
         except ValueError as error:
+            metrics.rejection("validation")
             return _error(422, "validation_error", f"seed: {error}", request_id, [{"field": "seed", "message": str(error)}])
         started = time.perf_counter()
         try:
@@ -144,6 +194,7 @@ def create_app(limits: ApiLimits, backend: GenerationBackend, echo_request_id: b
         except Exception as error:  # a stage failed: explicit error, no stack trace to the client
             logger.exception("request %s failed", request_id)
             return _error(500, "generation_failed", f"generation failed: {type(error).__name__}", request_id)
+        metrics.generation("text2img", spec.width, spec.height, time.perf_counter() - started)
         return Text2ImgResponse(
             images=[base64.b64encode(image).decode("ascii") for image in result.images],
             media_type=result.media_type,
@@ -165,6 +216,11 @@ def create_app(limits: ApiLimits, backend: GenerationBackend, echo_request_id: b
         ready = bool(stages) and all(state == "ready" for state in stages.values())
         return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics() -> PlainTextResponse:
+        """The product's metrics from every stage (Prometheus text format)."""
+        return PlainTextResponse(await backend.metrics_text(), media_type="text/plain; version=0.0.4")
+
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, metrics=metrics)
     return app

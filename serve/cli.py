@@ -28,7 +28,12 @@ def start_service(config: LoadedConfig, host: str | None = None, port: int | Non
     if not ray.is_initialized():
         ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=app_schema.get("name", "kandinsky"), route_prefix=app_schema.get("route_prefix", "/"))
+    serve.run(
+        app,
+        name=app_schema.get("name", "kandinsky"),
+        route_prefix=app_schema.get("route_prefix", "/"),
+        logging_config=config.logging_config,
+    )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
 

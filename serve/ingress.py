@@ -13,6 +13,7 @@ import logging
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.metrics import merge_exposition
 from deployments.messages import DecodeParams, DenoiseParams, EncodedImages, PriorParams
 from serve.api import create_app
 from serve.schemas import Text2ImgSpec
@@ -39,12 +40,32 @@ class Ingress:
         self.movq = movq
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.settings.limits, backend=self, echo_request_id=False)
+        from deployments.metrics import IngressMetrics
+
+        return create_app(self.settings.limits, backend=self, echo_request_id=False, metrics=IngressMetrics())
+
+    async def metrics_text(self) -> str:
+        """Every node's Ray metrics agent, filtered to the product's (and Ray Serve's) metrics.
+
+        In a cluster, scrape the agents directly (cluster/README.md); this route makes
+        the embedded default observable with nothing else to run.
+        """
+        import httpx
+        import ray
+
+        nodes = [n for n in await asyncio.to_thread(ray.nodes) if n.get("Alive") and n.get("MetricsExportPort")]
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            responses = await asyncio.gather(
+                *(client.get(f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics") for n in nodes),
+                return_exceptions=True,
+            )
+        texts = [r.text for r in responses if isinstance(r, httpx.Response) and r.status_code == 200]
+        return merge_exposition(texts)
 
     async def text2img(self, spec: Text2ImgSpec, request_id: str = "") -> EncodedImages:
         logger.info("request %s: text2img %dx%d, %d image(s)", request_id, spec.width, spec.height, len(spec.seeds))
         has_negative = spec.negative_prompt is not None
-        text = self.text_encoder.encode.remote([spec.prompt, spec.negative_prompt if has_negative else ""])
+        text = self.text_encoder.encode.remote([spec.prompt, spec.negative_prompt if has_negative else ""], request_id)
         embeddings = self.prior.generate.remote(
             text, PriorParams(spec.seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative, request_id)
         )
@@ -54,7 +75,7 @@ class Ingress:
         # If the client goes away, Ray Serve cancels this call and with it every
         # stage call made under it; a denoising loop then drops the request at its
         # next step boundary (tests/e2e: test_client_disconnect_stops_the_denoising_loop).
-        return await self.movq.decode.remote(latents, DecodeParams(spec.output_format))
+        return await self.movq.decode.remote(latents, DecodeParams(spec.output_format, request_id))
 
     async def readiness(self) -> dict[str, str]:
         """Per stage: "ready" when at least one replica is running, else what Serve reports."""

@@ -138,6 +138,8 @@ class LoadedConfig(BaseModel):
     """Per deployment name, the options to apply (Ray's override semantics)."""
     http_host: str
     http_port: int
+    logging_config: dict[str, Any] | None = None
+    """The application's Ray Serve ``logging_config`` (e.g. ``encoding: JSON``)."""
 
 
 def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
@@ -199,4 +201,5 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
         deployment_options=options,
         http_host=http.host,
         http_port=http.port,
+        logging_config=app.logging_config.model_dump(exclude_unset=True) if app.logging_config else None,
     )

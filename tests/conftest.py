@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Metrics reach the node's exporter every 10 s by default; tests poll for them.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "500")
 
 APP_NAME = "kandinsky"
 

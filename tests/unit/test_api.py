@@ -147,3 +147,47 @@ def test_limits_are_configurable_and_documented():
     assert schema["width"]["multipleOf"] == 64
     response = TestClient(app).post("/v1/text2img", json={**GOOD, "num_images": 3})
     assert response.status_code == 422 and "less than or equal to 2" in response.text
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.http, self.generations, self.rejections = [], [], []
+
+    def http_request(self, route, status, request_bytes, response_bytes):
+        self.http.append((route, status, request_bytes, response_bytes))
+
+    def generation(self, mode, width, height, seconds):
+        self.generations.append((mode, width, height))
+
+    def rejection(self, reason):
+        self.rejections.append(reason)
+
+
+def test_metrics_count_requests_generations_and_rejections():
+    metrics, backend = RecordingMetrics(), FakeBackend()
+    client = TestClient(create_app(ApiLimits(max_body_bytes=2048), backend, metrics=metrics))
+    for _ in range(3):
+        assert client.post("/v1/text2img", json=GOOD).status_code == 200
+    assert client.post("/v1/text2img", json={**GOOD, "width": 100}).status_code == 422
+    assert client.post("/v1/text2img", json={**GOOD, "prompt": "x" * 4000}).status_code == 413
+    assert client.get("/nope").status_code == 404
+    ok = [h for h in metrics.http if h[:2] == ("/v1/text2img", 200)]
+    assert len(ok) == 3 and all(request > 0 and response > 0 for _, _, request, response in ok)
+    assert ("/v1/text2img", 422) in [h[:2] for h in metrics.http]
+    assert ("/v1/text2img", 413) in [h[:2] for h in metrics.http]
+    assert ("other", 404) in [h[:2] for h in metrics.http]  # unknown paths never become labels
+    assert metrics.generations == [("text2img", 64, 64)] * 3
+    assert sorted(metrics.rejections) == ["payload_too_large", "validation"]
+    assert len(backend.calls) == 3
+
+
+def test_metrics_route_serves_the_backend_exposition():
+    backend = FakeBackend()
+    backend.metrics_text = lambda: _async("# TYPE ray_kandinsky_serve_x_total counter\nray_kandinsky_serve_x_total 1.0\n")
+    response = TestClient(create_app(ApiLimits(), backend)).get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert "ray_kandinsky_serve_x_total 1.0" in response.text
+
+
+async def _async(value):
+    return value

@@ -82,3 +82,8 @@ def test_import_path_is_a_ray_app_builder(path):
     module, name = load_config(path).raw["applications"][0]["import_path"].split(":")
     builder = getattr(importlib.import_module(module), name)
     assert len(inspect.signature(builder).parameters) == 1
+
+
+def test_logging_config_is_read(tmp_path):
+    path = _write(tmp_path, lambda r: r["applications"][0].update(logging_config={"encoding": "JSON"}))
+    assert load_config(path).logging_config == {"encoding": "JSON"}
