@@ -293,3 +293,163 @@ def bench_batching(config_path: str, size: int, steps: int, max_batch: int, dura
     out.write_text(json.dumps(result, indent=2))
     print(f"written: {out}")
     return result
+
+
+# --------------------------------------------------------------------------- compare
+
+COMPARE_RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)
+COMPARE_SYSTEMS = ("in-process", "monolith", "graph")
+
+
+def _wait_for_http(url: str, timeout_s: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)  # polling interval
+    raise RuntimeError(f"{url} did not come up within {timeout_s:.0f} s")
+
+
+def bench_compare(config_path: str, size: int, steps: int, prior_steps: int, step_duration_s: float,
+                  slo_s: float, port: int, out: Path) -> dict:
+    """Drive the same Poisson scenario at rising rates against each system in turn."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    import ray
+    from ray import serve
+
+    from serve.baselines import Monolith
+    from serve.cli import start_service
+    from serve.graph import resolve_model_paths
+    from serve.loadtest import LoadTest, RequestMix, Scenario
+    from serve.settings import load_config
+
+    config = load_config(config_path)
+    prior_path, decoder_path = resolve_model_paths(config.service.models)
+    body = {"prompt": "a red circle on a blue background", "width": size, "height": size,
+            "steps": steps, "prior_steps": prior_steps, "seed": 1}
+    # The in-process server gets its own port: Ray Serve's proxy keeps `port` after an app is deleted.
+    targets = {"in-process": f"http://127.0.0.1:{port + 1}", "monolith": f"http://127.0.0.1:{port}",
+               "graph": f"http://127.0.0.1:{port}"}
+    graph_cpus = sum(
+        (opts.get("ray_actor_options") or {}).get("num_cpus", 0) * (opts.get("num_replicas") or 1)
+        for opts in config.deployment_options.values()
+    )
+
+    def step(target: str, rate: float, seed: int) -> dict:
+        scenario = Scenario(
+            target=target, mix=[RequestMix(name="text2img", body=body)],
+            arrival={"process": "poisson", "rates": [rate]}, duration_s=step_duration_s,
+            timeout_s=max(60.0, 6 * slo_s), slo_s=slo_s, seed=seed, scrape_metrics=False,
+        )
+        result = asyncio.run(LoadTest(scenario, progress=False).run())
+        summary = vars(result.steps[0]).copy()
+        summary["sustainable"] = (
+            result.lost == 0 and not summary["failed"] and summary["p99_s"] is not None and summary["p99_s"] <= slo_s
+        )
+        print(f"  {rate:>5.2f} req/s: throughput {summary['throughput_rps']:.2f}/s  p50 {summary['p50_s'] or 0:.2f} s"
+              f"  p99 {summary['p99_s'] or 0:.2f} s  failed {summary['failed'] or 0}", flush=True)
+        return summary
+
+    def sweep(target: str) -> list[dict]:
+        points = []
+        for index, rate in enumerate(COMPARE_RATES):
+            points.append(step(target, rate, seed=index))
+            if not points[-1]["sustainable"]:
+                break  # past capacity: higher rates only queue more
+        return points
+
+    results: dict[str, dict] = {}
+    pending_load: dict[str, float] = {}
+
+    def measure(name: str, at_load: float | None) -> None:
+        print(f"{name}:", flush=True)
+        target = targets[name]
+        _wait_for_http(f"{target}/docs")
+        step(target, 0.5, seed=99)  # warm-up, not recorded
+        if at_load is None:
+            points = sweep(target)
+            sustainable = [p for p in points if p["sustainable"]]
+            results[name] = {
+                "points": points,
+                "max_sustainable_rps": max((p["offered"] for p in sustainable), default=0.0),
+                "throughput_at_max_rps": max((p["throughput_rps"] for p in sustainable), default=0.0),
+            }
+        else:
+            results[name]["at_load"] = step(target, at_load, seed=100)
+
+    def with_system(name: str, action) -> None:
+        if name == "in-process":
+            process = subprocess.Popen(
+                [sys.executable, "-m", "serve.baselines", "inprocess", "--port", str(port + 1),
+                 "--prior", str(prior_path), "--decoder", str(decoder_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            try:
+                action(name)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+        elif name == "monolith":
+            if not ray.is_initialized():
+                ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            app = Monolith.options(ray_actor_options={"num_cpus": graph_cpus}).bind(str(prior_path), str(decoder_path))
+            serve.run(app, name="monolith", route_prefix="/")
+            try:
+                action(name)
+            finally:
+                serve.delete("monolith")
+        else:
+            start_service(config, host="127.0.0.1", port=port)
+            try:
+                action(name)
+            finally:
+                serve.delete(config.raw["applications"][0].get("name", "kandinsky"))
+
+    for name in COMPARE_SYSTEMS:
+        with_system(name, lambda n: measure(n, None))
+    at_load = 0.7 * results["monolith"]["max_sustainable_rps"] or 0.5
+    for name in COMPARE_SYSTEMS:
+        with_system(name, lambda n: measure(n, at_load))
+    serve.shutdown()
+
+    graph = results["graph"]
+    report = {
+        "benchmark": "compare", "size": size, "steps": steps, "prior_steps": prior_steps, "slo_s": slo_s,
+        "step_duration_s": step_duration_s, "cpus_per_system": graph_cpus, "load_at_70pct_monolith_rps": at_load,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "systems": results,
+        "throughput_graph_over_monolith": (
+            graph["max_sustainable_rps"] / results["monolith"]["max_sustainable_rps"]
+            if results["monolith"]["max_sustainable_rps"] else None
+        ),
+        "p99_graph_over_monolith_at_load": (
+            graph["at_load"]["p99_s"] / results["monolith"]["at_load"]["p99_s"]
+            if results["monolith"]["at_load"]["p99_s"] else None
+        ),
+        "targets": {"throughput_ratio_min": 1.3, "p99_ratio_max": 1.0},
+    }
+    print(f"\nsame scenario (Poisson, {size}x{size}, prior {prior_steps} + decoder {steps} steps, SLO {slo_s} s, "
+          f"{step_duration_s:.0f} s per rate step); load for p50/p99: {at_load:.2f} req/s = 70% of the monolith's capacity")
+    print(f"{'system':<12}{'max req/s':>11}{'x graph':>9}{'p50 s':>8}{'p99 s':>8}{'p99 x graph':>13}")
+    for name in COMPARE_SYSTEMS:
+        r = results[name]
+        p50, p99 = r["at_load"]["p50_s"], r["at_load"]["p99_s"]
+        ratio = r["max_sustainable_rps"] / graph["max_sustainable_rps"] if graph["max_sustainable_rps"] else float("nan")
+        p99_ratio = p99 / graph["at_load"]["p99_s"] if p99 and graph["at_load"]["p99_s"] else float("nan")
+        print(f"{name:<12}{r['max_sustainable_rps']:>11.2f}{ratio:>9.2f}{p50 or float('nan'):>8.2f}"
+              f"{p99 or float('nan'):>8.2f}{p99_ratio:>13.2f}")
+    print(f"graph / monolith throughput: {report['throughput_graph_over_monolith']}  (goal >= 1.3); "
+          f"graph / monolith p99 at load: {report['p99_graph_over_monolith_at_load']}  (goal <= 1.0)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"written: {out}")
+    return report

@@ -89,6 +89,27 @@ def _cmd_bench_batching(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from serve.loadtest import load_scenario, run_loadtest
+
+    scenario = load_scenario(
+        args.scenario, target=args.target, rate=args.rate, duration_s=args.duration,
+        max_requests=args.requests, timeout_s=args.timeout,
+    )
+    result = run_loadtest(scenario, Path(args.out), progress=not args.no_progress)
+    return 1 if result.lost else 0
+
+
+def _cmd_bench_compare(args: argparse.Namespace) -> int:
+    from serve.bench import bench_compare
+
+    bench_compare(
+        config_path=args.config, size=args.size, steps=args.steps, prior_steps=args.prior_steps,
+        step_duration_s=args.duration, slo_s=args.slo, port=args.port, out=Path(args.out),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_make_tiny)
+
+    loadtest = commands.add_parser("loadtest", help="drive a deployment with a scenario file and report")
+    loadtest.add_argument("scenario", help="scenario YAML (see README: Load testing)")
+    loadtest.add_argument("--target", default=None, help="base URL; overrides the scenario's target")
+    loadtest.add_argument("--rate", type=float, default=None, help="a single open-loop rate step (req/s)")
+    loadtest.add_argument("--duration", type=float, default=None, help="seconds of arrivals per step")
+    loadtest.add_argument("--requests", type=int, default=None, help="at most this many requests per step")
+    loadtest.add_argument("--timeout", type=float, default=None, help="per-request timeout (s)")
+    loadtest.add_argument("--out", default="loadtest-report")
+    loadtest.add_argument("--no-progress", action="store_true")
+    loadtest.set_defaults(func=_cmd_loadtest)
 
     bench = commands.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="kind", required=True)
@@ -123,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     batching.add_argument("--capacity-duration", type=float, default=10.0)
     batching.add_argument("--out", default="bench-results/batching.json")
     batching.set_defaults(func=_cmd_bench_batching)
+    compare = kinds.add_parser("compare", help="the graph against in-process diffusers and a monolith deployment")
+    compare.add_argument("--config", default=DEFAULT_CONFIG)
+    compare.add_argument("--size", type=int, default=64)
+    compare.add_argument("--steps", type=int, default=50)
+    compare.add_argument("--prior-steps", type=int, default=25)
+    compare.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per rate step")
+    compare.add_argument("--slo", type=float, default=5.0, help="p99 latency objective (s)")
+    compare.add_argument("--port", type=int, default=8010)
+    compare.add_argument("--out", default="bench-results/compare.json")
+    compare.set_defaults(func=_cmd_bench_compare)
     return parser
 
 
