@@ -1,9 +1,11 @@
-"""Where a replica's model code runs: one dedicated OS thread per replica.
+"""What every stage replica shares: where its model runs, how calls are counted
+and logged, and (for the two denoising loops) which batching policy serves them.
 
-Torch keeps an intra-op thread team per calling OS thread; running every model
-call on the same thread keeps that team warm (a fresh executor thread per call
-was measured 2-3x slower with 2 threads) and never runs one model from two
-threads at once. The replica's event loop stays free to queue requests.
+Model code runs on one dedicated OS thread per replica. Torch keeps an intra-op
+thread team per calling OS thread; running every model call on the same thread
+keeps that team warm (a fresh executor thread per call was measured 2-3x slower
+with 2 threads) and never runs one model from two threads at once. The replica's
+event loop stays free to queue requests meanwhile.
 """
 
 from __future__ import annotations
