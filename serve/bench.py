@@ -21,7 +21,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_latency(config_path: str, size: int, steps: int, prior_steps: int, rounds: int, out: Path) -> dict:
+def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: int, out: Path) -> dict:
     import httpx
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
@@ -30,7 +30,7 @@ def bench_latency(config_path: str, size: int, steps: int, prior_steps: int, rou
     from serve.graph import resolve_model_paths
     from serve.settings import load_config
 
-    config = load_config(config_path)
+    config = load_config(config)
     prior_path, decoder_path = resolve_model_paths(config.service.models)
     device = config.service.models.device
     denoiser_threads = (config.deployment_options.get("Denoiser", {}).get("user_config") or {}).get("torch_threads")
@@ -209,8 +209,8 @@ async def _open_loop(handle, make_request, rate: float, duration_s: float, seed:
     }
 
 
-def bench_batching(config_path: str, size: int, steps: int, max_batch: int, duration_s: float,
-                   capacity_s: float, out: Path) -> dict:
+def bench_batching(config: str, size: int, steps: int, max_batch: int, duration: float,
+                   capacity_duration: float, out: Path) -> dict:
     import asyncio
 
     import ray
@@ -220,7 +220,8 @@ def bench_batching(config_path: str, size: int, steps: int, max_batch: int, dura
     from serve.graph import resolve_model_paths
     from serve.settings import load_config
 
-    config = load_config(config_path)
+    duration_s, capacity_s = duration, capacity_duration
+    config = load_config(config)
     _, decoder_path = resolve_model_paths(config.service.models)
     if not ray.is_initialized():
         ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
@@ -315,8 +316,8 @@ def _wait_for_http(url: str, timeout_s: float = 180.0) -> None:
     raise RuntimeError(f"{url} did not come up within {timeout_s:.0f} s")
 
 
-def bench_compare(config_path: str, size: int, steps: int, prior_steps: int, step_duration_s: float,
-                  slo_s: float, port: int, out: Path) -> dict:
+def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration: float,
+                  slo: float, port: int, out: Path) -> dict:
     """Drive the same Poisson scenario at rising rates against each system in turn."""
     import asyncio
     import os
@@ -332,7 +333,8 @@ def bench_compare(config_path: str, size: int, steps: int, prior_steps: int, ste
     from serve.loadtest import LoadTest, RequestMix, Scenario
     from serve.settings import load_config
 
-    config = load_config(config_path)
+    step_duration_s, slo_s = duration, slo
+    config = load_config(config)
     prior_path, decoder_path = resolve_model_paths(config.service.models)
     body = {"prompt": "a red circle on a blue background", "width": size, "height": size,
             "steps": steps, "prior_steps": prior_steps, "seed": 1}

@@ -60,33 +60,17 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_latency(args: argparse.Namespace) -> int:
-    from serve.bench import bench_latency
+def _bench(kind: str):
+    """Run ``serve.bench.bench_<kind>`` with the subcommand's options as keyword arguments."""
 
-    bench_latency(
-        config_path=args.config,
-        size=args.size,
-        steps=args.steps,
-        prior_steps=args.prior_steps,
-        rounds=args.rounds,
-        out=Path(args.out),
-    )
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        from serve import bench
 
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "kind", "func")}
+        getattr(bench, f"bench_{kind}")(**{**options, "out": Path(options["out"])})
+        return 0
 
-def _cmd_bench_batching(args: argparse.Namespace) -> int:
-    from serve.bench import bench_batching
-
-    bench_batching(
-        config_path=args.config,
-        size=args.size,
-        steps=args.steps,
-        max_batch=args.max_batch,
-        duration_s=args.duration,
-        capacity_s=args.capacity_duration,
-        out=Path(args.out),
-    )
-    return 0
+    return run
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
@@ -98,16 +82,6 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     )
     result = run_loadtest(scenario, Path(args.out), progress=not args.no_progress)
     return 1 if result.lost else 0
-
-
-def _cmd_bench_compare(args: argparse.Namespace) -> int:
-    from serve.bench import bench_compare
-
-    bench_compare(
-        config_path=args.config, size=args.size, steps=args.steps, prior_steps=args.prior_steps,
-        step_duration_s=args.duration, slo_s=args.slo, port=args.port, out=Path(args.out),
-    )
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--prior-steps", type=int, default=25)
     latency.add_argument("--rounds", type=int, default=10)
     latency.add_argument("--out", default="bench-results/latency.json")
-    latency.set_defaults(func=_cmd_bench_latency)
+    latency.set_defaults(func=_bench("latency"))
     batching = kinds.add_parser("batching", help="step vs request batching under open-loop Poisson load")
     batching.add_argument("--config", default=DEFAULT_CONFIG)
     batching.add_argument("--size", type=int, default=64)
@@ -154,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     batching.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per load point")
     batching.add_argument("--capacity-duration", type=float, default=10.0)
     batching.add_argument("--out", default="bench-results/batching.json")
-    batching.set_defaults(func=_cmd_bench_batching)
+    batching.set_defaults(func=_bench("batching"))
     compare = kinds.add_parser("compare", help="the graph against in-process diffusers and a monolith deployment")
     compare.add_argument("--config", default=DEFAULT_CONFIG)
     compare.add_argument("--size", type=int, default=64)
@@ -164,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--slo", type=float, default=5.0, help="p99 latency objective (s)")
     compare.add_argument("--port", type=int, default=8010)
     compare.add_argument("--out", default="bench-results/compare.json")
-    compare.set_defaults(func=_cmd_bench_compare)
+    compare.set_defaults(func=_bench("compare"))
     return parser
 
 

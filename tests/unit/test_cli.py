@@ -25,3 +25,17 @@ def test_run_refuses_a_missing_checkpoint_before_starting_anything(tmp_path, cap
     path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph:build_app", "args": args}]}))
     assert main(["run", "--config", str(path)]) == 2
     assert f"prior checkpoint directory {tmp_path / 'no-prior'} does not exist" in capsys.readouterr().err
+
+
+def test_every_bench_subcommand_matches_its_function():
+    """The generic bench adapter passes options by name: they must line up."""
+    import inspect
+
+    from serve import bench
+    from serve.cli import build_parser
+
+    parser = build_parser()
+    for kind in ("latency", "batching", "compare"):
+        options = vars(parser.parse_args(["bench", kind]))
+        given = set(options) - {"command", "kind", "func"}
+        assert given == set(inspect.signature(getattr(bench, f"bench_{kind}")).parameters), kind
