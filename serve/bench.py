@@ -13,12 +13,9 @@ import statistics
 import time
 from pathlib import Path
 
+from serve.loadtest import arrival_times, percentile
+
 TARGET_RATIO = 1.15
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: int, out: Path) -> dict:
@@ -82,7 +79,7 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
     rows = {
         name: {
             "p50_ms": statistics.median(values) * 1000,
-            "p90_ms": _percentile(values, 0.9) * 1000,
+            "p90_ms": percentile(values, 0.9) * 1000,
             "min_ms": min(values) * 1000,
             "mean_ms": statistics.fmean(values) * 1000,
         }
@@ -173,11 +170,7 @@ async def _open_loop(handle, make_request, rate: float, duration_s: float, seed:
     import asyncio
     import random
 
-    rng = random.Random(seed)
-    schedule, t = [], rng.expovariate(rate)
-    while t < duration_s:
-        schedule.append(t)
-        t += rng.expovariate(rate)
+    schedule = arrival_times("poisson", rate, duration_s, None, random.Random(seed))
     latencies: list[float] = []
     errors = 0
     start = time.perf_counter() + 0.05
@@ -203,9 +196,9 @@ async def _open_loop(handle, make_request, rate: float, duration_s: float, seed:
         "completed": len(latencies),
         "errors": errors,
         "throughput_rps": len(latencies) / elapsed,
-        "p50_s": _percentile(latencies, 0.5) if latencies else None,
-        "p90_s": _percentile(latencies, 0.9) if latencies else None,
-        "p99_s": _percentile(latencies, 0.99) if latencies else None,
+        "p50_s": percentile(latencies, 0.5),
+        "p90_s": percentile(latencies, 0.9),
+        "p99_s": percentile(latencies, 0.99),
     }
 
 
@@ -370,7 +363,6 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
         return points
 
     results: dict[str, dict] = {}
-    pending_load: dict[str, float] = {}
 
     def measure(name: str, at_load: float | None) -> None:
         print(f"{name}:", flush=True)

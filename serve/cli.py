@@ -112,33 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="kind", required=True)
-    latency = kinds.add_parser("latency", help="single-request latency: diffusers in-process vs the served graph")
-    latency.add_argument("--config", default=DEFAULT_CONFIG)
-    latency.add_argument("--size", type=int, default=64)
-    latency.add_argument("--steps", type=int, default=50)
+
+    def bench_kind(kind: str, help: str) -> argparse.ArgumentParser:
+        """A bench subcommand with the options every benchmark shares."""
+        sub = kinds.add_parser(kind, help=help)
+        sub.add_argument("--config", default=DEFAULT_CONFIG)
+        sub.add_argument("--size", type=int, default=64)
+        sub.add_argument("--steps", type=int, default=50)
+        sub.add_argument("--out", default=f"bench-results/{kind}.json")
+        sub.set_defaults(func=_bench(kind))
+        return sub
+
+    latency = bench_kind("latency", "single-request latency: diffusers in-process vs the served graph")
     latency.add_argument("--prior-steps", type=int, default=25)
     latency.add_argument("--rounds", type=int, default=10)
-    latency.add_argument("--out", default="bench-results/latency.json")
-    latency.set_defaults(func=_bench("latency"))
-    batching = kinds.add_parser("batching", help="step vs request batching under open-loop Poisson load")
-    batching.add_argument("--config", default=DEFAULT_CONFIG)
-    batching.add_argument("--size", type=int, default=64)
-    batching.add_argument("--steps", type=int, default=50)
+    batching = bench_kind("batching", "step vs request batching under open-loop Poisson load")
     batching.add_argument("--max-batch", type=int, default=8)
     batching.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per load point")
     batching.add_argument("--capacity-duration", type=float, default=10.0)
-    batching.add_argument("--out", default="bench-results/batching.json")
-    batching.set_defaults(func=_bench("batching"))
-    compare = kinds.add_parser("compare", help="the graph against in-process diffusers and a monolith deployment")
-    compare.add_argument("--config", default=DEFAULT_CONFIG)
-    compare.add_argument("--size", type=int, default=64)
-    compare.add_argument("--steps", type=int, default=50)
+    compare = bench_kind("compare", "the graph against in-process diffusers and a monolith deployment")
     compare.add_argument("--prior-steps", type=int, default=25)
     compare.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per rate step")
     compare.add_argument("--slo", type=float, default=5.0, help="p99 latency objective (s)")
     compare.add_argument("--port", type=int, default=8010)
-    compare.add_argument("--out", default="bench-results/compare.json")
-    compare.set_defaults(func=_bench("compare"))
     return parser
 
 

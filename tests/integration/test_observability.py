@@ -157,6 +157,12 @@ def test_every_metric_on_the_dashboard_and_in_the_alerts_is_exported(client):
 
     gpu_only = {GPU_ALLOCATED.exported_name, GPU_RESERVED.exported_name}  # exported on CUDA replicas only
     wanted = {family(name) for name in referenced_metrics()} - gpu_only
-    # Every stage has served traffic by now in this session; poll until Ray has exported it all.
+    # Make every referenced series exist whatever ran before: a success, a rejection, a stage error.
+    assert client.post("/v1/text2img", json={"prompt": "a dot", "width": 64, "height": 64, "steps": 2, "prior_steps": 2}).status_code == 200
+    assert client.post("/v1/text2img", json={"prompt": "x", "width": 100}).status_code == 422
+    denoiser = serve.get_deployment_handle("Denoiser", app_name=APP_NAME)
+    with pytest.raises(Exception):
+        bad = ImageEmbeddings(np.zeros((1, 7), "float32"), np.zeros((1, 7), "float32"), [0])
+        denoiser.generate.remote(bad, DenoiseParams(64, 64, 2, 4.0)).result(timeout_s=60)
     text = _poll(client, lambda t: wanted <= family_names(t), "every referenced metric to be exported")
     assert wanted <= family_names(text)

@@ -113,8 +113,7 @@ def test_reports_exist_and_parse(tmp_path):
     assert len(records) == sum(s.sent for s in result.steps)
     summary = json.loads(paths["summary_json"].read_text())
     assert summary["lost"] == 0 and len(summary["steps"]) == 2
-    ok = [s for s in summary["steps"]]
-    assert all(s["images_per_s"] == pytest.approx(2 * s["throughput_rps"]) for s in ok)
+    assert all(s["images_per_s"] == pytest.approx(2 * s["throughput_rps"]) for s in summary["steps"])
     assert "| offered req/s |" in paths["summary_md"].read_text()
     for name in ("latency_cdf", "latency_over_time", "load_curve"):
         with Image.open(paths[name]) as image:
