@@ -18,7 +18,7 @@ from ray import serve
 
 from deployments.batching import StepObserver, group_by, run_until_done
 from deployments.loading import DECODER_LAYOUT, CheckpointError, check_layout, load_pretrained, torch_dtype
-from deployments.messages import DenoiseParams, ImageEmbeddings, Latents, StageTiming
+from deployments.messages import DenoiseParams, ImageEmbeddings, ImageLatents, Latents, StageTiming
 from deployments.runtime import LoopReplica
 
 STAGE = "denoiser"
@@ -34,6 +34,22 @@ def latent_size(height: int, width: int, scale_factor: int) -> tuple[int, int]:
     return side(height), side(width)
 
 
+# Decoder schedulers that work with Kandinsky's U-Net and its pipelines' step loop (no
+# input scaling, init_noise_sigma 1): API name -> (diffusers class, config overrides).
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+VARIANTS = ("text2img", "inpaint", "controlnet")
+
+
+def strength_start(num_steps: int, strength: float) -> int:
+    """Index of the first timestep an image-to-image run executes, by the pipelines' rule."""
+    return max(num_steps - min(int(num_steps * strength), num_steps), 0)
+
+
 @dataclass
 class DenoiseState:
     """One image's decoder denoising."""
@@ -45,14 +61,25 @@ class DenoiseState:
     generator: torch.Generator
     latents: torch.Tensor  # (1, C, h, w)
     index: int = 0
+    start_index: int = 0
+    """Image-to-image starts part-way through the schedule."""
+    step_takes_generator: bool = True
+    conditioning: torch.Tensor | None = None
+    """Inpainting: masked-image latents and keep-mask, (1, C + 1, h, w), appended to every U-Net input."""
+    hint: torch.Tensor | None = None
+    """ControlNet: the (1, 3, H, W) hint in [0, 1]."""
+    image_latents: torch.Tensor | None = None
+    keep_mask: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    """Inpainting: the kept region is re-imposed from these after every step."""
 
     @property
     def total_steps(self) -> int:
-        return len(self.scheduler.timesteps)
+        return len(self.scheduler.timesteps) - self.start_index
 
     @property
     def finished(self) -> bool:
-        return self.index >= self.total_steps
+        return self.index >= len(self.scheduler.timesteps)
 
     @property
     def bucket(self) -> tuple[int, ...]:
@@ -67,17 +94,23 @@ class DenoiseState:
 
 
 class DenoiserModel:
-    """The decoder U-Net's math, without Ray."""
+    """The decoder U-Net's math, without Ray: text-to-image and image-to-image, inpainting
+    or ControlNet, by the checkpoint's U-Net."""
 
-    def __init__(self, unet, scheduler, movq_scale_factor: int, device: str = "cpu") -> None:
+    def __init__(self, unet, scheduler, movq_scale_factor: int, latent_channels: int = 4, device: str = "cpu") -> None:
         self.unet = unet
-        self.scheduler_class = type(scheduler)
         self.scheduler_config = scheduler.config
         self.movq_scale_factor = movq_scale_factor
         self.device = device
         self.dtype = unet.dtype
-        self.latent_channels = unet.config.in_channels
-        self.learned_variance = getattr(scheduler.config, "variance_type", None) in LEARNED_VARIANCE
+        self.latent_channels = latent_channels
+        if unet.config.addition_embed_type == "image_hint":
+            self.variant = "controlnet"
+        elif unet.config.in_channels == 2 * latent_channels + 1:
+            self.variant = "inpaint"
+        else:
+            self.variant = "text2img"
+        self._schedulers: dict[str, tuple[type, dict, bool]] = {}
 
     @classmethod
     def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "DenoiserModel":
@@ -95,52 +128,120 @@ class DenoiserModel:
                 "which is not a diffusers scheduler"
             )
         scheduler = load_pretrained(scheduler_class, root, "scheduler")
-        # Only the MOVQ's config is needed here (its scale factor), not its weights.
+        # Only the MOVQ's config is needed here (scale factor, latent channels), not its weights.
         movq_config = json.loads((root / "movq" / "config.json").read_text())
-        return cls(unet, scheduler, 2 ** (len(movq_config["block_out_channels"]) - 1), device)
+        scale = 2 ** (len(movq_config["block_out_channels"]) - 1)
+        return cls(unet, scheduler, scale, int(movq_config.get("latent_channels", 4)), device)
 
-    def start(self, image_embed: np.ndarray, negative_embed: np.ndarray, params: DenoiseParams, seed: int) -> DenoiseState:
+    def make_scheduler(self, name: str):
+        """A fresh scheduler of the named kind, from the checkpoint's scheduler config."""
+        if name not in self._schedulers:
+            import inspect
+
+            import diffusers
+
+            if name not in SCHEDULERS:
+                raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+            class_name, overrides = SCHEDULERS[name]
+            scheduler_class = getattr(diffusers, class_name)
+            takes_generator = "generator" in inspect.signature(scheduler_class.step).parameters
+            self._schedulers[name] = (scheduler_class, overrides, takes_generator)
+        scheduler_class, overrides, takes_generator = self._schedulers[name]
+        return scheduler_class.from_config(self.scheduler_config, **overrides), takes_generator
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        # A copy: arrays that come through Ray's object store are read-only.
+        return torch.tensor(array).to(self.device, self.dtype)
+
+    def _check_inputs(self, params: DenoiseParams, init: ImageLatents | None, hint: np.ndarray | None) -> None:
+        if self.variant == "inpaint" and (init is None or init.keep_mask is None):
+            raise ValueError("the inpainting decoder needs an image and a mask")
+        if self.variant == "controlnet" and hint is None:
+            raise ValueError("the ControlNet decoder needs a hint")
+        if self.variant != "controlnet" and hint is not None:
+            raise ValueError("a hint needs the ControlNet decoder")
+        if self.variant != "inpaint" and init is not None and params.strength is None:
+            raise ValueError("an input image needs a strength")
+
+    def start(
+        self,
+        image_embed: np.ndarray,
+        negative_embed: np.ndarray,
+        params: DenoiseParams,
+        seed: int,
+        init: ImageLatents | None = None,
+        hint: np.ndarray | None = None,
+    ) -> DenoiseState:
+        """Set up one image, drawing from its generator in the reference pipeline's order."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        self._check_inputs(params, init, hint)
+        scheduler, takes_generator = self.make_scheduler(params.scheduler)
         scheduler.set_timesteps(params.num_steps, device=self.device)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        height, width = latent_size(params.height, params.width, self.movq_scale_factor)
-        shape = (1, self.latent_channels, height, width)
-        latents = randn_tensor(shape, generator=generator, device=torch.device(self.device), dtype=self.dtype)
-
-        def row(array: np.ndarray) -> torch.Tensor:
-            # A copy: arrays that come through Ray's object store are read-only.
-            return torch.tensor(array[None]).to(self.device, self.dtype)
-
+        device = torch.device(self.device)
         guided = params.guidance_scale > 1
-        return DenoiseState(
-            image_embeds=row(image_embed),
-            negative_image_embeds=row(negative_embed) if guided else None,
+        state = DenoiseState(
+            image_embeds=self._tensor(image_embed[None]),
+            negative_image_embeds=self._tensor(negative_embed[None]) if guided else None,
             guidance_scale=params.guidance_scale,
             scheduler=scheduler,
             generator=generator,
-            latents=latents * scheduler.init_noise_sigma,
+            latents=None,  # type: ignore[arg-type]
+            step_takes_generator=takes_generator,
         )
+        if init is not None and self.variant != "inpaint":
+            # Image-to-image: the input's latents, noised to the first timestep the strength keeps.
+            image_latents = self._tensor(init.latents)
+            state.start_index = state.index = strength_start(params.num_steps, params.strength)
+            noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=self.dtype)
+            first = scheduler.timesteps[state.start_index : state.start_index + 1]
+            state.latents = scheduler.add_noise(image_latents, noise, first)
+        else:
+            height, width = latent_size(params.height, params.width, self.movq_scale_factor)
+            shape = (1, self.latent_channels, height, width)
+            state.latents = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype) * scheduler.init_noise_sigma
+        if self.variant == "inpaint":
+            state.image_latents = self._tensor(init.latents)
+            state.keep_mask = self._tensor(init.keep_mask)
+            state.noise = state.latents.clone()
+            state.conditioning = torch.cat([state.image_latents * state.keep_mask, state.keep_mask], dim=1)
+        if hint is not None:
+            state.hint = self._hint(hint, params)
+        return state
+
+    def _hint(self, hint: np.ndarray, params: DenoiseParams) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, 3, H, W) in [0, 1], as diffusers' ``make_hint``, at the output size."""
+        if hint.shape[:2] != (params.height, params.width):
+            from PIL import Image
+
+            hint = np.asarray(Image.fromarray(hint).resize((params.width, params.height), resample=Image.BICUBIC))
+        return self._tensor(hint.astype(np.float32)[None] / 255.0).permute(0, 3, 1, 2)
 
     @torch.inference_mode()
     def step(self, states: list[DenoiseState]) -> None:
         """One U-Net forward over every state (all must share a latent size), then each state's scheduler step."""
-        samples, timesteps, embeds = [], [], []
+        samples, timesteps, embeds, hints = [], [], [], []
         for state in states:
             t = state.scheduler.timesteps[state.index]
+            sample = state.latents if state.conditioning is None else torch.cat([state.latents, state.conditioning], dim=1)
             conditions = [state.image_embeds]
             if state.negative_image_embeds is not None:
                 conditions.insert(0, state.negative_image_embeds)
             for condition in conditions:
-                samples.append(state.latents)
+                samples.append(sample)
                 timesteps.append(t.reshape(1))
                 embeds.append(condition)
+                if state.hint is not None:
+                    hints.append(state.hint)
+        added = {"image_embeds": torch.cat(embeds)}
+        if hints:
+            added["hint"] = torch.cat(hints)
         output = self.unet(
             sample=torch.cat(samples),
             timestep=torch.cat(timesteps),
             encoder_hidden_states=None,
-            added_cond_kwargs={"image_embeds": torch.cat(embeds)},
+            added_cond_kwargs=added,
             return_dict=False,
         )[0]
         channels, offset = self.latent_channels, 0
@@ -155,39 +256,85 @@ class DenoiserModel:
             else:
                 prediction = output[offset : offset + 1]
                 offset += 1
-            if not self.learned_variance:
+            if getattr(state.scheduler.config, "variance_type", None) not in LEARNED_VARIANCE:
                 prediction = prediction[:, :channels]
-            t = state.scheduler.timesteps[state.index]
-            state.latents = state.scheduler.step(prediction, t, state.latents, generator=state.generator)[0]
+            timesteps_all = state.scheduler.timesteps
+            t = timesteps_all[state.index]
+            kwargs = {"generator": state.generator} if state.step_takes_generator else {}
+            state.latents = state.scheduler.step(prediction, t, state.latents, **kwargs)[0]
+            if state.keep_mask is not None:
+                # As the inpainting pipeline: re-impose the kept region, noised to the next timestep.
+                proper = state.image_latents
+                if state.index < len(timesteps_all) - 1:
+                    proper = state.scheduler.add_noise(proper, state.noise, timesteps_all[state.index + 1].reshape(1))
+                state.latents = state.keep_mask * proper + (1 - state.keep_mask) * state.latents
             state.index += 1
 
-    def start_all(self, embeddings: ImageEmbeddings, params: DenoiseParams) -> list[DenoiseState]:
+    def start_all(
+        self, embeddings: ImageEmbeddings, params: DenoiseParams, init: ImageLatents | None = None, hint: np.ndarray | None = None
+    ) -> list[DenoiseState]:
         rows = zip(embeddings.image_embeds, embeddings.negative_image_embeds, embeddings.seeds, strict=True)
-        return [self.start(embed, negative, params, seed) for embed, negative, seed in rows]
+        return [self.start(embed, negative, params, seed, init, hint) for embed, negative, seed in rows]
 
     @staticmethod
     def finish_all(states: list[DenoiseState]) -> np.ndarray:
         """One request's final latents, (N, C, h, w)."""
-        return torch.cat([state.latents for state in states]).float().cpu().numpy()
+        finals = []
+        for state in states:
+            latents = state.latents
+            if state.keep_mask is not None:
+                latents = state.keep_mask * state.image_latents + (1 - state.keep_mask) * latents
+            finals.append(latents)
+        return torch.cat(finals).float().cpu().numpy()
 
-    def generate(self, jobs: list[tuple[ImageEmbeddings, DenoiseParams]], observer: StepObserver | None = None) -> list[np.ndarray]:
-        """Request batching: denoise whole jobs to the end; one latent size per forward pass."""
-        states = [self.start_all(embeddings, params) for embeddings, params in jobs]
+    def generate(self, jobs: list[tuple], observer: StepObserver | None = None) -> list[np.ndarray]:
+        """Request batching: denoise whole jobs ``(embeddings, params, init, hint)`` to the end;
+        one latent size per forward pass."""
+        states = [self.start_all(*job) for job in jobs]
         flat = [state for job in states for state in job]
         for _, group in group_by(flat, key=lambda state: state.bucket):
             run_until_done(group, self.step, observer)
         return [self.finish_all(job) for job in states]
 
 
-@serve.deployment(name="Denoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
-class Denoiser(LoopReplica):
-    """The U-Net's denoising loop, shared by many requests (step or request batching)."""
+class DenoiserReplica(LoopReplica):
+    """The U-Net's denoising loop, shared by many requests (step or request batching).
+
+    One deployment per decoder variant: each variant's requests batch only with each other.
+    """
+
+    stage = STAGE
 
     def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.setup(STAGE, device, lambda: DenoiserModel.from_pretrained(decoder_path, device, dtype))
+        self.setup(self.stage, device, lambda: DenoiserModel.from_pretrained(decoder_path, device, dtype))
 
-    async def generate(self, embeddings: ImageEmbeddings, params: DenoiseParams) -> Latents:
-        return await self.run_request(embeddings, params)
+    async def generate(
+        self, embeddings: ImageEmbeddings, params: DenoiseParams, init: ImageLatents | None = None, hint: np.ndarray | None = None
+    ) -> Latents:
+        return await self.run_request(embeddings, params, init, hint)
 
-    def make_output(self, embeddings: ImageEmbeddings, params: DenoiseParams, latents, timing: StageTiming) -> Latents:
-        return Latents(latents, embeddings.seeds, {**embeddings.timings, STAGE: timing})
+    def make_output(self, inputs: tuple, latents, timing: StageTiming) -> Latents:
+        embeddings, _, init, _ = inputs
+        upstream = {**embeddings.timings, **(init.timings if init is not None else {})}
+        return Latents(latents, embeddings.seeds, {**upstream, self.stage: timing})
+
+
+@serve.deployment(name="Denoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+class Denoiser(DenoiserReplica):
+    """Text-to-image and image-to-image (``kandinsky-2-2-decoder``)."""
+
+    stage = "denoiser"
+
+
+@serve.deployment(name="InpaintDenoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+class InpaintDenoiser(DenoiserReplica):
+    """Inpainting (``kandinsky-2-2-decoder-inpaint``)."""
+
+    stage = "denoiser_inpaint"
+
+
+@serve.deployment(name="ControlnetDenoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+class ControlnetDenoiser(DenoiserReplica):
+    """ControlNet depth, with or without an input image (``kandinsky-2-2-controlnet-depth``)."""
+
+    stage = "denoiser_controlnet"

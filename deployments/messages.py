@@ -7,6 +7,7 @@ float32 on the wire, whatever dtype a stage computes in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -34,16 +35,41 @@ class TextEmbeddings:
     timings: Timings = field(default_factory=dict)
 
 
+@dataclass
+class ClipImageEmbeddings:
+    """CLIP image embeddings of input images (the image encoder's output), one row each."""
+
+    image_embeds: np.ndarray  # (n, D)
+    timings: Timings = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MixTerm:
+    """One item of an image mix: a text (a prior run) or an input image's CLIP embedding."""
+
+    source: Literal["text", "image"]
+    index: int
+    """Row in the text embeddings (a text) or in the image embeddings (an image)."""
+    weight: float
+
+
 @dataclass(frozen=True)
 class PriorParams:
-    """How the prior should turn one prompt into one image embedding per seed."""
+    """How the prior should turn one prompt into one image embedding per seed.
+
+    Text rows: ``[prompt, negative prompt or ""]``; for a mix, ``[item texts..., "", negative?]``.
+    """
 
     seeds: tuple[int, ...]
     num_steps: int
     guidance_scale: float
     has_negative: bool
-    """True when row 1 of the text embeddings is a user negative prompt (not "")."""
+    """True when the text embeddings include a user negative prompt (row 1; for a mix, the last row)."""
     request_id: str = ""
+    strength: float | None = None
+    """Variations: start from the input image's embedding re-noised this much (emb2emb)."""
+    mix: tuple[MixTerm, ...] = ()
+    """Mixing: the weighted sum of these terms, texts run in order with one generator per seed."""
 
 
 @dataclass
@@ -65,6 +91,41 @@ class DenoiseParams:
     num_steps: int
     guidance_scale: float
     request_id: str = ""
+    scheduler: str = "ddpm"
+    """One of ``deployments.denoiser.SCHEDULERS``."""
+    strength: float | None = None
+    """Image-to-image: start from the input image's latents noised to this fraction of the schedule."""
+
+
+@dataclass(frozen=True)
+class InitImage:
+    """An input image for the MOVQ encoder, as decoded pixels (RGB uint8)."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    width: int
+    height: int
+    """The size the image is resized to (the output size)."""
+    mask: np.ndarray | None = None
+    """Inpainting: (H, W) uint8, white (>= 128 after resizing) = repaint, black = keep."""
+    request_id: str = ""
+
+
+@dataclass
+class ImageLatents:
+    """An input image in MOVQ latent space (and, for inpainting, the keep-mask there)."""
+
+    latents: np.ndarray  # (1, C, h, w)
+    keep_mask: np.ndarray | None = None  # (1, 1, h, w): 1 keep, 0 repaint
+    timings: Timings = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Inpainting with ``mask_blur``: feather the output into the original in pixel space."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8 original
+    mask: np.ndarray  # (H, W) uint8, white = repaint
+    blur_radius: float
 
 
 @dataclass
@@ -80,6 +141,7 @@ class Latents:
 class DecodeParams:
     output_format: str  # "png" | "jpeg" | "webp"
     request_id: str = ""
+    composite: Composite | None = None
 
 
 @dataclass

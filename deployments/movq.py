@@ -8,27 +8,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from ray import serve
 
 from deployments.batching import Queued, group_by
 from deployments.loading import DECODER_LAYOUT, check_layout, load_pretrained, torch_dtype
-from deployments.messages import DecodeParams, EncodedImages, Latents, StageTiming
+from deployments.messages import Composite, DecodeParams, EncodedImages, ImageLatents, InitImage, Latents, StageTiming
 from deployments.runtime import StageReplica
 
 STAGE = "movq"
+STAGE_ENCODE = "movq_encode"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 JPEG_QUALITY = 95
 WEBP_QUALITY = 95
 
 
 class MovqModel:
-    """Latents -> uint8 RGB pixels, as the reference pipeline's ``output_type="pil"``."""
+    """Latents -> uint8 RGB pixels, as the reference pipeline's ``output_type="pil"``; and input
+    images -> latents, as the image-to-image and inpainting pipelines prepare them."""
 
     def __init__(self, movq, device: str = "cpu") -> None:
+        from diffusers.image_processor import VaeImageProcessor
+
         self.movq = movq
         self.device = device
         self.dtype = movq.dtype
+        # The image-to-image pipelines' own preprocessor (bicubic, reducing_gap=1, to [-1, 1]).
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=2 ** (len(movq.config.block_out_channels) - 1),
+            vae_latent_channels=movq.config.latent_channels,
+            resample="bicubic",
+            reducing_gap=1,
+        )
 
     @classmethod
     def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "MovqModel":
@@ -46,6 +57,39 @@ class MovqModel:
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (image * 255).round().astype("uint8")
 
+    def prepare(self, image: InitImage) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Resize and normalise one input image (and mask) exactly as the reference pipelines do.
+
+        Returns the (1, 3, H, W) image in [-1, 1] and, for inpainting, the (1, 1, H, W) keep-mask.
+        """
+        pil = Image.fromarray(image.pixels)
+        if image.mask is None:
+            return self.image_processor.preprocess(pil, height=image.height, width=image.width), None
+        from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask_and_masked_image
+
+        keep, pixels = prepare_mask_and_masked_image(pil, Image.fromarray(image.mask), image.height, image.width)
+        return pixels, keep
+
+    @torch.inference_mode()
+    def encode(self, images: list[InitImage]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Input images -> (latents (1, C, h, w), keep-mask in latent space or None), one
+        encoder forward per image size."""
+        from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask
+
+        prepared = [self.prepare(image) for image in images]
+        results: list[tuple[np.ndarray, np.ndarray | None]] = [None] * len(images)  # type: ignore[list-item]
+        for _, group in group_by(range(len(images)), key=lambda i: tuple(prepared[i][0].shape)):
+            pixels = torch.cat([prepared[i][0] for i in group]).to(self.device, self.dtype)
+            latents = self.movq.encode(pixels)["latents"]
+            for row, i in enumerate(group):
+                keep = prepared[i][1]
+                if keep is not None:
+                    # As the inpainting pipeline: nearest-resize to the latents, then shrink the kept region.
+                    keep = torch.nn.functional.interpolate(keep.to(self.device, self.dtype), latents.shape[-2:], mode="nearest")
+                    keep = prepare_mask(keep).float().cpu().numpy()
+                results[i] = (latents[row : row + 1].float().cpu().numpy(), keep)
+        return results
+
     def decode_many(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Decode several requests' latents, one forward per latent size."""
         rows = [(index, row) for index, array in enumerate(arrays) for row in array]
@@ -55,6 +99,17 @@ class MovqModel:
             for (index, _), image in zip(group, images):
                 decoded[index].append(image)
         return [np.stack(decoded[index]) for index in range(len(arrays))]
+
+
+def feather(generated: np.ndarray, composite: Composite) -> np.ndarray:
+    """Blend ``generated`` into the original through the repaint mask, blurred by ``blur_radius`` pixels."""
+    height, width = generated.shape[:2]
+    original = Image.fromarray(composite.pixels).resize((width, height), resample=Image.BICUBIC, reducing_gap=1)
+    mask = Image.fromarray(composite.mask).resize((width, height), resample=Image.LANCZOS).convert("L")
+    binary = mask.point(lambda value: 255 if value >= 128 else 0)
+    soft = np.asarray(binary.filter(ImageFilter.GaussianBlur(composite.blur_radius)), dtype=np.float32)[..., None] / 255.0
+    blended = np.asarray(original, dtype=np.float32) * (1.0 - soft) + generated.astype(np.float32) * soft
+    return blended.round().clip(0, 255).astype("uint8")
 
 
 def encode_image(pixels: np.ndarray, output_format: str) -> bytes:
@@ -74,13 +129,30 @@ def encode_image(pixels: np.ndarray, output_format: str) -> bytes:
 
 @serve.deployment(name="MovqDecoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class MovqDecoder(StageReplica):
-    """Batches requests' latents into shared MOVQ decode passes and encodes the images."""
+    """Batches requests' latents into shared MOVQ decode passes and encodes the images;
+    batches input images into shared MOVQ encode passes."""
+
+    batch_methods = ("_run_batch", "_run_encode_batch")
 
     def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
         self.setup(STAGE, device, lambda: MovqModel.from_pretrained(decoder_path, device, dtype))
 
     async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
         return await self.serve_call(self._run_batch(Queued((latents, params))), params.request_id)
+
+    async def encode(self, image: InitImage) -> ImageLatents:
+        """An input image (image-to-image, inpainting, ControlNet image-to-image) -> latents."""
+        return await self.serve_call(self._run_encode_batch(Queued(image)), image.request_id, STAGE_ENCODE)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _run_encode_batch(self, calls: list[Queued[InitImage]]) -> list[ImageLatents]:
+        started = time.perf_counter()
+        encoded = await self.thread.run(self.model.encode, [call.payload for call in calls])
+        compute_ms = self.record_batch(calls, started)
+        return [
+            ImageLatents(latents, keep, {STAGE_ENCODE: StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))})
+            for call, (latents, keep) in zip(calls, encoded)
+        ]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run_batch(self, calls: list[Queued[tuple[Latents, DecodeParams]]]) -> list[EncodedImages]:
@@ -89,7 +161,10 @@ class MovqDecoder(StageReplica):
         def work() -> list[list[bytes]]:
             pixels = self.model.decode_many([latents.latents for latents, _ in (c.payload for c in calls)])
             return [
-                [encode_image(image, params.output_format) for image in images]
+                [
+                    encode_image(image if params.composite is None else feather(image, params.composite), params.output_format)
+                    for image in images
+                ]
                 for images, (_, params) in zip(pixels, (c.payload for c in calls))
             ]
 

@@ -8,7 +8,7 @@ what else shares the forward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +17,36 @@ from ray import serve
 
 from deployments.batching import StepObserver, run_until_done
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
-from deployments.messages import ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
+from deployments.messages import ClipImageEmbeddings, ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
 from deployments.runtime import LoopReplica
 
 STAGE = "prior"
 
 
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # embeds, hidden states, mask
+
+
 @dataclass
 class PriorState:
-    """One image's prior denoising: ``k`` latent rows (2 when a negative prompt is embedded too)."""
+    """One prior run for one image: ``k`` latent rows (2 when a negative prompt is embedded too)."""
 
-    cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # embeds, hidden states, mask; k rows
-    uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # same, only with guidance
+    cond: Rows  # k rows
+    uncond: Rows | None  # same, only with guidance
     guidance_scale: float
     scheduler: object
     generator: torch.Generator
     latents: torch.Tensor  # (k, D)
     index: int = 0
+    start_index: int = 0
+    """Variations (emb2emb) start part-way through the schedule."""
 
     @property
     def total_steps(self) -> int:
-        return len(self.scheduler.timesteps)
+        return len(self.scheduler.timesteps) - self.start_index
 
     @property
     def finished(self) -> bool:
-        return self.index >= self.total_steps
+        return self.index >= len(self.scheduler.timesteps)
 
     bucket = None  # every prior state has the same row shape: one bucket serves all
 
@@ -49,6 +54,38 @@ class PriorState:
     def cost(self) -> int:
         """Rows this state adds to a forward pass."""
         return len(self.latents) * (2 if self.uncond is not None else 1)
+
+
+@dataclass
+class MixState:
+    """One image of a mix: its text items' prior runs, then the negative prompt's, one after
+    another on one generator — as ``KandinskyV22PriorPipeline.interpolate`` draws them.
+
+    To the loop it is a single long state; :meth:`PriorModel.step` steps its current run and
+    starts the next one when it ends.
+    """
+
+    text: TextEmbeddings
+    params: PriorParams
+    image_embeds: np.ndarray | None
+    generator: torch.Generator
+    runs: list[tuple[list[int], list[int]]]  # (cond rows, uncond rows), in order
+    current: PriorState | None = None
+    outputs: list[torch.Tensor] = field(default_factory=list)  # each finished run's embedding, (1, D)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.runs) * self.params.num_steps
+
+    @property
+    def finished(self) -> bool:
+        return self.current is None
+
+    bucket = None
+
+    @property
+    def cost(self) -> int:
+        return 2 if self.params.guidance_scale > 1 else 1
 
 
 class PriorModel:
@@ -84,40 +121,94 @@ class PriorModel:
         # A copy: arrays that come through Ray's object store are read-only.
         return torch.tensor(array[index]).to(self.device)
 
-    def start(self, text: TextEmbeddings, params: PriorParams, seed: int) -> PriorState:
-        """Set up one image. Row 0 of ``text`` is the prompt, row 1 the negative prompt or ""."""
-        from diffusers.utils.torch_utils import randn_tensor
+    def _pick(self, text: TextEmbeddings, rows: list[int]) -> Rows:
+        return (
+            self._rows(text.text_embeds, rows).to(self.dtype),
+            self._rows(text.hidden_states, rows).to(self.dtype),
+            self._rows(text.attention_mask, rows),
+        )
 
-        # As in the reference: a negative prompt is itself denoised (guided against
-        # itself) and becomes the negative image embedding; "" is only the unconditional text.
-        cond_rows = [0, 1] if params.has_negative else [0]
-        uncond_rows = [1, 1] if params.has_negative else [1]
-        def pick(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return (
-                self._rows(text.text_embeds, rows).to(self.dtype),
-                self._rows(text.hidden_states, rows).to(self.dtype),
-                self._rows(text.attention_mask, rows),
-            )
+    def _run(
+        self,
+        text: TextEmbeddings,
+        cond_rows: list[int],
+        uncond_rows: list[int],
+        params: PriorParams,
+        generator: torch.Generator,
+        init_embed: torch.Tensor | None = None,
+    ) -> PriorState:
+        """One prior run, drawing its initial noise from ``generator`` (as the pipelines do)."""
+        from diffusers.utils.torch_utils import randn_tensor
 
         scheduler = self.scheduler_class.from_config(self.scheduler_config)
         scheduler.set_timesteps(params.num_steps, device=self.device)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         shape = (len(cond_rows), self.prior.config.embedding_dim)
-        latents = randn_tensor(shape, generator=generator, device=torch.device(self.device), dtype=self.dtype)
+        noise = randn_tensor(shape, generator=generator, device=torch.device(self.device), dtype=self.dtype)
+        start_index = 0
+        if init_embed is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            # Emb2emb: the image's embedding, re-noised to the first timestep the strength keeps.
+            from deployments.denoiser import strength_start
+
+            start_index = strength_start(params.num_steps, params.strength)
+            first = scheduler.timesteps[start_index : start_index + 1].repeat(len(cond_rows))
+            latents = scheduler.add_noise(torch.cat([init_embed] * len(cond_rows)), noise, first)
         return PriorState(
-            cond=pick(cond_rows),
-            uncond=pick(uncond_rows) if params.guidance_scale > 1 else None,
+            cond=self._pick(text, cond_rows),
+            uncond=self._pick(text, uncond_rows) if params.guidance_scale > 1 else None,
             guidance_scale=params.guidance_scale,
             scheduler=scheduler,
             generator=generator,
-            latents=latents * scheduler.init_noise_sigma,
+            latents=latents,
+            index=start_index,
+            start_index=start_index,
         )
 
+    def start(self, text: TextEmbeddings, params: PriorParams, seed: int, images: ClipImageEmbeddings | None = None):
+        """Set up one image: a :class:`PriorState`, or a :class:`MixState` for a mix."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        if params.mix:
+            return self._start_mix(text, params, generator, images)
+        # Rows: 0 the prompt, 1 the negative prompt or "". As in the reference, a negative
+        # prompt is itself denoised (guided against itself) and becomes the negative image
+        # embedding; "" is only the unconditional text.
+        cond_rows = [0, 1] if params.has_negative else [0]
+        uncond_rows = [1, 1] if params.has_negative else [1]
+        init = None
+        if params.strength is not None:
+            if images is None:
+                raise ValueError("variations need the input image's embedding")
+            init = torch.tensor(images.image_embeds[:1]).to(self.device, self.dtype)
+        return self._run(text, cond_rows, uncond_rows, params, generator, init)
+
+    def _start_mix(self, text: TextEmbeddings, params: PriorParams, generator, images) -> MixState:
+        texts = [term.index for term in params.mix if term.source == "text"]
+        uncond = len(texts)  # rows: the item texts, then "", then the negative prompt if any
+        runs = [([row], [uncond]) for row in texts]
+        if params.has_negative:
+            runs.append(([uncond + 1], [uncond]))
+        state = MixState(text, params, None if images is None else images.image_embeds, generator, runs)
+        self._advance(state)
+        return state
+
+    def _advance(self, mix: MixState) -> None:
+        """Record the finished run (if any) and start the next one on the same generator."""
+        if mix.current is not None:
+            mix.outputs.append(self.prior.post_process_latents(mix.current.latents))
+        done = len(mix.outputs)
+        if done < len(mix.runs):
+            cond, uncond = mix.runs[done]
+            mix.current = self._run(mix.text, cond, uncond, mix.params, mix.generator)
+        else:
+            mix.current = None
+
     @torch.inference_mode()
-    def step(self, states: list[PriorState]) -> None:
+    def step(self, states: list) -> None:
         """One prior forward over every state's rows, then each state's own scheduler step."""
+        runs = [state.current if isinstance(state, MixState) else state for state in states]
         parts: list[tuple[torch.Tensor, ...]] = []
-        for state in states:
+        for state in runs:
             t = state.scheduler.timesteps[state.index]
             for embeds, hidden, mask in ([state.uncond] if state.uncond is not None else []) + [state.cond]:
                 parts.append((state.latents, t.expand(len(embeds)), embeds, hidden, mask))
@@ -126,7 +217,7 @@ class PriorModel:
             latents, timestep=timesteps, proj_embedding=embeds, encoder_hidden_states=hidden, attention_mask=mask
         ).predicted_image_embedding
         offset = 0
-        for state in states:
+        for state in runs:
             k = len(state.latents)
             if state.uncond is not None:
                 uncond, cond = predicted[offset : offset + k], predicted[offset + k : offset + 2 * k]
@@ -142,25 +233,44 @@ class PriorModel:
                 prediction, timestep=t, sample=state.latents, generator=state.generator, prev_timestep=prev_t
             ).prev_sample
             state.index += 1
+        for state in states:
+            if isinstance(state, MixState) and state.current.finished:
+                self._advance(state)
 
     @torch.inference_mode()
-    def finish(self, state: PriorState) -> tuple[np.ndarray, np.ndarray]:
+    def finish(self, state) -> tuple[np.ndarray, np.ndarray]:
         """(image embedding, negative image embedding) of one finished image, each (D,)."""
+        if isinstance(state, MixState):
+            return self._finish_mix(state)
         embeds = self.prior.post_process_latents(state.latents)
         negative = embeds[1] if len(embeds) == 2 else self.zero_image_embed[0]
         return embeds[0].float().cpu().numpy(), negative.float().cpu().numpy()
 
-    def start_all(self, text: TextEmbeddings, params: PriorParams) -> list[PriorState]:
-        return [self.start(text, params, seed) for seed in params.seeds]
+    def _finish_mix(self, mix: MixState) -> tuple[np.ndarray, np.ndarray]:
+        outputs = iter(mix.outputs)
+        weighted = []
+        for term in mix.params.mix:
+            if term.source == "text":
+                embed = next(outputs)
+            else:
+                embed = torch.tensor(mix.image_embeds[term.index : term.index + 1]).to(self.device, self.dtype)
+            weighted.append(embed.unsqueeze(0) * term.weight)
+        # The same reduction as the reference: stack, then sum over the items.
+        embed = torch.cat(weighted).sum(dim=0)[0]
+        negative = next(outputs)[0] if mix.params.has_negative else self.zero_image_embed[0]
+        return embed.float().cpu().numpy(), negative.float().cpu().numpy()
 
-    def finish_all(self, states: list[PriorState]) -> tuple[np.ndarray, np.ndarray]:
+    def start_all(self, text: TextEmbeddings, params: PriorParams, images: ClipImageEmbeddings | None = None) -> list:
+        return [self.start(text, params, seed, images) for seed in params.seeds]
+
+    def finish_all(self, states: list) -> tuple[np.ndarray, np.ndarray]:
         """(image_embeds, negative_image_embeds), each (N, D), of one request's finished states."""
         pairs = [self.finish(state) for state in states]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
-    def generate(self, jobs: list[tuple[TextEmbeddings, PriorParams]], observer: StepObserver | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Request batching: run whole jobs together to the end; one embeddings pair per job."""
-        states = [self.start_all(text, params) for text, params in jobs]
+    def generate(self, jobs: list[tuple], observer: StepObserver | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Request batching: run whole jobs ``(text, params, images)`` together to the end."""
+        states = [self.start_all(*job) for job in jobs]
         run_until_done([s for job in states for s in job], self.step, observer)
         return [self.finish_all(job) for job in states]
 
@@ -172,9 +282,11 @@ class Prior(LoopReplica):
     def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
         self.setup(STAGE, device, lambda: PriorModel.from_pretrained(prior_path, device, dtype))
 
-    async def generate(self, text: TextEmbeddings, params: PriorParams) -> ImageEmbeddings:
-        return await self.run_request(text, params)
+    async def generate(self, text: TextEmbeddings, params: PriorParams, images: ClipImageEmbeddings | None = None) -> ImageEmbeddings:
+        return await self.run_request(text, params, images)
 
-    def make_output(self, text: TextEmbeddings, params: PriorParams, output, timing: StageTiming) -> ImageEmbeddings:
+    def make_output(self, inputs: tuple, output, timing: StageTiming) -> ImageEmbeddings:
+        text, params, images = inputs
         embeds, negative = output
-        return ImageEmbeddings(embeds, negative, list(params.seeds), {**text.timings, STAGE: timing})
+        upstream = {**text.timings, **(images.timings if images is not None else {})}
+        return ImageEmbeddings(embeds, negative, list(params.seeds), {**upstream, STAGE: timing})

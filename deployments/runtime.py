@@ -49,6 +49,8 @@ class StageReplica:
     """
 
     settings_class: type[BatchSettings] = BatchSettings
+    batch_methods: tuple[str, ...] = ("_run_batch",)
+    """The ``@serve.batch`` methods that ``user_config`` sizes."""
     thread: ModelThread
     _run_batch: Any
 
@@ -67,8 +69,11 @@ class StageReplica:
     def init_policy(self) -> None:
         """Hook for subclasses that need more than ``@serve.batch`` (set up before reconfigure)."""
 
-    async def serve_call(self, work: Awaitable[R], request_id: str) -> R:
-        """Count, time and log one call; every outcome is recorded, errors by type."""
+    async def serve_call(self, work: Awaitable[R], request_id: str, stage: str | None = None) -> R:
+        """Count, time and log one call; every outcome is recorded, errors by type.
+
+        ``stage``: the key of this call's timing in the result (default: the stage's name).
+        """
         self.metrics.request()
         try:
             result = await work
@@ -78,7 +83,7 @@ class StageReplica:
                            extra={"stage": self.stage, "error_type": type(error).__name__})
             raise
         self.metrics.produced(len(getattr(result, "seeds", ())))  # images out of this stage
-        timing = result.timings[self.stage]
+        timing = result.timings[stage or self.stage]
         logger.info(
             "request %s: stage %s done: batch_size=%d queue_ms=%.1f compute_ms=%.1f",
             request_id, self.stage, timing.batch_size, timing.queue_ms, timing.compute_ms,
@@ -97,8 +102,9 @@ class StageReplica:
     def reconfigure(self, user_config: dict | None) -> None:
         settings = self.settings_class.model_validate(user_config or {})
         self.thread.set_torch_threads(settings.torch_threads)
-        self._run_batch.set_max_batch_size(settings.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        for name in self.batch_methods:
+            getattr(self, name).set_max_batch_size(settings.max_batch_size)
+            getattr(self, name).set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.batch_settings = settings
 
     async def ready(self) -> bool:
@@ -146,22 +152,22 @@ class LoopReplica(StageReplica):
     async def _step_on_model_thread(self, states: list) -> None:
         await self.thread.run(self.model.step, states)
 
-    def make_output(self, upstream: Any, params: Any, output: Any, timing: StageTiming) -> Any:
-        """The stage's message for one request from the model's ``finish_all`` output."""
+    def make_output(self, inputs: tuple, output: Any, timing: StageTiming) -> Any:
+        """The stage's message for one request, from its call's arguments and the model's ``finish_all`` output."""
         raise NotImplementedError
 
-    async def run_request(self, upstream: Any, params: Any) -> Any:
-        """One request through the loop, under the configured policy."""
-        return await self.serve_call(self._run_request(upstream, params), params.request_id)
+    async def run_request(self, *inputs: Any) -> Any:
+        """One request ``(upstream, params, *extras)`` through the loop, under the configured policy."""
+        return await self.serve_call(self._run_request(inputs), inputs[1].request_id)
 
-    async def _run_request(self, upstream: Any, params: Any) -> Any:
+    async def _run_request(self, inputs: tuple) -> Any:
         if not self.uses_scheduler:
-            return await self._run_batch(Queued((upstream, params)))
+            return await self._run_batch(Queued(inputs))
         started = time.perf_counter()
-        states = self.model.start_all(upstream, params)
-        items = await self._run_on_scheduler(states, key=params.request_id)
+        states = self.model.start_all(*inputs)
+        items = await self._run_on_scheduler(states, key=inputs[1].request_id)
         output = await self.thread.run(self.model.finish_all, states)
-        return self.make_output(upstream, params, output, self._timing(items, started))
+        return self.make_output(inputs, output, self._timing(items, started))
 
     async def _run_on_scheduler(self, states: list, key: str) -> list[StepItem]:
         self.progress.start(key, sum(state.total_steps for state in states))
@@ -188,7 +194,7 @@ class LoopReplica(StageReplica):
         outputs = await self.thread.run(self.model.generate, [call.payload for call in calls], self.observer)
         compute_ms = self.record_batch(calls, started)
         return [
-            self.make_output(*call.payload, output, StageTiming(call.queue_wait_ms(started), compute_ms, len(calls)))
+            self.make_output(call.payload, output, StageTiming(call.queue_wait_ms(started), compute_ms, len(calls)))
             for call, output in zip(calls, outputs)
         ]
 

@@ -12,7 +12,9 @@ import logging
 import re
 import time
 import uuid
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +22,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.messages import EncodedImages
-from serve.schemas import ErrorResponse, Text2ImgResponse, Text2ImgSpec, text2img_request_model
+from serve.schemas import (
+    MODES,
+    EmbeddingsResponse,
+    ErrorResponse,
+    GenerationSpec,
+    ImagesResponse,
+    SpecError,
+    embeddings_request_model,
+    request_models,
+)
 from serve.settings import ApiLimits
 
 logger = logging.getLogger("kandinsky_serve.api")
@@ -30,7 +41,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class GenerationBackend(Protocol):
-    async def text2img(self, spec: Text2ImgSpec, request_id: str) -> EncodedImages: ...
+    async def generate(self, spec: GenerationSpec, request_id: str) -> EncodedImages:
+        """Run one request of any mode through the stages."""
+        ...
+
+    async def embeddings(self, texts: list[str], images: list[np.ndarray], request_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(text embeddings (n, D), image embeddings (m, D)); empty arrays for empty inputs."""
+        ...
 
     async def readiness(self) -> dict[str, str]:
         """Per stage, ``"ready"`` or the reason it is not."""
@@ -62,7 +79,7 @@ class NoMetrics:
         pass
 
 
-KNOWN_ROUTES = ("/v1/text2img", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in MODES), "/v1/embeddings", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
 def _route_label(scope: Scope) -> str:
@@ -131,22 +148,38 @@ class _BodyTooLarge(Exception):
     pass
 
 
+DESCRIPTION = """Kandinsky 2.2, served as a stage-split Ray Serve graph: text-to-image, image-to-image,
+inpainting, image mixing, variations, ControlNet depth, and CLIP embeddings.
+
+Input images (`image`, `mask`, `hint`, mix items) are base64 PNG, JPEG or WebP. Bodies over the byte
+cap get 413; images over the pixel cap, decompression bombs, other formats, truncated files and
+masks of a different size than their image get 422 — all before any model runs.
+
+Inpainting masks: **white = repaint, black = keep** (the diffusers >= 0.19 convention);
+`invert_mask: true` accepts the opposite convention.
+"""
+
+
 def create_app(
-    limits: ApiLimits, backend: GenerationBackend, echo_request_id: bool = True, metrics: ApiMetrics | None = None
+    limits: ApiLimits,
+    backend: GenerationBackend,
+    echo_request_id: bool = True,
+    metrics: ApiMetrics | None = None,
+    unavailable: dict[str, str] | None = None,
 ) -> FastAPI:
     """Build the HTTP API on ``backend``.
 
     ``echo_request_id``: set the ``X-Request-ID`` response header. Behind Ray Serve's
     proxy it must be False: the proxy forwards the client's id (or one it made) to
     us and sets the response header itself.
+    ``unavailable``: modes this deployment does not serve, each with what to configure;
+    their routes answer 404 with that message.
     """
-    Text2ImgRequest = text2img_request_model(limits)
+    models = request_models(limits)
+    EmbeddingsRequest = embeddings_request_model(limits)
+    unavailable = unavailable or {}
     metrics = metrics or NoMetrics()
-    app = FastAPI(
-        title="kandinsky-serve",
-        version="0.1.0",
-        description="Kandinsky 2.2 text-to-image, served as a stage-split Ray Serve graph.",
-    )
+    app = FastAPI(title="kandinsky-serve", version="0.2.0", description=DESCRIPTION)
 
     @app.middleware("http")
     async def request_id_middleware(request: Request, call_next):
@@ -176,26 +209,21 @@ def create_app(
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return _error(422, "validation_error", message, getattr(request.state, "request_id", None), details)
 
-    @app.post(
-        "/v1/text2img",
-        response_model=Text2ImgResponse,
-        responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}},
-    )
-    async def text2img(body: Text2ImgRequest, request: Request):  # type: ignore[valid-type]
+    async def run_generation(mode: str, body: Any, request: Request) -> Any:
         request_id = request.state.request_id
         try:
             spec = body.to_spec()
-        except ValueError as error:
+        except SpecError as error:
             metrics.rejection("validation")
-            return _error(422, "validation_error", f"seed: {error}", request_id, [{"field": "seed", "message": str(error)}])
+            return _error(422, "validation_error", str(error), request_id, [{"field": error.field, "message": error.message}])
         started = time.perf_counter()
         try:
-            result = await backend.text2img(spec, request_id)
+            result = await backend.generate(spec, request_id)
         except Exception as error:  # a stage failed: explicit error, no stack trace to the client
             logger.exception("request %s failed", request_id)
             return _error(500, "generation_failed", f"generation failed: {type(error).__name__}", request_id)
-        metrics.generation("text2img", spec.width, spec.height, time.perf_counter() - started)
-        return Text2ImgResponse(
+        metrics.generation(mode, spec.width, spec.height, time.perf_counter() - started)
+        return ImagesResponse(
             images=[base64.b64encode(image).decode("ascii") for image in result.images],
             media_type=result.media_type,
             seeds=list(result.seeds),
@@ -204,6 +232,50 @@ def create_app(
             timings={stage: vars(timing) for stage, timing in result.timings.items()},
             total_ms=(time.perf_counter() - started) * 1000.0,
             request_id=request_id,
+        )
+
+    def add_generation_route(mode: str) -> None:
+        model = models[mode]
+        responses = {413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
+        if mode in unavailable:
+            reason = unavailable[mode]
+
+            # Not configured: refuse at once, whatever the body, naming what to configure.
+            @app.post(f"/v1/{mode}", status_code=404, responses={404: {"model": ErrorResponse}}, summary=model.__doc__)
+            async def not_configured(request: Request) -> JSONResponse:
+                metrics.rejection("mode_not_configured")
+                return _error(404, "mode_not_configured", reason, request.state.request_id)
+
+            return
+
+        async def generate(body: model, request: Request):  # type: ignore[valid-type]
+            return await run_generation(mode, body, request)
+
+        app.post(f"/v1/{mode}", response_model=ImagesResponse, responses=responses, summary=model.__doc__)(generate)
+
+    for mode in MODES:
+        add_generation_route(mode)
+
+    @app.post(
+        "/v1/embeddings",
+        response_model=EmbeddingsResponse,
+        responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}},
+        summary="CLIP projected embeddings of texts and/or images, and their cosine similarities.",
+    )
+    async def embeddings(body: EmbeddingsRequest, request: Request):  # type: ignore[valid-type]
+        request_id = request.state.request_id
+        try:
+            texts, images = await backend.embeddings(list(body.texts), list(body.images), request_id)
+        except Exception as error:
+            logger.exception("request %s failed", request_id)
+            return _error(500, "embedding_failed", f"embedding failed: {type(error).__name__}", request_id)
+        similarity = None
+        if len(texts) and len(images):
+            a = texts / np.linalg.norm(texts, axis=1, keepdims=True)
+            b = images / np.linalg.norm(images, axis=1, keepdims=True)
+            similarity = (a @ b.T).tolist()
+        return EmbeddingsResponse(
+            text_embeddings=texts.tolist(), image_embeddings=images.tolist(), similarity=similarity, request_id=request_id
         )
 
     @app.get("/healthz")

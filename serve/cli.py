@@ -55,8 +55,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from serve.tiny import make_tiny
 
-    prior, decoder = make_tiny(args.dir, args.seed)
-    print(f"prior:   {prior}\ndecoder: {decoder}")
+    checkpoint = make_tiny(args.dir, args.seed)
+    for name, path in checkpoint._asdict().items():
+        print(f"{name + ':':20s}{path}")
     return 0
 
 

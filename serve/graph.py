@@ -1,4 +1,4 @@
-"""The graph, wired in one place: four stages behind one HTTP ingress.
+"""The graph, wired in one place: the stages behind one HTTP ingress.
 
 ``build_app`` is the ``import_path`` target of every file in ``configs/``
 (``serve.graph:build_app``); Ray passes it the application's ``args``.
@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray.serve import Application
 
-from deployments.denoiser import Denoiser
-from deployments.loading import DECODER_LAYOUT, PRIOR_LAYOUT, check_layout
+from deployments.denoiser import ControlnetDenoiser, Denoiser, InpaintDenoiser
+from deployments.image_encoder import ImageEncoder
+from deployments.loading import DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
 from deployments.movq import MovqDecoder
 from deployments.prior import Prior
 from deployments.text_encoder import TextEncoder
@@ -20,15 +22,42 @@ from serve.ingress import Ingress
 from serve.settings import ModelSettings, default_cache_dir, parse_service_settings
 
 
-def resolve_model_paths(models: ModelSettings) -> tuple[Path, Path]:
-    """The configured checkpoints, checked; or the embedded tiny one, created on first use."""
+class ModelPaths(NamedTuple):
+    prior: Path
+    decoder: Path
+    inpaint_decoder: Path | None
+    controlnet_decoder: Path | None
+
+
+def resolve_model_paths(models: ModelSettings) -> ModelPaths:
+    """The configured checkpoints, checked; or the embedded tiny ones (every variant), created on first use."""
     if models.prior_path is None:
         from serve.tiny import ensure_tiny
 
-        return ensure_tiny(models.embedded_dir or default_cache_dir(), models.embedded_seed)
-    return (
-        check_layout(models.prior_path, PRIOR_LAYOUT, "prior"),
-        check_layout(models.decoder_path, DECODER_LAYOUT, "decoder"),
+        return ModelPaths(*ensure_tiny(models.embedded_dir or default_cache_dir(), models.embedded_seed))
+
+    prior = check_layout(models.prior_path, PRIOR_LAYOUT, "prior")
+    decoder = check_layout(models.decoder_path, DECODER_LAYOUT, "decoder")
+
+    def variant(path: Path | None, what: str) -> Path | None:
+        if path is None:
+            return None
+        root = check_layout(path, DECODER_LAYOUT, what)
+        # Its latents are decoded by the main decoder's MOVQ: the two must agree.
+        ours, theirs = (json.loads((p / "movq" / "config.json").read_text()) for p in (decoder, root))
+        for key in ("latent_channels", "block_out_channels"):
+            if ours.get(key) != theirs.get(key):
+                raise CheckpointError(
+                    f"{root}/movq/config.json {key}={theirs.get(key)} differs from {decoder}/movq's {ours.get(key)}; "
+                    f"the {what} decoder must share the decoder's MOVQ"
+                )
+        return root
+
+    return ModelPaths(
+        prior,
+        decoder,
+        variant(models.inpaint_decoder_path, "decoder-inpaint"),
+        variant(models.controlnet_decoder_path, "controlnet-depth"),
     )
 
 
@@ -42,18 +71,29 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
     """Validate the settings, resolve the checkpoints and bind the graph.
 
     ``deployment_options`` (per deployment name) is applied with ``.options``, as
-    Ray does with a config's ``deployments`` section.
+    Ray does with a config's ``deployments`` section. A decoder variant whose
+    checkpoint is not configured is not deployed; its endpoint answers 404.
     """
     settings = parse_service_settings(args)
-    prior_path, decoder_path = resolve_model_paths(settings.models)
+    paths = resolve_model_paths(settings.models)
     options = deployment_options or {}
     runtime = {"device": settings.models.device, "dtype": settings.models.dtype}
 
-    def bind(deployment, *args: Any, **kwargs: Any):
-        return deployment.options(**options.get(deployment.name, {})).bind(*args, **kwargs)
+    def bind(deployment, path: Path | None):
+        if path is None:
+            return None
+        return deployment.options(**options.get(deployment.name, {})).bind(str(path), **runtime)
 
-    text_encoder = bind(TextEncoder, str(prior_path), **runtime)
-    prior = bind(Prior, str(prior_path), **runtime)
-    denoiser = bind(Denoiser, str(decoder_path), **runtime)
-    movq = bind(MovqDecoder, str(decoder_path), **runtime)
-    return bind(Ingress, text_encoder, prior, denoiser, movq, settings.model_dump(mode="json"))
+    # The MOVQ of the text-to-image decoder decodes every variant's latents: the
+    # published 2.2 decoders (plain, inpaint, ControlNet) share one MOVQ.
+    stages = {
+        "TextEncoder": bind(TextEncoder, paths.prior),
+        "ImageEncoder": bind(ImageEncoder, paths.prior),
+        "Prior": bind(Prior, paths.prior),
+        "Denoiser": bind(Denoiser, paths.decoder),
+        "InpaintDenoiser": bind(InpaintDenoiser, paths.inpaint_decoder),
+        "ControlnetDenoiser": bind(ControlnetDenoiser, paths.controlnet_decoder),
+        "MovqDecoder": bind(MovqDecoder, paths.decoder),
+    }
+    ingress = Ingress.options(**options.get(Ingress.name, {}))
+    return ingress.bind(settings.model_dump(mode="json"), **stages)

@@ -1,4 +1,4 @@
-"""The HTTP ingress deployment: composes the four stages through DeploymentHandles.
+"""The HTTP ingress deployment: composes the stages through DeploymentHandles.
 
 Each stage's ``DeploymentResponse`` is passed straight into the next stage's
 call, so embeddings and latents go replica to replica; only the final encoded
@@ -13,36 +13,84 @@ import logging
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+import numpy as np
+
+from deployments.messages import EncodedImages
 from deployments.metrics import merge_exposition
-from deployments.messages import DecodeParams, DenoiseParams, EncodedImages, PriorParams
 from serve.api import create_app
-from serve.schemas import Text2ImgSpec
-from serve.settings import INGRESS_NAME, STAGE_NAMES, ServiceSettings
+from serve.plan import DECODER_OF_MODE, plan
+from serve.schemas import GenerationSpec
+from serve.settings import (
+    CONTROLNET_DECODER_PATH_ENV,
+    INGRESS_NAME,
+    INPAINT_DECODER_PATH_ENV,
+    STAGE_NAMES,
+    VARIANT_PATH_FIELDS,
+    ServiceSettings,
+)
+
+VARIANT_ENV = {"InpaintDenoiser": INPAINT_DECODER_PATH_ENV, "ControlnetDenoiser": CONTROLNET_DECODER_PATH_ENV}
 
 logger = logging.getLogger("ray.serve")
+
+
+class HandleCalls:
+    """:class:`serve.plan.StageCalls` on DeploymentHandles: every call returns a
+    ``DeploymentResponse``, passed unresolved into the next stage's call."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle | None]) -> None:
+        self.handles = handles
+
+    def encode_text(self, texts, request_id):
+        return self.handles["TextEncoder"].encode.remote(texts, request_id)
+
+    def embed_images(self, images, request_id):
+        return self.handles["ImageEncoder"].embed.remote(images, request_id)
+
+    def prior(self, text, params, images=None):
+        return self.handles["Prior"].generate.remote(text, params, images)
+
+    def encode_image(self, image):
+        return self.handles["MovqDecoder"].encode.remote(image)
+
+    def denoise(self, decoder, embeddings, params, init=None, hint=None):
+        return self.handles[DENOISER_OF_DECODER[decoder]].generate.remote(embeddings, params, init, hint)
+
+    def decode(self, latents, params):
+        return self.handles["MovqDecoder"].decode.remote(latents, params)
+
+
+DENOISER_OF_DECODER = {"text2img": "Denoiser", "inpaint": "InpaintDenoiser", "controlnet": "ControlnetDenoiser"}
+
+
+def unavailable_modes(deployed: set[str]) -> dict[str, str]:
+    """Modes whose decoder variant is not deployed, each with what to configure."""
+    missing = {}
+    for mode, decoder in DECODER_OF_MODE.items():
+        name = DENOISER_OF_DECODER[decoder]
+        if name not in deployed:
+            missing[mode] = (
+                f"{mode} is not configured on this deployment: set args.models.{VARIANT_PATH_FIELDS[name]} "
+                f"(or ${VARIANT_ENV[name]}) to a checkpoint directory and redeploy"
+            )
+    return missing
 
 
 @serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress()
 class Ingress:
-    def __init__(
-        self,
-        text_encoder: DeploymentHandle,
-        prior: DeploymentHandle,
-        denoiser: DeploymentHandle,
-        movq: DeploymentHandle,
-        settings: dict,
-    ) -> None:
+    def __init__(self, settings: dict, **stages: DeploymentHandle | None) -> None:
         self.settings = ServiceSettings.model_validate(settings)
-        self.text_encoder = text_encoder
-        self.prior = prior
-        self.denoiser = denoiser
-        self.movq = movq
+        self.deployed = {name for name, handle in stages.items() if handle is not None}
+        self.calls = HandleCalls(stages)
 
     def __serve_build_asgi_app__(self):
         from deployments.metrics import IngressMetrics
 
-        return create_app(self.settings.limits, backend=self, echo_request_id=False, metrics=IngressMetrics())
+        return create_app(
+            self.settings.limits, backend=self, echo_request_id=False, metrics=IngressMetrics(),
+            unavailable=unavailable_modes(self.deployed),
+        )
 
     async def metrics_text(self) -> str:
         """Every node's Ray metrics agent, filtered to the product's (and Ray Serve's) metrics.
@@ -62,28 +110,31 @@ class Ingress:
         texts = [r.text for r in responses if isinstance(r, httpx.Response) and r.status_code == 200]
         return merge_exposition(texts)
 
-    async def text2img(self, spec: Text2ImgSpec, request_id: str = "") -> EncodedImages:
-        logger.info("request %s: text2img %dx%d, %d image(s)", request_id, spec.width, spec.height, len(spec.seeds))
-        has_negative = spec.negative_prompt is not None
-        text = self.text_encoder.encode.remote([spec.prompt, spec.negative_prompt if has_negative else ""], request_id)
-        embeddings = self.prior.generate.remote(
-            text, PriorParams(spec.seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative, request_id)
-        )
-        latents = self.denoiser.generate.remote(
-            embeddings, DenoiseParams(spec.height, spec.width, spec.steps, spec.guidance_scale, request_id)
+    async def generate(self, spec: GenerationSpec, request_id: str = "") -> EncodedImages:
+        logger.info(
+            "request %s: %s %dx%d, %d image(s)", request_id, spec.mode, spec.width, spec.height, len(spec.seeds)
         )
         # If the client goes away, Ray Serve cancels this call and with it every
         # stage call made under it; a denoising loop then drops the request at its
         # next step boundary (tests/e2e: test_client_disconnect_stops_the_denoising_loop).
-        return await self.movq.decode.remote(latents, DecodeParams(spec.output_format, request_id))
+        return await plan(spec, self.calls, request_id)
+
+    async def embeddings(self, texts: list[str], images: list, request_id: str = "") -> tuple[np.ndarray, np.ndarray]:
+        text_call = self.calls.encode_text(texts, request_id) if texts else None
+        image_call = self.calls.embed_images(images, request_id) if images else None
+        text_embeds = (await text_call).text_embeds if text_call is not None else np.zeros((0, 0), np.float32)
+        image_embeds = (await image_call).image_embeds if image_call is not None else np.zeros((0, 0), np.float32)
+        return text_embeds, image_embeds
 
     async def readiness(self) -> dict[str, str]:
-        """Per stage: "ready" when at least one replica is running, else what Serve reports."""
+        """Per deployed stage: "ready" when at least one replica is running, else what Serve reports."""
         status = await asyncio.to_thread(serve.status)
         app_name = serve.get_replica_context().app_name
         app = status.applications.get(app_name)
         stages: dict[str, str] = {}
         for name in STAGE_NAMES:
+            if name not in self.deployed:
+                continue
             deployment = app.deployments.get(name) if app else None
             if deployment is None:
                 stages[name] = "not deployed"

@@ -24,10 +24,14 @@ from deployments.batching import BatchSettings, LoopBatchSettings
 
 PRIOR_PATH_ENV = "KANDINSKY_PRIOR_PATH"
 DECODER_PATH_ENV = "KANDINSKY_DECODER_PATH"
+INPAINT_DECODER_PATH_ENV = "KANDINSKY_INPAINT_DECODER_PATH"
+CONTROLNET_DECODER_PATH_ENV = "KANDINSKY_CONTROLNET_DECODER_PATH"
 CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
 
-STAGE_NAMES = ("TextEncoder", "Prior", "Denoiser", "MovqDecoder")
-LOOP_STAGE_NAMES = ("Prior", "Denoiser")  # user_config is LoopBatchSettings
+STAGE_NAMES = ("TextEncoder", "ImageEncoder", "Prior", "Denoiser", "InpaintDenoiser", "ControlnetDenoiser", "MovqDecoder")
+LOOP_STAGE_NAMES = ("Prior", "Denoiser", "InpaintDenoiser", "ControlnetDenoiser")  # user_config is LoopBatchSettings
+# Decoder variants: deployment name -> the ModelSettings field that enables it.
+VARIANT_PATH_FIELDS = {"InpaintDenoiser": "inpaint_decoder_path", "ControlnetDenoiser": "controlnet_decoder_path"}
 INGRESS_NAME = "Ingress"
 
 
@@ -44,6 +48,11 @@ class ModelSettings(BaseModel):
     """Directory in the layout of ``kandinsky-2-2-prior``. None: the embedded tiny model."""
     decoder_path: Path | None = None
     """Directory in the layout of ``kandinsky-2-2-decoder``. None: the embedded tiny model."""
+    inpaint_decoder_path: Path | None = None
+    """Layout of ``kandinsky-2-2-decoder-inpaint``; enables ``/v1/inpaint``. Ignored (the embedded
+    tiny one is used) when ``prior_path``/``decoder_path`` are null."""
+    controlnet_decoder_path: Path | None = None
+    """Layout of ``kandinsky-2-2-controlnet-depth``; enables ``/v1/controlnet``. Same rule."""
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     """Torch device of every stage: ``cpu``, ``cuda`` or ``cuda:N``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -55,6 +64,12 @@ class ModelSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSettings":
+        embedded = self.prior_path is None and self.decoder_path is None
+        if embedded and (self.inpaint_decoder_path or self.controlnet_decoder_path):
+            raise ValueError(
+                "inpaint_decoder_path/controlnet_decoder_path need prior_path and decoder_path; with those null the "
+                "embedded tiny model (all variants included) is served"
+            )
         if (self.prior_path is None) != (self.decoder_path is None):
             raise ValueError(
                 "set both prior_path and decoder_path (real checkpoints) or neither (embedded tiny model)"
@@ -64,12 +79,16 @@ class ModelSettings(BaseModel):
         return self
 
     def with_env_overrides(self) -> "ModelSettings":
-        """``KANDINSKY_PRIOR_PATH`` / ``KANDINSKY_DECODER_PATH`` win over the file."""
+        """``KANDINSKY_PRIOR_PATH`` / ``KANDINSKY_DECODER_PATH`` (and the variants') win over the file."""
         updates = {}
         if os.environ.get(PRIOR_PATH_ENV):
             updates["prior_path"] = Path(os.environ[PRIOR_PATH_ENV])
         if os.environ.get(DECODER_PATH_ENV):
             updates["decoder_path"] = Path(os.environ[DECODER_PATH_ENV])
+        if os.environ.get(INPAINT_DECODER_PATH_ENV):
+            updates["inpaint_decoder_path"] = Path(os.environ[INPAINT_DECODER_PATH_ENV])
+        if os.environ.get(CONTROLNET_DECODER_PATH_ENV):
+            updates["controlnet_decoder_path"] = Path(os.environ[CONTROLNET_DECODER_PATH_ENV])
         if not updates:
             return self
         return ModelSettings.model_validate({**self.model_dump(), **updates})
@@ -94,6 +113,12 @@ class ApiLimits(BaseModel):
     """Largest guidance scale for either stage."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest request body in bytes; larger ones get 413."""
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64, le=16384 * 16384)
+    """Largest input image (width x height) any endpoint decodes; larger ones get 422 unread."""
+    max_mix_items: int = Field(default=8, ge=1, le=64)
+    """Most items (texts and images) in one ``/v1/mix`` request."""
+    max_embedding_items: int = Field(default=16, ge=1, le=256)
+    """Most texts plus images in one ``/v1/embeddings`` request."""
 
 
 class ServiceSettings(BaseModel):
@@ -190,6 +215,13 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
                     f"{batch.max_batch_size}; batches could never fill — raise max_ongoing_requests to at least "
                     f"{batch.max_batch_size}"
                 )
+        variant_field = VARIANT_PATH_FIELDS.get(deployment.name)
+        models = service.models
+        if variant_field and models.prior_path is not None and getattr(models, variant_field) is None:
+            problems.append(
+                f"{source}: {where}.name: {deployment.name} is configured but args.models.{variant_field} is null; "
+                f"set it to a checkpoint directory or remove this deployment"
+            )
         options[deployment.name] = opts
     if problems:
         raise ConfigError("\n".join(problems))

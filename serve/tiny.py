@@ -14,6 +14,7 @@ import tempfile
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +24,7 @@ CLIP_DIM = 32  # pooled text/image embedding size (1280 in the real model)
 MAX_TOKENS = 77  # CLIP's context length, as in the real tokenizer
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 400
-LAYOUT_VERSION = "1"  # bump when the tiny architecture changes, so caches are rebuilt
+LAYOUT_VERSION = "2"  # bump when the tiny architecture changes, so caches are rebuilt
 
 _CORPUS = """
 a an the of and with on in at to from by for is are this that photo picture painting drawing image render
@@ -168,14 +169,23 @@ def _prior_components(seed: int) -> dict:
     }
 
 
-def _decoder_components(seed: int) -> dict:
+DECODER_VARIANTS = {
+    # name: (seed offset, U-Net input channels, addition_embed_type), as the published 2.2 decoders
+    "decoder": (3, 4, "image"),
+    "decoder_inpaint": (5, 9, "image"),  # latents + masked-image latents + mask
+    "decoder_controlnet": (6, 8, "image_hint"),  # latents + the hint encoder's 4 channels
+}
+
+
+def _decoder_components(seed: int, variant: str = "decoder") -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
-    torch.manual_seed(seed + 3)
+    offset, in_channels, addition = DECODER_VARIANTS[variant]
+    torch.manual_seed(seed + offset)
     unet = UNet2DConditionModel(
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=8,  # mean and learned variance, as in the real decoder
-        addition_embed_type="image",
+        addition_embed_type=addition,
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
@@ -188,6 +198,7 @@ def _decoder_components(seed: int) -> dict:
         resnet_time_scale_shift="scale_shift",
         class_embed_type=None,
     )
+    # Every variant gets the same MOVQ, as the published 2.2 decoders share one.
     torch.manual_seed(seed + 4)
     # Four levels: a scale factor of 8, as in the real MOVQ (64 px -> 8 latent px).
     movq = VQModel(
@@ -217,21 +228,50 @@ def _decoder_components(seed: int) -> dict:
     return {"unet": unet, "scheduler": scheduler, "movq": movq}
 
 
-def make_tiny(out_dir: Path | str, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``out_dir/prior`` and ``out_dir/decoder``; return their paths."""
-    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+class TinyCheckpoint(NamedTuple):
+    """Paths of a tiny checkpoint: the prior and the three decoder variants."""
+
+    prior: Path
+    decoder: Path
+    inpaint_decoder: Path
+    controlnet_decoder: Path
+
+
+def _paths(root: Path) -> TinyCheckpoint:
+    return TinyCheckpoint(root / "prior", root / "decoder", root / "decoder_inpaint", root / "decoder_controlnet")
+
+
+def _check(checkpoint: TinyCheckpoint) -> TinyCheckpoint:
+    check_layout(checkpoint.prior, PRIOR_LAYOUT, "prior")
+    check_layout(checkpoint.decoder, DECODER_LAYOUT, "decoder")
+    check_layout(checkpoint.inpaint_decoder, DECODER_LAYOUT, "decoder-inpaint")
+    check_layout(checkpoint.controlnet_decoder, DECODER_LAYOUT, "controlnet-depth")
+    return checkpoint
+
+
+def make_tiny(out_dir: Path | str, seed: int = 0) -> TinyCheckpoint:
+    """Write ``prior``, ``decoder``, ``decoder_inpaint`` and ``decoder_controlnet`` under ``out_dir``."""
+    from diffusers import (
+        KandinskyV22ControlnetPipeline,
+        KandinskyV22InpaintPipeline,
+        KandinskyV22Pipeline,
+        KandinskyV22PriorPipeline,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prior_dir, decoder_dir = out_dir / "prior", out_dir / "decoder"
-    KandinskyV22PriorPipeline(**_prior_components(seed)).save_pretrained(prior_dir, safe_serialization=True)
-    KandinskyV22Pipeline(**_decoder_components(seed)).save_pretrained(decoder_dir, safe_serialization=True)
-    check_layout(prior_dir, PRIOR_LAYOUT, "prior")
-    check_layout(decoder_dir, DECODER_LAYOUT, "decoder")
-    return prior_dir, decoder_dir
+    paths = _paths(out_dir)
+    KandinskyV22PriorPipeline(**_prior_components(seed)).save_pretrained(paths.prior, safe_serialization=True)
+    for pipeline, variant, path in (
+        (KandinskyV22Pipeline, "decoder", paths.decoder),
+        (KandinskyV22InpaintPipeline, "decoder_inpaint", paths.inpaint_decoder),
+        (KandinskyV22ControlnetPipeline, "decoder_controlnet", paths.controlnet_decoder),
+    ):
+        pipeline(**_decoder_components(seed, variant)).save_pretrained(path, safe_serialization=True)
+    return _check(paths)
 
 
-def ensure_tiny(cache_dir: Path | str, seed: int = 0) -> tuple[Path, Path]:
+def ensure_tiny(cache_dir: Path | str, seed: int = 0) -> TinyCheckpoint:
     """The embedded default: build it once per cache dir and seed, atomically.
 
     Concurrent callers (several replicas on one node) each build into a private
@@ -239,9 +279,7 @@ def ensure_tiny(cache_dir: Path | str, seed: int = 0) -> tuple[Path, Path]:
     """
     target = Path(cache_dir) / f"tiny-v{LAYOUT_VERSION}-seed{seed}"
     try:
-        check_layout(target / "prior", PRIOR_LAYOUT, "prior")
-        check_layout(target / "decoder", DECODER_LAYOUT, "decoder")
-        return target / "prior", target / "decoder"
+        return _check(_paths(target))
     except CheckpointError:
         pass
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -256,4 +294,4 @@ def ensure_tiny(cache_dir: Path | str, seed: int = 0) -> tuple[Path, Path]:
             pass  # another process finished first; its copy is identical
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target / "prior", target / "decoder"
+    return _paths(target)

@@ -23,14 +23,14 @@ TEST_DEPLOYMENT_OPTIONS = {
         "ray_actor_options": {"num_cpus": 0.25},
         "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "torch_threads": 1},
     }
-    for name in ("TextEncoder", "Prior", "Denoiser", "MovqDecoder")
+    for name in ("TextEncoder", "ImageEncoder", "Prior", "Denoiser", "InpaintDenoiser", "ControlnetDenoiser", "MovqDecoder")
 }
 TEST_DEPLOYMENT_OPTIONS["Ingress"] = {"ray_actor_options": {"num_cpus": 0.1}}
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """(prior_path, decoder_path) of a tiny checkpoint written for this session."""
+    """The tiny checkpoint written for this session: (prior, decoder, inpaint_decoder, controlnet_decoder)."""
     from serve.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
@@ -60,9 +60,13 @@ def served_app(ray_session, tiny_checkpoint):
 
     from serve.graph import build_graph
 
-    prior, decoder = tiny_checkpoint
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"models": {"prior_path": str(prior), "decoder_path": str(decoder)}}
+    args = {"models": {
+        "prior_path": str(tiny_checkpoint.prior),
+        "decoder_path": str(tiny_checkpoint.decoder),
+        "inpaint_decoder_path": str(tiny_checkpoint.inpaint_decoder),
+        "controlnet_decoder_path": str(tiny_checkpoint.controlnet_decoder),
+    }}
     handle = serve.run(build_graph(args, TEST_DEPLOYMENT_OPTIONS), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle

@@ -10,7 +10,7 @@ from tests.reference import MAX_PIXEL_DIFF, decode_png, max_diff, reference_imag
 
 
 def _generate(handle, s, request_id="t"):
-    return handle.text2img.remote(s, request_id).result(timeout_s=120)
+    return handle.generate.remote(s, request_id).result(timeout_s=120)
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def test_served_images_match_diffusers(served_app, tiny_checkpoint, overrides):
     s = spec(**overrides)
     result = _generate(handle, s)
     assert result.seeds == list(s.seeds) and result.media_type == "image/png"
-    for data, reference in zip(result.images, reference_images(*tiny_checkpoint, s), strict=True):
+    for data, reference in zip(result.images, reference_images(tiny_checkpoint, s), strict=True):
         image = decode_png(data)
         assert image.shape == (s.height, s.width, 3)
         assert max_diff(image, reference) <= MAX_PIXEL_DIFF
@@ -57,7 +57,7 @@ def test_same_image_alone_and_inside_a_batch_of_eight_mixed_requests(served_app)
     alone = decode_png(_generate(handle, target).images[0])
 
     async def together():
-        responses = [handle.text2img.remote(s, f"mate{i}") for i, s in enumerate([*mates[:3], target, *mates[3:]])]
+        responses = [handle.generate.remote(s, f"mate{i}") for i, s in enumerate([*mates[:3], target, *mates[3:]])]
         return await asyncio.gather(*responses)
 
     results = asyncio.run(together())

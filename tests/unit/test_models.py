@@ -43,7 +43,7 @@ class LocalGraph:
 
 @pytest.fixture(scope="module")
 def graph(tiny_checkpoint):
-    return LocalGraph(*tiny_checkpoint)
+    return LocalGraph(tiny_checkpoint.prior, tiny_checkpoint.decoder)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def graph(tiny_checkpoint):
 def test_models_match_diffusers_pipelines(graph, tiny_checkpoint, overrides):
     s = spec(**overrides)
     [ours] = graph.run_batch([s])
-    reference = reference_images(*tiny_checkpoint, s)
+    reference = reference_images(tiny_checkpoint, s)
     assert len(ours) == len(reference) == len(s.seeds)
     for mine, theirs in zip(ours, reference):
         assert mine.shape == (s.height, s.width, 3)

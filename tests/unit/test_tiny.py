@@ -30,12 +30,24 @@ def test_tokenizer_round_trips_words_and_pads_to_context():
 
 
 def test_make_tiny_is_deterministic(tiny_checkpoint, tmp_path):
-    prior, decoder = make_tiny(tmp_path, seed=0)
-    assert _digest(prior) == _digest(tiny_checkpoint[0])
-    assert _digest(decoder) == _digest(tiny_checkpoint[1])
+    again = make_tiny(tmp_path, seed=0)
+    for mine, theirs in zip(again, tiny_checkpoint, strict=True):
+        assert _digest(mine) == _digest(theirs)
 
 
 def test_make_tiny_seed_changes_weights(tiny_checkpoint, tmp_path):
-    _, decoder = make_tiny(tmp_path, seed=1)
-    other = _digest(decoder)
+    other = _digest(make_tiny(tmp_path, seed=1).decoder)
     assert other["unet/diffusion_pytorch_model.safetensors"] != _digest(tiny_checkpoint[1])["unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_variants_share_the_decoders_movq_and_have_their_unets(tiny_checkpoint):
+    import json
+
+    movq = _digest(tiny_checkpoint.decoder / "movq")
+    for variant, in_channels, addition in (
+        (tiny_checkpoint.inpaint_decoder, 9, "image"),
+        (tiny_checkpoint.controlnet_decoder, 8, "image_hint"),
+    ):
+        assert _digest(variant / "movq") == movq
+        config = json.loads((variant / "unet" / "config.json").read_text())
+        assert (config["in_channels"], config["addition_embed_type"]) == (in_channels, addition)

@@ -1,0 +1,54 @@
+"""Safe decoding of input images: explicit formats, a pixel cap checked before decoding,
+Pillow's decompression-bomb guard, truncated files refused."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+_KNOWN_OTHER = {b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x00\x00\x01\x00": "ICO"}
+
+
+def decode_image(data: str, max_pixels: int, mode: str = "RGB") -> np.ndarray:
+    """Base64 PNG/JPEG/WebP -> (H, W, 3) uint8 (mode ``RGB``) or (H, W) uint8 (mode ``L``).
+
+    Raises ``ValueError`` with a message for the client; nothing is decoded past the
+    header when the image is too large.
+    """
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+    for magic, name in _KNOWN_OTHER.items():
+        if raw.startswith(magic):
+            raise ValueError(f"{name} images are not accepted; send PNG, JPEG or WebP")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw), formats=ACCEPTED_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels")
+            image.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        if isinstance(error, UnidentifiedImageError):
+            raise ValueError("not a PNG, JPEG or WebP image") from None
+        raise ValueError(f"refused as a decompression bomb: {error}") from None
+    except (OSError, SyntaxError, EOFError) as error:
+        raise ValueError(f"could not decode the image (truncated or corrupt): {error}") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Flatten transparency onto white rather than keeping whatever colour hides under alpha 0.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return np.asarray(image.convert(mode)).copy()
+
+
+def size_from_image(side: int, max_side: int) -> int:
+    """An input image's side rounded to a multiple of 64 within [64, max_side]."""
+    return min(max(64, round(side / 64) * 64), max_side)

@@ -1,0 +1,97 @@
+"""How one request of any mode flows through the stages — written once.
+
+:func:`plan` wires a :class:`~serve.schemas.GenerationSpec` through a
+:class:`StageCalls`. The ingress passes calls that return Ray
+``DeploymentResponse`` objects (so each stage's output goes replica to replica
+without coming back to the ingress); tests pass calls that run the stage models
+in process. Either way the same messages flow in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from deployments.messages import Composite, DecodeParams, DenoiseParams, InitImage, MixTerm, PriorParams
+from serve.schemas import GenerationSpec
+
+# Which decoder U-Net serves each mode; each has its own deployment and batches only with itself.
+DECODER_OF_MODE = {
+    "text2img": "text2img",
+    "img2img": "text2img",
+    "mix": "text2img",
+    "variations": "text2img",
+    "inpaint": "inpaint",
+    "controlnet": "controlnet",
+}
+
+
+class StageCalls(Protocol):
+    """One call per stage method; each returns the stage's output or a handle to it."""
+
+    def encode_text(self, texts: list[str], request_id: str) -> Any: ...
+
+    def embed_images(self, images: list[np.ndarray], request_id: str) -> Any: ...
+
+    def prior(self, text: Any, params: PriorParams, images: Any = None) -> Any: ...
+
+    def encode_image(self, image: InitImage) -> Any: ...
+
+    def denoise(self, decoder: str, embeddings: Any, params: DenoiseParams, init: Any = None, hint: np.ndarray | None = None) -> Any: ...
+
+    def decode(self, latents: Any, params: DecodeParams) -> Any: ...
+
+
+def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
+    """Issue every stage call of ``spec``; return the final (MOVQ decode) call's result."""
+    seeds = tuple(spec.seeds)
+    images = None
+    if spec.mode == "mix":
+        # Texts: the text items, then "" (the unconditional text), then the negative prompt.
+        # As KandinskyV22PriorPipeline.interpolate, "" as negative prompt means none.
+        has_negative = bool(spec.negative_prompt)
+        item_texts = [item.text for item in spec.mix if item.text is not None]
+        text = calls.encode_text([*item_texts, "", *([spec.negative_prompt] if has_negative else [])], request_id)
+        item_images = [item.image for item in spec.mix if item.image is not None]
+        if item_images:
+            images = calls.embed_images(item_images, request_id)
+        terms, text_index, image_index = [], 0, 0
+        for item in spec.mix:
+            if item.text is not None:
+                terms.append(MixTerm("text", text_index, item.weight))
+                text_index += 1
+            else:
+                terms.append(MixTerm("image", image_index, item.weight))
+                image_index += 1
+        prior_params = PriorParams(
+            seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative, request_id, mix=tuple(terms)
+        )
+    else:
+        has_negative = spec.negative_prompt is not None
+        text = calls.encode_text([spec.prompt, spec.negative_prompt if has_negative else ""], request_id)
+        prior_strength = None
+        if spec.mode == "variations":
+            images = calls.embed_images([spec.image], request_id)
+            prior_strength = spec.strength
+        prior_params = PriorParams(
+            seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative, request_id, strength=prior_strength
+        )
+    embeddings = calls.prior(text, prior_params, images)
+
+    init = None
+    decoder_strength = None
+    if spec.mode in ("img2img", "inpaint") or (spec.mode == "controlnet" and spec.image is not None):
+        mask = spec.mask if spec.mode == "inpaint" else None
+        init = calls.encode_image(InitImage(spec.image, spec.width, spec.height, mask, request_id))
+        decoder_strength = None if spec.mode == "inpaint" else spec.strength
+    denoise_params = DenoiseParams(
+        spec.height, spec.width, spec.steps, spec.guidance_scale, request_id, spec.scheduler, decoder_strength
+    )
+    hint = spec.hint if spec.mode == "controlnet" else None
+    latents = calls.denoise(DECODER_OF_MODE[spec.mode], embeddings, denoise_params, init, hint)
+
+    composite = None
+    if spec.mode == "inpaint" and spec.mask_blur > 0:
+        composite = Composite(spec.image, spec.mask, spec.mask_blur)
+    return calls.decode(latents, DecodeParams(spec.output_format, request_id, composite))

@@ -1,0 +1,150 @@
+"""Every stage model in one process, called through :func:`serve.plan.plan` as the ingress calls the deployments."""
+
+from __future__ import annotations
+
+from deployments.denoiser import DenoiserModel
+from deployments.image_encoder import ImageEncoderModel
+from deployments.messages import ClipImageEmbeddings, ImageEmbeddings, ImageLatents, Latents, TextEmbeddings
+from deployments.movq import MovqModel, feather
+from deployments.prior import PriorModel
+from deployments.text_encoder import TextEncoderModel
+from serve.plan import plan
+
+
+class LocalCalls:
+    """:class:`serve.plan.StageCalls` on the models, one request at a time (returns values, not handles)."""
+
+    def __init__(self, checkpoint) -> None:
+        prior_path, decoder_path, inpaint_path, controlnet_path = checkpoint
+        self.text = TextEncoderModel.from_pretrained(prior_path)
+        self.images = ImageEncoderModel.from_pretrained(prior_path)
+        self.prior_model = PriorModel.from_pretrained(prior_path)
+        self.decoders = {
+            "text2img": DenoiserModel.from_pretrained(decoder_path),
+            "inpaint": DenoiserModel.from_pretrained(inpaint_path),
+            "controlnet": DenoiserModel.from_pretrained(controlnet_path),
+        }
+        self.movq = MovqModel.from_pretrained(decoder_path)
+
+    def encode_text(self, texts, request_id):
+        return TextEmbeddings(texts, *self.text.encode(texts))
+
+    def embed_images(self, images, request_id):
+        return ClipImageEmbeddings(self.images.embed(images))
+
+    def prior(self, text, params, images=None):
+        [(embeds, negative)] = self.prior_model.generate([(text, params, images)])
+        return ImageEmbeddings(embeds, negative, list(params.seeds))
+
+    def encode_image(self, image):
+        [(latents, keep)] = self.movq.encode([image])
+        return ImageLatents(latents, keep)
+
+    def denoise(self, decoder, embeddings, params, init=None, hint=None):
+        [latents] = self.decoders[decoder].generate([(embeddings, params, init, hint)])
+        return Latents(latents, embeddings.seeds)
+
+    def decode(self, latents, params):
+        [images] = self.movq.decode_many([latents.latents])
+        if params.composite is not None:
+            images = [feather(image, params.composite) for image in images]
+        return list(images)
+
+    def generate(self, spec):
+        """(H, W, 3) uint8 images of ``spec``."""
+        return plan(spec, self, "local")
+
+
+class _Pending:
+    """A stage call not yet run: its arguments may themselves be pending."""
+
+    def __init__(self, stage: str, args: tuple) -> None:
+        self.stage, self.args, self.value = stage, args, None
+
+
+def _resolve(value):
+    return value.value if isinstance(value, _Pending) else value
+
+
+class BatchedCalls(LocalCalls):
+    """Like :class:`LocalCalls`, but runs many requests stage by stage, each stage's calls in
+    one batch — as the deployments batch concurrent requests."""
+
+    STAGES = ("text", "images", "prior", "encode", "denoise", "decode")
+
+    def __init__(self, models: LocalCalls) -> None:
+        self.__dict__.update(vars(models))  # share the loaded models
+        self.pending: list[_Pending] = []
+
+    def _defer(self, stage, *args):
+        call = _Pending(stage, args)
+        self.pending.append(call)
+        return call
+
+    def encode_text(self, texts, request_id):
+        return self._defer("text", texts)
+
+    def embed_images(self, images, request_id):
+        return self._defer("images", images)
+
+    def prior(self, text, params, images=None):
+        return self._defer("prior", text, params, images)
+
+    def encode_image(self, image):
+        return self._defer("encode", image)
+
+    def denoise(self, decoder, embeddings, params, init=None, hint=None):
+        return self._defer("denoise", decoder, embeddings, params, init, hint)
+
+    def decode(self, latents, params):
+        return self._defer("decode", latents, params)
+
+    def run(self, specs) -> list[list]:
+        """Every spec's images; returns also the largest batch each stage ran."""
+        finals = [plan(spec, self, f"r{i}") for i, spec in enumerate(specs)]
+        self.batch_sizes = {}
+        for stage in self.STAGES:
+            calls = [call for call in self.pending if call.stage == stage]
+            for call in calls:
+                call.args = tuple(_resolve(arg) for arg in call.args)
+            self.batch_sizes[stage] = len(calls)
+            if calls:
+                getattr(self, f"_run_{stage}")(calls)
+        self.pending = []
+        return [final.value for final in finals]
+
+    def _run_text(self, calls):
+        flat = [text for call in calls for text in call.args[0]]
+        embeds, hidden, mask = self.text.encode(flat)
+        offset = 0
+        for call in calls:
+            rows = slice(offset, offset + len(call.args[0]))
+            offset = rows.stop
+            call.value = TextEmbeddings(call.args[0], embeds[rows], hidden[rows], mask[rows])
+
+    def _run_images(self, calls):
+        embeds = self.images.embed([image for call in calls for image in call.args[0]])
+        offset = 0
+        for call in calls:
+            call.value = ClipImageEmbeddings(embeds[offset : offset + len(call.args[0])])
+            offset += len(call.args[0])
+
+    def _run_prior(self, calls):
+        for call, (embeds, negative) in zip(calls, self.prior_model.generate([call.args for call in calls])):
+            call.value = ImageEmbeddings(embeds, negative, list(call.args[1].seeds))
+
+    def _run_encode(self, calls):
+        for call, (latents, keep) in zip(calls, self.movq.encode([call.args[0] for call in calls])):
+            call.value = ImageLatents(latents, keep)
+
+    def _run_denoise(self, calls):
+        for decoder, model in self.decoders.items():
+            mine = [call for call in calls if call.args[0] == decoder]
+            if mine:
+                for call, latents in zip(mine, model.generate([call.args[1:] for call in mine])):
+                    call.value = Latents(latents, call.args[1].seeds)
+
+    def _run_decode(self, calls):
+        for call, images in zip(calls, self.movq.decode_many([call.args[0].latents for call in calls])):
+            composite = call.args[1].composite
+            call.value = [image if composite is None else feather(image, composite) for image in images]
