@@ -217,7 +217,7 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
     config = load_config(config)
     _, decoder_path = resolve_model_paths(config.service.models)
     if not ray.is_initialized():
-        ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+        ray.init(address="local", dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
     dim = json.loads((Path(decoder_path) / "unet" / "config.json").read_text())["encoder_hid_dim"]
 
     def make_request(index: int):
@@ -394,7 +394,7 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
                 process.wait(timeout=30)
         elif name == "monolith":
             if not ray.is_initialized():
-                ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+                ray.init(address="local", dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             app = Monolith.options(ray_actor_options={"num_cpus": graph_cpus}).bind(str(prior_path), str(decoder_path))
             serve.run(app, name="monolith", route_prefix="/")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ def start_service(config: LoadedConfig, host: str | None = None, port: int | Non
     host = host or config.http_host
     port = port or config.http_port
     if not ray.is_initialized():
-        ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
     serve.start(http_options={"host": host, "port": port})
     serve.run(
         app,

@@ -7,7 +7,7 @@ force are the ones the OpenAPI schema documents and the validator enforces.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Literal
 
 import numpy as np
@@ -30,7 +30,7 @@ class MixItem:
 
     weight: float
     text: str | None = None
-    image: np.ndarray | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,14 +49,14 @@ class GenerationSpec:
     output_format: str = "png"
     mode: str = "text2img"
     scheduler: str = "ddpm"
-    image: np.ndarray | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
     """(H, W, 3) uint8: img2img, inpaint, variations and ControlNet img2img."""
-    mask: np.ndarray | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)
     """(H, W) uint8, white = repaint (already inverted when ``invert_mask`` was set)."""
     mask_blur: float = 0.0
     strength: float | None = None
     """img2img / ControlNet img2img: decoder strength; variations: prior strength."""
-    hint: np.ndarray | None = None
+    hint: np.ndarray | None = field(default=None, repr=False)
     """(H, W, 3) uint8 depth hint: ControlNet."""
     mix: tuple[MixItem, ...] = ()
 

@@ -47,7 +47,8 @@ def ray_session():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    # address="local": always a fresh instance, never a cluster that `ray start` left running.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     serve.shutdown()
     ray.shutdown()

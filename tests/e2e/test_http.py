@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve.schemas import MODES
+from serve.settings import STAGE_NAMES
+
 REQUEST = {"prompt": "a green triangle", "width": 128, "height": 64, "prior_steps": 3, "steps": 5}
 
 
@@ -65,9 +68,10 @@ def test_health_readiness_and_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["stages"] == {name: "ready" for name in ("TextEncoder", "Prior", "Denoiser", "MovqDecoder")}
+    assert ready.json()["stages"] == {name: "ready" for name in STAGE_NAMES}
     assert client.get("/docs").status_code == 200
-    assert "/v1/text2img" in client.get("/openapi.json").json()["paths"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {f"/v1/{mode}" for mode in MODES} | {"/v1/embeddings"} <= set(paths)
 
 
 def test_client_disconnect_stops_the_denoising_loop(served_app):
@@ -90,3 +94,43 @@ def test_client_disconnect_stops_the_denoising_loop(served_app):
         assert time.monotonic() < deadline, f"the loop kept running: {stats}"
         time.sleep(0.05)  # polling interval
     assert stats["steps"] - before["steps"] < 150, "the abandoned request ran to completion"
+
+
+def _b64_png(pixels) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_every_mode_over_http(client):
+    from tests.reference import box_mask, solid_image
+
+    picture, small = _b64_png(solid_image(64, 64, 1)), {"prior_steps": 2, "steps": 3, "seed": 5}
+    bodies = {
+        "img2img": {"image": picture, "prompt": "a cat", "strength": 0.6},
+        "inpaint": {"image": picture, "mask": _b64_png(box_mask(64, 64)), "prompt": "a cat", "mask_blur": 2.0},
+        "mix": {"items": [{"text": "a cat"}, {"image": picture}], "weights": [0.3, 0.7]},
+        "variations": {"image": picture, "strength": 0.6},
+        "controlnet": {"hint": _b64_png(solid_image(64, 64, 2)), "prompt": "a cat", "image": picture, "strength": 0.7},
+    }
+    for mode, body in bodies.items():
+        response = client.post(f"/v1/{mode}", json={**body, **small})
+        assert response.status_code == 200, (mode, response.text)
+        data = response.json()
+        # Image modes default to the input image's size; mixing to 512 x 512 like text-to-image.
+        assert (data["width"], data["height"]) == ((512, 512) if mode == "mix" else (64, 64))
+        image = Image.open(io.BytesIO(base64.b64decode(data["images"][0])))
+        assert image.size == (data["width"], data["height"])
+
+
+def test_embeddings_rank_the_image_and_its_text(client):
+    from tests.reference import solid_image
+
+    response = client.post("/v1/embeddings", json={"texts": ["a cat", "a dog"], "images": [_b64_png(solid_image(64, 64, 1))]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["text_embeddings"]) == 2 and len(body["image_embeddings"]) == 1
+    a, b = np.array(body["text_embeddings"]), np.array(body["image_embeddings"])
+    cosine = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    assert np.allclose(cosine, body["similarity"], atol=1e-5)
+    assert client.post("/v1/embeddings", json={"texts": [], "images": []}).status_code == 422

@@ -87,3 +87,58 @@ def test_import_path_is_a_ray_app_builder(path):
 def test_logging_config_is_read(tmp_path):
     path = _write(tmp_path, lambda r: r["applications"][0].update(logging_config={"encoding": "JSON"}))
     assert load_config(path).logging_config == {"encoding": "JSON"}
+
+
+def test_a_variant_deployment_without_its_checkpoint_is_refused(tmp_path):
+    import yaml
+
+    from serve.settings import ConfigError, load_config
+
+    config = {
+        "applications": [{
+            "name": "k", "import_path": "serve.graph:build_app",
+            "args": {"models": {"prior_path": "/p", "decoder_path": "/d"}},
+            "deployments": [{"name": "InpaintDenoiser", "num_replicas": 1}],
+        }]
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="InpaintDenoiser is configured but args.models.inpaint_decoder_path is null"):
+        load_config(path)
+
+
+def test_variant_paths_need_the_main_checkpoints():
+    from serve.settings import ConfigError, parse_service_settings
+
+    with pytest.raises(ConfigError, match="inpaint_decoder_path/controlnet_decoder_path need prior_path and decoder_path"):
+        parse_service_settings({"models": {"inpaint_decoder_path": "/x"}})
+
+
+def test_the_graph_deploys_only_configured_variants(tiny_checkpoint):
+    from serve.graph import build_graph
+
+    args = {"models": {
+        "prior_path": str(tiny_checkpoint.prior),
+        "decoder_path": str(tiny_checkpoint.decoder),
+        "controlnet_decoder_path": str(tiny_checkpoint.controlnet_decoder),
+    }}
+    ingress = build_graph(args)._bound_deployment
+    stages = {name for name, handle in ingress.init_kwargs.items() if handle is not None}
+    assert stages == {"TextEncoder", "ImageEncoder", "Prior", "Denoiser", "ControlnetDenoiser", "MovqDecoder"}
+
+
+def test_a_variant_with_a_different_movq_is_refused(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from deployments.loading import CheckpointError
+    from serve.graph import build_graph
+
+    other = tmp_path / "inpaint"
+    shutil.copytree(tiny_checkpoint.inpaint_decoder, other)
+    config = json.loads((other / "movq" / "config.json").read_text())
+    (other / "movq" / "config.json").write_text(json.dumps({**config, "latent_channels": 3}))
+    args = {"models": {"prior_path": str(tiny_checkpoint.prior), "decoder_path": str(tiny_checkpoint.decoder),
+                       "inpaint_decoder_path": str(other)}}
+    with pytest.raises(CheckpointError, match="latent_channels=3 differs"):
+        build_graph(args)

@@ -1,0 +1,151 @@
+"""Every mode's HTTP contract with a fake backend: what reaches the graph, and every bad input
+refused with a 4xx naming the field before anything runs. No Ray, no models."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from serve.api import create_app
+from serve.ingress import unavailable_modes
+from serve.settings import ApiLimits, STAGE_NAMES
+from tests.unit.test_api import FakeBackend
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def picture(width: int = 64, height: int = 64, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).convert(mode)
+
+
+IMAGE = encode(picture())
+MASK = encode(Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16)))
+GOOD = {
+    "img2img": {"image": IMAGE, "prompt": "a cat"},
+    "inpaint": {"image": IMAGE, "mask": MASK, "prompt": "a cat"},
+    "mix": {"items": [{"text": "a cat"}, {"image": IMAGE}], "weights": [0.5, 0.5]},
+    "variations": {"image": IMAGE},
+    "controlnet": {"hint": IMAGE, "prompt": "a cat"},
+}
+
+
+class ModesBackend(FakeBackend):
+    async def embeddings(self, texts, images, request_id):
+        self.calls.append((texts, images))
+        return np.ones((len(texts), 4), np.float32), np.ones((len(images), 4), np.float32)
+
+
+@pytest.fixture
+def backend():
+    return ModesBackend()
+
+
+@pytest.fixture
+def client(backend):
+    return TestClient(create_app(ApiLimits(max_body_bytes=1024 * 1024, max_image_pixels=512 * 512), backend))
+
+
+@pytest.mark.parametrize("mode", list(GOOD))
+def test_each_mode_reaches_the_graph_with_decoded_images(client, backend, mode):
+    response = client.post(f"/v1/{mode}", json={**GOOD[mode], "seed": 3, "num_images": 2})
+    assert response.status_code == 200, response.text
+    [(spec, _)] = backend.calls
+    assert spec.mode == mode and spec.seeds == (3, 4) and (spec.width, spec.height) == ((512, 512) if mode == "mix" else (64, 64))
+    if mode == "inpaint":
+        assert spec.mask.shape == (64, 64) and spec.mask[32, 32] == 255 and spec.mask[0, 0] == 0
+    if mode == "mix":
+        assert [item.weight for item in spec.mix] == [0.5, 0.5] and spec.mix[1].image.shape == (64, 64, 3)
+    else:
+        assert (spec.image if mode != "controlnet" else spec.hint).dtype == np.uint8
+
+
+def test_defaults_strength_scheduler_and_invert_mask(client, backend):
+    client.post("/v1/inpaint", json={**GOOD["inpaint"], "invert_mask": True})
+    client.post("/v1/img2img", json={**GOOD["img2img"], "scheduler": "unipc"})
+    client.post("/v1/controlnet", json=GOOD["controlnet"])
+    inpaint, img2img, controlnet = (call[0] for call in backend.calls)
+    assert inpaint.mask[32, 32] == 0 and inpaint.mask[0, 0] == 255  # flipped
+    assert img2img.strength == 0.3 and img2img.scheduler == "unipc"
+    assert controlnet.strength is None and controlnet.image is None  # no image: plain ControlNet
+
+
+def test_image_modes_default_to_the_input_size_rounded_to_64(client, backend):
+    client.post("/v1/img2img", json={"image": encode(picture(200, 90)), "prompt": "x"})
+    client.post("/v1/img2img", json={"image": encode(picture(200, 90)), "prompt": "x", "width": 128, "height": 256})
+    assert [(c[0].width, c[0].height) for c in backend.calls] == [(192, 64), (128, 256)]
+
+
+def test_embeddings_return_vectors_and_similarity(client):
+    body = client.post("/v1/embeddings", json={"texts": ["a", "b"], "images": [IMAGE]}).json()
+    assert len(body["text_embeddings"]) == 2 and np.allclose(body["similarity"], [[1.0], [1.0]])
+    assert client.post("/v1/embeddings", json={"texts": ["a"]}).json()["similarity"] is None
+
+
+def _bomb(pixels_side: int) -> str:
+    # A 1-bit PNG compresses to almost nothing however large it claims to be.
+    return encode(Image.new("1", (pixels_side, pixels_side)))
+
+
+def _truncated() -> str:
+    raw = base64.b64decode(IMAGE)
+    return base64.b64encode(raw[: len(raw) // 2]).decode("ascii")
+
+
+BAD = [
+    ("img2img", {"image": _truncated()}, "image", "truncated"),
+    ("img2img", {"image": encode(picture(), "GIF")}, "image", "GIF images are not accepted"),
+    ("img2img", {"image": base64.b64encode(b"not an image at all").decode()}, "image", "not a PNG, JPEG or WebP"),
+    ("img2img", {"image": "***"}, "image", "not valid base64"),
+    ("img2img", {"image": _bomb(600)}, "image", "the limit is 262144 pixels"),
+    ("inpaint", {"mask": encode(Image.new("L", (32, 64)))}, "mask", "mask is 32x64 but image is 64x64"),
+    ("mix", {"weights": [1.0]}, "weights", "2 items but 1 weights"),
+    ("mix", {"items": [{"text": "a", "image": IMAGE}], "weights": [1.0]}, "items.0", "exactly one of text or image"),
+    ("mix", {"items": [{"text": "a"}] * 9, "weights": [0.1] * 9}, "items", "at most 8"),
+    ("img2img", {"strength": 1.5}, "strength", "less than or equal to 1"),
+    ("variations", {"strength": -0.1}, "strength", "greater than or equal to 0"),
+    ("img2img", {"strength": 0.01}, "strength", "leaves no denoising step"),
+    ("img2img", {"scheduler": "euler"}, "scheduler", "ddpm"),
+    ("controlnet", {"hint": None}, "hint", ""),
+    ("inpaint", {"mask_blur": 100}, "mask_blur", "less than or equal to 64"),
+]
+
+
+@pytest.mark.parametrize("mode, patch, field, message", BAD, ids=[f"{m}-{f}-{i}" for i, (m, _, f, _) in enumerate(BAD)])
+def test_bad_input_is_refused_naming_the_field_before_any_stage(client, backend, mode, patch, field, message):
+    response = client.post(f"/v1/{mode}", json={**GOOD[mode], **patch})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert any(d["field"] == field for d in error["details"]), error
+    assert message in error["message"]
+    assert backend.calls == []
+
+
+def test_decompression_bomb_over_pillows_own_guard(backend):
+    client = TestClient(create_app(ApiLimits(max_image_pixels=16384 * 16384), backend))
+    response = client.post("/v1/img2img", json={"image": _bomb(14000), "prompt": "x"})
+    assert response.status_code == 422 and "decompression bomb" in response.json()["error"]["message"]
+    assert backend.calls == []
+
+
+def test_body_over_the_byte_cap_is_413(client, backend):
+    big = encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (700, 700, 3), dtype=np.uint8)))
+    response = client.post("/v1/img2img", json={"image": big, "prompt": "x"})
+    assert response.status_code == 413 and backend.calls == []
+
+
+def test_unconfigured_mode_is_404_naming_what_to_configure(backend):
+    deployed = set(STAGE_NAMES) - {"InpaintDenoiser"}
+    client = TestClient(create_app(ApiLimits(), backend, unavailable=unavailable_modes(deployed)))
+    response = client.post("/v1/inpaint", json=GOOD["inpaint"])
+    assert response.status_code == 404
+    assert "args.models.inpaint_decoder_path" in response.json()["error"]["message"]
+    assert client.post("/v1/controlnet", json=GOOD["controlnet"]).status_code == 200
+    assert len(backend.calls) == 1
