@@ -270,6 +270,21 @@ class DenoiserModel:
                 state.latents = state.keep_mask * proper + (1 - state.keep_mask) * state.latents
             state.index += 1
 
+    @torch.inference_mode()
+    def health_probe(self) -> None:
+        """One U-Net forward at the smallest latent size (check_health)."""
+        config = self.unet.config
+        side = max(8, 2 ** len(config.block_out_channels))  # the smallest size every level can halve
+        sample = torch.zeros(1, config.in_channels - (4 if self.variant == "controlnet" else 0), side, side)
+        added = {"image_embeds": torch.zeros(1, config.encoder_hid_dim)}
+        if self.variant == "controlnet":
+            added["hint"] = torch.zeros(1, 3, side * self.movq_scale_factor, side * self.movq_scale_factor)
+        self.unet(
+            sample=sample.to(self.device, self.dtype), timestep=torch.zeros(1, dtype=torch.long, device=self.device),
+            encoder_hidden_states=None, added_cond_kwargs={k: v.to(self.device, self.dtype) for k, v in added.items()},
+            return_dict=False,
+        )
+
     def start_all(
         self, embeddings: ImageEmbeddings, params: DenoiseParams, init: ImageLatents | None = None, hint: np.ndarray | None = None
     ) -> list[DenoiseState]:
@@ -316,7 +331,7 @@ class DenoiserReplica(LoopReplica):
     def make_output(self, inputs: tuple, latents, timing: StageTiming) -> Latents:
         embeddings, _, init, _ = inputs
         upstream = {**embeddings.timings, **(init.timings if init is not None else {})}
-        return Latents(latents, embeddings.seeds, {**upstream, self.stage: timing})
+        return Latents(latents, embeddings.seeds, {**upstream, self.stage: timing}, embeddings.notes)
 
 
 @serve.deployment(name="Denoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})

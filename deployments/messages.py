@@ -33,6 +33,8 @@ class TextEmbeddings:
     hidden_states: np.ndarray  # (n, L, H) last hidden states
     attention_mask: np.ndarray  # (n, L) bool
     timings: Timings = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    """Things the client should know (e.g. a prompt truncated to the encoder's window)."""
 
 
 @dataclass
@@ -80,6 +82,8 @@ class ImageEmbeddings:
     negative_image_embeds: np.ndarray  # (N, D)
     seeds: list[int]
     timings: Timings = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    """Things the client should know (e.g. a prompt truncated to the encoder's window)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ class Latents:
     latents: np.ndarray  # (N, C, h, w)
     seeds: list[int]
     timings: Timings = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    """Things the client should know (e.g. a prompt truncated to the encoder's window)."""
 
 
 @dataclass(frozen=True)
@@ -152,3 +158,5 @@ class EncodedImages:
     media_type: str
     seeds: list[int]
     timings: Timings = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    """Things the client should know (e.g. a prompt truncated to the encoder's window)."""

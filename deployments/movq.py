@@ -90,6 +90,10 @@ class MovqModel:
                 results[i] = (latents[row : row + 1].float().cpu().numpy(), keep)
         return results
 
+    def health_probe(self) -> None:
+        """A tiny decode (check_health)."""
+        self.decode(np.zeros((1, self.movq.config.latent_channels, 2, 2), np.float32))
+
     def decode_many(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Decode several requests' latents, one forward per latent size."""
         rows = [(index, row) for index, array in enumerate(arrays) for row in array]
@@ -175,6 +179,8 @@ class MovqDecoder(StageReplica):
             latents, params = call.payload
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
             results.append(
-                EncodedImages(images, MEDIA_TYPES[params.output_format], latents.seeds, {**latents.timings, STAGE: timing})
+                EncodedImages(
+                    images, MEDIA_TYPES[params.output_format], latents.seeds, {**latents.timings, STAGE: timing}, latents.notes
+                )
             )
         return results

@@ -260,6 +260,18 @@ class PriorModel:
         negative = next(outputs)[0] if mix.params.has_negative else self.zero_image_embed[0]
         return embed.float().cpu().numpy(), negative.float().cpu().numpy()
 
+    @torch.inference_mode()
+    def health_probe(self) -> None:
+        """One prior forward on a single zero row (check_health)."""
+        config = self.prior.config
+        dim, tokens = config.embedding_dim, config.num_embeddings
+        zeros = torch.zeros(1, dim, device=self.device, dtype=self.dtype)
+        self.prior(
+            zeros, timestep=torch.zeros(1, device=self.device, dtype=torch.long), proj_embedding=zeros,
+            encoder_hidden_states=torch.zeros(1, tokens, dim, device=self.device, dtype=self.dtype),
+            attention_mask=torch.ones(1, tokens, device=self.device, dtype=torch.bool),
+        )
+
     def start_all(self, text: TextEmbeddings, params: PriorParams, images: ClipImageEmbeddings | None = None) -> list:
         return [self.start(text, params, seed, images) for seed in params.seeds]
 
@@ -289,4 +301,4 @@ class Prior(LoopReplica):
         text, params, images = inputs
         embeds, negative = output
         upstream = {**text.timings, **(images.timings if images is not None else {})}
-        return ImageEmbeddings(embeds, negative, list(params.seeds), {**upstream, STAGE: timing})
+        return ImageEmbeddings(embeds, negative, list(params.seeds), {**upstream, STAGE: timing}, text.notes)

@@ -8,6 +8,7 @@ progress API, a test). Progress only moves forward.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -63,3 +64,29 @@ class ProgressBoard:
     def _publish(self, key: str) -> None:
         for queue in self._subscribers.get(key, []):
             queue.put_nowait(self._progress[key])
+
+
+class ExecutedSteps:
+    """Image-steps run per request, kept for the most recent ``capacity`` requests: shows that
+    a cancelled or timed-out request really stopped (its count stops growing)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def on_admit(self, queue_wait_s: float) -> None:
+        pass
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        pass
+
+    def on_progress(self, key: str, step: int, total: int) -> None:
+        if not key:
+            return
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._counts.move_to_end(key)
+        while len(self._counts) > self.capacity:
+            self._counts.popitem(last=False)

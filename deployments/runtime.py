@@ -22,18 +22,29 @@ from ray import serve
 
 from deployments.batching import BatchSettings, LoopBatchSettings, Observers, Queued, StepItem, StepScheduler, StepStats
 from deployments.messages import StageTiming
-from deployments.progress import ProgressBoard
+from deployments.progress import ExecutedSteps, ProgressBoard
 
 R = TypeVar("R")
 logger = logging.getLogger("ray.serve")
 
 
+class StageNotReady(RuntimeError):
+    """This replica cannot serve: its model failed to load (the message says why)."""
+
+
 class ModelThread:
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
+        self.pending = 0
+        self.last_done = time.monotonic()
 
     async def run(self, fn: Callable[..., R], *args: Any) -> R:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self.pending -= 1
+            self.last_done = time.monotonic()
 
     def set_torch_threads(self, count: int | None) -> None:
         if count:
@@ -54,17 +65,55 @@ class StageReplica:
     thread: ModelThread
     _run_batch: Any
 
+    # check_health: a forward probe at most this often, and only when the model is idle;
+    # a model thread busy this long without finishing anything counts as stuck.
+    HEALTH_PROBE_INTERVAL_S = 30.0
+    STALL_LIMIT_S = 300.0
+    RELOAD_BACKOFF_S = (30.0, 60.0, 120.0, 300.0, 600.0)
+
     def setup(self, stage: str, device: str, load_model: Callable[[], Any]) -> None:
         from deployments.metrics import StageMetrics
 
         self.stage = stage
+        self.device = device
         self.thread = ModelThread(stage)
         self.metrics = StageMetrics(stage, device)
-        started = time.perf_counter()
-        self.model = load_model()
-        self.metrics.model_loaded(time.perf_counter() - started)
+        self._load_model = load_model
+        self.model = None
+        self.load_error: str | None = None
+        self._load_attempts = 0
+        self._next_load_at = 0.0
+        self._reloading = False
+        self._last_probe = time.monotonic()
+        self._injected_faults: set[str] = set()
+        self._try_load()
         self.init_policy()
         self.reconfigure({})
+
+    def _try_load(self) -> None:
+        """Load the model; on failure stay up, report the reason, and retry later with backoff
+        (a broken checkpoint must not become a silent crash loop)."""
+        started = time.perf_counter()
+        self._load_attempts += 1
+        try:
+            self.model = self._load_model()
+        except Exception as error:  # noqa: BLE001 - reported through readiness and logs
+            self.load_error = f"{type(error).__name__}: {error}"
+            backoff = self.RELOAD_BACKOFF_S[min(self._load_attempts - 1, len(self.RELOAD_BACKOFF_S) - 1)]
+            self._next_load_at = time.monotonic() + backoff
+            logger.error("stage %s: model failed to load (attempt %d; next in %.0f s): %s",
+                         self.stage, self._load_attempts, backoff, self.load_error)
+            return
+        self.load_error = None
+        self.metrics.model_loaded(time.perf_counter() - started)
+
+    def _require_model(self) -> None:
+        if self.model is None:
+            raise StageNotReady(f"stage {self.stage}: model not loaded: {self.load_error}")
+
+    async def load_state(self) -> str:
+        """"ready", or why this replica cannot serve."""
+        return "ready" if self.model is not None else f"model failed to load: {self.load_error}"
 
     def init_policy(self) -> None:
         """Hook for subclasses that need more than ``@serve.batch`` (set up before reconfigure)."""
@@ -76,6 +125,10 @@ class StageReplica:
         """
         self.metrics.request()
         try:
+            if self.model is None:
+                if hasattr(work, "close"):
+                    work.close()  # never started: nothing to await
+                self._require_model()
             result = await work
         except Exception as error:
             self.metrics.error(error)
@@ -110,9 +163,46 @@ class StageReplica:
     async def ready(self) -> bool:
         return True
 
-    def check_health(self) -> None:
-        """Called by Ray Serve every ``health_check_period_s``; also keeps gauges exported."""
+    async def check_health(self) -> None:
+        """Called by Ray Serve every ``health_check_period_s``; raising gets the replica replaced.
+
+        Healthy: CUDA answers (on GPU), the model thread is not stuck, and — when idle, at
+        most every ``HEALTH_PROBE_INTERVAL_S`` — a tiny forward pass runs. A replica whose
+        model failed to load stays up (reporting why through ``load_state``) and retries
+        the load with backoff instead of failing health checks into a crash loop.
+        """
         self.metrics.refresh_gauges()
+        if "health" in self._injected_faults:
+            raise RuntimeError(f"stage {self.stage}: injected health-check failure")
+        if self.model is None:
+            if not self._reloading and time.monotonic() >= self._next_load_at:
+                self._reloading = True
+                try:
+                    await self.thread.run(self._try_load)
+                finally:
+                    self._reloading = False
+            return
+        if self.device.startswith("cuda"):
+            await self.thread.run(torch.cuda.synchronize)
+        now = time.monotonic()
+        if self.thread.pending:
+            if now - self.thread.last_done > self.STALL_LIMIT_S:
+                raise RuntimeError(f"stage {self.stage}: the model thread has been busy for {now - self.thread.last_done:.0f} s")
+            return
+        if now - self._last_probe >= self.HEALTH_PROBE_INTERVAL_S:
+            self._last_probe = now
+            await self.thread.run(self.model.health_probe)
+
+    async def inject_fault(self, kind: str) -> None:
+        """Chaos testing only (refused unless the replica runs with ``KANDINSKY_CHAOS=1``):
+        ``health`` makes health checks fail from now on; ``exit`` kills the process."""
+        import os
+
+        if os.environ.get("KANDINSKY_CHAOS") != "1":
+            raise PermissionError("fault injection is disabled (set KANDINSKY_CHAOS=1 in the replica's environment)")
+        if kind == "exit":
+            os._exit(1)
+        self._injected_faults.add(kind)
 
 
 class LoopReplica(StageReplica):
@@ -134,7 +224,8 @@ class LoopReplica(StageReplica):
 
         self.stats = StepStats()
         self.progress = ProgressBoard()
-        self.observer = Observers(self.stats, self.progress, LoopMetrics(self.stage))
+        self.executed = ExecutedSteps()
+        self.observer = Observers(self.stats, self.progress, self.executed, LoopMetrics(self.stage))
         self.scheduler: StepScheduler = StepScheduler(self._step_on_model_thread, max_batch=1, observer=self.observer)
 
     def reconfigure(self, user_config: dict | None) -> None:
@@ -202,6 +293,10 @@ class LoopReplica(StageReplica):
         """Image-steps done / total for a request in flight in this replica, else None."""
         progress = self.progress.get(request_id)
         return None if progress is None else {"done": progress.done, "total": progress.total}
+
+    async def executed_steps(self, request_id: str) -> int:
+        """Image-steps this replica has run for ``request_id`` (kept for recent requests)."""
+        return self.executed.get(request_id)
 
     async def loop_stats(self) -> dict:
         """What the loop has done so far in this replica (for benchmarks and tests)."""

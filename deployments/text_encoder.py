@@ -49,6 +49,20 @@ class TextEncoderModel:
         )
 
 
+    def truncated(self, texts: list[str]) -> list[str]:
+        """Notes for the texts longer than the encoder's window (they are cut to it)."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
+        return [
+            f"text {text[:40]!r}{'...' if len(text) > 40 else ''} is {length} tokens; the text encoder reads "
+            f"only the first {self.max_length}"
+            for text, length in zip(texts, lengths) if length > self.max_length
+        ]
+
+    def health_probe(self) -> None:
+        """A tiny forward pass (check_health)."""
+        self.encode([""])
+
+
 @serve.deployment(name="TextEncoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class TextEncoder(StageReplica):
     """Batches prompts from many requests into one encoder forward pass."""
@@ -64,11 +78,12 @@ class TextEncoder(StageReplica):
         started = time.perf_counter()
         flat = [text for call in calls for text in call.payload]
         embeds, hidden, mask = await self.thread.run(self.model.encode, flat)
+        notes = await self.thread.run(lambda: [tuple(self.model.truncated(call.payload)) for call in calls])
         compute_ms = self.record_batch(calls, started)
         results, offset = [], 0
-        for call in calls:
+        for call, note in zip(calls, notes):
             rows = slice(offset, offset + len(call.payload))
             offset = rows.stop
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
-            results.append(TextEmbeddings(call.payload, embeds[rows], hidden[rows], mask[rows], {STAGE: timing}))
+            results.append(TextEmbeddings(call.payload, embeds[rows], hidden[rows], mask[rows], {STAGE: timing}, note))
         return results

@@ -32,17 +32,22 @@ from serve.schemas import (
     embeddings_request_model,
     request_models,
 )
-from serve.settings import ApiLimits
+from serve.guard import AdmissionGate, RateLimiter, retry_after_header
+from serve.resilience import Overloaded, RequestTimedOut, StageUnavailable
+from serve.settings import AdmissionSettings, ApiLimits, AuthSettings
 
 logger = logging.getLogger("kandinsky_serve.api")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+TIMEOUT_HEADER = "X-Request-Timeout"
+"""A client's own deadline in seconds; the configured ``request_timeout_s`` is the most it can ask."""
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class GenerationBackend(Protocol):
-    async def generate(self, spec: GenerationSpec, request_id: str) -> EncodedImages:
-        """Run one request of any mode through the stages."""
+    async def generate(self, spec: GenerationSpec, request_id: str, timeout_s: float | None = None) -> EncodedImages:
+        """Run one request of any mode through the stages, within ``timeout_s`` if given
+        (else the configured limit)."""
         ...
 
     async def embeddings(self, texts: list[str], images: list[np.ndarray], request_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -90,11 +95,18 @@ def _route_label(scope: Scope) -> str:
     return scope.get("path") if scope.get("path") in KNOWN_ROUTES else "other"
 
 
-def _error(status: int, kind: str, message: str, request_id: str | None, details: list[dict] | None = None) -> JSONResponse:
+def _error(
+    status: int, kind: str, message: str, request_id: str | None, details: list[dict] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse.model_validate(
         {"error": {"type": kind, "message": message, "details": details or []}, "request_id": request_id}
     )
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+OPEN_PATHS = ("/healthz", "/readyz")
+"""Routes that never need an API key (probes)."""
 
 
 def _field_name(loc: tuple) -> str:
@@ -166,6 +178,8 @@ def create_app(
     echo_request_id: bool = True,
     metrics: ApiMetrics | None = None,
     unavailable: dict[str, str] | None = None,
+    admission: AdmissionSettings | None = None,
+    auth: AuthSettings | None = None,
 ) -> FastAPI:
     """Build the HTTP API on ``backend``.
 
@@ -174,12 +188,70 @@ def create_app(
     us and sets the response header itself.
     ``unavailable``: modes this deployment does not serve, each with what to configure;
     their routes answer 404 with that message.
+    ``admission``: the in-flight bound (503 past it) and the end-to-end timeout.
+    ``auth``: API keys and per-key rate limits (open when no keys file is configured).
     """
+    from serve.auth import KeyStore
+
+    admission = admission or AdmissionSettings()
+    auth = auth or AuthSettings()
+    keys_file = auth.keys_file()
+    keys = KeyStore(keys_file) if keys_file is not None else None
+    limiter = RateLimiter(auth.requests_per_s, auth.burst_requests, auth.images_per_min)
+    gate = AdmissionGate(admission.max_inflight_requests, admission.retry_after_s)
+    generation_paths = {*(f"/v1/{mode}" for mode in MODES if mode not in (unavailable or {})), "/v1/embeddings"}
     models = request_models(limits)
     EmbeddingsRequest = embeddings_request_model(limits)
     unavailable = unavailable or {}
     metrics = metrics or NoMetrics()
     app = FastAPI(title="kandinsky-serve", version="0.2.0", description=DESCRIPTION)
+
+    @app.middleware("http")
+    async def guard_middleware(request: Request, call_next):
+        """API key, per-key request rate, then the in-flight bound — before any model work."""
+        request_id = getattr(request.state, "request_id", None)
+        path = request.url.path
+        key = None
+        if keys is not None and path not in OPEN_PATHS:
+            scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+            challenge = {"WWW-Authenticate": "Bearer"}
+            if not scheme:
+                metrics.rejection("unauthenticated")
+                return _error(401, "missing_api_key", "send 'Authorization: Bearer <key>'", request_id, headers=challenge)
+            if scheme.lower() != "bearer" or not token.strip() or " " in token.strip():
+                metrics.rejection("unauthenticated")
+                return _error(401, "malformed_authorization", "the Authorization header must be 'Bearer <key>'",
+                              request_id, headers=challenge)
+            key = keys.lookup(token.strip())
+            if key is None:
+                metrics.rejection("unauthenticated")
+                return _error(401, "invalid_api_key", "unknown API key", request_id, headers=challenge)
+            if key.revoked:
+                metrics.rejection("forbidden")
+                return _error(403, "api_key_revoked", f"API key {key.name!r} has been revoked", request_id)
+            refusal = limiter.admit_request(key.name, key.requests_per_s, key.images_per_min)
+            if refusal is not None:
+                metrics.rejection("rate_limited")
+                return _error(429, "rate_limited", f"{refusal.reason} for key {key.name!r}", request_id,
+                              headers={"Retry-After": retry_after_header(refusal.retry_after_s)})
+        request.state.api_key = key
+        if not (request.method == "POST" and path in generation_paths):
+            return await call_next(request)
+        if not gate.try_enter():
+            metrics.rejection("overloaded")
+            return _error(
+                503, "overloaded",
+                f"the service is at capacity ({gate.limit} requests in flight per ingress replica); retry later",
+                request_id, headers={"Retry-After": retry_after_header(gate.retry_after_s())},
+            )
+        started = time.perf_counter()
+        succeeded = False
+        try:
+            response = await call_next(request)
+            succeeded = response.status_code < 400
+            return response
+        finally:
+            gate.leave(time.perf_counter() - started if succeeded else None)
 
     @app.middleware("http")
     async def request_id_middleware(request: Request, call_next):
@@ -209,6 +281,18 @@ def create_app(
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return _error(422, "validation_error", message, getattr(request.state, "request_id", None), details)
 
+    def _stage_error(error: Exception, request_id: str) -> JSONResponse:
+        """Every way a backend call can fail, as one explicit error (never a stack trace)."""
+        if isinstance(error, RequestTimedOut):
+            metrics.rejection("timeout")
+            return _error(504, "timeout", str(error), request_id)
+        if isinstance(error, (StageUnavailable, Overloaded)):
+            metrics.rejection("overloaded" if isinstance(error, Overloaded) else "stage_unavailable")
+            kind = "overloaded" if isinstance(error, Overloaded) else "stage_unavailable"
+            return _error(503, kind, str(error), request_id, headers={"Retry-After": retry_after_header(gate.retry_after_s())})
+        logger.exception("request %s failed", request_id)
+        return _error(500, "generation_failed", f"generation failed: {type(error).__name__}", request_id)
+
     async def run_generation(mode: str, body: Any, request: Request) -> Any:
         request_id = request.state.request_id
         try:
@@ -216,12 +300,30 @@ def create_app(
         except SpecError as error:
             metrics.rejection("validation")
             return _error(422, "validation_error", str(error), request_id, [{"field": error.field, "message": error.message}])
+        key = getattr(request.state, "api_key", None)
+        if key is not None:
+            refusal = limiter.admit_images(key.name, len(spec.seeds), key.requests_per_s, key.images_per_min)
+            if refusal is not None:
+                metrics.rejection("rate_limited")
+                return _error(429, "rate_limited", f"{refusal.reason} for key {key.name!r}", request_id,
+                              [{"field": "num_images", "message": refusal.reason}],
+                              headers={"Retry-After": retry_after_header(refusal.retry_after_s)})
+        timeout_s = admission.request_timeout_s
+        asked = request.headers.get(TIMEOUT_HEADER)
+        if asked is not None:
+            try:
+                timeout_s = min(timeout_s, float(asked))
+                if not timeout_s > 0:
+                    raise ValueError
+            except ValueError:
+                metrics.rejection("validation")
+                return _error(422, "validation_error", f"{TIMEOUT_HEADER}: must be a number of seconds > 0", request_id,
+                              [{"field": TIMEOUT_HEADER, "message": f"seconds, > 0, at most {admission.request_timeout_s:g}"}])
         started = time.perf_counter()
         try:
-            result = await backend.generate(spec, request_id)
-        except Exception as error:  # a stage failed: explicit error, no stack trace to the client
-            logger.exception("request %s failed", request_id)
-            return _error(500, "generation_failed", f"generation failed: {type(error).__name__}", request_id)
+            result = await backend.generate(spec, request_id, timeout_s)
+        except Exception as error:
+            return _stage_error(error, request_id)
         metrics.generation(mode, spec.width, spec.height, time.perf_counter() - started)
         return ImagesResponse(
             images=[base64.b64encode(image).decode("ascii") for image in result.images],
@@ -232,11 +334,12 @@ def create_app(
             timings={stage: vars(timing) for stage, timing in result.timings.items()},
             total_ms=(time.perf_counter() - started) * 1000.0,
             request_id=request_id,
+            warnings=list(getattr(result, "notes", ())),
         )
 
     def add_generation_route(mode: str) -> None:
         model = models[mode]
-        responses = {413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
+        responses = {status: {"model": ErrorResponse} for status in (401, 403, 413, 422, 429, 500, 503, 504)}
         if mode in unavailable:
             reason = unavailable[mode]
 
@@ -267,8 +370,7 @@ def create_app(
         try:
             texts, images = await backend.embeddings(list(body.texts), list(body.images), request_id)
         except Exception as error:
-            logger.exception("request %s failed", request_id)
-            return _error(500, "embedding_failed", f"embedding failed: {type(error).__name__}", request_id)
+            return _stage_error(error, request_id)
         similarity = None
         if len(texts) and len(images):
             a = texts / np.linalg.norm(texts, axis=1, keepdims=True)

@@ -86,6 +86,24 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     return 1 if result.lost else 0
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from serve.auth import add_key, revoke_key
+
+    path = Path(args.file)
+    try:
+        if args.action == "new":
+            key = add_key(path, args.name, args.requests_per_s, args.images_per_min)
+            print(key)
+            print(f"(stored only as a hash in {path}; this is the only time the key is shown)", file=sys.stderr)
+        else:
+            revoke_key(path, args.name)
+            print(f"revoked {args.name!r} in {path} (in force within a second, no restart needed)", file=sys.stderr)
+    except ValueError as error:
+        print(f"kandinsky-serve: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_make_tiny)
+
+    keys = commands.add_parser("keys", help="API keys: make one (printed once, stored hashed) or revoke one")
+    keys_actions = keys.add_subparsers(dest="action", required=True)
+    new = keys_actions.add_parser("new", help="make a key for NAME and append its hash to --file")
+    new.add_argument("name")
+    new.add_argument("--file", required=True, help="the keys file (args.auth.api_keys_file)")
+    new.add_argument("--requests-per-s", type=float, default=None)
+    new.add_argument("--images-per-min", type=float, default=None)
+    new.set_defaults(func=_cmd_keys)
+    revoke = keys_actions.add_parser("revoke", help="revoke NAME's key (403 from then on)")
+    revoke.add_argument("name")
+    revoke.add_argument("--file", required=True)
+    revoke.set_defaults(func=_cmd_keys)
 
     loadtest = commands.add_parser("loadtest", help="drive a deployment with a scenario file and report")
     loadtest.add_argument("scenario", help="scenario YAML (see README: Load testing)")

@@ -19,6 +19,7 @@ from deployments.messages import EncodedImages
 from deployments.metrics import merge_exposition
 from serve.api import create_app
 from serve.plan import DECODER_OF_MODE, plan
+from serve.resilience import run_resilient
 from serve.schemas import GenerationSpec
 from serve.settings import (
     CONTROLNET_DECODER_PATH_ENV,
@@ -40,24 +41,51 @@ class HandleCalls:
 
     def __init__(self, handles: dict[str, DeploymentHandle | None]) -> None:
         self.handles = handles
+        self.issued: list = []
+
+    def _call(self, stage: str, method: str, *args):
+        response = getattr(self.handles[stage], method).remote(*args)
+        self.issued.append(response)
+        return response
+
+    def cancel_all(self) -> None:
+        """Cancel every call this request made: each stage drops the work (a loop at its next step)."""
+        for response in self.issued:
+            response.cancel()
 
     def encode_text(self, texts, request_id):
-        return self.handles["TextEncoder"].encode.remote(texts, request_id)
+        return self._call("TextEncoder", "encode", texts, request_id)
 
     def embed_images(self, images, request_id):
-        return self.handles["ImageEncoder"].embed.remote(images, request_id)
+        return self._call("ImageEncoder", "embed", images, request_id)
 
     def prior(self, text, params, images=None):
-        return self.handles["Prior"].generate.remote(text, params, images)
+        return self._call("Prior", "generate", text, params, images)
 
     def encode_image(self, image):
-        return self.handles["MovqDecoder"].encode.remote(image)
+        return self._call("MovqDecoder", "encode", image)
 
     def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        return self.handles[DENOISER_OF_DECODER[decoder]].generate.remote(embeddings, params, init, hint)
+        return self._call(DENOISER_OF_DECODER[decoder], "generate", embeddings, params, init, hint)
 
     def decode(self, latents, params):
-        return self.handles["MovqDecoder"].decode.remote(latents, params)
+        return self._call("MovqDecoder", "decode", latents, params)
+
+
+def classify_stage_error(error: BaseException) -> str | None:
+    """How :func:`serve.resilience.run_resilient` should treat a stage call's error."""
+    from ray import exceptions
+    from ray.serve.exceptions import BackPressureError
+
+    from deployments.runtime import StageNotReady
+
+    if isinstance(error, BackPressureError):
+        return "overloaded"
+    if isinstance(error, (exceptions.ActorDiedError, exceptions.ActorUnavailableError, exceptions.RayActorError)):
+        return "replica_died"
+    if isinstance(error, StageNotReady) or isinstance(getattr(error, "cause", None), StageNotReady):
+        return "unavailable"
+    return None
 
 
 DENOISER_OF_DECODER = {"text2img": "Denoiser", "inpaint": "InpaintDenoiser", "controlnet": "ControlnetDenoiser"}
@@ -82,14 +110,14 @@ class Ingress:
     def __init__(self, settings: dict, **stages: DeploymentHandle | None) -> None:
         self.settings = ServiceSettings.model_validate(settings)
         self.deployed = {name for name, handle in stages.items() if handle is not None}
-        self.calls = HandleCalls(stages)
+        self.handles = stages
 
     def __serve_build_asgi_app__(self):
         from deployments.metrics import IngressMetrics
 
         return create_app(
             self.settings.limits, backend=self, echo_request_id=False, metrics=IngressMetrics(),
-            unavailable=unavailable_modes(self.deployed),
+            unavailable=unavailable_modes(self.deployed), admission=self.settings.admission, auth=self.settings.auth,
         )
 
     async def metrics_text(self) -> str:
@@ -110,31 +138,55 @@ class Ingress:
         texts = [r.text for r in responses if isinstance(r, httpx.Response) and r.status_code == 200]
         return merge_exposition(texts)
 
-    async def generate(self, spec: GenerationSpec, request_id: str = "") -> EncodedImages:
+    async def generate(self, spec: GenerationSpec, request_id: str = "", timeout_s: float | None = None) -> EncodedImages:
         logger.info(
             "request %s: %s %dx%d, %d image(s)", request_id, spec.mode, spec.width, spec.height, len(spec.seeds)
         )
-        # If the client goes away, Ray Serve cancels this call and with it every
-        # stage call made under it; a denoising loop then drops the request at its
-        # next step boundary (tests/e2e: test_client_disconnect_stops_the_denoising_loop).
-        return await plan(spec, self.calls, request_id)
+
+        async def attempt() -> EncodedImages:
+            calls = HandleCalls(self.handles)
+            try:
+                return await plan(spec, calls, request_id)
+            except BaseException:
+                # A timeout, a client that went away (Ray Serve cancels this call), a dead
+                # replica: cancel every stage call of this attempt, so no stage keeps
+                # working for nobody; a denoising loop drops it at its next step boundary.
+                calls.cancel_all()
+                raise
+
+        return await self._resilient(attempt, request_id, timeout_s)
 
     async def embeddings(self, texts: list[str], images: list, request_id: str = "") -> tuple[np.ndarray, np.ndarray]:
-        text_call = self.calls.encode_text(texts, request_id) if texts else None
-        image_call = self.calls.embed_images(images, request_id) if images else None
-        text_embeds = (await text_call).text_embeds if text_call is not None else np.zeros((0, 0), np.float32)
-        image_embeds = (await image_call).image_embeds if image_call is not None else np.zeros((0, 0), np.float32)
-        return text_embeds, image_embeds
+        async def attempt() -> tuple[np.ndarray, np.ndarray]:
+            calls = HandleCalls(self.handles)
+            try:
+                text_call = calls.encode_text(texts, request_id) if texts else None
+                image_call = calls.embed_images(images, request_id) if images else None
+                text_embeds = (await text_call).text_embeds if text_call is not None else np.zeros((0, 0), np.float32)
+                image_embeds = (await image_call).image_embeds if image_call is not None else np.zeros((0, 0), np.float32)
+                return text_embeds, image_embeds
+            except BaseException:
+                calls.cancel_all()
+                raise
+
+        return await self._resilient(attempt, request_id)
+
+    async def _resilient(self, attempt, request_id: str, timeout_s: float | None = None):
+        admission = self.settings.admission
+        return await run_resilient(
+            attempt, timeout_s=min(timeout_s or admission.request_timeout_s, admission.request_timeout_s),
+            retries=admission.stage_retries,
+            classify=classify_stage_error, request_id=request_id,
+        )
 
     async def readiness(self) -> dict[str, str]:
         """Per deployed stage: "ready" when at least one replica is running, else what Serve reports."""
         status = await asyncio.to_thread(serve.status)
         app_name = serve.get_replica_context().app_name
         app = status.applications.get(app_name)
+        names = [name for name in STAGE_NAMES if name in self.deployed]
         stages: dict[str, str] = {}
-        for name in STAGE_NAMES:
-            if name not in self.deployed:
-                continue
+        for name in names:
             deployment = app.deployments.get(name) if app else None
             if deployment is None:
                 stages[name] = "not deployed"
@@ -142,4 +194,15 @@ class Ingress:
                 stages[name] = "ready"
             else:
                 stages[name] = f"{deployment.status}: {deployment.message or 'no running replica'}"
+        # A running replica whose model failed to load says so itself (it stays up, reporting
+        # the reason, rather than crash-looping).
+        running = [name for name in names if stages[name] == "ready"]
+        states = await asyncio.gather(
+            *(asyncio.wait_for(self.handles[name].load_state.remote(), 5.0) for name in running), return_exceptions=True
+        )
+        for name, state in zip(running, states):
+            if isinstance(state, BaseException):
+                stages[name] = f"not responding: {type(state).__name__}"
+            elif state != "ready":
+                stages[name] = state
         return stages

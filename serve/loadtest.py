@@ -35,6 +35,8 @@ class RequestMix(BaseModel):
     weight: float = Field(default=1.0, gt=0)
     path: str = "/v1/text2img"
     body: dict[str, Any] = Field(default_factory=lambda: {"prompt": "a red circle", "width": 64, "height": 64})
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra request headers, e.g. ``Authorization: Bearer <key>``."""
 
 
 class Arrival(BaseModel):
@@ -224,7 +226,7 @@ class LoadTest:
         sent_at = time.perf_counter()
         outcome, status, images = "client_error", None, 0
         try:
-            response = await client.post(mix.path, json=mix.body, headers={"X-Request-ID": request_id})
+            response = await client.post(mix.path, json=mix.body, headers={**mix.headers, "X-Request-ID": request_id})
             status = response.status_code
             if 200 <= status < 300:
                 outcome = "success"

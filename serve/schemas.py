@@ -82,6 +82,7 @@ class _RequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     mode: ClassVar[str] = "text2img"
     max_side: ClassVar[int] = 1024
+    max_output_pixels: ClassVar[int] = 1024 * 1024
 
     @field_validator("prompt", check_fields=False)
     @classmethod
@@ -110,6 +111,11 @@ class _RequestBase(BaseModel):
         hint = getattr(self, "hint", None)
         mask = getattr(self, "mask", None)
         width, height = self._size(hint if hint is not None else image)
+        if width * height > self.max_output_pixels:
+            raise SpecError(
+                "width", f"width x height = {width}x{height} = {width * height} pixels exceeds the limit of "
+                f"{self.max_output_pixels} pixels (max_output_pixels)"
+            )
         if mask is not None:
             if mask.shape != image.shape[:2]:
                 raise SpecError(
@@ -207,6 +213,7 @@ def request_models(limits: ApiLimits) -> dict[str, type[_RequestBase]]:
         built = create_model(name, __base__=_RequestBase, __doc__=doc, **{**common, **fields})
         built.mode = mode
         built.max_side = limits.max_side
+        built.max_output_pixels = limits.max_output_pixels
         return built
 
     mix_item = create_model(
@@ -316,6 +323,7 @@ class ImagesResponse(BaseModel):
     timings: dict[str, StageTimingOut] = Field(description="Per stage: queue wait, compute time (ms), batch size.")
     total_ms: float
     request_id: str
+    warnings: list[str] = Field(default=[], description="E.g. a prompt longer than the text encoder's 77-token window, which reads only its start.")
 
 
 class EmbeddingsResponse(BaseModel):

@@ -27,6 +27,7 @@ DECODER_PATH_ENV = "KANDINSKY_DECODER_PATH"
 INPAINT_DECODER_PATH_ENV = "KANDINSKY_INPAINT_DECODER_PATH"
 CONTROLNET_DECODER_PATH_ENV = "KANDINSKY_CONTROLNET_DECODER_PATH"
 CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
+API_KEYS_FILE_ENV = "KANDINSKY_API_KEYS_FILE"
 
 STAGE_NAMES = ("TextEncoder", "ImageEncoder", "Prior", "Denoiser", "InpaintDenoiser", "ControlnetDenoiser", "MovqDecoder")
 LOOP_STAGE_NAMES = ("Prior", "Denoiser", "InpaintDenoiser", "ControlnetDenoiser")  # user_config is LoopBatchSettings
@@ -119,6 +120,45 @@ class ApiLimits(BaseModel):
     """Most items (texts and images) in one ``/v1/mix`` request."""
     max_embedding_items: int = Field(default=16, ge=1, le=256)
     """Most texts plus images in one ``/v1/embeddings`` request."""
+    max_output_pixels: int = Field(default=1024 * 1024, ge=64 * 64, le=4096 * 4096)
+    """Largest width x height of an output image (with ``max_side`` bounding each side)."""
+
+
+class AdmissionSettings(BaseModel):
+    """Overload and time: what the ingress admits, and how long a request may take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_inflight_requests: int = Field(default=64, ge=1, le=100_000)
+    """Generation requests one ingress replica runs at once; more get 503 with Retry-After at
+    once (no queue here: the stages' own queues are bounded by ``max_queued_requests``)."""
+    request_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    """End-to-end limit per request; past it the client gets 504 and every stage drops the work."""
+    retry_after_s: float | None = Field(default=None, gt=0)
+    """The Retry-After sent with 503s; None estimates it from recent request durations."""
+    stage_retries: int = Field(default=1, ge=0, le=3)
+    """Times a request is re-issued when a stage replica dies under it (stage calls are
+    deterministic for a seed, so a retry returns the same images)."""
+
+
+class AuthSettings(BaseModel):
+    """API keys and per-key rate limits. Off (open API) unless a keys file is configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys_file: Path | None = None
+    """YAML file of hashed keys (``kandinsky-serve keys new``); ``$KANDINSKY_API_KEYS_FILE`` wins.
+    When set, every route but /healthz and /readyz needs ``Authorization: Bearer <key>``."""
+    requests_per_s: float = Field(default=5.0, gt=0)
+    """Default per-key request rate (a key's own entry may override it)."""
+    burst_requests: int = Field(default=10, ge=1)
+    """Requests a key may send at once before the rate applies."""
+    images_per_min: float = Field(default=120.0, gt=0)
+    """Default per-key image budget per minute (num_images counts)."""
+
+    def keys_file(self) -> Path | None:
+        env = os.environ.get(API_KEYS_FILE_ENV)
+        return Path(env) if env else self.api_keys_file
 
 
 class ServiceSettings(BaseModel):
@@ -128,6 +168,8 @@ class ServiceSettings(BaseModel):
 
     models: ModelSettings = ModelSettings()
     limits: ApiLimits = ApiLimits()
+    admission: AdmissionSettings = AdmissionSettings()
+    auth: AuthSettings = AuthSettings()
 
 
 class ConfigError(ValueError):

@@ -18,7 +18,7 @@ class FakeBackend:
         self.fail = fail
         self.stages = stages if stages is not None else {"TextEncoder": "ready", "Prior": "ready", "Denoiser": "ready", "MovqDecoder": "ready"}
 
-    async def generate(self, spec, request_id):
+    async def generate(self, spec, request_id, timeout_s=None):
         self.calls.append((spec, request_id))
         if self.fail:
             raise RuntimeError("replica exploded\nTraceback: secret internals")

@@ -1,0 +1,72 @@
+"""Time limits and retries around one request's stage calls — plain asyncio, no Ray.
+
+A request either returns, or ends in exactly one explicit error:
+
+* :class:`RequestTimedOut` past the end-to-end limit (HTTP 504);
+* :class:`StageUnavailable` when a stage replica died under it and the retry failed too,
+  or a stage cannot serve (model not loaded) (HTTP 503);
+* :class:`Overloaded` when a stage's bounded queue refused it (HTTP 503);
+* anything else from a stage unchanged (HTTP 500, no stack trace to the client).
+
+Only a replica's death is retried: stage calls are deterministic for a seed, so a retry
+returns the very images the first attempt would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+logger = logging.getLogger("ray.serve")
+
+
+class RequestTimedOut(Exception):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request exceeded its time limit of {timeout_s:g} s (admission.request_timeout_s)")
+        self.timeout_s = timeout_s
+
+
+class StageUnavailable(Exception):
+    """No replica could serve a stage call; the message says why."""
+
+
+class Overloaded(Exception):
+    """A stage's queue is full (its ``max_queued_requests``)."""
+
+
+async def run_resilient(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    timeout_s: float,
+    retries: int,
+    classify: Callable[[BaseException], str | None],
+    request_id: str = "",
+) -> T:
+    """Run ``attempt()`` within ``timeout_s``; re-run it up to ``retries`` times when ``classify``
+    says a replica died. ``classify(error)`` returns ``"replica_died"``, ``"overloaded"``,
+    ``"unavailable"`` or None (not ours: re-raised as is)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            for number in range(retries + 1):
+                try:
+                    return await attempt()
+                except Exception as error:  # noqa: BLE001 - classified below, never swallowed
+                    kind = classify(error)
+                    if kind == "overloaded":
+                        raise Overloaded(f"a stage is at capacity: {error}") from error
+                    if kind == "unavailable":
+                        raise StageUnavailable(str(error)) from error
+                    if kind != "replica_died":
+                        raise
+                    if number == retries:
+                        raise StageUnavailable(
+                            f"a stage replica died and {retries} retr{'y' if retries == 1 else 'ies'} failed: "
+                            f"{type(error).__name__}"
+                        ) from error
+                    logger.warning("request %s: a stage replica died (%s); retrying", request_id, type(error).__name__)
+    except TimeoutError:
+        raise RequestTimedOut(timeout_s) from None
+    raise AssertionError("unreachable")
