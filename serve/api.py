@@ -87,12 +87,20 @@ class NoMetrics:
 KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in MODES), "/v1/embeddings", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
+def _app_path(scope: Scope) -> str:
+    """The request path inside the app (without the route prefix it is served under)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+"""Routes that never need an API key (probes)."""
+
+
 def _route_label(scope: Scope) -> str:
     """A bounded route label: the matched route's template, else a known path, else "other"."""
     route = scope.get("route")
     if route is not None and getattr(route, "path", None):
         return route.path
-    return scope.get("path") if scope.get("path") in KNOWN_ROUTES else "other"
+    path = _app_path(scope)
+    return path if path in KNOWN_ROUTES else "other"
 
 
 def _error(
@@ -106,7 +114,6 @@ def _error(
 
 
 OPEN_PATHS = ("/healthz", "/readyz")
-"""Routes that never need an API key (probes)."""
 
 
 def _field_name(loc: tuple) -> str:
@@ -210,7 +217,7 @@ def create_app(
     async def guard_middleware(request: Request, call_next):
         """API key, per-key request rate, then the in-flight bound — before any model work."""
         request_id = getattr(request.state, "request_id", None)
-        path = request.url.path
+        path = _app_path(request.scope)
         key = None
         if keys is not None and path not in OPEN_PATHS:
             scheme, _, token = (request.headers.get("authorization") or "").partition(" ")

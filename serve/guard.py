@@ -55,8 +55,9 @@ class RateLimiter:
     def _for(self, key: str, requests_per_s: float | None, images_per_min: float | None, now: float):
         buckets = self._buckets.get(key)
         if buckets is None:
+            # A key's own rate comes with a burst of about one second's worth.
             rate = requests_per_s or self.defaults[0]
-            burst = max(self.defaults[1], math.ceil(rate))
+            burst = self.defaults[1] if requests_per_s is None else max(1, math.ceil(rate))
             per_min = images_per_min or self.defaults[2]
             # The image bucket holds a minute's budget: a key may spend it at once, then waits.
             buckets = (TokenBucket(rate, burst, now), TokenBucket(per_min / 60.0, per_min, now))

@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Replicas accept fault injection (StageReplica.inject_fault) in this test session only.
+os.environ.setdefault("KANDINSKY_CHAOS", "1")
 # Metrics reach the node's exporter every 10 s by default; tests poll for them.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "500")
 
@@ -71,3 +73,46 @@ def served_app(ray_session, tiny_checkpoint):
     }}
     handle = serve.run(build_graph(args, TEST_DEPLOYMENT_OPTIONS), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle
+
+
+GUARDED_APP = "chaos"
+
+
+@pytest.fixture(scope="session")
+def guarded_app(served_app, tiny_checkpoint, tmp_path_factory):
+    """A second application with API keys, a small in-flight limit, a short timeout, tight cost
+    caps and 1 s health checks, for tests/chaos and tests/security: (base_url, {key name: key})."""
+    from ray import serve
+
+    from serve.auth import add_key, revoke_key
+    from serve.graph import build_graph
+
+    url, _ = served_app
+    keys_path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys = {
+        name: add_key(keys_path, name, **extra)
+        for name, extra in (
+            ("load", {"requests_per_s": 1000, "images_per_min": 1_000_000}),
+            ("normal", {"requests_per_s": 100, "images_per_min": 1_000_000}),
+            ("flood", {"requests_per_s": 0.5}),
+            ("revoked", {}),
+        )
+    }
+    revoke_key(keys_path, "revoked")
+    args = {
+        "models": {"prior_path": str(tiny_checkpoint.prior), "decoder_path": str(tiny_checkpoint.decoder)},
+        "limits": {"max_side": 64, "max_steps": 8, "max_prior_steps": 4, "max_num_images": 2, "max_mix_items": 2,
+                   "max_embedding_items": 4, "max_image_pixels": 256 * 256},
+        "admission": {"max_inflight_requests": 2, "request_timeout_s": 30},
+        "auth": {"api_keys_file": str(keys_path)},
+    }
+    options = {
+        name: {**opts, "health_check_period_s": 1, "health_check_timeout_s": 10, "max_queued_requests": 64,
+               "ray_actor_options": {"num_cpus": 0.05}}
+        for name, opts in TEST_DEPLOYMENT_OPTIONS.items()
+    }
+    # Two of the stages the chaos tests kill: the survivor serves while the other restarts.
+    for name in ("Denoiser", "MovqDecoder"):
+        options[name]["num_replicas"] = 2
+    serve.run(build_graph(args, options), name=GUARDED_APP, route_prefix=f"/{GUARDED_APP}")
+    return f"{url}/{GUARDED_APP}", keys

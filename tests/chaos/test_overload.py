@@ -1,0 +1,75 @@
+"""Offered load well past capacity on the guarded app: the excess is refused fast, what is
+admitted keeps its latency, and memory stays flat."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import httpx
+import ray
+
+from serve.loadtest import percentile
+from tests.chaos.test_faults import BODY, replica_actors
+
+INFLIGHT = 2  # the guarded app's admission.max_inflight_requests
+
+
+def rss_mb(deployment: str) -> float:
+    """Resident memory of the deployment's replica processes, from /proc."""
+    total = 0.0
+    for name in replica_actors(deployment):
+        pid = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
+        with open(f"/proc/{pid}/status") as status:
+            total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+    return total
+
+
+async def _send(client, headers, results, label):
+    started = time.perf_counter()
+    response = await client.post("/v1/text2img", json=BODY, headers=headers)
+    results.append((label, response.status_code, time.perf_counter() - started, response.headers.get("Retry-After")))
+
+
+async def _open_loop(url, headers, rate, duration_s, results):
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=None)) as client:
+        tasks, start = [], time.perf_counter()
+        for i in range(int(rate * duration_s)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the arrival schedule
+            tasks.append(asyncio.create_task(_send(client, headers, results, "load")))
+        await asyncio.gather(*tasks)
+
+
+def test_three_times_capacity_is_shed_fast_and_admitted_latency_holds(guarded_app):
+    url, keys = guarded_app
+    headers = {"Authorization": f"Bearer {keys['load']}"}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        client.post("/v1/text2img", json=BODY, headers=headers)  # warm
+        unloaded = []
+        for _ in range(8):
+            started = time.perf_counter()
+            assert client.post("/v1/text2img", json=BODY, headers=headers).status_code == 200
+            unloaded.append(time.perf_counter() - started)
+    baseline_p99 = percentile(unloaded, 0.99)
+    capacity = INFLIGHT / (sum(unloaded) / len(unloaded))  # req/s the admitted requests can sustain
+    memory = []
+    for _round in range(2):
+        results: list = []
+        asyncio.run(_open_loop(url, headers, rate=3 * capacity, duration_s=6.0, results=results))
+        memory.append((rss_mb("Ingress"), rss_mb("Denoiser")))
+        ok = [latency for _, status, latency, _ in results if status == 200]
+        shed = [(latency, retry) for _, status, latency, retry in results if status == 503]
+        print(f"\noverload round {_round}: offered {3 * capacity:.1f} req/s for 6 s: {len(results)} sent, "
+              f"{len(ok)} admitted (p99 {percentile(ok, 0.99):.3f} s vs unloaded p99 {baseline_p99:.3f} s), "
+              f"{len(shed)} shed (p99 {percentile([l for l, _ in shed], 0.99) or 0:.3f} s); "
+              f"RSS ingress {memory[-1][0]:.0f} MB, denoiser {memory[-1][1]:.0f} MB")
+        assert {status for _, status, _, _ in results} <= {200, 503}
+        assert shed, "3x capacity should have been shed in part"
+        assert all(retry is not None and int(retry) >= 1 for _, retry in shed)
+        assert percentile([latency for latency, _ in shed], 0.99) < 0.1 * 3  # refused at once (3x margin: loaded CI box)
+        assert percentile(ok, 0.99) <= 2 * baseline_p99
+    # Nothing queues without bound: the second round does not grow memory further.
+    assert memory[1][0] - memory[0][0] < 64 and memory[1][1] - memory[0][1] < 64

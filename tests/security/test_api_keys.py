@@ -1,0 +1,184 @@
+"""API keys, rate limits and admission at the HTTP layer, with a fake backend (no Ray, no models)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.api import create_app
+from serve.auth import add_key, revoke_key
+from serve.settings import AdmissionSettings, ApiLimits, AuthSettings
+from tests.unit.test_api import GOOD, FakeBackend
+
+
+class SlowBackend(FakeBackend):
+    def __init__(self, release: asyncio.Event | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.release = release
+
+    async def generate(self, spec, request_id, timeout_s=None):
+        if self.release is not None:
+            await self.release.wait()
+        return await super().generate(spec, request_id, timeout_s)
+
+    async def metrics_text(self):
+        return "# nothing\n"
+
+
+@pytest.fixture
+def keys(tmp_path):
+    path = tmp_path / "keys.yaml"
+    found = {name: add_key(path, name, **extra) for name, extra in
+             (("a", {}), ("b", {}), ("slow", {"requests_per_s": 0.5}), ("few-images", {"images_per_min": 3}), ("gone", {}))}
+    revoke_key(path, "gone")
+    return path, found
+
+
+@pytest.fixture
+def backend():
+    return SlowBackend()
+
+
+@pytest.fixture
+def client(keys, backend):
+    path, _ = keys
+    return TestClient(create_app(ApiLimits(), backend, auth=AuthSettings(api_keys_file=path, requests_per_s=50, burst_requests=50)))
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("headers, status, kind", [
+    ({}, 401, "missing_api_key"),
+    ({"Authorization": "Basic abc"}, 401, "malformed_authorization"),
+    ({"Authorization": "Bearer"}, 401, "malformed_authorization"),
+    ({"Authorization": "Bearer two words"}, 401, "malformed_authorization"),
+    ({"Authorization": "Bearer ks-not-a-real-key"}, 401, "invalid_api_key"),
+])
+def test_requests_without_a_valid_key_are_refused_before_anything_runs(client, backend, headers, status, kind):
+    for path, method in (("/v1/text2img", "post"), ("/metrics", "get"), ("/openapi.json", "get"), ("/v1/embeddings", "post")):
+        response = getattr(client, method)(path, json=GOOD, headers=headers) if method == "post" else client.get(path, headers=headers)
+        assert response.status_code == status, (path, response.text)
+        assert response.json()["error"]["type"] == kind
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert backend.calls == []
+
+
+def test_a_revoked_key_is_403_and_revocation_needs_no_restart(client, keys, backend):
+    path, found = keys
+    assert client.post("/v1/text2img", json=GOOD, headers=bearer(found["gone"])).status_code == 403
+    assert client.post("/v1/text2img", json=GOOD, headers=bearer(found["a"])).status_code == 200
+    revoke_key(path, "a")
+    deadline_calls = 0
+    while client.post("/v1/text2img", json=GOOD, headers=bearer(found["a"])).status_code != 403:
+        deadline_calls += 1  # the store re-reads the file at most once a second
+        assert deadline_calls < 10_000
+    assert len(backend.calls) >= 1
+
+
+def test_health_routes_stay_open(client):
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def test_per_key_request_rate_gives_429_with_retry_after_and_spares_other_keys(client, keys):
+    _, found = keys
+    assert client.post("/v1/text2img", json=GOOD, headers=bearer(found["slow"])).status_code == 200
+    limited = client.post("/v1/text2img", json=GOOD, headers=bearer(found["slow"]))
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert "requests per second" in limited.json()["error"]["message"]
+    assert client.post("/v1/text2img", json=GOOD, headers=bearer(found["b"])).status_code == 200
+
+
+def test_per_key_image_budget_counts_num_images(client, keys, backend):
+    _, found = keys
+    assert client.post("/v1/text2img", json={**GOOD, "num_images": 3}, headers=bearer(found["few-images"])).status_code == 200
+    refused = client.post("/v1/text2img", json={**GOOD, "num_images": 1}, headers=bearer(found["few-images"]))
+    assert refused.status_code == 429 and "images per minute" in refused.json()["error"]["message"]
+    assert len(backend.calls) == 1
+
+
+def test_over_the_inflight_limit_is_503_at_once_with_retry_after():
+    import httpx
+
+    async def scenario():
+        release = asyncio.Event()
+        backend = SlowBackend(release)
+        app = create_app(ApiLimits(), backend, admission=AdmissionSettings(max_inflight_requests=2, retry_after_s=3))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            held = [asyncio.create_task(client.post("/v1/text2img", json=GOOD)) for _ in range(2)]
+            while len(backend.calls) < 0 or not all(not t.done() for t in held):
+                await asyncio.sleep(0)
+            for _ in range(50):  # let both enter the backend
+                await asyncio.sleep(0)
+            refused = await client.post("/v1/text2img", json=GOOD)
+            assert client.get is not None
+            health = await client.get("/healthz")  # not counted against the limit
+            release.set()
+            done = await asyncio.gather(*held)
+            after = await client.post("/v1/text2img", json=GOOD)
+            return refused, health, done, after, backend
+
+    refused, health, done, after, backend = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "3"
+    assert refused.json()["error"]["type"] == "overloaded"
+    assert health.status_code == 200
+    assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+    assert len(backend.calls) == 3  # the refused one never reached the backend
+
+
+def test_client_deadline_header_is_capped_by_the_configured_limit(keys):
+    seen = []
+
+    class Recording(FakeBackend):
+        async def generate(self, spec, request_id, timeout_s=None):
+            seen.append(timeout_s)
+            return await super().generate(spec, request_id)
+
+    client = TestClient(create_app(ApiLimits(), Recording(), admission=AdmissionSettings(request_timeout_s=30)))
+    client.post("/v1/text2img", json=GOOD, headers={"X-Request-Timeout": "2.5"})
+    client.post("/v1/text2img", json=GOOD, headers={"X-Request-Timeout": "999"})
+    client.post("/v1/text2img", json=GOOD)
+    assert seen == [2.5, 30, 30]
+    bad = client.post("/v1/text2img", json=GOOD, headers={"X-Request-Timeout": "soon"})
+    assert bad.status_code == 422 and "X-Request-Timeout" in bad.json()["error"]["message"]
+
+
+def test_stage_failures_map_to_explicit_errors():
+    from serve.resilience import Overloaded, RequestTimedOut, StageUnavailable
+
+    for error, status, kind in (
+        (RequestTimedOut(5), 504, "timeout"),
+        (StageUnavailable("a stage replica died and 1 retry failed"), 503, "stage_unavailable"),
+        (Overloaded("full"), 503, "overloaded"),
+        (RuntimeError("boom\nTraceback: internals"), 500, "generation_failed"),
+    ):
+        class Failing(FakeBackend):
+            async def generate(self, spec, request_id, timeout_s=None, error=error):
+                raise error
+
+        response = TestClient(create_app(ApiLimits(), Failing())).post("/v1/text2img", json=GOOD)
+        assert response.status_code == status and response.json()["error"]["type"] == kind
+        assert "Traceback" not in response.text
+        if status == 503:
+            assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_no_code_path_trusts_remote_code_and_local_configs_stay_on_localhost():
+    import pathlib
+
+    import yaml
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    for path in [*root.glob("serve/**/*.py"), *root.glob("deployments/**/*.py")]:
+        text = path.read_text()
+        assert "trust_remote_code=True" not in text and "use_safetensors=False" not in text, path
+    for name in ("local.yaml", "gpu.yaml"):
+        http = yaml.safe_load((root / "configs" / name).read_text())["http_options"]
+        assert http["host"] == "127.0.0.1", name
+    # The service starts Ray with its dashboard on localhost only.
+    assert 'dashboard_host="127.0.0.1"' in (root / "serve" / "cli.py").read_text()
