@@ -97,7 +97,8 @@ class _RequestBase(BaseModel):
         if reference is not None:
             width = width or size_from_image(reference.shape[1], self.max_side)
             height = height or size_from_image(reference.shape[0], self.max_side)
-        return width or 512, height or 512
+        default = min(512, self.max_side)
+        return width or default, height or default
 
     def _check_strength(self, steps: int, field: str = "steps") -> None:
         strength = getattr(self, "strength", None)
@@ -187,6 +188,8 @@ def request_models(limits: ApiLimits) -> dict[str, type[_RequestBase]]:
             description="Pixels, a multiple of 64; default: the input image's, rounded to a multiple of 64.",
         ),
     ]
+    # Defaults must obey the caps too (pydantic does not validate defaults).
+    default_side = min(512, limits.max_side)
     guidance = Annotated[float, Field(ge=0.0, le=limits.max_guidance_scale)]
     text = Annotated[str, Field(max_length=limits.max_prompt_chars)]
     prompt = Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars, description="What to draw.")]
@@ -194,10 +197,10 @@ def request_models(limits: ApiLimits) -> dict[str, type[_RequestBase]]:
     common = dict(
         negative_prompt=(text | None, Field(default=None, description="What to steer away from.")),
         num_images=(Annotated[int, Field(ge=1, le=limits.max_num_images)], 1),
-        prior_steps=(Annotated[int, Field(ge=1, le=limits.max_prior_steps)], 25),
-        prior_guidance_scale=(guidance, 4.0),
-        steps=(Annotated[int, Field(ge=1, le=limits.max_steps)], 50),
-        guidance_scale=(guidance, 4.0),
+        prior_steps=(Annotated[int, Field(ge=1, le=limits.max_prior_steps)], min(25, limits.max_prior_steps)),
+        prior_guidance_scale=(guidance, min(4.0, limits.max_guidance_scale)),
+        steps=(Annotated[int, Field(ge=1, le=limits.max_steps)], min(50, limits.max_steps)),
+        guidance_scale=(guidance, min(4.0, limits.max_guidance_scale)),
         seed=(
             Annotated[int | None, Field(ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")],
             None,
@@ -227,7 +230,7 @@ def request_models(limits: ApiLimits) -> dict[str, type[_RequestBase]]:
     return {
         "text2img": model(
             "Text2ImgRequest", "text2img", "Text to image.",
-            prompt=(prompt, ...), width=(side, 512), height=(side, 512),
+            prompt=(prompt, ...), width=(side, default_side), height=(side, default_side),
         ),
         "img2img": model(
             "Img2ImgRequest", "img2img", "Image to image: the input image, re-noised by strength and denoised toward the prompt.",
@@ -256,7 +259,7 @@ def request_models(limits: ApiLimits) -> dict[str, type[_RequestBase]]:
                 Annotated[list[Annotated[float, Field(ge=-10.0, le=10.0)]], Field(min_length=1, max_length=limits.max_mix_items)],
                 Field(..., description="One weight per item, in order."),
             ),
-            width=(side, 512), height=(side, 512),
+            width=(side, default_side), height=(side, default_side),
         ),
         "variations": model(
             "VariationsRequest", "variations", "New images near the input image's CLIP embedding (emb2emb prior).",

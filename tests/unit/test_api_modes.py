@@ -149,3 +149,12 @@ def test_unconfigured_mode_is_404_naming_what_to_configure(backend):
     assert "args.models.inpaint_decoder_path" in response.json()["error"]["message"]
     assert client.post("/v1/controlnet", json=GOOD["controlnet"]).status_code == 200
     assert len(backend.calls) == 1
+
+
+def test_defaults_obey_tight_caps(backend):
+    """Found by fuzzing: a default wider than max_side would bypass the cap."""
+    client = TestClient(create_app(ApiLimits(max_side=64, max_steps=8, max_prior_steps=4), backend))
+    assert client.post("/v1/text2img", json={"prompt": "x"}).status_code == 200
+    assert client.post("/v1/mix", json={"items": [{"text": "a"}], "weights": [1.0]}).status_code == 200
+    for spec, _ in backend.calls:
+        assert (spec.width, spec.height, spec.steps, spec.prior_steps) == (64, 64, 8, 4)
