@@ -36,40 +36,60 @@ logger = logging.getLogger("ray.serve")
 
 
 class HandleCalls:
-    """:class:`serve.plan.StageCalls` on DeploymentHandles: every call returns a
-    ``DeploymentResponse``, passed unresolved into the next stage's call."""
+    """:class:`serve.plan.StageCalls` on DeploymentHandles. Each call is awaited, and retried
+    on another replica (up to ``retries`` times) when the replica serving it dies or becomes
+    unreachable: a stage's output depends only on its arguments (seeds travel in them), so
+    the retry returns what the lost call would have."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle | None]) -> None:
+    def __init__(self, handles: dict[str, DeploymentHandle | None], retries: int = 1, on_retry=None) -> None:
         self.handles = handles
+        self.retries = retries
+        self.on_retry = on_retry
         self.issued: list = []
 
-    def _call(self, stage: str, method: str, *args):
-        response = getattr(self.handles[stage], method).remote(*args)
-        self.issued.append(response)
-        return response
+    async def _call(self, stage: str, method: str, *args):
+        from ray.exceptions import RayActorError
+
+        for attempt in range(self.retries + 1):
+            response = getattr(self.handles[stage], method).remote(*args)
+            self.issued.append(response)
+            try:
+                return await response
+            except RayActorError as error:
+                if attempt == self.retries:
+                    raise
+                logger.warning("request %s: %s replica died or became unreachable mid-call (%s); retrying",
+                               getattr(args[-1], "request_id", args[-1] if isinstance(args[-1], str) else ""),
+                               stage, type(error).__name__)
+                if self.on_retry is not None:
+                    self.on_retry(stage)
+        raise AssertionError("unreachable")
 
     def cancel_all(self) -> None:
         """Cancel every call this request made: each stage drops the work (a loop at its next step)."""
         for response in self.issued:
             response.cancel()
 
-    def encode_text(self, texts, request_id):
-        return self._call("TextEncoder", "encode", texts, request_id)
+    async def encode_text(self, texts, request_id):
+        return await self._call("TextEncoder", "encode", texts, request_id)
 
-    def embed_images(self, images, request_id):
-        return self._call("ImageEncoder", "embed", images, request_id)
+    async def embed_images(self, images, request_id):
+        return await self._call("ImageEncoder", "embed", images, request_id)
 
-    def prior(self, text, params, images=None):
-        return self._call("Prior", "generate", text, params, images)
+    async def prior(self, text, params, images=None):
+        return await self._call("Prior", "generate", text, params, images)
 
-    def encode_image(self, image):
-        return self._call("MovqDecoder", "encode", image)
+    async def encode_image(self, image):
+        return await self._call("MovqDecoder", "encode", image)
 
-    def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        return self._call(DENOISER_OF_DECODER[decoder], "generate", embeddings, params, init, hint)
+    async def denoise(self, decoder, embeddings, params, init=None, hint=None):
+        return await self._call(DENOISER_OF_DECODER[decoder], "generate", embeddings, params, init, hint)
 
-    def decode(self, latents, params):
-        return self._call("MovqDecoder", "decode", latents, params)
+    async def decode(self, latents, params):
+        return await self._call("MovqDecoder", "decode", latents, params)
+
+
+DENOISER_OF_DECODER = {"text2img": "Denoiser", "inpaint": "InpaintDenoiser", "controlnet": "ControlnetDenoiser"}
 
 
 def classify_stage_error(error: BaseException) -> str | None:
@@ -111,12 +131,13 @@ class Ingress:
         self.settings = ServiceSettings.model_validate(settings)
         self.deployed = {name for name, handle in stages.items() if handle is not None}
         self.handles = stages
-
-    def __serve_build_asgi_app__(self):
         from deployments.metrics import IngressMetrics
 
+        self.metrics = IngressMetrics()
+
+    def __serve_build_asgi_app__(self):
         return create_app(
-            self.settings.limits, backend=self, echo_request_id=False, metrics=IngressMetrics(),
+            self.settings.limits, backend=self, echo_request_id=False, metrics=self.metrics,
             unavailable=unavailable_modes(self.deployed), admission=self.settings.admission, auth=self.settings.auth,
         )
 
@@ -144,7 +165,7 @@ class Ingress:
         )
 
         async def attempt() -> EncodedImages:
-            calls = HandleCalls(self.handles)
+            calls = self._calls()
             try:
                 return await plan(spec, calls, request_id)
             except BaseException:
@@ -158,24 +179,29 @@ class Ingress:
 
     async def embeddings(self, texts: list[str], images: list, request_id: str = "") -> tuple[np.ndarray, np.ndarray]:
         async def attempt() -> tuple[np.ndarray, np.ndarray]:
-            calls = HandleCalls(self.handles)
+            calls = self._calls()
             try:
-                text_call = calls.encode_text(texts, request_id) if texts else None
-                image_call = calls.embed_images(images, request_id) if images else None
-                text_embeds = (await text_call).text_embeds if text_call is not None else np.zeros((0, 0), np.float32)
-                image_embeds = (await image_call).image_embeds if image_call is not None else np.zeros((0, 0), np.float32)
-                return text_embeds, image_embeds
+                empty = np.zeros((0, 0), np.float32)
+                text, image = await asyncio.gather(
+                    calls.encode_text(texts, request_id) if texts else asyncio.sleep(0, None),
+                    calls.embed_images(images, request_id) if images else asyncio.sleep(0, None),
+                )
+                return (text.text_embeds if text else empty), (image.image_embeds if image else empty)
             except BaseException:
                 calls.cancel_all()
                 raise
 
         return await self._resilient(attempt, request_id)
 
+    def _calls(self) -> HandleCalls:
+        return HandleCalls(self.handles, self.settings.admission.stage_retries, self.metrics.stage_retry)
+
     async def _resilient(self, attempt, request_id: str, timeout_s: float | None = None):
         admission = self.settings.admission
+        # Retries happen per stage call (HandleCalls); here: the deadline and the error mapping.
         return await run_resilient(
             attempt, timeout_s=min(timeout_s or admission.request_timeout_s, admission.request_timeout_s),
-            retries=admission.stage_retries,
+            retries=0,
             classify=classify_stage_error, request_id=request_id,
         )
 

@@ -1,14 +1,23 @@
 """How one request of any mode flows through the stages — written once.
 
 :func:`plan` wires a :class:`~serve.schemas.GenerationSpec` through a
-:class:`StageCalls`. The ingress passes calls that return Ray
-``DeploymentResponse`` objects (so each stage's output goes replica to replica
-without coming back to the ingress); tests pass calls that run the stage models
-in process. Either way the same messages flow in the same order.
+:class:`StageCalls`: the ingress passes calls on Ray DeploymentHandles, tests pass
+calls that run the stage models in process. Either way the same messages flow in
+the same order, and independent calls (text encoding, image embedding, MOVQ
+encoding of an input image) run concurrently.
+
+Each call is awaited before its output goes on to the next stage, rather than
+chaining Ray ``DeploymentResponse`` objects replica to replica: in Ray Serve 2.60 a
+chained call whose upstream replica's node died is retried by the downstream router
+forever (the request hangs), while an awaited call fails at once and can be retried
+on another replica. What comes back between stages is small (embeddings; latents of
+tens to hundreds of KB) next to the final images.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,23 +37,29 @@ DECODER_OF_MODE = {
 
 
 class StageCalls(Protocol):
-    """One call per stage method; each returns the stage's output or a handle to it."""
+    """One awaitable call per stage method, returning the stage's output message."""
 
-    def encode_text(self, texts: list[str], request_id: str) -> Any: ...
+    def encode_text(self, texts: list[str], request_id: str) -> Awaitable[Any]: ...
 
-    def embed_images(self, images: list[np.ndarray], request_id: str) -> Any: ...
+    def embed_images(self, images: list[np.ndarray], request_id: str) -> Awaitable[Any]: ...
 
-    def prior(self, text: Any, params: PriorParams, images: Any = None) -> Any: ...
+    def prior(self, text: Any, params: PriorParams, images: Any = None) -> Awaitable[Any]: ...
 
-    def encode_image(self, image: InitImage) -> Any: ...
+    def encode_image(self, image: InitImage) -> Awaitable[Any]: ...
 
-    def denoise(self, decoder: str, embeddings: Any, params: DenoiseParams, init: Any = None, hint: np.ndarray | None = None) -> Any: ...
+    def denoise(
+        self, decoder: str, embeddings: Any, params: DenoiseParams, init: Any = None, hint: np.ndarray | None = None
+    ) -> Awaitable[Any]: ...
 
-    def decode(self, latents: Any, params: DecodeParams) -> Any: ...
+    def decode(self, latents: Any, params: DecodeParams) -> Awaitable[Any]: ...
 
 
-def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
-    """Issue every stage call of ``spec``; return the final (MOVQ decode) call's result."""
+async def _none() -> None:
+    return None
+
+
+async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
+    """Run every stage call of ``spec``; return the final (MOVQ decode) output."""
     seeds = tuple(spec.seeds)
     images = None
     if spec.mode == "mix":
@@ -77,21 +92,22 @@ def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
         prior_params = PriorParams(
             seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative, request_id, strength=prior_strength
         )
-    embeddings = calls.prior(text, prior_params, images)
-
     init = None
     decoder_strength = None
     if spec.mode in ("img2img", "inpaint") or (spec.mode == "controlnet" and spec.image is not None):
         mask = spec.mask if spec.mode == "inpaint" else None
         init = calls.encode_image(InitImage(spec.image, spec.width, spec.height, mask, request_id))
         decoder_strength = None if spec.mode == "inpaint" else spec.strength
+    # The first wave is independent: encoders run side by side.
+    text, images, init = await asyncio.gather(text, images or _none(), init or _none())
+    embeddings = await calls.prior(text, prior_params, images)
     denoise_params = DenoiseParams(
         spec.height, spec.width, spec.steps, spec.guidance_scale, request_id, spec.scheduler, decoder_strength
     )
     hint = spec.hint if spec.mode == "controlnet" else None
-    latents = calls.denoise(DECODER_OF_MODE[spec.mode], embeddings, denoise_params, init, hint)
+    latents = await calls.denoise(DECODER_OF_MODE[spec.mode], embeddings, denoise_params, init, hint)
 
     composite = None
     if spec.mode == "inpaint" and spec.mask_blur > 0:
         composite = Composite(spec.image, spec.mask, spec.mask_blur)
-    return calls.decode(latents, DecodeParams(spec.output_format, request_id, composite))
+    return await calls.decode(latents, DecodeParams(spec.output_format, request_id, composite))

@@ -8,8 +8,9 @@ A request either returns, or ends in exactly one explicit error:
 * :class:`Overloaded` when a stage's bounded queue refused it (HTTP 503);
 * anything else from a stage unchanged (HTTP 500, no stack trace to the client).
 
-Only a replica's death is retried: stage calls are deterministic for a seed, so a retry
-returns the very images the first attempt would have.
+Only a replica's death is retried (by the caller of each stage, see ``serve.ingress.HandleCalls``;
+``retries`` here re-runs the whole attempt): stage calls are deterministic for a seed, so a
+retry returns the very images the first attempt would have.
 """
 
 from __future__ import annotations

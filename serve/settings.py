@@ -137,8 +137,8 @@ class AdmissionSettings(BaseModel):
     retry_after_s: float | None = Field(default=None, gt=0)
     """The Retry-After sent with 503s; None estimates it from recent request durations."""
     stage_retries: int = Field(default=1, ge=0, le=3)
-    """Times a request is re-issued when a stage replica dies under it (stage calls are
-    deterministic for a seed, so a retry returns the same images)."""
+    """Times a stage call is retried on another replica when the one serving it dies or becomes
+    unreachable (stage calls are deterministic for a seed, so a retry returns the same output)."""
 
 
 class AuthSettings(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from deployments.denoiser import DenoiserModel
 from deployments.image_encoder import ImageEncoderModel
 from deployments.messages import ClipImageEmbeddings, ImageEmbeddings, ImageLatents, Latents, TextEmbeddings
@@ -26,25 +28,25 @@ class LocalCalls:
         }
         self.movq = MovqModel.from_pretrained(decoder_path)
 
-    def encode_text(self, texts, request_id):
+    async def encode_text(self, texts, request_id):
         return TextEmbeddings(texts, *self.text.encode(texts))
 
-    def embed_images(self, images, request_id):
+    async def embed_images(self, images, request_id):
         return ClipImageEmbeddings(self.images.embed(images))
 
-    def prior(self, text, params, images=None):
+    async def prior(self, text, params, images=None):
         [(embeds, negative)] = self.prior_model.generate([(text, params, images)])
         return ImageEmbeddings(embeds, negative, list(params.seeds))
 
-    def encode_image(self, image):
+    async def encode_image(self, image):
         [(latents, keep)] = self.movq.encode([image])
         return ImageLatents(latents, keep)
 
-    def denoise(self, decoder, embeddings, params, init=None, hint=None):
+    async def denoise(self, decoder, embeddings, params, init=None, hint=None):
         [latents] = self.decoders[decoder].generate([(embeddings, params, init, hint)])
         return Latents(latents, embeddings.seeds)
 
-    def decode(self, latents, params):
+    async def decode(self, latents, params):
         [images] = self.movq.decode_many([latents.latents])
         if params.composite is not None:
             images = [feather(image, params.composite) for image in images]
@@ -52,67 +54,78 @@ class LocalCalls:
 
     def generate(self, spec):
         """(H, W, 3) uint8 images of ``spec``."""
-        return plan(spec, self, "local")
+        return asyncio.run(plan(spec, self, "local"))
 
 
 class _Pending:
-    """A stage call not yet run: its arguments may themselves be pending."""
+    """A stage call not yet run; awaiting it waits for its stage's batch."""
 
     def __init__(self, stage: str, args: tuple) -> None:
-        self.stage, self.args, self.value = stage, args, None
+        self.stage, self.args = stage, args
+        self.future = asyncio.get_running_loop().create_future()
 
+    @property
+    def value(self):
+        return self.future.result()
 
-def _resolve(value):
-    return value.value if isinstance(value, _Pending) else value
+    @value.setter
+    def value(self, result) -> None:
+        self.future.set_result(result)
 
 
 class BatchedCalls(LocalCalls):
     """Like :class:`LocalCalls`, but runs many requests stage by stage, each stage's calls in
     one batch — as the deployments batch concurrent requests."""
 
-    STAGES = ("text", "images", "prior", "encode", "denoise", "decode")
+    STAGES = ("text", "images", "encode", "prior", "denoise", "decode")
 
     def __init__(self, models: LocalCalls) -> None:
         self.__dict__.update(vars(models))  # share the loaded models
         self.pending: list[_Pending] = []
 
-    def _defer(self, stage, *args):
+    async def _defer(self, stage, *args):
         call = _Pending(stage, args)
         self.pending.append(call)
-        return call
+        return await call.future
 
-    def encode_text(self, texts, request_id):
-        return self._defer("text", texts)
+    async def encode_text(self, texts, request_id):
+        return await self._defer("text", texts)
 
-    def embed_images(self, images, request_id):
-        return self._defer("images", images)
+    async def embed_images(self, images, request_id):
+        return await self._defer("images", images)
 
-    def prior(self, text, params, images=None):
-        return self._defer("prior", text, params, images)
+    async def prior(self, text, params, images=None):
+        return await self._defer("prior", text, params, images)
 
-    def encode_image(self, image):
-        return self._defer("encode", image)
+    async def encode_image(self, image):
+        return await self._defer("encode", image)
 
-    def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        return self._defer("denoise", decoder, embeddings, params, init, hint)
+    async def denoise(self, decoder, embeddings, params, init=None, hint=None):
+        return await self._defer("denoise", decoder, embeddings, params, init, hint)
 
-    def decode(self, latents, params):
-        return self._defer("decode", latents, params)
+    async def decode(self, latents, params):
+        return await self._defer("decode", latents, params)
 
     def run(self, specs) -> list[list]:
-        """Every spec's images; returns also the largest batch each stage ran."""
-        finals = [plan(spec, self, f"r{i}") for i, spec in enumerate(specs)]
-        self.batch_sizes = {}
-        for stage in self.STAGES:
-            calls = [call for call in self.pending if call.stage == stage]
-            for call in calls:
-                call.args = tuple(_resolve(arg) for arg in call.args)
-            self.batch_sizes[stage] = len(calls)
-            if calls:
-                getattr(self, f"_run_{stage}")(calls)
-        self.pending = []
-        return [final.value for final in finals]
+        """Every spec's images. ``batch_sizes``: the largest batch each stage ran."""
+        return asyncio.run(self._run(specs))
 
+    async def _run(self, specs):
+        tasks = [asyncio.ensure_future(plan(spec, self, f"r{i}")) for i, spec in enumerate(specs)]
+        self.batch_sizes: dict[str, int] = {}
+        while not all(task.done() for task in tasks):
+            for _ in range(20):  # let every request run until it waits on a stage
+                await asyncio.sleep(0)
+            waiting = [call for call in self.pending if not call.future.done()]
+            if not waiting:
+                continue
+            # The earliest stage anyone waits on runs next, with everyone waiting on it.
+            stage = min((call.stage for call in waiting), key=self.STAGES.index)
+            calls = [call for call in waiting if call.stage == stage]
+            self.batch_sizes[stage] = max(self.batch_sizes.get(stage, 0), len(calls))
+            getattr(self, f"_run_{stage}")(calls)
+        self.pending = []
+        return [task.result() for task in tasks]
     def _run_text(self, calls):
         flat = [text for call in calls for text in call.args[0]]
         embeds, hidden, mask = self.text.encode(flat)
