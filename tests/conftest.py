@@ -114,5 +114,21 @@ def guarded_app(served_app, tiny_checkpoint, tmp_path_factory):
     # Two of the stages the chaos tests kill: the survivor serves while the other restarts.
     for name in ("Denoiser", "MovqDecoder"):
         options[name]["num_replicas"] = 2
-    serve.run(build_graph(args, options), name=GUARDED_APP, route_prefix=f"/{GUARDED_APP}")
+    _GUARDED_DEPLOYMENT.update(args=args, options=options)
+    deploy_guarded()
     return f"{url}/{GUARDED_APP}", keys
+
+
+_GUARDED_DEPLOYMENT: dict = {}
+
+
+def deploy_guarded(**admission) -> None:
+    """(Re)deploy the guarded app, with ``admission`` settings overriding its own (only the
+    ingress restarts: the stages' arguments are unchanged)."""
+    from ray import serve
+
+    from serve.graph import build_graph
+
+    args = {**_GUARDED_DEPLOYMENT["args"]}
+    args["admission"] = {**args["admission"], **admission}
+    serve.run(build_graph(args, _GUARDED_DEPLOYMENT["options"]), name=GUARDED_APP, route_prefix=f"/{GUARDED_APP}")

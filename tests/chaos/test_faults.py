@@ -49,13 +49,14 @@ def scenario(url: str, key: str, rate: float, duration_s: float) -> Scenario:
 def test_killing_a_replica_under_load_loses_no_request(guarded_app, deployment):
     url, keys = guarded_app
     # Well within capacity, so that any error is the fault's, not admission control's.
-    load = LoadTest(scenario(url, keys["load"], rate=1.0, duration_s=10.0), progress=False)
+    load = LoadTest(scenario(url, keys["load"], rate=1.5, duration_s=10.0), progress=False)
     killed_at: list[float] = []
 
     async def main():
         task = asyncio.create_task(load.run())
-        # Fault injection mid-load: once some requests went through, kill a replica.
-        while sum(r.outcome == "success" for r in load.records) < 2:
+        # Fault injection mid-load: once some requests went through, and while one is in
+        # flight (it may be on the replica killed), kill a replica.
+        while sum(r.outcome == "success" for r in load.records) < 2 or load._inflight == 0:
             assert not task.done()
             await asyncio.sleep(0.05)  # polling interval
         actor = replica_actors(deployment)[0]
