@@ -8,7 +8,11 @@ progress API, a test). Progress only moves forward.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
+
+RECENT_REQUESTS = 256
+"""Finished requests whose final count a board remembers (see :meth:`ProgressBoard.steps_run`)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class ProgressBoard:
     def __init__(self) -> None:
         self._progress: dict[str, Progress] = {}
         self._subscribers: dict[str, list[asyncio.Queue]] = {}
+        self._recent: OrderedDict[str, Progress] = OrderedDict()
 
     def start(self, key: str, total: int) -> None:
         if key:
@@ -32,12 +37,26 @@ class ProgressBoard:
             self._publish(key)
 
     def finish(self, key: str) -> None:
-        self._progress.pop(key, None)
+        last = self._progress.pop(key, None)
+        if last is not None:
+            self._recent[key] = last
+            self._recent.move_to_end(key)
+            while len(self._recent) > RECENT_REQUESTS:
+                self._recent.popitem(last=False)
         for queue in self._subscribers.pop(key, []):
             queue.put_nowait(None)  # end of stream
 
     def get(self, key: str) -> Progress | None:
         return self._progress.get(key)
+
+    def steps_run(self, key: str) -> tuple[Progress, bool] | None:
+        """Image-steps run for ``key`` and whether it has left the loop (finished, failed or
+        cancelled); the last :data:`RECENT_REQUESTS` finished requests are remembered."""
+        if key in self._progress:
+            return self._progress[key], False
+        if key in self._recent:
+            return self._recent[key], True
+        return None
 
     def subscribe(self, key: str) -> asyncio.Queue:
         """A queue of :class:`Progress` updates for ``key``, ending with ``None``."""

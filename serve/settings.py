@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
+from serve.jobs import JobSettings
 
 PRIOR_PATH_ENV = "KANDINSKY_PRIOR_PATH"
 DECODER_PATH_ENV = "KANDINSKY_DECODER_PATH"
@@ -128,6 +129,7 @@ class ServiceSettings(BaseModel):
 
     models: ModelSettings = ModelSettings()
     limits: ApiLimits = ApiLimits()
+    jobs: JobSettings = JobSettings()
 
 
 class ConfigError(ValueError):
