@@ -20,11 +20,11 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve.jobs import JobRunner, Submission
-from serve.jobs_api import build_spec, client_key, error_response, limit_response, validation_error
+from serve.jobs_api import build_spec, client_key, error_response, limit_response
 from serve.schemas import SCHEDULER_NAMES, ErrorResponse
 from serve.settings import ApiLimits
 
@@ -34,7 +34,7 @@ MODEL_NAME = "kandinsky-2-2"
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 OPENAI_DEFAULT_SIZE = "512x512"
-OPENAI_NO_EFFECT = ("quality", "style", "user")
+OPENAI_NO_EFFECT = ("quality", "style", "user", "safety_identifier")
 """Accepted for compatibility; they change nothing here (there is no such knob)."""
 # Our fields a client may pass through (openai-python: ``extra_body={...}``).
 OPENAI_EXTENSIONS = ("negative_prompt", "seed", "steps", "prior_steps", "guidance_scale", "prior_guidance_scale", "scheduler")
@@ -63,6 +63,7 @@ class OpenAIImageRequest(BaseModel):
     quality: str | None = None
     style: str | None = None
     user: str | None = None
+    safety_identifier: str | None = None
     # Extensions (ours): pass with openai-python's extra_body.
     negative_prompt: str | None = None
     seed: int | None = None
@@ -391,5 +392,3 @@ def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRu
                  "filename": name, "config": None} for variant, name in variants]
 
 
-__all__ = ["add_compat_routes", "a1111_to_native", "openai_to_native", "scheduler_for_sampler", "SAMPLERS",
-           "validation_error", "Response"]

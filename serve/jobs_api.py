@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.jobs import JobRunner, Submission, job_urls
+from serve.jobs import JobRunner, Submission
 from serve.schemas import MODES, ErrorResponse, SpecError
 from serve.settings import ApiLimits
 
@@ -246,5 +246,3 @@ def add_job_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRunne
         return error_response(404, "job_not_found", f"no job {job_id} (unknown, or expired after its TTL)",
                               request.state.request_id)
 
-
-__all__ = ["add_job_routes", "build_spec", "client_key", "error_response", "job_urls", "limit_response"]
