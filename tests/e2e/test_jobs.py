@@ -178,3 +178,54 @@ def test_a1111_img2img_draws_the_native_image(client):
     assert native.status_code == 200 and a1111.status_code == 200, (native.text, a1111.text)
     ours, theirs = (pixels(base64.b64decode(r.json()["images"][0])) for r in (a1111, native))
     assert np.abs(ours - theirs).max() <= 1
+
+
+def test_cli_generate_writes_the_native_image_with_a_progress_bar(served_app, client, tmp_path, capsys):
+    from serve.cli import main
+
+    url, _ = served_app
+    out = tmp_path / "out.png"
+    code = main(["generate", SMALL["prompt"], "-o", str(out), "--url", url, "--width", "64", "--height", "64",
+                 "--steps", str(SMALL["steps"]), "--prior-steps", str(SMALL["prior_steps"]), "--seed", "42", "--progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "100.0% succeeded" in captured.err and f"{out}  (seed 42)" in captured.out
+    native = client.post("/v1/text2img", json={**SMALL, "seed": 42}).json()
+    assert np.abs(pixels(out.read_bytes()) - pixels(base64.b64decode(native["images"][0]))).max() <= 1
+
+
+def _ingress_replicas() -> set[str]:
+    """Names of the Ingress replica actors ("SERVE_REPLICA::<app>#Ingress#<id>")."""
+    import ray
+
+    return {
+        actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["namespace"] == "serve" and f"{APP_NAME}#Ingress#" in actor["name"]
+    }
+
+
+def test_job_state_survives_killing_the_ingress_replica(client):
+    import ray
+
+    job = client.post("/v1/jobs", json={"mode": "text2img", "params": {**SMALL, "seed": 21}}).json()
+    done = poll(lambda: client.get(job["urls"]["self"]).json(), lambda v: v["state"] == "succeeded", "the job")
+    image = client.get(done["images"][0]["url"]).content
+    (replica,) = _ingress_replicas()
+    started = time.monotonic()
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+
+    def after_restart():
+        try:
+            response = client.get(job["urls"]["self"], timeout=5.0)
+        except httpx.HTTPError as error:
+            return repr(error)
+        return response.json() if response.status_code == 200 else response.status_code
+
+    replaced = poll(_ingress_replicas, lambda names: names and replica not in names, "Serve to start a new replica", 180.0)
+    again = poll(after_restart, lambda v: isinstance(v, dict), "the new replica to answer", 180.0)
+    print(f"\ningress replica {replica} killed; replaced by {sorted(replaced)}; job answered again after "
+          f"{time.monotonic() - started:.1f} s")
+    assert again == done
+    assert client.get(done["images"][0]["url"]).content == image
+    assert client.delete(job["urls"]["cancel"]).status_code == 409
+    poll(lambda: client.get("/readyz").status_code, lambda status: status == 200, "the service to be ready", 120.0)
