@@ -63,7 +63,10 @@ class JobSettings(BaseModel):
     max_active_jobs: int = Field(default=256, ge=1)
     """Queued plus running jobs of all clients; more get 429 with Retry-After."""
     max_stored_jobs: int = Field(default=1024, ge=1)
-    """Jobs held at once, finished ones included (their images are in memory); more get 429."""
+    """Jobs held at once, finished ones included; more get 429."""
+    max_stored_image_bytes: int = Field(default=1024**3, ge=1)
+    """Result images held at once, in bytes (they live in the store actor's memory); past it,
+    new jobs get 429 until finished jobs expire."""
     max_running_jobs: int = Field(default=16, ge=1)
     """Jobs one ingress replica runs at once; the others wait in state ``queued``."""
     progress_interval_s: float = Field(default=0.2, gt=0, le=5.0)
@@ -200,13 +203,15 @@ class JobStore:
                 f"{len(active)} jobs are queued or running, the most allowed (max_active_jobs={s.max_active_jobs})",
                 self._retry_after(active),
             )
-        if len(self._jobs) >= s.max_stored_jobs:
+        stored_bytes = sum(len(image) for job in self._jobs.values() for image in job.images)
+        if len(self._jobs) >= s.max_stored_jobs or stored_bytes >= s.max_stored_image_bytes:
             finished = [job.finished_at for job in self._jobs.values() if job.finished_at is not None]
             wait = min(finished) + s.ttl_s - now if finished else None
-            raise JobLimitError(
-                f"{len(self._jobs)} jobs are stored, the most allowed (max_stored_jobs={s.max_stored_jobs})",
-                _whole_seconds(wait) if wait is not None else self._retry_after(active),
-            )
+            what = (f"{len(self._jobs)} jobs are stored, the most allowed (max_stored_jobs={s.max_stored_jobs})"
+                    if len(self._jobs) >= s.max_stored_jobs else
+                    f"{stored_bytes} bytes of images are stored, the most allowed "
+                    f"(max_stored_image_bytes={s.max_stored_image_bytes})")
+            raise JobLimitError(what, _whole_seconds(wait) if wait is not None else self._retry_after(active))
         job = Job(job_id, client, mode, origin, width, height, list(seeds), created_at=now, heartbeat_at=now, owner=owner)
         self._jobs[job_id] = job
         self._emit(job, "state")

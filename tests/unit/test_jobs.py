@@ -100,6 +100,26 @@ def test_caps_per_client_in_total_and_stored_with_retry_after():
     assert store.view("a") is None and store.view("d") is not None
 
 
+def test_stored_image_bytes_are_capped():
+    store = new_store(max_stored_image_bytes=10)
+    store.create("a", "c", "text2img", 64, 64, [1])
+    store.start("a", "r")
+    store.succeed("a", [b"0123456789"], "image/png", [1], {})
+    with pytest.raises(JobLimitError, match="max_stored_image_bytes=10"):
+        store.create("b", "c", "text2img", 64, 64, [1])
+
+
+def test_job_settings_come_from_the_application_args():
+    from serve.settings import ConfigError, parse_service_settings
+
+    settings = parse_service_settings({"jobs": {"ttl_s": 60, "max_running_jobs": 2}})
+    assert settings.jobs.ttl_s == 60 and settings.jobs.max_running_jobs == 2
+    with pytest.raises(ConfigError, match="args.jobs.ttl_s"):
+        parse_service_settings({"jobs": {"ttl_s": 0}})
+    with pytest.raises(ConfigError, match="args.jobs.colour"):
+        parse_service_settings({"jobs": {"colour": 1}})
+
+
 def test_finished_jobs_expire_after_the_ttl_and_lost_runners_fail_their_jobs():
     clock = Clock()
     store = new_store(clock, ttl_s=30, lease_s=10)
