@@ -21,6 +21,7 @@ STAGE_ENCODE = "movq_encode"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 JPEG_QUALITY = 95
 WEBP_QUALITY = 95
+PREVIEW_JPEG_QUALITY = 70
 
 
 class MovqModel:
@@ -56,6 +57,21 @@ class MovqModel:
         image = self.movq.decode(sample, force_not_quantize=True)["sample"]
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (image * 255).round().astype("uint8")
+
+    @torch.inference_mode()
+    def preview(self, latents: np.ndarray, max_side: int) -> np.ndarray:
+        """A cheap look at in-progress latents: the first image's latents, averaged down so the
+        decoded image's longer side is at most ``max_side``, then decoded. (H', W', 3) uint8."""
+        scale = 2 ** (len(self.movq.config.block_out_channels) - 1)
+        sample = torch.tensor(latents[:1]).to(self.device, self.dtype)
+        height, width = sample.shape[-2:]
+        factor = max(1, -(-max(height, width) * scale // max_side))
+        if factor > 1:
+            size = (max(1, height // factor), max(1, width // factor))
+            sample = torch.nn.functional.interpolate(sample, size=size, mode="area")
+        image = self.movq.decode(sample, force_not_quantize=True)["sample"]
+        image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return (image[0] * 255).round().astype("uint8")
 
     def prepare(self, image: InitImage) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Resize and normalise one input image (and mask) exactly as the reference pipelines do.
@@ -147,6 +163,22 @@ class MovqDecoder(StageReplica):
     async def encode(self, image: InitImage) -> ImageLatents:
         """An input image (image-to-image, inpainting, ControlNet image-to-image) -> latents."""
         return await self.serve_call(self._run_encode_batch(Queued(image)), image.request_id, STAGE_ENCODE)
+
+    async def preview(self, latents: np.ndarray | None, max_side: int) -> tuple[bytes, str] | None:
+        """A small JPEG of in-progress latents (a job's preview), or None without latents.
+
+        Not batched and not counted as a request: previews are optional and best effort,
+        small (a few latent pixels), and never on a denoising loop's path.
+        """
+        if latents is None:
+            return None
+
+        def work() -> bytes:
+            buffer = io.BytesIO()
+            Image.fromarray(self.model.preview(latents, max_side)).save(buffer, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
+            return buffer.getvalue()
+
+        return await self.thread.run(work), "image/jpeg"
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _run_encode_batch(self, calls: list[Queued[InitImage]]) -> list[ImageLatents]:

@@ -11,6 +11,9 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
+RECENT_REQUESTS = 256
+"""Finished requests whose final count a board remembers (see :meth:`ProgressBoard.steps_run`)."""
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -26,6 +29,7 @@ class ProgressBoard:
     def __init__(self) -> None:
         self._progress: dict[str, Progress] = {}
         self._subscribers: dict[str, list[asyncio.Queue]] = {}
+        self._recent: OrderedDict[str, Progress] = OrderedDict()
 
     def start(self, key: str, total: int) -> None:
         if key:
@@ -33,12 +37,26 @@ class ProgressBoard:
             self._publish(key)
 
     def finish(self, key: str) -> None:
-        self._progress.pop(key, None)
+        last = self._progress.pop(key, None)
+        if last is not None:
+            self._recent[key] = last
+            self._recent.move_to_end(key)
+            while len(self._recent) > RECENT_REQUESTS:
+                self._recent.popitem(last=False)
         for queue in self._subscribers.pop(key, []):
             queue.put_nowait(None)  # end of stream
 
     def get(self, key: str) -> Progress | None:
         return self._progress.get(key)
+
+    def steps_run(self, key: str) -> tuple[Progress, bool] | None:
+        """Image-steps run for ``key`` and whether it has left the loop (finished, failed or
+        cancelled); the last :data:`RECENT_REQUESTS` finished requests are remembered."""
+        if key in self._progress:
+            return self._progress[key], False
+        if key in self._recent:
+            return self._recent[key], True
+        return None
 
     def subscribe(self, key: str) -> asyncio.Queue:
         """A queue of :class:`Progress` updates for ``key``, ending with ``None``."""
@@ -65,28 +83,3 @@ class ProgressBoard:
         for queue in self._subscribers.get(key, []):
             queue.put_nowait(self._progress[key])
 
-
-class ExecutedSteps:
-    """Image-steps run per request, kept for the most recent ``capacity`` requests: shows that
-    a cancelled or timed-out request really stopped (its count stops growing)."""
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._counts: OrderedDict[str, int] = OrderedDict()
-
-    def get(self, key: str) -> int:
-        return self._counts.get(key, 0)
-
-    def on_admit(self, queue_wait_s: float) -> None:
-        pass
-
-    def on_step(self, batch_size: int, seconds: float) -> None:
-        pass
-
-    def on_progress(self, key: str, step: int, total: int) -> None:
-        if not key:
-            return
-        self._counts[key] = self._counts.get(key, 0) + 1
-        self._counts.move_to_end(key)
-        while len(self._counts) > self.capacity:
-            self._counts.popitem(last=False)

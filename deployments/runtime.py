@@ -17,12 +17,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from ray import serve
 
 from deployments.batching import BatchSettings, LoopBatchSettings, Observers, Queued, StepItem, StepScheduler, StepStats
 from deployments.messages import StageTiming
-from deployments.progress import ExecutedSteps, ProgressBoard
+from deployments.progress import ProgressBoard
 
 R = TypeVar("R")
 logger = logging.getLogger("ray.serve")
@@ -224,9 +225,10 @@ class LoopReplica(StageReplica):
 
         self.stats = StepStats()
         self.progress = ProgressBoard()
-        self.executed = ExecutedSteps()
-        self.observer = Observers(self.stats, self.progress, self.executed, LoopMetrics(self.stage))
+        self.observer = Observers(self.stats, self.progress, LoopMetrics(self.stage))
         self.scheduler: StepScheduler = StepScheduler(self._step_on_model_thread, max_batch=1, observer=self.observer)
+        self._states_of: dict[str, list] = {}
+        """Per request id in flight on the scheduler, its images' states (read for previews only)."""
 
     def reconfigure(self, user_config: dict | None) -> None:
         super().reconfigure(user_config)
@@ -262,6 +264,8 @@ class LoopReplica(StageReplica):
 
     async def _run_on_scheduler(self, states: list, key: str) -> list[StepItem]:
         self.progress.start(key, sum(state.total_steps for state in states))
+        if key:
+            self._states_of[key] = states
         try:
             return list(await asyncio.gather(*(
                 self.scheduler.submit(state, total_steps=state.total_steps, bucket=state.bucket, cost=state.cost, key=key)
@@ -269,6 +273,7 @@ class LoopReplica(StageReplica):
             )))
         finally:
             self.progress.finish(key)
+            self._states_of.pop(key, None)
 
     @staticmethod
     def _timing(items: list[StepItem], started: float) -> StageTiming:
@@ -294,9 +299,24 @@ class LoopReplica(StageReplica):
         progress = self.progress.get(request_id)
         return None if progress is None else {"done": progress.done, "total": progress.total}
 
-    async def executed_steps(self, request_id: str) -> int:
-        """Image-steps this replica has run for ``request_id`` (kept for recent requests)."""
-        return self.executed.get(request_id)
+    async def request_steps(self, request_id: str) -> dict | None:
+        """Image-steps this replica has run for a request, in flight or among the last
+        finished (``left``: it has left the loop, whether done or cancelled), else None."""
+        found = self.progress.steps_run(request_id)
+        if found is None:
+            return None
+        progress, left = found
+        return {"done": progress.done, "total": progress.total, "left": left}
+
+    async def request_latents(self, request_id: str) -> np.ndarray | None:
+        """A copy of the current latents of a request's first image, for a preview; None when
+        it is not in this replica's loop. Read between steps on the event loop: the model
+        thread replaces a state's latents with a new tensor at each step, never edits them."""
+        states = self._states_of.get(request_id)
+        latents = getattr(states[0], "latents", None) if states else None
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
+            return None
+        return latents.detach().float().cpu().numpy().copy()
 
     async def loop_stats(self) -> dict:
         """What the loop has done so far in this replica (for benchmarks and tests)."""

@@ -22,6 +22,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.messages import EncodedImages
+from serve.compat import add_compat_routes
+from serve.jobs import JobRunner
+from serve.jobs_api import add_job_routes
 from serve.schemas import (
     MODES,
     EmbeddingsResponse,
@@ -187,6 +190,7 @@ def create_app(
     unavailable: dict[str, str] | None = None,
     admission: AdmissionSettings | None = None,
     auth: AuthSettings | None = None,
+    jobs: JobRunner | None = None,
 ) -> FastAPI:
     """Build the HTTP API on ``backend``.
 
@@ -197,6 +201,7 @@ def create_app(
     their routes answer 404 with that message.
     ``admission``: the in-flight bound (503 past it) and the end-to-end timeout.
     ``auth``: API keys and per-key rate limits (open when no keys file is configured).
+    ``jobs``: runs ``/v1/jobs`` and the OpenAI / AUTOMATIC1111 routes; without it they are absent.
     """
     from serve.auth import KeyStore
 
@@ -401,6 +406,10 @@ def create_app(
     async def prometheus_metrics() -> PlainTextResponse:
         """The product's metrics from every stage (Prometheus text format)."""
         return PlainTextResponse(await backend.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    if jobs is not None:
+        add_job_routes(app, limits, models, jobs, unavailable, metrics)
+        add_compat_routes(app, limits, models, jobs, unavailable, metrics)
 
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, metrics=metrics)

@@ -101,6 +101,52 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"kandinsky-serve: {error}", file=sys.stderr)
         return 2
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import httpx
+
+    from serve.client import Client, JobFailed, KandinskyError, progress_line
+
+    output = Path(args.output)
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(output.suffix.lower(), "png")
+    params = {
+        "width": args.width, "height": args.height, "num_images": args.num_images, "steps": args.steps,
+        "prior_steps": args.prior_steps, "seed": args.seed, "negative_prompt": args.negative_prompt,
+        "guidance_scale": args.guidance_scale, "scheduler": args.scheduler, "output_format": fmt,
+    }
+    shown = not args.quiet and sys.stderr.isatty() or args.progress
+
+    def on_progress(job) -> None:
+        if shown:
+            print("\r" + progress_line(job), end="", file=sys.stderr, flush=True)
+
+    try:
+        with Client(args.url, api_key=args.api_key or os.environ.get("KANDINSKY_API_KEY")) as client:
+            job, images = client.generate(args.prompt, on_progress=on_progress, **params)
+    except JobFailed as error:
+        print(f"\nkandinsky-serve: job {error.job.id} {error.job.state}: {error.message}", file=sys.stderr)
+        return 1
+    except KandinskyError as error:
+        print(f"\nkandinsky-serve: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nkandinsky-serve: interrupted; the job was cancelled", file=sys.stderr)
+        return 130
+    except (httpx.HTTPError, OSError) as error:  # cannot reach the service
+        print(f"\nkandinsky-serve: {error}", file=sys.stderr)
+        return 2
+    if shown:
+        print(file=sys.stderr)
+    for path, data, seed in zip(_output_paths(output, len(images)), images, job.seeds):
+        path.write_bytes(data)
+        print(f"{path}  (seed {seed})")
     return 0
 
 
@@ -131,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     revoke.add_argument("--file", required=True)
     revoke.set_defaults(func=_cmd_keys)
+
+    generate = commands.add_parser("generate", help="generate an image on a running service (a job, with a progress bar)")
+    generate.add_argument("prompt")
+    generate.add_argument("-o", "--output", default="out.png", help="file to write (.png, .jpg, .webp); several images: out-0.png, ...")
+    generate.add_argument("--url", default=os.environ.get("KANDINSKY_URL", "http://127.0.0.1:8000"))
+    generate.add_argument("--api-key", default=None, help="sent as a bearer token (default: $KANDINSKY_API_KEY)")
+    generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--num-images", type=int, default=None)
+    generate.add_argument("--steps", type=int, default=None)
+    generate.add_argument("--prior-steps", type=int, default=None)
+    generate.add_argument("--guidance-scale", type=float, default=None)
+    generate.add_argument("--negative-prompt", default=None)
+    generate.add_argument("--scheduler", default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    generate.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    generate.set_defaults(func=_cmd_generate)
 
     loadtest = commands.add_parser("loadtest", help="drive a deployment with a scenario file and report")
     loadtest.add_argument("scenario", help="scenario YAML (see README: Load testing)")

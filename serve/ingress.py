@@ -18,6 +18,8 @@ import numpy as np
 from deployments.messages import EncodedImages
 from deployments.metrics import merge_exposition
 from serve.api import create_app
+from serve.job_actor import ActorJobStore, job_store_actor
+from serve.jobs import JobRunner, LoopProgress
 from serve.plan import DECODER_OF_MODE, plan
 from serve.resilience import run_resilient
 from serve.schemas import GenerationSpec
@@ -134,12 +136,63 @@ class Ingress:
         from deployments.metrics import IngressMetrics
 
         self.metrics = IngressMetrics()
+        self.jobs = self._job_runner()
 
     def __serve_build_asgi_app__(self):
         return create_app(
             self.settings.limits, backend=self, echo_request_id=False, metrics=self.metrics,
             unavailable=unavailable_modes(self.deployed), admission=self.settings.admission, auth=self.settings.auth,
+            jobs=self.jobs,
         )
+
+    def _job_runner(self) -> JobRunner:
+        """Jobs run here; their state lives in the named store actor, which outlives this replica."""
+        settings = self.settings.jobs
+        actor = job_store_actor(settings)
+        actor.configure.remote(settings.model_dump())
+        try:
+            owner = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a replica (tests that build the class directly)
+            owner = None
+        return JobRunner(ActorJobStore(actor), backend=self, settings=settings, owner=owner)
+
+    async def generate_job(self, spec: GenerationSpec, job_id: str) -> EncodedImages:
+        """A job's generation, with the job id as request id (so the loops report its
+        progress under it). Cancelling the caller cancels every stage call."""
+        logger.info("job %s: %s %dx%d, %d image(s)", job_id, spec.mode, spec.width, spec.height, len(spec.seeds))
+        # A job runs outside any HTTP request, so Ray Serve has no parent request whose
+        # cancellation would reach its stage calls: the job cancels each one itself.
+        calls = self._calls()
+        try:
+            return await plan(spec, calls, job_id)
+        except BaseException:
+            calls.cancel_all()
+            raise
+
+    def _denoiser(self, spec: GenerationSpec) -> DeploymentHandle:
+        return self.handles[DENOISER_OF_DECODER[DECODER_OF_MODE[spec.mode]]]
+
+    async def loop_progress(self, spec: GenerationSpec, job_id: str) -> LoopProgress:
+        """One poll of the prior's and the denoiser's progress for ``job_id``.
+
+        A poll reaches one replica of each loop: with several replicas, one that does not
+        hold the job answers None (the stage-level progress stays right; steps in between
+        show up when a poll reaches the right replica).
+        """
+        prior, denoise = await asyncio.gather(
+            self.handles["Prior"].request_progress.remote(job_id), self._denoiser(spec).request_progress.remote(job_id)
+        )
+
+        def pair(found):
+            return None if found is None else (found["done"], found["total"])
+
+        return LoopProgress(pair(prior), pair(denoise))
+
+    async def preview(self, spec: GenerationSpec, job_id: str, max_side: int) -> tuple[bytes, str] | None:
+        """The denoiser hands over a copy of the latents between steps; the MOVQ replica
+        decodes a shrunk version. The latents go replica to replica, never through here."""
+        latents = self._denoiser(spec).request_latents.remote(job_id)
+        return await self.handles["MovqDecoder"].preview.remote(latents, max_side)
 
     async def metrics_text(self) -> str:
         """Every node's Ray metrics agent, filtered to the product's (and Ray Serve's) metrics.

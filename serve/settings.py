@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
+from serve.jobs import JobSettings
 
 PRIOR_PATH_ENV = "KANDINSKY_PRIOR_PATH"
 DECODER_PATH_ENV = "KANDINSKY_DECODER_PATH"
@@ -170,6 +171,7 @@ class ServiceSettings(BaseModel):
     limits: ApiLimits = ApiLimits()
     admission: AdmissionSettings = AdmissionSettings()
     auth: AuthSettings = AuthSettings()
+    jobs: JobSettings = JobSettings()
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,394 @@
+"""The APIs existing clients already speak, translated to ours — without Ray.
+
+* **OpenAI Images**: ``POST /v1/images/generations``;
+* **AUTOMATIC1111 / SD.Next** (``/sdapi/v1``): ``txt2img``, ``img2img``, ``progress``,
+  ``interrupt``, ``samplers``, ``sd-models``.
+
+The translations are pure functions from a foreign body to the body of one of our
+request models (:func:`openai_to_native`, :func:`a1111_to_native`), so the same
+validation, limits and seeds apply as on the native endpoints. Every generation runs
+as a job (:class:`serve.jobs.JobRunner`): ``url`` results are the job's image URLs,
+and A1111's progress and interrupt read and cancel this client's jobs. A client that
+disconnects cancels its generation.
+"""
+
+import base64
+import json
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.jobs import JobRunner, Submission
+from serve.jobs_api import build_spec, client_key, error_response, limit_response
+from serve.schemas import SCHEDULER_NAMES, ErrorResponse
+from serve.settings import ApiLimits
+
+MODEL_NAME = "kandinsky-2-2"
+
+# -- OpenAI Images ----------------------------------------------------------------------
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+OPENAI_DEFAULT_SIZE = "512x512"
+OPENAI_NO_EFFECT = ("quality", "style", "user", "safety_identifier")
+"""Accepted for compatibility; they change nothing here (there is no such knob)."""
+# Our fields a client may pass through (openai-python: ``extra_body={...}``).
+OPENAI_EXTENSIONS = ("negative_prompt", "seed", "steps", "prior_steps", "guidance_scale", "prior_guidance_scale", "scheduler")
+
+
+class CompatError(ValueError):
+    """A foreign body that cannot be translated, naming the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class OpenAIImageRequest(BaseModel):
+    """``POST /v1/images/generations`` (the OpenAI Images API)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    model: str | None = Field(default=None, description="Ignored: one model is served.")
+    n: int | None = Field(default=1, description="Images to generate (up to the service's max_num_images).")
+    size: str | None = Field(default=None, description=f"'WxH', multiples of 64; default {OPENAI_DEFAULT_SIZE}. 'auto' = default.")
+    response_format: Literal["url", "b64_json"] | None = Field(
+        default="url", description="url: the job's image URL (valid for the job TTL); b64_json: inline.")
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    # Extensions (ours): pass with openai-python's extra_body.
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    prior_steps: int | None = None
+    guidance_scale: float | None = None
+    prior_guidance_scale: float | None = None
+    scheduler: str | None = None
+
+
+def parse_size(size: str | None, field: str = "size") -> tuple[int, int]:
+    """``"WxH"`` -> (width, height); range and multiple-of-64 checks are the native model's."""
+    if size is None or size == "auto":
+        size = OPENAI_DEFAULT_SIZE
+    match = _SIZE.match(size)
+    if not match:
+        raise CompatError(field, f"must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def openai_to_native(body: OpenAIImageRequest) -> dict:
+    """The ``/v1/text2img`` body for an OpenAI request."""
+    width, height = parse_size(body.size)
+    native: dict[str, Any] = {"prompt": body.prompt, "width": width, "height": height, "num_images": body.n or 1}
+    if body.output_format is not None:
+        native["output_format"] = body.output_format
+    for name in OPENAI_EXTENSIONS:
+        value = getattr(body, name)
+        if value is not None:
+            native[name] = value
+    return native
+
+
+def openai_field(native_field: str) -> str:
+    """The OpenAI name of a native field, for error messages."""
+    return {"num_images": "n", "width": "size", "height": "size"}.get(native_field, native_field)
+
+
+# -- AUTOMATIC1111 ------------------------------------------------------------------------
+
+# A1111 sampler names for our decoder schedulers. "DPM++ 2M" is multistep DPM-Solver++
+# of order 2, which is what the dpmsolver++ scheduler runs.
+SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ddpm": ("DDPM", ("ddpm",)),
+    "ddim": ("DDIM", ("ddim",)),
+    "dpmsolver++": ("DPM++ 2M", ("dpmsolver++", "k_dpmpp_2m")),
+    "unipc": ("UniPC", ("unipc",)),
+}
+assert set(SAMPLERS) == set(SCHEDULER_NAMES)
+
+A1111_COMMON = {"prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "batch_size",
+                "n_iter", "sampler_name", "sampler_index", "prior_steps", "prior_guidance_scale"}
+A1111_IMG2IMG = {"init_images", "denoising_strength", "mask", "inpainting_mask_invert", "mask_blur"}
+A1111_DEFAULT_STRENGTH = 0.75
+A1111_DEFAULT_MASK_BLUR = 4
+_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")
+
+
+def scheduler_for_sampler(name: str) -> str:
+    """Our scheduler for an A1111 sampler name (or an alias), case-insensitive."""
+    wanted = name.strip().lower()
+    for scheduler, (title, aliases) in SAMPLERS.items():
+        if wanted == title.lower() or wanted in aliases:
+            return scheduler
+    names = ", ".join(title for title, _ in SAMPLERS.values())
+    raise CompatError("sampler_name", f"unknown sampler {name!r}; available: {names} (GET /sdapi/v1/samplers)")
+
+
+def _strip_data_url(value: Any) -> Any:
+    return _DATA_URL.sub("", value, count=1) if isinstance(value, str) else value
+
+
+def _number(body: dict, name: str, kind: type) -> Any:
+    value = body[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str]]:
+    """(mode, native body, unsupported fields) for an A1111 ``txt2img``/``img2img`` body.
+
+    Every field of ``body`` that is not translated is listed in the third item (and so
+    in the response's ``info``), whatever its value: nothing is dropped silently.
+    """
+    if not isinstance(body, dict):
+        raise CompatError("body", "must be a JSON object")
+    known = A1111_COMMON | (A1111_IMG2IMG if img2img else set())
+    unsupported = sorted(name for name in body if name not in known)
+    native: dict[str, Any] = {"prompt": body.get("prompt", "")}
+    if body.get("negative_prompt"):
+        native["negative_prompt"] = body["negative_prompt"]
+    for ours, theirs, kind in (("steps", "steps", int), ("guidance_scale", "cfg_scale", float),
+                               ("width", "width", int), ("height", "height", int),
+                               ("prior_steps", "prior_steps", int), ("prior_guidance_scale", "prior_guidance_scale", float)):
+        if body.get(theirs) is not None:
+            native[ours] = _number(body, theirs, kind)
+    seed = body.get("seed", -1)
+    if seed is not None and seed != -1:
+        native["seed"] = _number(body, "seed", int)
+    batch_size, n_iter = body.get("batch_size", 1), body.get("n_iter", 1)
+    for name, value in (("batch_size", batch_size), ("n_iter", n_iter)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CompatError(name, f"must be a whole number of at least 1, got {value!r}")
+    native["num_images"] = batch_size * n_iter
+    sampler = body.get("sampler_name") or body.get("sampler_index")
+    if sampler:
+        native["scheduler"] = scheduler_for_sampler(str(sampler))
+    if body.get("sampler_name") and body.get("sampler_index") and "sampler_index" not in unsupported:
+        unsupported.append("sampler_index")  # sampler_name wins, as in A1111
+    mode = "text2img"
+    if img2img:
+        images = body.get("init_images")
+        if not isinstance(images, list) or len(images) != 1:
+            raise CompatError("init_images", "give exactly one base64 image (several init images are not supported)")
+        native["image"] = _strip_data_url(images[0])
+        if body.get("mask"):
+            mode = "inpaint"
+            native["mask"] = _strip_data_url(body["mask"])
+            native["invert_mask"] = bool(body.get("inpainting_mask_invert", 0))
+            native["mask_blur"] = float(body.get("mask_blur", A1111_DEFAULT_MASK_BLUR))
+            if "denoising_strength" in body:  # the inpainting decoder repaints fully
+                unsupported.append("denoising_strength")
+        else:
+            mode = "img2img"
+            native["strength"] = float(body.get("denoising_strength", A1111_DEFAULT_STRENGTH))
+            unsupported.extend(name for name in ("inpainting_mask_invert", "mask_blur") if name in body)
+    return mode, native, sorted(set(unsupported))
+
+
+def a1111_native_field(field: str) -> str:
+    """The A1111 name of a native field, for error messages."""
+    return {"guidance_scale": "cfg_scale", "num_images": "batch_size", "scheduler": "sampler_name",
+            "image": "init_images", "strength": "denoising_strength", "invert_mask": "inpainting_mask_invert"}.get(field, field)
+
+
+def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, interrupted: bool) -> str:
+    """A1111's ``info``: a JSON string describing what was generated."""
+    sampler = SAMPLERS[spec.scheduler][0]
+    seeds = list(spec.seeds)
+    negative = spec.negative_prompt or ""
+    line = (f"Steps: {spec.steps}, Sampler: {sampler}, CFG scale: {spec.guidance_scale:g}, Seed: {{seed}}, "
+            f"Size: {spec.width}x{spec.height}, Model: {MODEL_NAME}")
+    if spec.strength is not None and spec.mode == "img2img":
+        line += f", Denoising strength: {spec.strength:g}"
+    infotexts = [f"{spec.prompt}\nNegative prompt: {negative}\n" + line.format(seed=seed) for seed in seeds]
+    return json.dumps({
+        "prompt": spec.prompt,
+        "all_prompts": [spec.prompt] * len(seeds),
+        "negative_prompt": negative,
+        "all_negative_prompts": [negative] * len(seeds),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "width": spec.width,
+        "height": spec.height,
+        "sampler_name": sampler,
+        "cfg_scale": spec.guidance_scale,
+        "steps": spec.steps,
+        "batch_size": body.get("batch_size", 1),
+        "n_iter": body.get("n_iter", 1),
+        "denoising_strength": spec.strength if spec.mode == "img2img" else None,
+        "sd_model_name": MODEL_NAME,
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "job_timestamp": datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"),
+        "interrupted": interrupted,
+        "unsupported_fields": unsupported,
+        "job_id": job_id,
+    })
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+
+def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRunner,
+                      unavailable: dict[str, str], metrics: Any) -> None:
+    """Register the OpenAI and A1111 routes on ``app``."""
+    errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+              429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
+
+    async def run(mode: str, spec: Any, request: Request, origin: str) -> tuple[dict | None, JSONResponse | None]:
+        """Run a job to its end: its final view, or the error response."""
+        request_id = request.state.request_id
+        if mode in unavailable:
+            metrics.rejection("mode_not_configured")
+            return None, error_response(404, "mode_not_configured", unavailable[mode], request_id)
+        view = await jobs.submit(Submission(spec, mode, client_key(request), origin))
+        if "limit" in view:
+            metrics.rejection("too_many_jobs")
+            return None, limit_response(view, request_id)
+        started = time.perf_counter()
+        final = await jobs.wait(view["id"])  # a client that goes away cancels the job
+        if final is None:
+            return None, error_response(500, "generation_failed", "the job expired before it could be read", request_id)
+        if final["state"] == "failed":
+            message = (final["error"] or {}).get("message", "generation failed")
+            return final, error_response(500, "generation_failed", message, request_id)
+        if final["state"] == "succeeded":
+            metrics.generation(mode, spec.width, spec.height, time.perf_counter() - started)
+        return final, None
+
+    async def images_of(view: dict) -> list[bytes]:
+        out = []
+        for image in view["images"]:
+            found = await jobs.store.image(view["id"], image["index"])
+            if found is not None:
+                out.append(found[0])
+        return out
+
+    def rename(response: JSONResponse, rename_field) -> JSONResponse:
+        """Error details in the foreign API's field names."""
+        body = json.loads(response.body)
+        for detail in body["error"]["details"]:
+            detail["field"] = rename_field(detail["field"])
+        body["error"]["message"] = "; ".join(f"{d['field']}: {d['message']}" for d in body["error"]["details"]) or body["error"]["message"]
+        return JSONResponse(body, status_code=response.status_code)
+
+    @app.post("/v1/images/generations", responses=errors,
+              summary="OpenAI Images API: text to image. Extensions: seed, negative_prompt, steps, prior_steps, "
+                      "guidance_scale, prior_guidance_scale, scheduler.")
+    async def openai_generations(body: OpenAIImageRequest, request: Request):
+        request_id = request.state.request_id
+        try:
+            native = openai_to_native(body)
+        except CompatError as error:
+            metrics.rejection("validation")
+            return error_response(422, "validation_error", str(error), request_id, [{"field": error.field, "message": error.message}])
+        spec, problem = build_spec(models, "text2img", native, "", request_id)
+        if problem is not None:
+            metrics.rejection("validation")
+            return rename(problem, openai_field)
+        final, problem = await run("text2img", spec, request, "openai")
+        if problem is not None:
+            return problem
+        if final["state"] == "cancelled":
+            return error_response(409, "job_cancelled", f"job {final['id']} was cancelled", request_id)
+        if body.response_format == "b64_json":
+            data = [{"b64_json": base64.b64encode(image).decode("ascii")} for image in await images_of(final)]
+        else:
+            base = str(request.base_url).rstrip("/")
+            data = [{"url": base + image["url"]} for image in final["images"]]
+        output_format = spec.output_format
+        return {"created": int(final["created_at"]), "data": data, "output_format": output_format,
+                "size": f"{spec.width}x{spec.height}"}
+
+    async def a1111(request: Request, img2img: bool):
+        request_id = request.state.request_id
+        try:
+            body = await request.json()
+        except ValueError:
+            return error_response(422, "validation_error", "body: not valid JSON", request_id)
+        try:
+            mode, native, unsupported = a1111_to_native(body, img2img)
+        except CompatError as error:
+            metrics.rejection("validation")
+            return error_response(422, "validation_error", str(error), request_id, [{"field": error.field, "message": error.message}])
+        spec, problem = build_spec(models, mode, native, "", request_id)
+        if problem is not None:
+            metrics.rejection("validation")
+            return rename(problem, a1111_native_field)
+        final, problem = await run(mode, spec, request, "sdapi")
+        if problem is not None:
+            return problem
+        interrupted = final["state"] == "cancelled"
+        images = [] if interrupted else await images_of(final)
+        parameters = dict(body)
+        if img2img:  # as A1111: the input images are not echoed back
+            parameters["init_images"] = None
+            parameters["mask"] = None
+        return {
+            "images": [base64.b64encode(image).decode("ascii") for image in images],
+            "parameters": parameters,
+            "info": a1111_info(spec, body, unsupported, final["id"], interrupted),
+        }
+
+    @app.post("/sdapi/v1/txt2img", responses=errors, summary="AUTOMATIC1111-style text to image.")
+    async def sdapi_txt2img(request: Request):
+        return await a1111(request, img2img=False)
+
+    @app.post("/sdapi/v1/img2img", responses=errors,
+              summary="AUTOMATIC1111-style image to image; with a mask, inpainting.")
+    async def sdapi_img2img(request: Request):
+        return await a1111(request, img2img=True)
+
+    @app.get("/sdapi/v1/progress", summary="AUTOMATIC1111-style progress of this client's current generation.")
+    async def sdapi_progress(request: Request):
+        active = await jobs.store.active(client_key(request), "sdapi")
+        running = [view for view in active if view["state"] == "running"] or active
+        if not running:
+            return {"progress": 0.0, "eta_relative": 0.0, "textinfo": None, "current_image": None,
+                    "state": {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",
+                              "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
+        view = running[0]
+        stamp = datetime.fromtimestamp(view["created_at"], timezone.utc).strftime("%Y%m%d%H%M%S")
+        return {
+            "progress": view["progress"],
+            "eta_relative": view["eta_s"] or 0.0,
+            "textinfo": view["stage"],
+            "current_image": None,
+            "state": {"skipped": False, "interrupted": view["cancel_requested"], "job": view["id"],
+                      "job_count": len(active), "job_timestamp": stamp, "job_no": 0,
+                      "sampling_step": view["step"], "sampling_steps": view["steps"]},
+        }
+
+    @app.post("/sdapi/v1/interrupt", summary="AUTOMATIC1111-style interrupt: cancel this client's generations.")
+    async def sdapi_interrupt(request: Request):
+        active = await jobs.store.active(client_key(request), "sdapi")
+        for view in active:
+            await jobs.cancel(view["id"])
+        return {"interrupted": [view["id"] for view in active]}
+
+    @app.get("/sdapi/v1/samplers", summary="AUTOMATIC1111-style sampler list (our decoder schedulers).")
+    async def sdapi_samplers():
+        return [{"name": title, "aliases": list(aliases), "options": {}} for title, aliases in SAMPLERS.values()]
+
+    @app.get("/sdapi/v1/sd-models", summary="AUTOMATIC1111-style model list: the decoder variants served.")
+    async def sdapi_models():
+        variants = [("text2img", "kandinsky-2-2-decoder")]
+        if "inpaint" not in unavailable:
+            variants.append(("inpaint", "kandinsky-2-2-decoder-inpaint"))
+        if "controlnet" not in unavailable:
+            variants.append(("controlnet", "kandinsky-2-2-controlnet-depth"))
+        return [{"title": f"{name} [{variant}]", "model_name": name, "hash": None, "sha256": None,
+                 "filename": name, "config": None} for variant, name in variants]
+
+

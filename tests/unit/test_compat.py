@@ -1,0 +1,150 @@
+"""OpenAI Images and AUTOMATIC1111 translation and routes, with a fake backend. No Ray, no models."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import pytest
+
+from serve.compat import (
+    CompatError,
+    OpenAIImageRequest,
+    a1111_to_native,
+    openai_to_native,
+    scheduler_for_sampler,
+)
+from tests.jobfakes import FakeJobBackend
+from tests.unit.test_jobs_api import make_client
+
+PNG_B64 = base64.b64encode(b"not decoded by the translation").decode()
+
+
+def test_openai_body_maps_to_text2img():
+    body = OpenAIImageRequest(prompt="a cat", n=2, size="128x64", response_format="b64_json", model="dall-e-2",
+                              seed=5, steps=7, output_format="webp")
+    assert openai_to_native(body) == {"prompt": "a cat", "width": 128, "height": 64, "num_images": 2,
+                                      "output_format": "webp", "seed": 5, "steps": 7}
+    assert openai_to_native(OpenAIImageRequest(prompt="x"))["width"] == 512  # default size
+    with pytest.raises(CompatError, match="size"):
+        openai_to_native(OpenAIImageRequest(prompt="x", size="big"))
+
+
+def test_a1111_txt2img_maps_fields_and_lists_what_it_does_not_use():
+    body = {"prompt": "a cat", "negative_prompt": "blur", "steps": 9, "cfg_scale": 7, "width": 64, "height": 128,
+            "seed": 11, "batch_size": 2, "n_iter": 3, "sampler_name": "DPM++ 2M", "restore_faces": False,
+            "enable_hr": True, "styles": []}
+    mode, native, unsupported = a1111_to_native(body, img2img=False)
+    assert mode == "text2img"
+    assert native == {"prompt": "a cat", "negative_prompt": "blur", "steps": 9, "guidance_scale": 7.0, "width": 64,
+                      "height": 128, "seed": 11, "num_images": 6, "scheduler": "dpmsolver++"}
+    assert unsupported == ["enable_hr", "restore_faces", "styles"]
+    _, random_seed, _ = a1111_to_native({"prompt": "a", "seed": -1}, img2img=False)
+    assert "seed" not in random_seed
+
+
+def test_a1111_img2img_and_inpainting():
+    mode, native, unsupported = a1111_to_native(
+        {"prompt": "a", "init_images": ["data:image/png;base64," + PNG_B64], "denoising_strength": 0.5, "mask_blur": 4},
+        img2img=True,
+    )
+    assert mode == "img2img" and native["image"] == PNG_B64 and native["strength"] == 0.5
+    assert unsupported == ["mask_blur"]  # no mask: nothing to blur
+    mode, native, unsupported = a1111_to_native(
+        {"prompt": "a", "init_images": [PNG_B64], "mask": PNG_B64, "inpainting_mask_invert": 1, "denoising_strength": 0.75},
+        img2img=True,
+    )
+    assert mode == "inpaint" and native["invert_mask"] is True and native["mask_blur"] == 4.0
+    assert unsupported == ["denoising_strength"]
+    with pytest.raises(CompatError, match="init_images"):
+        a1111_to_native({"prompt": "a", "init_images": [PNG_B64, PNG_B64]}, img2img=True)
+
+
+def test_samplers_map_by_name_or_alias():
+    assert scheduler_for_sampler("DDIM") == "ddim" and scheduler_for_sampler("unipc") == "unipc"
+    with pytest.raises(CompatError, match="Euler a"):
+        scheduler_for_sampler("Euler a")
+
+
+@pytest.fixture
+def client():
+    client, _ = make_client(FakeJobBackend(step_s=0.002))
+    with client:
+        yield client
+
+
+def test_openai_route_returns_b64_or_job_urls(client):
+    inline = client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "size": "64x64",
+                                                         "response_format": "b64_json", "seed": 4, "steps": 3})
+    assert inline.status_code == 200, inline.text
+    body = inline.json()
+    assert isinstance(body["created"], int)
+    assert [base64.b64decode(d["b64_json"]) for d in body["data"]] == [b"img0", b"img1"]
+    linked = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "steps": 3}).json()
+    url = linked["data"][0]["url"]
+    assert url.startswith("http") and "/v1/jobs/" in url
+    assert client.get(url).content == b"img0"
+
+
+@pytest.mark.parametrize("patch,field", [({"size": "100x64"}, "size"), ({"n": 9}, "n"), ({"colour": "red"}, "colour"),
+                                         ({"size": "huge"}, "size")])
+def test_openai_bad_input_is_422_in_its_own_field_names(client, patch, field):
+    response = client.post("/v1/images/generations", json={"prompt": "a cat", **patch})
+    assert response.status_code == 422 and field in response.json()["error"]["message"]
+
+
+def test_sdapi_txt2img_returns_images_parameters_and_info(client):
+    body = {"prompt": "a cat", "steps": 4, "width": 64, "height": 64, "seed": 8, "batch_size": 2,
+            "sampler_name": "DDIM", "tiling": False}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert [base64.b64decode(image) for image in result["images"]] == [b"img0", b"img1"]
+    assert result["parameters"] == body
+    info = json.loads(result["info"])
+    assert info["all_seeds"] == [8, 9] and info["sampler_name"] == "DDIM" and info["unsupported_fields"] == ["tiling"]
+    assert info["interrupted"] is False
+
+
+def test_sdapi_errors_use_its_field_names(client):
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "cfg_scale": 500})
+    assert response.status_code == 422 and "cfg_scale" in response.json()["error"]["message"]
+    unknown = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "sampler_name": "Euler a"})
+    assert unknown.status_code == 422 and "sampler_name" in unknown.json()["error"]["message"]
+
+
+def test_sdapi_lists_samplers_and_models():
+    client, _ = make_client(unavailable={"controlnet": "not configured"})
+    with client:
+        samplers = client.get("/sdapi/v1/samplers").json()
+        models = client.get("/sdapi/v1/sd-models").json()
+    assert {s["name"] for s in samplers} == {"DDPM", "DDIM", "DPM++ 2M", "UniPC"}
+    assert [m["model_name"] for m in models] == ["kandinsky-2-2-decoder", "kandinsky-2-2-decoder-inpaint"]
+
+
+def test_sdapi_progress_and_interrupt():
+    client, backend = make_client(FakeJobBackend(step_s=0.01))
+    with client:
+        idle = client.get("/sdapi/v1/progress").json()
+        assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(response=client.post(
+            "/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 150, "width": 64, "height": 64})))
+        worker.start()
+        deadline = time.monotonic() + 20
+        while True:
+            progress = client.get("/sdapi/v1/progress").json()
+            if progress["textinfo"] == "denoise" and progress["state"]["sampling_step"] > 2:
+                break
+            assert time.monotonic() < deadline, progress
+            time.sleep(0.01)  # polling interval
+        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
+        job = progress["state"]["job"]
+        assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": [job]}
+        worker.join(timeout=20)
+    response = result["response"]
+    assert response.status_code == 200
+    assert response.json()["images"] == [] and json.loads(response.json()["info"])["interrupted"] is True
+    assert backend.steps_run[job] < 25 + 150

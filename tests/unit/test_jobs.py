@@ -1,0 +1,274 @@
+"""The job store, the progress tracker and the runner, without Ray or HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve.jobs import (
+    DECODE_SHARE,
+    AsyncJobStore,
+    JobLimitError,
+    JobRunner,
+    JobSettings,
+    JobStore,
+    LoopProgress,
+    StageTracker,
+    Submission,
+)
+from serve.schemas import request_models
+from serve.settings import ApiLimits
+from tests.jobfakes import FakeJobBackend
+
+MODELS = request_models(ApiLimits())
+
+
+def spec(**params):
+    return MODELS["text2img"].model_validate({"prompt": "a cat", "width": 64, "height": 64, "seed": 1,
+                                              "prior_steps": 3, "steps": 5, **params}).to_spec()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new_store(clock=None, **settings) -> JobStore:
+    return JobStore(JobSettings(**settings), clock=clock or Clock())
+
+
+def test_lifecycle_events_are_numbered_and_the_last_one_is_the_final_view():
+    store = new_store()
+    store.create("a", "c1", "text2img", 64, 64, [7])
+    assert store.start("a", "replica-1")
+    store.report("a", "prior", 1, 3, 0.1)
+    store.report("a", "prior", 1, 3, 0.05)  # a lower progress is clamped
+    store.succeed("a", [b"png"], "image/png", [7], {"movq": {"queue_ms": 1.0}})
+    events, finished = store.events_after("a", 0)
+    assert finished
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    progress = [e["data"]["progress"] for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert [e["data"]["state"] for e in events if e["event"] == "state"] == ["queued", "running", "succeeded"]
+    assert events[-1]["data"] == store.view("a")
+    assert store.image("a", 0) == (b"png", "image/png") and store.image("a", 1) is None
+    assert store.view("a")["images"][0]["url"] == "/v1/jobs/a/images/0"
+
+
+def test_cancel_outcomes():
+    store = new_store()
+    assert store.cancel("nope") == ("unknown", None)
+    store.create("q", "c", "text2img", 64, 64, [1])
+    outcome, view = store.cancel("q")
+    assert outcome == "cancelled" and view["state"] == "cancelled"
+    assert not store.start("q", "r")  # a cancelled queued job never starts
+    store.create("r", "c", "text2img", 64, 64, [1])
+    store.start("r", "owner")
+    outcome, view = store.cancel("r")
+    assert outcome == "cancelling" and view["state"] == "running" and view["cancel_requested"]
+    assert store.report("r", "prior", 1, 3, 0.2) is True  # the runner hears of it at its next report
+    store.mark_cancelled("r")
+    assert store.view("r")["state"] == "cancelled"
+    assert store.cancel("r")[0] == "finished"
+
+
+def test_caps_per_client_in_total_and_stored_with_retry_after():
+    clock = Clock()
+    store = new_store(clock, max_active_jobs_per_client=2, max_active_jobs=3, max_stored_jobs=4, ttl_s=60)
+    store.create("a", "c1", "text2img", 64, 64, [1])
+    store.create("b", "c1", "text2img", 64, 64, [1])
+    with pytest.raises(JobLimitError, match="max_active_jobs_per_client=2") as error:
+        store.create("c", "c1", "text2img", 64, 64, [1])
+    assert error.value.retry_after_s >= 1
+    store.create("c", "c2", "text2img", 64, 64, [1])
+    with pytest.raises(JobLimitError, match="max_active_jobs=3"):
+        store.create("d", "c3", "text2img", 64, 64, [1])
+    for job in ("a", "b", "c"):
+        store.start(job, "r")
+        store.succeed(job, [b"x"], "image/png", [1], {})
+    store.create("d", "c3", "text2img", 64, 64, [1])
+    clock.now += 10
+    with pytest.raises(JobLimitError, match="max_stored_jobs=4") as error:
+        store.create("e", "c3", "text2img", 64, 64, [1])
+    assert error.value.retry_after_s == 50  # until the oldest finished job expires
+    clock.now += 51
+    store.create("e", "c3", "text2img", 64, 64, [1])
+    assert store.view("a") is None and store.view("d") is not None
+
+
+def test_stored_image_bytes_are_capped():
+    store = new_store(max_stored_image_bytes=10)
+    store.create("a", "c", "text2img", 64, 64, [1])
+    store.start("a", "r")
+    store.succeed("a", [b"0123456789"], "image/png", [1], {})
+    with pytest.raises(JobLimitError, match="max_stored_image_bytes=10"):
+        store.create("b", "c", "text2img", 64, 64, [1])
+
+
+def test_job_settings_come_from_the_application_args():
+    from serve.settings import ConfigError, parse_service_settings
+
+    settings = parse_service_settings({"jobs": {"ttl_s": 60, "max_running_jobs": 2}})
+    assert settings.jobs.ttl_s == 60 and settings.jobs.max_running_jobs == 2
+    with pytest.raises(ConfigError, match="args.jobs.ttl_s"):
+        parse_service_settings({"jobs": {"ttl_s": 0}})
+    with pytest.raises(ConfigError, match="args.jobs.colour"):
+        parse_service_settings({"jobs": {"colour": 1}})
+
+
+def test_finished_jobs_expire_after_the_ttl_and_lost_runners_fail_their_jobs():
+    clock = Clock()
+    store = new_store(clock, ttl_s=30, lease_s=10)
+    store.create("done", "c", "text2img", 64, 64, [1])
+    store.start("done", "r")
+    store.succeed("done", [b"x"], "image/png", [1], {})
+    store.create("orphan", "c", "text2img", 64, 64, [1])
+    store.start("orphan", "r")
+    clock.now += 9
+    store.report("orphan", "prior", 1, 3, 0.1)
+    clock.now += 9
+    assert store.view("orphan")["state"] == "running"  # reported 9 s ago: within the lease
+    clock.now += 2
+    assert store.view("done")["state"] == "succeeded"
+    clock.now += 9.5
+    lost = store.view("orphan")
+    assert lost["state"] == "failed" and lost["error"]["type"] == "runner_lost"
+    clock.now += 1
+    assert store.view("done") is None  # 31.5 s after it finished
+
+
+def test_tracker_moves_through_the_stages_and_never_back():
+    tracker = StageTracker(prior_steps=4, decoder_steps=10)
+    seen = [tracker.update(LoopProgress())]
+    for done in range(5):
+        seen.append(tracker.update(LoopProgress(prior=(done, 4))))
+    seen.append(tracker.update(LoopProgress()))  # the prior is done, the denoiser has not admitted it yet
+    for done in range(11):
+        seen.append(tracker.update(LoopProgress(denoise=(2 * done, 20))))
+    seen.append(tracker.update(LoopProgress(prior=(1, 4))))  # a stale poll changes nothing
+    seen.append(tracker.update(LoopProgress()))
+    stages = [report.stage for report in seen]
+    assert stages[0] == "encode" and stages[-1] == "decode"
+    order = ["encode", "prior", "denoise", "decode"]
+    assert [order.index(s) for s in stages] == sorted(order.index(s) for s in stages)
+    progress = [report.progress for report in seen]
+    assert progress == sorted(progress) and progress[-1] == pytest.approx(1 - DECODE_SHARE)
+    denoise = [r for r in seen if r.stage == "denoise"]
+    assert denoise[-1].step == 10 and denoise[-1].steps == 10
+
+
+async def _settled(condition, timeout_s=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)  # polling interval
+
+
+def test_runner_runs_a_job_to_success_with_forward_progress():
+    async def scenario():
+        backend = FakeJobBackend(step_s=0.01)
+        store = AsyncJobStore(JobSettings(progress_interval_s=0.005))
+        runner = JobRunner(store, backend, store.store.settings)
+        view = await runner.submit(Submission(spec(num_images=2), "text2img", "c"))
+        final = await runner.wait(view["id"])
+        events, finished = await store.wait_events(view["id"], 0, 0)
+        return backend, final, events, finished
+
+    backend, final, events, finished = asyncio.run(scenario())
+    assert final["state"] == "succeeded" and finished
+    assert [image["seed"] for image in final["images"]] == [1, 2]
+    assert backend.steps_run[final["id"]] == 3 + 5
+    progress = [e["data"]["progress"] for e in events if e["event"] != "preview"]
+    assert progress == sorted(progress)
+    stages = {e["data"]["stage"] for e in events}
+    assert {"prior", "denoise"} <= stages  # per-step progress from the loops, not only stage changes
+    assert events[-1]["data"] == final
+
+
+def test_cancelling_a_running_job_stops_it_within_a_step_and_frees_its_slot():
+    async def scenario():
+        backend = FakeJobBackend(step_s=0.01)
+        store = AsyncJobStore(JobSettings(progress_interval_s=0.005, max_running_jobs=1))
+        runner = JobRunner(store, backend, store.store.settings)
+        long = await runner.submit(Submission(spec(steps=150), "text2img", "c"))
+        queued = await runner.submit(Submission(spec(), "text2img", "c"))
+        await _settled(lambda: backend.steps_run.get(long["id"], 0) >= 5)
+        assert (await store.view(queued["id"]))["state"] == "queued"  # one slot, taken
+        outcome, view = await runner.cancel(long["id"])
+        at_cancel = backend.steps_run[long["id"]]
+        final_queued = await runner.wait(queued["id"])
+        return outcome, view, at_cancel, backend.steps_run[long["id"]], final_queued, backend
+
+    outcome, view, at_cancel, later, final_queued, backend = asyncio.run(scenario())
+    assert outcome == "cancelling" and view["state"] == "cancelled"
+    assert later == at_cancel < 3 + 150  # nothing ran after the cancel returned
+    assert final_queued["state"] == "succeeded"  # the freed slot ran the next job
+
+
+def test_a_cancelled_queued_job_never_starts():
+    async def scenario():
+        backend = FakeJobBackend()
+        backend.gate = asyncio.Event()
+        store = AsyncJobStore(JobSettings(max_running_jobs=1))
+        runner = JobRunner(store, backend, store.store.settings)
+        first = await runner.submit(Submission(spec(), "text2img", "c"))
+        second = await runner.submit(Submission(spec(), "text2img", "c"))
+        await _settled(lambda: first["id"] in backend.started)
+        outcome, view = await runner.cancel(second["id"])
+        backend.gate.set()
+        await runner.wait(first["id"])
+        await runner.wait(second["id"])
+        return outcome, view, backend, second["id"]
+
+    outcome, view, backend, second = asyncio.run(scenario())
+    assert outcome == "cancelled" and view["state"] == "cancelled"
+    assert second not in backend.started
+
+
+def test_a_cancel_recorded_by_another_replica_reaches_the_runner():
+    async def scenario():
+        backend = FakeJobBackend(step_s=0.01)
+        store = AsyncJobStore(JobSettings(progress_interval_s=0.005))
+        runner = JobRunner(store, backend, store.store.settings)
+        other = JobRunner(store, FakeJobBackend(), store.store.settings)  # another replica: same store
+        job = await runner.submit(Submission(spec(steps=150), "text2img", "c"))
+        await _settled(lambda: backend.steps_run.get(job["id"], 0) >= 2)
+        outcome, view = await other.cancel(job["id"])
+        final = await runner.wait(job["id"])
+        return outcome, view, final
+
+    outcome, view, final = asyncio.run(scenario())
+    assert outcome == "cancelling" and view["state"] == "running" and view["cancel_requested"]
+    assert final["state"] == "cancelled"
+
+
+def test_a_failed_generation_fails_the_job_without_internals():
+    async def scenario():
+        runner = JobRunner(AsyncJobStore(), FakeJobBackend(fail=True))
+        job = await runner.submit(Submission(spec(), "text2img", "c"))
+        return await runner.wait(job["id"])
+
+    final = asyncio.run(scenario())
+    assert final["state"] == "failed"
+    assert final["error"] == {"type": "generation_failed", "message": "generation failed: RuntimeError"}
+
+
+def test_previews_every_n_steps_when_asked():
+    async def scenario():
+        backend = FakeJobBackend(step_s=0.01)
+        store = AsyncJobStore(JobSettings(progress_interval_s=0.005))
+        runner = JobRunner(store, backend, store.store.settings)
+        job = await runner.submit(Submission(spec(steps=20), "text2img", "c", preview_every=5))
+        await runner.wait(job["id"])
+        events, _ = await store.wait_events(job["id"], 0, 0)
+        return [e["data"] for e in events if e["event"] == "preview"]
+
+    previews = asyncio.run(scenario())
+    assert previews, "no preview event"
+    steps = [p["step"] for p in previews]
+    assert steps == sorted(steps) and all(b - a >= 5 for a, b in zip(steps, steps[1:]))
+    assert previews[0]["media_type"] == "image/jpeg"

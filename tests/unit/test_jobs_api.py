@@ -1,0 +1,149 @@
+"""``/v1/jobs`` over HTTP with a fake backend and an in-process store. No Ray, no models."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.api import create_app
+from serve.jobs import AsyncJobStore, JobRunner, JobSettings
+from serve.settings import ApiLimits
+from tests.jobfakes import FakeJobBackend
+from tests.unit.test_api import FakeBackend
+
+PARAMS = {"prompt": "a red circle", "width": 64, "height": 64, "seed": 3, "prior_steps": 3, "steps": 6}
+
+
+def make_client(backend=None, unavailable=None, **settings):
+    backend = backend or FakeJobBackend(step_s=0.005)
+    job_settings = JobSettings(**{"progress_interval_s": 0.005, **settings})
+    store = AsyncJobStore(job_settings)
+    runner = JobRunner(store, backend, job_settings)
+    app = create_app(ApiLimits(), FakeBackend(), unavailable=unavailable, jobs=runner)
+    return TestClient(app), backend
+
+
+@pytest.fixture
+def client():
+    client, _ = make_client()
+    with client:
+        yield client
+
+
+def wait_for(client, job_id, states, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["state"] in states:
+            return view
+        assert time.monotonic() < deadline, f"job stayed {view['state']}"
+        time.sleep(0.01)  # polling interval
+
+
+def read_events(client, job_id, headers=None):
+    events, current = [], {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers or {}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                continue
+            if not line:
+                if current:
+                    events.append(current)
+                current = {}
+                continue
+            name, _, value = line.partition(": ")
+            current[name] = value
+    return [{"id": int(e["id"]), "event": e["event"], "data": json.loads(e["data"])} for e in events]
+
+
+def test_submit_is_202_with_urls_and_the_job_succeeds(client):
+    response = client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "num_images": 2}})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["state"] in ("queued", "running") and response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["urls"] == {"self": f"/v1/jobs/{job['id']}", "events": f"/v1/jobs/{job['id']}/events",
+                           "cancel": f"/v1/jobs/{job['id']}"}
+    final = wait_for(client, job["id"], {"succeeded"})
+    assert final["progress"] == 1.0 and final["seeds"] == [3, 4] and final["step"] == final["steps"] == 6
+    assert final["timings"]["run_s"] >= 0 and final["timings"]["stages"]["denoiser"]["compute_ms"] == 2.0
+    image = client.get(final["images"][1]["url"])
+    assert image.status_code == 200 and image.content == b"img1" and image.headers["content-type"] == "image/png"
+    assert client.get(f"/v1/jobs/{job['id']}/images/2").status_code == 404
+
+
+def test_events_arrive_in_order_progress_never_decreases_and_the_last_matches_get(client):
+    job = client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 30}}).json()
+    events = read_events(client, job["id"])
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    progress = [e["data"]["progress"] for e in events]
+    assert progress == sorted(progress)
+    assert len({e["data"]["step"] for e in events if e["data"]["stage"] == "denoise"}) > 3  # per-step, not per-stage
+    assert events[-1]["event"] == "state" and events[-1]["data"]["state"] == "succeeded"
+    assert events[-1]["data"] == client.get(f"/v1/jobs/{job['id']}").json()
+    # Resuming after an event id replays only what came after it.
+    tail = read_events(client, job["id"], headers={"Last-Event-ID": str(events[-3]["id"])})
+    assert [e["id"] for e in tail] == [events[-2]["id"], events[-1]["id"]]
+
+
+def test_validation_errors_are_422_at_once_naming_the_params_field(client):
+    bad = client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 0}})
+    assert bad.status_code == 422 and "params.steps" in bad.json()["error"]["message"]
+    assert client.post("/v1/jobs", json={"mode": "paint", "params": PARAMS}).status_code == 422
+    missing = client.post("/v1/jobs", json={"mode": "img2img", "params": PARAMS})
+    assert missing.status_code == 422 and "params.image" in missing.json()["error"]["message"]
+
+
+def test_unconfigured_mode_is_404():
+    client, _ = make_client(unavailable={"inpaint": "inpaint is not configured"})
+    with client:
+        response = client.post("/v1/jobs", json={"mode": "inpaint", "params": PARAMS})
+    assert response.status_code == 404 and response.json()["error"]["type"] == "mode_not_configured"
+
+
+def test_cancel_running_queued_finished_and_unknown():
+    client, backend = make_client(FakeJobBackend(step_s=0.01), max_running_jobs=1)
+    with client:
+        running = client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 150}}).json()
+        queued = client.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS}).json()
+        wait_for(client, running["id"], {"running"})
+        cancelled_queued = client.delete(f"/v1/jobs/{queued['id']}")
+        assert cancelled_queued.status_code == 200 and cancelled_queued.json()["state"] == "cancelled"
+        response = client.delete(f"/v1/jobs/{running['id']}")
+        assert response.status_code == 200 and response.json()["state"] == "cancelled"
+        steps_at_cancel = backend.steps_run[running["id"]]
+        again = client.delete(f"/v1/jobs/{running['id']}")
+        assert again.status_code == 409 and again.json()["error"]["type"] == "job_finished"
+        assert client.delete("/v1/jobs/nope").status_code == 404
+        assert client.get("/v1/jobs/nope").status_code == 404
+        # The slot is free: a new job runs to the end.
+        follow = client.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS}).json()
+        assert wait_for(client, follow["id"], {"succeeded"})["state"] == "succeeded"
+    assert queued["id"] not in backend.started
+    assert backend.steps_run[running["id"]] == steps_at_cancel < 153
+
+
+def test_caps_give_429_with_retry_after():
+    client, backend = make_client(FakeJobBackend(step_s=0.01), max_active_jobs_per_client=1)
+    with client:
+        first = client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 150}})
+        assert first.status_code == 202
+        second = client.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS})
+        assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+        assert "max_active_jobs_per_client=1" in second.json()["error"]["message"]
+        other = client.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS}, headers={"Authorization": "Bearer k2"})
+        assert other.status_code == 202  # another client has its own allowance
+        client.delete(f"/v1/jobs/{first.json()['id']}")
+
+
+def test_previews_are_events_when_asked():
+    client, _ = make_client(FakeJobBackend(step_s=0.01))
+    with client:
+        job = client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 30}, "preview_every": 5}).json()
+        events = read_events(client, job["id"])
+    previews = [e["data"] for e in events if e["event"] == "preview"]
+    assert previews and all(p["media_type"] == "image/jpeg" and p["image"] for p in previews)
