@@ -94,7 +94,7 @@ def guarded_app(served_app, tiny_checkpoint, tmp_path_factory):
         for name, extra in (
             ("load", {"requests_per_s": 1000, "images_per_min": 1_000_000}),
             ("normal", {"requests_per_s": 100, "images_per_min": 1_000_000}),
-            ("flood", {"requests_per_s": 0.5}),
+            ("flood", {"requests_per_s": 0.2}),
             ("revoked", {}),
         )
     }
