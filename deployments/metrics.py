@@ -78,12 +78,16 @@ REQUEST_DURATION = _spec(
 REQUEST_BYTES = _spec("kandinsky_serve_request_bytes_total", "counter", "Request body bytes received.", ["route"])
 RESPONSE_BYTES = _spec("kandinsky_serve_response_bytes_total", "counter", "Response body bytes sent.", ["route"])
 REJECTED = _spec("kandinsky_serve_rejected_requests_total", "counter", "Requests refused before any model ran, by reason.", ["reason"])
+STAGE_RETRIES = _spec(
+    "kandinsky_serve_stage_retries_total", "counter", "Stage calls retried because their replica died or became unreachable.",
+    ["deployment"],
+)
 
 ALL_METRICS: tuple[MetricSpec, ...] = (
     STAGE_REQUESTS, STAGE_ERRORS, STAGE_IMAGES, STAGE_QUEUE_WAIT, STAGE_BATCH_SIZE, STAGE_BATCH_ITEMS,
     STAGE_BATCH_COMPUTE, MODEL_LOAD, GPU_ALLOCATED, GPU_RESERVED,
     LOOP_STEPS, LOOP_BATCH, LOOP_IMAGE_STEPS, LOOP_STEP_SECONDS, LOOP_QUEUE_WAIT,
-    HTTP_REQUESTS, REQUEST_DURATION, REQUEST_BYTES, RESPONSE_BYTES, REJECTED,
+    HTTP_REQUESTS, REQUEST_DURATION, REQUEST_BYTES, RESPONSE_BYTES, REJECTED, STAGE_RETRIES,
 )
 
 
@@ -186,6 +190,7 @@ class IngressMetrics:
         self.request_bytes = make(REQUEST_BYTES)
         self.response_bytes = make(RESPONSE_BYTES)
         self.rejected = make(REJECTED)
+        self.retries = make(STAGE_RETRIES)
 
     def http_request(self, route: str, status: int, request_bytes: int, response_bytes: int) -> None:
         self.http_requests.inc(tags={"route": route, "status": str(status)})
@@ -199,6 +204,9 @@ class IngressMetrics:
 
     def rejection(self, reason: str) -> None:
         self.rejected.inc(tags={"reason": reason})
+
+    def stage_retry(self, deployment: str) -> None:
+        self.retries.inc(tags={"deployment": deployment})
 
 
 EXPOSED_PREFIXES = (EXPORT_PREFIX + "kandinsky_serve_", "ray_serve_")

@@ -29,6 +29,14 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+class ServiceOverloaded(Exception):
+    """Raised by a backend when a stage's queue is full; the client gets 503."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class GenerationBackend(Protocol):
     async def text2img(self, spec: Text2ImgSpec, request_id: str) -> EncodedImages: ...
 
@@ -73,11 +81,14 @@ def _route_label(scope: Scope) -> str:
     return scope.get("path") if scope.get("path") in KNOWN_ROUTES else "other"
 
 
-def _error(status: int, kind: str, message: str, request_id: str | None, details: list[dict] | None = None) -> JSONResponse:
+def _error(
+    status: int, kind: str, message: str, request_id: str | None, details: list[dict] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse.model_validate(
         {"error": {"type": kind, "message": message, "details": details or []}, "request_id": request_id}
     )
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _field_name(loc: tuple) -> str:
@@ -179,7 +190,10 @@ def create_app(
     @app.post(
         "/v1/text2img",
         response_model=Text2ImgResponse,
-        responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}},
+        responses={
+            413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
+            503: {"model": ErrorResponse},
+        },
     )
     async def text2img(body: Text2ImgRequest, request: Request):  # type: ignore[valid-type]
         request_id = request.state.request_id
@@ -191,6 +205,10 @@ def create_app(
         started = time.perf_counter()
         try:
             result = await backend.text2img(spec, request_id)
+        except ServiceOverloaded as error:  # a stage's queue is full (max_queued_requests): try again later
+            metrics.rejection("overloaded")
+            retry_after = None if error.retry_after_s is None else {"Retry-After": str(max(1, round(error.retry_after_s)))}
+            return _error(503, "overloaded", str(error), request_id, headers=retry_after)
         except Exception as error:  # a stage failed: explicit error, no stack trace to the client
             logger.exception("request %s failed", request_id)
             return _error(500, "generation_failed", f"generation failed: {type(error).__name__}", request_id)

@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -213,6 +214,12 @@ class LoadTest:
         self._weights = [m.weight for m in scenario.mix]
         self._run_id = f"lt{scenario.seed}-{int(time.time())}"
         self._inflight = 0
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """End the run early, from any thread: no new request is sent; those in flight
+        finish (or time out) and are recorded as usual."""
+        self._stopped.set()
 
     def _pick(self) -> RequestMix:
         return self._rng.choices(self.scenario.mix, weights=self._weights)[0]
@@ -266,6 +273,8 @@ class LoadTest:
             delay = start + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self._stopped.is_set():
+                break
             # Never await a response here: a slow server must not delay the next send.
             tasks.append(asyncio.create_task(self._one(client, step, index, mix, start + at, origin)))
         await self._drain(tasks)
@@ -276,7 +285,7 @@ class LoadTest:
         counter = iter(range(10**12))
 
         async def worker() -> None:
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < deadline and not self._stopped.is_set():
                 index = next(counter)
                 if s.max_requests is not None and index >= s.max_requests:
                     return
@@ -315,6 +324,8 @@ class LoadTest:
             async with httpx.AsyncClient(base_url=s.target, timeout=s.timeout_s, limits=limits) as client:
                 for step, offered in enumerate(s.arrival.steps):
                     self.sent[step] = set()
+                    if self._stopped.is_set():
+                        continue
                     unit = "clients" if s.arrival.process == "closed" else "req/s"
                     label[0] = f"[step {step + 1}/{len(s.arrival.steps)}: {offered:g} {unit}]"
                     if s.arrival.process == "closed":

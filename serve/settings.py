@@ -96,6 +96,18 @@ class ApiLimits(BaseModel):
     """Largest request body in bytes; larger ones get 413."""
 
 
+class ResilienceSettings(BaseModel):
+    """How the ingress rides out a stage replica lost mid-request (its node died)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage_call_attempts: int = Field(default=2, ge=1, le=5)
+    """Attempts per stage call when the replica serving it dies or becomes unreachable
+    (Ray's ``ActorDiedError`` / ``ActorUnavailableError``); 1 turns retries off. A retry
+    goes to another replica and returns the same result: a stage's output depends only
+    on its inputs and the request's seeds."""
+
+
 class ServiceSettings(BaseModel):
     """The application's ``args``: everything the graph builder needs."""
 
@@ -103,6 +115,7 @@ class ServiceSettings(BaseModel):
 
     models: ModelSettings = ModelSettings()
     limits: ApiLimits = ApiLimits()
+    resilience: ResilienceSettings = ResilienceSettings()
 
 
 class ConfigError(ValueError):

@@ -6,6 +6,8 @@ import asyncio
 import json
 import random
 import statistics
+import threading
+import time
 
 import pytest
 import yaml
@@ -144,3 +146,27 @@ def test_server_figures_from_two_scrapes():
     )
     figures = server_deltas(before, after)["prior"]
     assert figures["requests"] == 3.0 and figures["mean_images_per_step"] == 3.0
+
+
+def test_stop_ends_a_closed_loop_run_early_and_accounts_for_every_request():
+    async def run(url):
+        load = LoadTest(Scenario(
+            target=url, mix=_mix("slow"), arrival={"process": "closed", "concurrency": [3]}, duration_s=600,
+            timeout_s=5, scrape_metrics=False,
+        ), progress=False)
+        task = asyncio.create_task(load.run())
+        deadline = time.monotonic() + 10 * SLOW_S
+        while not load.records and time.monotonic() < deadline:  # until the first responses are in
+            await asyncio.sleep(0.05)
+        threading.Thread(target=load.stop).start()  # from another thread, as a test driver would
+        return await asyncio.wait_for(task, timeout=10 * SLOW_S)
+
+    async def with_server():
+        server = await asyncio.start_server(_handle, "127.0.0.1", 0)
+        async with server:
+            return await run(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+
+    result = asyncio.run(with_server())
+    [step] = result.steps
+    assert step.sent == step.succeeded == len(result.records) and result.lost == 0
+    assert step.sent < 3 * 5, "the run went on after stop()"
