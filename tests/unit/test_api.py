@@ -6,20 +6,22 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.messages import EncodedImages, StageTiming
-from serve.api import create_app
+from serve.api import ServiceOverloaded, create_app
 from serve.settings import ApiLimits
 
 GOOD = {"prompt": "a red circle", "width": 64, "height": 64}
 
 
 class FakeBackend:
-    def __init__(self, fail: bool = False, stages=None):
+    def __init__(self, fail: bool | BaseException = False, stages=None):
         self.calls = []
         self.fail = fail
         self.stages = stages if stages is not None else {"TextEncoder": "ready", "Prior": "ready", "Denoiser": "ready", "MovqDecoder": "ready"}
 
     async def text2img(self, spec, request_id):
         self.calls.append((spec, request_id))
+        if isinstance(self.fail, BaseException):
+            raise self.fail
         if self.fail:
             raise RuntimeError("replica exploded\nTraceback: secret internals")
         timing = StageTiming(1.0, 2.0, 1)
@@ -116,6 +118,17 @@ def test_bad_request_id_header_is_422(client, backend):
     response = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "x" * 200})
     assert response.status_code == 422 and "X-Request-ID" in response.json()["error"]["message"]
     assert backend.calls == []
+
+
+@pytest.mark.parametrize("retry_after_s,header", [(2.4, "2"), (None, None)])
+def test_a_full_stage_queue_is_503_with_retry_after(retry_after_s, header):
+    overloaded = ServiceOverloaded("Denoiser is at capacity", retry_after_s)
+    client = TestClient(create_app(ApiLimits(), FakeBackend(fail=overloaded)))
+    response = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "r2"})
+    assert response.status_code == 503
+    assert response.headers.get("Retry-After") == header
+    body = response.json()
+    assert body["error"]["type"] == "overloaded" and "Denoiser" in body["error"]["message"] and body["request_id"] == "r2"
 
 
 def test_stage_failure_is_explicit_500_without_internals():
