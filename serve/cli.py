@@ -15,7 +15,7 @@ DEFAULT_CONFIG = "configs/local.yaml"
 
 
 def start_service(config: LoadedConfig, host: str | None = None, port: int | None = None) -> str:
-    """Start Ray (localhost-only dashboard) and the application; return the base URL."""
+    """Start Ray (localhost-only dashboard) unless connected already, and the application; return the base URL."""
     import ray
     from ray import serve
 
@@ -27,7 +27,9 @@ def start_service(config: LoadedConfig, host: str | None = None, port: int | Non
     port = port or config.http_port
     if not ray.is_initialized():
         ray.init(dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
-    serve.start(http_options={"host": host, "port": port})
+    # The config's http_options (request_timeout_s, ...) and proxy_location, as `serve deploy` would apply them.
+    http_options = {**config.raw.get("http_options", {}), "host": host, "port": port}
+    serve.start(http_options=http_options, proxy_location=config.raw.get("proxy_location"))
     serve.run(
         app,
         name=app_schema.get("name", "kandinsky"),
