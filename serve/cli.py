@@ -62,6 +62,57 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cluster_render(args: argparse.Namespace) -> int:
+    from serve.cluster import load_shape, render_rayservice
+
+    text = render_rayservice(load_config(args.config), load_shape(args.nodes), args.config, args.nodes, args.name)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    return 0
+
+
+MAX_LOCAL_NODES_PER_TYPE = 8
+
+
+def _parse_workers(items: list[str]) -> dict[str, int]:
+    workers: dict[str, int] = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        if not count.isdigit() or not 1 <= int(count) <= MAX_LOCAL_NODES_PER_TYPE:
+            raise ConfigError(f"--workers {item}: expected TYPE=N with N from 1 to {MAX_LOCAL_NODES_PER_TYPE}")
+        workers[name] = int(count)
+    return workers
+
+
+def _cmd_cluster_local(args: argparse.Namespace) -> int:
+    """A head and worker nodes on this machine with the node types' resources; the config
+    deployed on CPU; where each replica landed; torn down on Ctrl-C (or after --hold-s)."""
+    from serve.cluster import LocalCluster, fit_problems, load_shape, on_cpu, replica_nodes
+
+    shape = load_shape(args.nodes)
+    config = load_config(args.config)
+    problems = fit_problems(config, shape)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    workers = _parse_workers(args.workers) if args.workers else {t.name: 1 for t in shape.workers}
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with LocalCluster(shape, workers) as cluster:
+        print(f"nodes: head + {', '.join(f'{n} x {t}' for t, n in workers.items())}; dashboard {cluster.dashboard_url}", flush=True)
+        url = start_service(on_cpu(config), port=args.port)
+        for deployment, nodes in sorted(replica_nodes(config.raw["applications"][0].get("name", "kandinsky")).items()):
+            where = ", ".join(sorted(f"{cluster.node_types[n]} ({n[:8]})" for n in nodes))
+            print(f"  {deployment:<12} {len(nodes)} replica(s) on {where}")
+        print(f"kandinsky-serve is up on the local cluster: {url}  (Ctrl-C tears it down)", flush=True)
+        stop.wait(args.hold_s)
+    print("local cluster stopped")
+    return 0
+
+
 def _bench(kind: str):
     """Run ``serve.bench.bench_<kind>`` with the subcommand's options as keyword arguments."""
 
@@ -111,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--out", default="loadtest-report")
     loadtest.add_argument("--no-progress", action="store_true")
     loadtest.set_defaults(func=_cmd_loadtest)
+
+    cluster = commands.add_parser("cluster", help="cluster deployment files and a local multi-node cluster")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    render = cluster_commands.add_parser("render", help="render the KubeRay RayService manifest from a config and node types")
+    render.add_argument("--config", default="configs/cluster.yaml")
+    render.add_argument("--nodes", default="cluster/node-types.yaml", help="node types file")
+    render.add_argument("--name", default="kandinsky", help="RayService name")
+    render.add_argument("-o", "--output", default="cluster/kuberay-rayservice.yaml", help="file to write, or - for stdout")
+    render.set_defaults(func=_cmd_cluster_render)
+    local = cluster_commands.add_parser("local", help="start a head and worker nodes on this machine and deploy a config to them")
+    local.add_argument("--config", default="configs/cluster.yaml")
+    local.add_argument("--nodes", default="cluster/node-types.yaml", help="node types file")
+    local.add_argument("--workers", action="append", metavar="TYPE=N", help="worker nodes to start (default: one of each type)")
+    local.add_argument("--port", type=int, default=8000)
+    local.add_argument("--hold-s", type=float, default=None, help="tear down after this many seconds (default: on Ctrl-C)")
+    local.set_defaults(func=_cmd_cluster_local)
 
     bench = commands.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="kind", required=True)
