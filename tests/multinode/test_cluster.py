@@ -1,7 +1,8 @@
 """configs/cluster.yaml on a simulated multi-node cluster: placement, independent
 autoscaling, node loss.
 
-One head and three worker "nodes" of the node types in cluster/node-types.yaml run as
+One head and three worker "nodes" (one small-gpu, two denoiser-gpu; a third denoiser-gpu
+joins for the node-loss test) of the node types in cluster/node-types.yaml run as
 processes on this machine (serve.cluster.LocalCluster), each declaring its type's CPUs,
 logical GPUs and custom resource; the config is deployed unchanged but for the tiny
 checkpoint on CPU and, for the autoscaling test, short delays. The tests run in file
