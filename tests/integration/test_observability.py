@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import glob
+import os
 import time
 
 import httpx
 import numpy as np
 import pytest
+import ray
 from ray import serve
 
 from deployments.messages import DenoiseParams, ImageEmbeddings
@@ -138,9 +140,11 @@ def test_request_id_reaches_the_response_and_every_stage_log(client):
                            headers={"X-Request-ID": request_id})
     assert response.status_code == 200
     assert response.json()["request_id"] == request_id and response.headers["x-request-id"] == request_id
+    # This test session's own Ray logs (session_latest may be another Ray instance on the machine).
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve", "*.log")
     deadline = time.monotonic() + 30
     while True:
-        lines = [line for path in glob.glob("/tmp/ray/session_latest/logs/serve/*.log") for line in open(path, errors="replace")
+        lines = [line for path in glob.glob(logs) for line in open(path, errors="replace")
                  if request_id in line]
         stages = {stage for stage in STAGES if any(f"stage {stage} done" in line for line in lines)}
         if stages == set(STAGES):
