@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -420,14 +419,3 @@ def replica_nodes(app_name: str) -> dict[str, list[str]]:
             placement.setdefault(actor.class_name[len(prefix):], []).append(actor.node_id)
     return placement
 
-
-def wait_for(condition, what: str, timeout_s: float, interval_s: float = 0.5):
-    """Poll ``condition()`` until it returns something truthy; raise TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)  # polling interval, not a wait for readiness

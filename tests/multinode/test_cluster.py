@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from serve.cli import start_service
-from serve.cluster import LocalCluster, load_shape, node_type_of, on_cpu, replica_nodes, wait_for
+from serve.cluster import LocalCluster, load_shape, node_type_of, on_cpu, replica_nodes
 from serve.loadtest import LoadTest, RequestMix, Scenario
-from serve.settings import load_config
+from serve.settings import STAGE_NAMES, load_config
 from tests.conftest import _free_port
 from tests.promtext import total
 
@@ -46,6 +46,18 @@ TEST_AUTOSCALING = {
 }
 # Most of a request's time is in the U-Net loop: the denoiser carries the load.
 BODY = {"prompt": "a red circle", "width": 64, "height": 64, "prior_steps": 2, "steps": 100}
+
+
+def wait_for(condition, what: str, timeout_s: float, interval_s: float = 0.5):
+    """Poll ``condition()`` until it returns something truthy; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)  # polling interval, not a wait for readiness
 
 
 def _shut_down_shared_instance() -> None:
@@ -84,7 +96,7 @@ def deployed(cluster, tiny_checkpoint):
     """(config, base URL) of configs/cluster.yaml on the local cluster, with test autoscaling."""
     prior, decoder = tiny_checkpoint
     config = on_cpu(load_config(ROOT / "configs" / "cluster.yaml"), str(prior), str(decoder))
-    config = _with_autoscaling(config, {name: FAST_AUTOSCALING for name in ("TextEncoder", "Prior", "Denoiser", "MovqDecoder")})
+    config = _with_autoscaling(config, {name: FAST_AUTOSCALING for name in STAGE_NAMES})
     config = _with_autoscaling(config, TEST_AUTOSCALING)
     return config, _deploy(config)
 
@@ -199,8 +211,7 @@ def test_each_stage_runs_only_on_its_node_type(cluster, deployed):
 
 def test_denoiser_scales_out_and_back_while_the_text_encoder_stays_at_one(cluster, deployed):
     config, url = deployed
-    watched = ("TextEncoder", "Prior", "Denoiser", "MovqDecoder")
-    with Replicas(watched) as replicas:
+    with Replicas(STAGE_NAMES) as replicas:
         with Load(url, clients=8) as busy:
             wait_for(lambda: replicas.latest("Denoiser")[0] >= 3, "the denoiser to reach 3 running replicas", 180)
             peak = _assert_placement(cluster, config)  # the new replicas too: denoiser nodes only
