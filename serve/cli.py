@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from deployments.loading import CheckpointError
+from serve.cluster import DEFAULT_CLUSTER_CONFIG, DEFAULT_NODE_TYPES
 from serve.settings import ConfigError, LoadedConfig, load_config
 
 DEFAULT_CONFIG = "configs/local.yaml"
@@ -44,14 +45,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     url = start_service(config, args.host, args.port)
     print(f"kandinsky-serve is up: {url}  (API docs: {url}/docs; Ctrl-C stops it)", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    _wait_for_stop()
     from ray import serve
 
     serve.shutdown()
     return 0
+
+
+def _wait_for_stop(timeout_s: float | None = None) -> None:
+    """Until Ctrl-C or SIGTERM (or ``timeout_s``)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait(timeout_s)
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -88,9 +94,9 @@ def _parse_workers(items: list[str]) -> dict[str, int]:
 
 
 def _cmd_cluster_local(args: argparse.Namespace) -> int:
-    """A head and worker nodes on this machine with the node types' resources; the config
-    deployed on CPU; where each replica landed; torn down on Ctrl-C (or after --hold-s)."""
-    from serve.cluster import LocalCluster, fit_problems, load_shape, on_cpu, replica_nodes
+    """Head and worker nodes on this machine with the node types' resources, the config on
+    CPU, where each replica landed; torn down on Ctrl-C (or after --hold-s)."""
+    from serve.cluster import LocalCluster, fit_problems, load_shape, on_cpu, placement_lines
 
     shape = load_shape(args.nodes)
     config = load_config(args.config)
@@ -98,17 +104,12 @@ def _cmd_cluster_local(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("\n".join(problems))
     workers = _parse_workers(args.workers) if args.workers else {t.name: 1 for t in shape.workers}
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with LocalCluster(shape, workers) as cluster:
         print(f"nodes: head + {', '.join(f'{n} x {t}' for t, n in workers.items())}; dashboard {cluster.dashboard_url}", flush=True)
         url = start_service(on_cpu(config), port=args.port)
-        for deployment, nodes in sorted(replica_nodes(config.raw["applications"][0].get("name", "kandinsky")).items()):
-            where = ", ".join(sorted(f"{cluster.node_types[n]} ({n[:8]})" for n in nodes))
-            print(f"  {deployment:<12} {len(nodes)} replica(s) on {where}")
+        print(*placement_lines(cluster, config.raw["applications"][0].get("name", "kandinsky")), sep="\n")
         print(f"kandinsky-serve is up on the local cluster: {url}  (Ctrl-C tears it down)", flush=True)
-        stop.wait(args.hold_s)
+        _wait_for_stop(args.hold_s)
     print("local cluster stopped")
     return 0
 
@@ -166,14 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="cluster deployment files and a local multi-node cluster")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
     render = cluster_commands.add_parser("render", help="render the KubeRay RayService manifest from a config and node types")
-    render.add_argument("--config", default="configs/cluster.yaml")
-    render.add_argument("--nodes", default="cluster/node-types.yaml", help="node types file")
+    render.add_argument("--config", default=DEFAULT_CLUSTER_CONFIG)
+    render.add_argument("--nodes", default=DEFAULT_NODE_TYPES, help="node types file")
     render.add_argument("--name", default="kandinsky", help="RayService name")
     render.add_argument("-o", "--output", default="cluster/kuberay-rayservice.yaml", help="file to write, or - for stdout")
     render.set_defaults(func=_cmd_cluster_render)
     local = cluster_commands.add_parser("local", help="start a head and worker nodes on this machine and deploy a config to them")
-    local.add_argument("--config", default="configs/cluster.yaml")
-    local.add_argument("--nodes", default="cluster/node-types.yaml", help="node types file")
+    local.add_argument("--config", default=DEFAULT_CLUSTER_CONFIG)
+    local.add_argument("--nodes", default=DEFAULT_NODE_TYPES, help="node types file")
     local.add_argument("--workers", action="append", metavar="TYPE=N", help="worker nodes to start (default: one of each type)")
     local.add_argument("--port", type=int, default=8000)
     local.add_argument("--hold-s", type=float, default=None, help="tear down after this many seconds (default: on Ctrl-C)")

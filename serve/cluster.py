@@ -419,3 +419,12 @@ def replica_nodes(app_name: str) -> dict[str, list[str]]:
             placement.setdefault(actor.class_name[len(prefix):], []).append(actor.node_id)
     return placement
 
+
+
+def placement_lines(cluster: LocalCluster, app_name: str) -> list[str]:
+    """One line per deployment: how many replicas, on which node types (and node ids)."""
+    lines = []
+    for deployment, nodes in sorted(replica_nodes(app_name).items()):
+        where = ", ".join(sorted(f"{cluster.node_types.get(node, '?')} ({node[:8]})" for node in nodes))
+        lines.append(f"  {deployment:<12} {len(nodes)} replica(s) on {where}")
+    return lines
