@@ -169,7 +169,7 @@ class Replicas:
 class Load:
     """A closed-loop LoadTest in a background thread until stop()."""
 
-    def __init__(self, url: str, clients: int, timeout_s: float = 60.0) -> None:
+    def __init__(self, url: str, clients: int, timeout_s: float = 120.0) -> None:
         scenario = Scenario(
             target=url, mix=[RequestMix(body=BODY)], arrival={"process": "closed", "concurrency": [clients]},
             duration_s=600, timeout_s=timeout_s, scrape_metrics=False,
@@ -194,7 +194,7 @@ class Load:
 
     def __exit__(self, *exc_info) -> None:
         self.test.stop()
-        self._thread.join(timeout=120)
+        self._thread.join(timeout=self.test.scenario.timeout_s + 60)
         assert not self._thread.is_alive(), "the load generator did not finish: a request hung"
 
     def outcomes(self) -> dict:
@@ -243,7 +243,7 @@ def test_losing_a_denoiser_node_under_load_fails_no_request_and_recovers(cluster
     options = copy.deepcopy(config.deployment_options)
     options["Denoiser"]["max_replicas_per_node"] = 1
     _deploy(config.model_copy(update={"deployment_options": options}))
-    deadline_s = 120
+    deadline_s = 180  # generous: the 2-core CI machine may be shared
 
     def two_denoisers_on_two_nodes():
         nodes = replica_nodes(APP).get("Denoiser", [])
@@ -264,7 +264,7 @@ def test_losing_a_denoiser_node_under_load_fails_no_request_and_recovers(cluster
         wait_for(recovered, "two running denoiser replicas on the remaining nodes", deadline_s)
         recovery_s = time.monotonic() - killed_at
         served = load.succeeded()
-        wait_for(lambda: load.succeeded() >= served + 4, "requests served after recovery", deadline_s)
+        wait_for(lambda: load.succeeded() >= served + 2, "requests served after recovery", deadline_s)
     outcomes = load.outcomes()
     try:  # Ray exports the ingress's counter every 0.5 s here
         retries = wait_for(lambda: _retries(url) - retries_before, "the ingress's retry counter", 30)
