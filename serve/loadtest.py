@@ -46,6 +46,8 @@ class Arrival(BaseModel):
     """Open loop: requests/s, one rate step each."""
     concurrency: list[int] = Field(default_factory=list)
     """Closed loop: clients, one step each."""
+    ramp_s: float = Field(default=0.0, ge=0.0, le=3600.0)
+    """Closed loop: the clients of a step start evenly spread over this many seconds, not all at once."""
 
     @model_validator(mode="after")
     def _check(self) -> "Arrival":
@@ -284,18 +286,26 @@ class LoadTest:
         deadline = time.perf_counter() + s.duration_s
         counter = iter(range(10**12))
 
-        async def worker() -> None:
+        async def worker(delay_s: float) -> None:
+            await asyncio.sleep(delay_s)
             while time.perf_counter() < deadline and not self._stopped.is_set():
                 index = next(counter)
                 if s.max_requests is not None and index >= s.max_requests:
                     return
                 await self._one(client, step, index, self._pick(), None, origin)
 
-        await self._drain([asyncio.create_task(worker()) for _ in range(clients)])
+        spacing = s.arrival.ramp_s / clients
+        tasks = [asyncio.create_task(worker(i * spacing)) for i in range(clients)]
+        # The clients send until the deadline: the backstop counts from there.
+        await self._drain(tasks, sending_s=s.duration_s + s.arrival.ramp_s)
 
-    async def _drain(self, tasks: list[asyncio.Task]) -> None:
-        # Bounded: each request has the client timeout; this is a backstop past it.
-        done, pending = await asyncio.wait(tasks, timeout=self.scenario.timeout_s + 10.0) if tasks else (set(), set())
+    DRAIN_GRACE_S = 10.0
+
+    async def _drain(self, tasks: list[asyncio.Task], sending_s: float = 0.0) -> None:
+        # Bounded: each request has the client timeout; this is a backstop past it (and
+        # past ``sending_s`` of sends still to come).
+        timeout = sending_s + self.scenario.timeout_s + self.DRAIN_GRACE_S
+        done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
         for task in pending:
             task.cancel()
         if pending:

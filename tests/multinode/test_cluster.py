@@ -169,9 +169,10 @@ class Replicas:
 class Load:
     """A closed-loop LoadTest in a background thread until stop()."""
 
-    def __init__(self, url: str, clients: int, timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, clients: int, ramp_s: float = 0.0, timeout_s: float = 120.0) -> None:
         scenario = Scenario(
-            target=url, mix=[RequestMix(body=BODY)], arrival={"process": "closed", "concurrency": [clients]},
+            target=url, mix=[RequestMix(body=BODY)],
+            arrival={"process": "closed", "concurrency": [clients], "ramp_s": ramp_s},
             duration_s=600, timeout_s=timeout_s, scrape_metrics=False,
         )
         self.test = LoadTest(scenario, progress=False)
@@ -212,7 +213,8 @@ def test_each_stage_runs_only_on_its_node_type(cluster, deployed):
 def test_denoiser_scales_out_and_back_while_the_text_encoder_stays_at_one(cluster, deployed):
     config, url = deployed
     with Replicas(STAGE_NAMES) as replicas:
-        with Load(url, clients=8) as busy:
+        # Clients join over 4 s, as users do: no artificial burst of 8 at the first stage at t=0.
+        with Load(url, clients=8, ramp_s=4.0) as busy:
             wait_for(lambda: replicas.latest("Denoiser")[0] >= 3, "the denoiser to reach 3 running replicas", 180)
             peak = _assert_placement(cluster, config)  # the new replicas too: denoiser nodes only
             scaled_at = busy.elapsed()
