@@ -324,13 +324,33 @@ def on_cpu(config: LoadedConfig, prior_path: str | None = None, decoder_path: st
     return config.model_copy(update={"raw": raw, "deployment_options": options})
 
 
+def _current_ray_address() -> str | None:
+    """The machine's "current Ray cluster" record (/tmp/ray/ray_current_cluster) that a bare
+    ``ray.init()`` joins."""
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address()
+
+
+def _restore_current_ray_address(address: str | None) -> None:
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import write_ray_address
+
+    if address:
+        write_ray_address(address)
+    else:
+        reset_ray_address()
+
+
 class LocalCluster:
     """A head and worker nodes of a :class:`ClusterShape`'s types, as processes on this
     machine. Each node declares its type's CPUs, GPUs (logical: none need exist) and
     custom resources, so Ray places replicas exactly as on the real cluster.
 
     ``workers`` maps a node type name to how many nodes of it to start. The dashboard
-    (needed by Ray's state API, e.g. :func:`replica_nodes`) listens on 127.0.0.1.
+    (needed by Ray's state API, e.g. :func:`replica_nodes`) listens on 127.0.0.1. The
+    cluster is not advertised as the machine's current Ray cluster: other processes'
+    ``ray.init()`` do not join it.
     """
 
     def __init__(
@@ -363,7 +383,11 @@ class LocalCluster:
             "dashboard_port": self.dashboard_port,
             "_system_config": self.system_config,
         }
+        previous = _current_ray_address()
         self._cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        # Cluster() records its address as this machine's current Ray cluster, so any bare
+        # ray.init() here (another test run, another user) would join it: put the record back.
+        _restore_current_ray_address(previous)
         self.node_types[self._cluster.head_node.node_id] = self.shape.head.name
         for type_name, count in self.workers.items():
             for _ in range(count):
@@ -372,6 +396,10 @@ class LocalCluster:
         context = ray.init(address=self._cluster.address, logging_level="WARNING", log_to_driver=False)
         self.dashboard_url = f"http://{context.dashboard_url}" if context.dashboard_url else None
         return self
+
+    @property
+    def gcs_address(self) -> str | None:
+        return self._cluster.gcs_address if self._cluster is not None else None
 
     def add_node(self, type_name: str, wait: bool = True):
         node = self._cluster.add_node(wait=wait, **self._node_args(self.shape.by_name(type_name)))
@@ -394,8 +422,10 @@ class LocalCluster:
             serve.shutdown()
             ray.shutdown()
         if self._cluster is not None:
+            previous = _current_ray_address()  # shutdown() deletes the record, whoever wrote it
             self._cluster.shutdown()
             self._cluster = None
+            _restore_current_ray_address(previous if previous != self.gcs_address else None)
 
     def __enter__(self) -> "LocalCluster":
         try:
