@@ -422,10 +422,10 @@ class LocalCluster:
             serve.shutdown()
             ray.shutdown()
         if self._cluster is not None:
-            previous = _current_ray_address()  # shutdown() deletes the record, whoever wrote it
+            mine, previous = self.gcs_address, _current_ray_address()  # shutdown() deletes the record, whoever wrote it
             self._cluster.shutdown()
             self._cluster = None
-            _restore_current_ray_address(previous if previous != self.gcs_address else None)
+            _restore_current_ray_address(previous if previous != mine else None)
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -448,7 +448,6 @@ def replica_nodes(app_name: str) -> dict[str, list[str]]:
         if actor.class_name.startswith(prefix):
             placement.setdefault(actor.class_name[len(prefix):], []).append(actor.node_id)
     return placement
-
 
 
 def placement_lines(cluster: LocalCluster, app_name: str) -> list[str]:
