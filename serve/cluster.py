@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve.settings import STAGE_NAMES, ConfigError, LoadedConfig
+from serve.settings import STAGE_NAMES, ConfigError, LoadedConfig, _format_errors
 
 DEFAULT_NODE_TYPES = "cluster/node-types.yaml"
 DEFAULT_CLUSTER_CONFIG = "configs/cluster.yaml"
@@ -114,9 +114,7 @@ def load_shape(path: str | Path = DEFAULT_NODE_TYPES) -> ClusterShape:
     try:
         return ClusterShape.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(
-            "\n".join(f"{path}: {'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors())
-        ) from None
+        raise ConfigError("\n".join(_format_errors(str(path), "", error))) from None
 
 
 # --- placement -------------------------------------------------------------------------------

@@ -156,3 +156,12 @@ def test_on_cpu_keeps_placement_and_scaling(config):
 def test_local_cluster_refuses_bad_worker_counts(capsys):
     assert main(["cluster", "local", "--workers", "denoiser-gpu=100"]) == 2
     assert "--workers denoiser-gpu=100" in capsys.readouterr().err
+
+
+def test_a_bad_node_types_file_names_the_field(tmp_path):
+    raw = yaml.safe_load(NODES.read_text())
+    raw["workers"][0]["gpus"] = -1
+    path = tmp_path / "node-types.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"{path}: workers.0.gpus: Input should be greater than or equal to 0"):
+        load_shape(path)
