@@ -10,13 +10,14 @@ import threading
 from pathlib import Path
 
 from deployments.loading import CheckpointError
+from serve.cluster import DEFAULT_CLUSTER_CONFIG, DEFAULT_NODE_TYPES
 from serve.settings import ConfigError, LoadedConfig, load_config
 
 DEFAULT_CONFIG = "configs/local.yaml"
 
 
 def start_service(config: LoadedConfig, host: str | None = None, port: int | None = None) -> str:
-    """Start Ray (localhost-only dashboard) and the application; return the base URL."""
+    """Start Ray (localhost-only dashboard) unless connected already, and the application; return the base URL."""
     import ray
     from ray import serve
 
@@ -28,7 +29,9 @@ def start_service(config: LoadedConfig, host: str | None = None, port: int | Non
     port = port or config.http_port
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
-    serve.start(http_options={"host": host, "port": port})
+    # The config's http_options (request_timeout_s, ...) and proxy_location, as `serve deploy` would apply them.
+    http_options = {**config.raw.get("http_options", {}), "host": host, "port": port}
+    serve.start(http_options=http_options, proxy_location=config.raw.get("proxy_location"))
     serve.run(
         app,
         name=app_schema.get("name", "kandinsky"),
@@ -43,14 +46,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     url = start_service(config, args.host, args.port)
     print(f"kandinsky-serve is up: {url}  (API docs: {url}/docs; Ctrl-C stops it)", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    _wait_for_stop()
     from ray import serve
 
     serve.shutdown()
     return 0
+
+
+def _wait_for_stop(timeout_s: float | None = None) -> None:
+    """Until Ctrl-C or SIGTERM (or ``timeout_s``)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait(timeout_s)
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -59,6 +67,52 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     checkpoint = make_tiny(args.dir, args.seed)
     for name, path in checkpoint._asdict().items():
         print(f"{name + ':':20s}{path}")
+    return 0
+
+
+def _cmd_cluster_render(args: argparse.Namespace) -> int:
+    from serve.cluster import load_shape, render_rayservice
+
+    text = render_rayservice(load_config(args.config), load_shape(args.nodes), args.config, args.nodes, args.name)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    return 0
+
+
+MAX_LOCAL_NODES_PER_TYPE = 8
+
+
+def _parse_workers(items: list[str]) -> dict[str, int]:
+    workers: dict[str, int] = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        if not count.isdigit() or not 1 <= int(count) <= MAX_LOCAL_NODES_PER_TYPE:
+            raise ConfigError(f"--workers {item}: expected TYPE=N with N from 1 to {MAX_LOCAL_NODES_PER_TYPE}")
+        workers[name] = int(count)
+    return workers
+
+
+def _cmd_cluster_local(args: argparse.Namespace) -> int:
+    """Head and worker nodes on this machine with the node types' resources, the config on
+    CPU, where each replica landed; torn down on Ctrl-C (or after --hold-s)."""
+    from serve.cluster import LocalCluster, fit_problems, load_shape, on_cpu, placement_lines
+
+    shape = load_shape(args.nodes)
+    config = load_config(args.config)
+    problems = fit_problems(config, shape)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    workers = _parse_workers(args.workers) if args.workers else {t.name: 1 for t in shape.workers}
+    with LocalCluster(shape, workers) as cluster:
+        print(f"nodes: head + {', '.join(f'{n} x {t}' for t, n in workers.items())}; dashboard {cluster.dashboard_url}", flush=True)
+        url = start_service(on_cpu(config), port=args.port)
+        print(*placement_lines(cluster, config.raw["applications"][0].get("name", "kandinsky")), sep="\n")
+        print(f"kandinsky-serve is up on the local cluster: {url}  (Ctrl-C tears it down)", flush=True)
+        _wait_for_stop(args.hold_s)
+    print("local cluster stopped")
     return 0
 
 
@@ -206,6 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--out", default="loadtest-report")
     loadtest.add_argument("--no-progress", action="store_true")
     loadtest.set_defaults(func=_cmd_loadtest)
+
+    cluster = commands.add_parser("cluster", help="cluster deployment files and a local multi-node cluster")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    render = cluster_commands.add_parser("render", help="render the KubeRay RayService manifest from a config and node types")
+    render.add_argument("--config", default=DEFAULT_CLUSTER_CONFIG)
+    render.add_argument("--nodes", default=DEFAULT_NODE_TYPES, help="node types file")
+    render.add_argument("--name", default="kandinsky", help="RayService name")
+    render.add_argument("-o", "--output", default="cluster/kuberay-rayservice.yaml", help="file to write, or - for stdout")
+    render.set_defaults(func=_cmd_cluster_render)
+    local = cluster_commands.add_parser("local", help="start a head and worker nodes on this machine and deploy a config to them")
+    local.add_argument("--config", default=DEFAULT_CLUSTER_CONFIG)
+    local.add_argument("--nodes", default=DEFAULT_NODE_TYPES, help="node types file")
+    local.add_argument("--workers", action="append", metavar="TYPE=N", help="worker nodes to start (default: one of each type)")
+    local.add_argument("--port", type=int, default=8000)
+    local.add_argument("--hold-s", type=float, default=None, help="tear down after this many seconds (default: on Ctrl-C)")
+    local.set_defaults(func=_cmd_cluster_local)
 
     bench = commands.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="kind", required=True)

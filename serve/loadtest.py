@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ class Arrival(BaseModel):
     """Open loop: requests/s, one rate step each."""
     concurrency: list[int] = Field(default_factory=list)
     """Closed loop: clients, one step each."""
+    ramp_s: float = Field(default=0.0, ge=0.0, le=3600.0)
+    """Closed loop: the clients of a step start evenly spread over this many seconds, not all at once."""
 
     @model_validator(mode="after")
     def _check(self) -> "Arrival":
@@ -215,6 +218,12 @@ class LoadTest:
         self._weights = [m.weight for m in scenario.mix]
         self._run_id = f"lt{scenario.seed}-{int(time.time())}"
         self._inflight = 0
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """End the run early, from any thread: no new request is sent; those in flight
+        finish (or time out) and are recorded as usual."""
+        self._stopped.set()
 
     def _pick(self) -> RequestMix:
         return self._rng.choices(self.scenario.mix, weights=self._weights)[0]
@@ -268,6 +277,8 @@ class LoadTest:
             delay = start + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self._stopped.is_set():
+                break
             # Never await a response here: a slow server must not delay the next send.
             tasks.append(asyncio.create_task(self._one(client, step, index, mix, start + at, origin)))
         await self._drain(tasks)
@@ -277,18 +288,26 @@ class LoadTest:
         deadline = time.perf_counter() + s.duration_s
         counter = iter(range(10**12))
 
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
+        async def worker(delay_s: float) -> None:
+            await asyncio.sleep(delay_s)
+            while time.perf_counter() < deadline and not self._stopped.is_set():
                 index = next(counter)
                 if s.max_requests is not None and index >= s.max_requests:
                     return
                 await self._one(client, step, index, self._pick(), None, origin)
 
-        await self._drain([asyncio.create_task(worker()) for _ in range(clients)])
+        spacing = s.arrival.ramp_s / clients
+        tasks = [asyncio.create_task(worker(i * spacing)) for i in range(clients)]
+        # The clients send until the deadline: the backstop counts from there.
+        await self._drain(tasks, sending_s=s.duration_s + s.arrival.ramp_s)
 
-    async def _drain(self, tasks: list[asyncio.Task]) -> None:
-        # Bounded: each request has the client timeout; this is a backstop past it.
-        done, pending = await asyncio.wait(tasks, timeout=self.scenario.timeout_s + 10.0) if tasks else (set(), set())
+    DRAIN_GRACE_S = 10.0
+
+    async def _drain(self, tasks: list[asyncio.Task], sending_s: float = 0.0) -> None:
+        # Bounded: each request has the client timeout; this is a backstop past it (and
+        # past ``sending_s`` of sends still to come).
+        timeout = sending_s + self.scenario.timeout_s + self.DRAIN_GRACE_S
+        done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
         for task in pending:
             task.cancel()
         if pending:
@@ -317,6 +336,8 @@ class LoadTest:
             async with httpx.AsyncClient(base_url=s.target, timeout=s.timeout_s, limits=limits) as client:
                 for step, offered in enumerate(s.arrival.steps):
                     self.sent[step] = set()
+                    if self._stopped.is_set():
+                        continue
                     unit = "clients" if s.arrival.process == "closed" else "req/s"
                     label[0] = f"[step {step + 1}/{len(s.arrival.steps)}: {offered:g} {unit}]"
                     if s.arrival.process == "closed":

@@ -30,6 +30,12 @@ TEST_DEPLOYMENT_OPTIONS = {
 TEST_DEPLOYMENT_OPTIONS["Ingress"] = {"ray_actor_options": {"num_cpus": 0.1}}
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """tests/multinode starts Ray clusters of its own after shutting the shared instance
+    down, so it runs last (a stable sort keeps every other test's order)."""
+    items.sort(key=lambda item: "multinode" in item.path.parts)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """The tiny checkpoint written for this session: (prior, decoder, inpaint_decoder, controlnet_decoder)."""
@@ -52,8 +58,9 @@ def ray_session():
     # address="local": always a fresh instance, never a cluster that `ray start` left running.
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
-    serve.shutdown()
-    ray.shutdown()
+    if ray.is_initialized():  # tests/multinode may have shut it down already
+        serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

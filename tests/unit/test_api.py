@@ -7,19 +7,22 @@ from fastapi.testclient import TestClient
 
 from deployments.messages import EncodedImages, StageTiming
 from serve.api import create_app
+from serve.resilience import Overloaded
 from serve.settings import ApiLimits
 
 GOOD = {"prompt": "a red circle", "width": 64, "height": 64}
 
 
 class FakeBackend:
-    def __init__(self, fail: bool = False, stages=None):
+    def __init__(self, fail: bool | BaseException = False, stages=None):
         self.calls = []
         self.fail = fail
         self.stages = stages if stages is not None else {"TextEncoder": "ready", "Prior": "ready", "Denoiser": "ready", "MovqDecoder": "ready"}
 
     async def generate(self, spec, request_id, timeout_s=None):
         self.calls.append((spec, request_id))
+        if isinstance(self.fail, BaseException):
+            raise self.fail
         if self.fail:
             raise RuntimeError("replica exploded\nTraceback: secret internals")
         timing = StageTiming(1.0, 2.0, 1)
@@ -116,6 +119,16 @@ def test_bad_request_id_header_is_422(client, backend):
     response = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "x" * 200})
     assert response.status_code == 422 and "X-Request-ID" in response.json()["error"]["message"]
     assert backend.calls == []
+
+
+def test_a_full_stage_queue_is_503_with_retry_after():
+    overloaded = Overloaded("a stage is at capacity: Denoiser queue full")
+    client = TestClient(create_app(ApiLimits(), FakeBackend(fail=overloaded)))
+    response = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "r2"})
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    body = response.json()
+    assert body["error"]["type"] == "overloaded" and "Denoiser" in body["error"]["message"] and body["request_id"] == "r2"
 
 
 def test_stage_failure_is_explicit_500_without_internals():

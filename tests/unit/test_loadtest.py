@@ -6,6 +6,8 @@ import asyncio
 import json
 import random
 import statistics
+import threading
+import time
 
 import pytest
 import yaml
@@ -103,6 +105,28 @@ def test_closed_loop_keeps_n_clients_busy_and_stops_at_the_count():
     assert [s.sent for s in result.steps] == [20, 20] and result.lost == 0
 
 
+def test_closed_loop_clients_ramp_up_evenly():
+    result = asyncio.run(_with_server(lambda url: Scenario(
+        target=url, mix=_mix("slow"), arrival={"process": "closed", "concurrency": [4], "ramp_s": 1.0},
+        duration_s=0.9, timeout_s=5, scrape_metrics=False,
+    )))
+    starts = sorted(r.sent_s for r in result.records)
+    assert len(starts) == 4 and result.lost == 0  # each client sent once: requests take SLOW_S
+    assert all(later - earlier >= 0.2 for earlier, later in zip(starts, starts[1:])), starts
+
+
+def test_closed_loop_runs_its_whole_duration_past_the_drain_backstop(monkeypatch):
+    """The backstop counts from the end of sending, not from the start of the step."""
+    monkeypatch.setattr(LoadTest, "DRAIN_GRACE_S", 0.2)
+    result = asyncio.run(_with_server(lambda url: Scenario(
+        target=url, mix=_mix("ok"), arrival={"process": "closed", "concurrency": [2]}, duration_s=1.5, timeout_s=0.5,
+        scrape_metrics=False,
+    )))
+    [step] = result.steps
+    assert step.failed == {} and step.lost == 0
+    assert max(r.sent_s for r in result.records) > 1.2, "the clients were cut off before the step's duration"
+
+
 def test_reports_exist_and_parse(tmp_path):
     result = asyncio.run(_with_server(lambda url: Scenario(
         target=url, mix=_mix("ok", "e503", num_images=2), arrival={"process": "constant", "rates": [20, 40]}, duration_s=1,
@@ -144,3 +168,27 @@ def test_server_figures_from_two_scrapes():
     )
     figures = server_deltas(before, after)["prior"]
     assert figures["requests"] == 3.0 and figures["mean_images_per_step"] == 3.0
+
+
+def test_stop_ends_a_closed_loop_run_early_and_accounts_for_every_request():
+    async def run(url):
+        load = LoadTest(Scenario(
+            target=url, mix=_mix("slow"), arrival={"process": "closed", "concurrency": [3]}, duration_s=600,
+            timeout_s=5, scrape_metrics=False,
+        ), progress=False)
+        task = asyncio.create_task(load.run())
+        deadline = time.monotonic() + 10 * SLOW_S
+        while not load.records and time.monotonic() < deadline:  # until the first responses are in
+            await asyncio.sleep(0.05)
+        threading.Thread(target=load.stop).start()  # from another thread, as a test driver would
+        return await asyncio.wait_for(task, timeout=10 * SLOW_S)
+
+    async def with_server():
+        server = await asyncio.start_server(_handle, "127.0.0.1", 0)
+        async with server:
+            return await run(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+
+    result = asyncio.run(with_server())
+    [step] = result.steps
+    assert step.sent == step.succeeded == len(result.records) and result.lost == 0
+    assert step.sent < 3 * 5, "the run went on after stop()"

@@ -3,16 +3,46 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.settings import ConfigError, ModelSettings, load_config, parse_service_settings
+from serve.settings import INGRESS_NAME, STAGE_NAMES, ConfigError, ModelSettings, load_config, parse_service_settings
 
 CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
+# What every deployment of a shipped config states explicitly (issue: scale, queue, health, shutdown).
+SERVING_OPTIONS = (
+    "autoscaling_config", "max_ongoing_requests", "max_queued_requests", "health_check_period_s",
+    "health_check_timeout_s", "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s",
+)
+AUTOSCALING_OPTIONS = ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+
+
+def test_configs_are_found():
+    assert {p.name for p in CONFIGS} >= {"local.yaml", "gpu.yaml", "cluster.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
+    """Ray's ServeDeploySchema, the project's settings models and cross-field rules (load_config)."""
     config = load_config(path)
     assert config.http_host == "127.0.0.1", "configs bind HTTP to localhost by default"
-    assert set(config.deployment_options) >= {"TextEncoder", "Prior", "Denoiser", "MovqDecoder"}
+    assert set(config.deployment_options) == {*STAGE_NAMES, INGRESS_NAME}, "configure every deployment of the graph"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_deployment_states_scaling_queueing_health_and_shutdown(path):
+    config = load_config(path)
+    for name, options in config.deployment_options.items():
+        autoscaling = options.get("autoscaling_config") or {}
+        missing = [key for key in SERVING_OPTIONS if key not in options]
+        missing += [f"autoscaling_config.{key}" for key in AUTOSCALING_OPTIONS if key not in autoscaling]
+        assert not missing, f"{path.name}: {name} does not set {missing}"
+        assert options["max_queued_requests"] > 0, f"{path.name}: {name}: bound the queue (overflow gets 503)"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_scale_down_never_cuts_a_request_short(path):
+    """An ingress replica holds a request for its whole life, up to the proxy's timeout."""
+    config = load_config(path)
+    timeout = config.raw["http_options"]["request_timeout_s"]
+    assert config.deployment_options[INGRESS_NAME]["graceful_shutdown_timeout_s"] >= timeout
 
 
 def test_local_config_runs_the_embedded_model_on_cpu():
