@@ -143,6 +143,7 @@ class StageMetrics:
         self.model_load = make(MODEL_LOAD)
         self.gpu_allocated = make(GPU_ALLOCATED)
         self.gpu_reserved = make(GPU_RESERVED)
+        self._model_load_s: float | None = None
 
     def model_loaded(self, seconds: float) -> None:
         self._model_load_s = seconds
@@ -151,7 +152,8 @@ class StageMetrics:
     def refresh_gauges(self) -> None:
         """Ray exports a gauge only for a while after it was last set: re-set them
         periodically (the replica's health check does)."""
-        self.model_load.set(self._model_load_s, tags=self._tags)
+        if self._model_load_s is not None:  # None: the model has not loaded (yet)
+            self.model_load.set(self._model_load_s, tags=self._tags)
         self._sample_gpu_memory()
 
     def request(self) -> None:

@@ -134,3 +134,11 @@ def test_embeddings_rank_the_image_and_its_text(client):
     cosine = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
     assert np.allclose(cosine, body["similarity"], atol=1e-5)
     assert client.post("/v1/embeddings", json={"texts": [], "images": []}).status_code == 422
+
+
+def test_a_prompt_past_the_encoders_window_is_cut_and_the_response_says_so(client):
+    long_prompt = " ".join(["a red circle on a blue square"] * 20)  # well past 77 tokens
+    body = client.post("/v1/text2img", json={**REQUEST, "prompt": long_prompt, "seed": 3}).json()
+    assert any("reads only the first 77" in warning for warning in body["warnings"]), body.get("warnings")
+    short = client.post("/v1/text2img", json={**REQUEST, "seed": 3}).json()
+    assert short["warnings"] == []
