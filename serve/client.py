@@ -21,6 +21,15 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+
+def _report(event: "JobEvent", on_progress, on_event) -> "Job | None":
+    """Hand one event to the callbacks; the job state it carries, if any."""
+    if on_event is not None:
+        on_event(event)
+    if event.job is not None and on_progress is not None:
+        on_progress(event.job)
+    return event.job
+
 class KandinskyError(Exception):
     """The service refused or failed a call: its HTTP status and error body."""
 
@@ -187,11 +196,7 @@ class Client:
         while True:
             for event in self.events(job_id, after=last):
                 last = event.id
-                if on_event is not None:
-                    on_event(event)
-                job = event.job
-                if job is not None and on_progress is not None:
-                    on_progress(job)
+                job = _report(event, on_progress, on_event)
                 if job is not None and job.finished:
                     return job
             job = self.get(job_id)
@@ -273,11 +278,7 @@ class AsyncClient:
         while True:
             async for event in self.events(job_id, after=last):
                 last = event.id
-                if on_event is not None:
-                    on_event(event)
-                job = event.job
-                if job is not None and on_progress is not None:
-                    on_progress(job)
+                job = _report(event, on_progress, on_event)
                 if job is not None and job.finished:
                     return job
             job = await self.get(job_id)
