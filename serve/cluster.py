@@ -307,15 +307,29 @@ def render_rayservice(
 # --- one machine -----------------------------------------------------------------------------
 
 
-def on_cpu(config: LoadedConfig, prior_path: str | None = None, decoder_path: str | None = None) -> LoadedConfig:
+def on_cpu(
+    config: LoadedConfig,
+    prior_path: str | None = None,
+    decoder_path: str | None = None,
+    inpaint_decoder_path: str | None = None,
+    controlnet_decoder_path: str | None = None,
+) -> LoadedConfig:
     """The same config for a machine without GPUs: the tiny checkpoint (the given paths,
-    or the embedded one) on CPU, one intra-op thread per stage. Placement (custom
-    resources, logical GPUs), autoscaling, queues and health checks are unchanged."""
+    or the embedded one with every variant) on CPU, one intra-op thread per stage. A
+    decoder variant without a path, next to given main paths, is dropped. Placement
+    (custom resources, logical GPUs), autoscaling, queues and health checks are unchanged."""
+    from serve.settings import VARIANT_PATH_FIELDS
+
     raw = copy.deepcopy(config.raw)
     app = raw["applications"][0]
     models = app.setdefault("args", {}).setdefault("models", {})
-    models.update(prior_path=prior_path, decoder_path=decoder_path, device="cpu", dtype="float32")
+    variants = {"inpaint_decoder_path": inpaint_decoder_path, "controlnet_decoder_path": controlnet_decoder_path}
+    models.update(prior_path=prior_path, decoder_path=decoder_path, device="cpu", dtype="float32", **variants)
     options = copy.deepcopy(config.deployment_options)
+    if prior_path is not None:
+        dropped = {name for name, field in VARIANT_PATH_FIELDS.items() if variants[field] is None}
+        app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") not in dropped]
+        options = {name: opts for name, opts in options.items() if name not in dropped}
     for name in STAGE_NAMES:
         if name in options:
             options[name]["user_config"] = {**(options[name].get("user_config") or {}), "torch_threads": 1}

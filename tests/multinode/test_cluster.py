@@ -95,8 +95,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def deployed(cluster, tiny_checkpoint):
     """(config, base URL) of configs/cluster.yaml on the local cluster, with test autoscaling."""
-    prior, decoder = tiny_checkpoint
-    config = on_cpu(load_config(ROOT / "configs" / "cluster.yaml"), str(prior), str(decoder))
+    config = on_cpu(load_config(ROOT / "configs" / "cluster.yaml"), *map(str, tiny_checkpoint))
     config = _with_autoscaling(config, {name: FAST_AUTOSCALING for name in STAGE_NAMES})
     config = _with_autoscaling(config, TEST_AUTOSCALING)
     return config, _deploy(config)

@@ -141,7 +141,7 @@ def test_node_types_refuse_a_resource_that_selects_two_types(shape):
 
 
 def test_on_cpu_keeps_placement_and_scaling(config):
-    local = on_cpu(config, "/tiny/prior", "/tiny/decoder")
+    local = on_cpu(config, "/tiny/prior", "/tiny/decoder", "/tiny/inpaint", "/tiny/controlnet")
     models = local.raw["applications"][0]["args"]["models"]
     assert models == {**models, "prior_path": "/tiny/prior", "device": "cpu", "dtype": "float32"}
     for name, options in config.deployment_options.items():
@@ -165,3 +165,10 @@ def test_a_bad_node_types_file_names_the_field(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=rf"{path}: workers.0.gpus: Input should be greater than or equal to 0"):
         load_shape(path)
+
+
+def test_on_cpu_drops_a_variant_without_a_checkpoint(config):
+    local = on_cpu(config, "/tiny/prior", "/tiny/decoder", None, "/tiny/controlnet")
+    assert "InpaintDenoiser" not in local.deployment_options and "ControlnetDenoiser" in local.deployment_options
+    names = [d["name"] for d in local.raw["applications"][0]["deployments"]]
+    assert "InpaintDenoiser" not in names
