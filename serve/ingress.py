@@ -49,7 +49,7 @@ class HandleCalls:
         self.on_retry = on_retry
         self.issued: list = []
 
-    async def _call(self, stage: str, method: str, *args):
+    async def _call(self, stage: str, method: str, request_id: str, *args):
         from ray.exceptions import RayActorError
 
         for attempt in range(self.retries + 1):
@@ -61,8 +61,7 @@ class HandleCalls:
                 if attempt == self.retries:
                     raise
                 logger.warning("request %s: %s replica died or became unreachable mid-call (%s); retrying",
-                               getattr(args[-1], "request_id", args[-1] if isinstance(args[-1], str) else ""),
-                               stage, type(error).__name__)
+                               request_id, stage, type(error).__name__)
                 if self.on_retry is not None:
                     self.on_retry(stage)
         raise AssertionError("unreachable")
@@ -73,22 +72,22 @@ class HandleCalls:
             response.cancel()
 
     async def encode_text(self, texts, request_id):
-        return await self._call("TextEncoder", "encode", texts, request_id)
+        return await self._call("TextEncoder", "encode", request_id, texts, request_id)
 
     async def embed_images(self, images, request_id):
-        return await self._call("ImageEncoder", "embed", images, request_id)
+        return await self._call("ImageEncoder", "embed", request_id, images, request_id)
 
     async def prior(self, text, params, images=None):
-        return await self._call("Prior", "generate", text, params, images)
+        return await self._call("Prior", "generate", params.request_id, text, params, images)
 
     async def encode_image(self, image):
-        return await self._call("MovqDecoder", "encode", image)
+        return await self._call("MovqDecoder", "encode", image.request_id, image)
 
     async def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        return await self._call(DENOISER_OF_DECODER[decoder], "generate", embeddings, params, init, hint)
+        return await self._call(DENOISER_OF_DECODER[decoder], "generate", params.request_id, embeddings, params, init, hint)
 
     async def decode(self, latents, params):
-        return await self._call("MovqDecoder", "decode", latents, params)
+        return await self._call("MovqDecoder", "decode", params.request_id, latents, params)
 
 
 DENOISER_OF_DECODER = {"text2img": "Denoiser", "inpaint": "InpaintDenoiser", "controlnet": "ControlnetDenoiser"}

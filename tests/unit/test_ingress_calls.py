@@ -15,6 +15,13 @@ from serve.ingress import HandleCalls, classify_stage_error
 from serve.resilience import Overloaded, StageUnavailable, run_resilient
 
 
+class Params:
+    request_id = "r1"
+
+    def __eq__(self, other):
+        return isinstance(other, Params)
+
+
 class FakeResponse:
     def __init__(self, outcome) -> None:
         self.outcome = outcome
@@ -51,7 +58,7 @@ def _decode(outcomes, retries=1):
     method = FakeMethod(*outcomes)
     retried: list[str] = []
     calls = HandleCalls({"MovqDecoder": FakeHandle(decode=method)}, retries, retried.append)
-    result = asyncio.run(calls.decode("latents", "params"))
+    result = asyncio.run(calls.decode("latents", Params()))
     return result, method, retried, calls
 
 
@@ -59,7 +66,7 @@ def _decode(outcomes, retries=1):
 def test_a_call_whose_replica_died_is_retried_with_the_same_arguments(lost):
     result, method, retried, _ = _decode([lost, "images"])
     assert result == "images"
-    assert method.calls == [("latents", "params")] * 2
+    assert method.calls == [("latents", Params())] * 2
     assert retried == ["MovqDecoder"]
 
 
