@@ -299,8 +299,8 @@ def create_app(
             metrics.rejection("timeout")
             return _error(504, "timeout", str(error), request_id)
         if isinstance(error, (StageUnavailable, Overloaded)):
-            metrics.rejection("overloaded" if isinstance(error, Overloaded) else "stage_unavailable")
             kind = "overloaded" if isinstance(error, Overloaded) else "stage_unavailable"
+            metrics.rejection(kind)
             return _error(503, kind, str(error), request_id, headers={"Retry-After": retry_after_header(gate.retry_after_s())})
         logger.exception("request %s failed", request_id)
         return _error(500, "generation_failed", f"generation failed: {type(error).__name__}", request_id)

@@ -160,10 +160,16 @@ class Ingress:
         progress under it). Cancelling the caller cancels every stage call."""
         logger.info("job %s: %s %dx%d, %d image(s)", job_id, spec.mode, spec.width, spec.height, len(spec.seeds))
         # A job runs outside any HTTP request, so Ray Serve has no parent request whose
-        # cancellation would reach its stage calls: the job cancels each one itself.
+        # cancellation would reach its stage calls: _run_plan cancels each one itself.
+        return await self._run_plan(spec, job_id)
+
+    async def _run_plan(self, spec: GenerationSpec, request_id: str) -> EncodedImages:
+        """Every stage call of ``spec``; if this is cancelled or fails (a timeout, a client that
+        went away, a dead replica), every call it made is cancelled too, so no stage keeps
+        working for nobody: a denoising loop drops the request at its next step boundary."""
         calls = self._calls()
         try:
-            return await plan(spec, calls, job_id)
+            return await plan(spec, calls, request_id)
         except BaseException:
             calls.cancel_all()
             raise
@@ -216,18 +222,7 @@ class Ingress:
             "request %s: %s %dx%d, %d image(s)", request_id, spec.mode, spec.width, spec.height, len(spec.seeds)
         )
 
-        async def attempt() -> EncodedImages:
-            calls = self._calls()
-            try:
-                return await plan(spec, calls, request_id)
-            except BaseException:
-                # A timeout, a client that went away (Ray Serve cancels this call), a dead
-                # replica: cancel every stage call of this attempt, so no stage keeps
-                # working for nobody; a denoising loop drops it at its next step boundary.
-                calls.cancel_all()
-                raise
-
-        return await self._resilient(attempt, request_id, timeout_s)
+        return await self._resilient(lambda: self._run_plan(spec, request_id), request_id, timeout_s)
 
     async def embeddings(self, texts: list[str], images: list, request_id: str = "") -> tuple[np.ndarray, np.ndarray]:
         async def attempt() -> tuple[np.ndarray, np.ndarray]:
