@@ -50,11 +50,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def build_clip_vocab(num_merges: int = NUM_MERGES) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn a CLIP-style byte-level BPE vocabulary from the built-in word list."""
+def build_clip_vocab(
+    num_merges: int = NUM_MERGES, corpus: list[str] | None = None
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn a CLIP-style byte-level BPE vocabulary from a word list (default: the built-in one).
+
+    Words are learned in their byte-level form (UTF-8 bytes through the byte-to-unicode
+    table, as CLIP's tokenizer sees them), so non-Latin scripts merge like any other.
+    """
     byte_chars = list(_bytes_to_unicode().values())
     vocab_tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in _CORPUS)
+    table = _bytes_to_unicode()
+    byte_words = ["".join(table[b] for b in w.encode("utf-8")) for w in (corpus if corpus is not None else _CORPUS)]
+    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in byte_words)
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
@@ -83,11 +91,12 @@ def build_clip_vocab(num_merges: int = NUM_MERGES) -> tuple[dict[str, int], list
     return {token: index for index, token in enumerate(vocab_tokens)}, merges
 
 
-def build_tokenizer():
+def build_tokenizer(corpus: list[str] | None = None, num_merges: int = NUM_MERGES, max_length: int = MAX_TOKENS):
+    """A ``CLIPTokenizer`` learned from ``corpus`` (default: the built-in word list)."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = build_clip_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    vocab, merges = build_clip_vocab(num_merges, corpus)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def _prior_components(seed: int) -> dict:

@@ -1,0 +1,100 @@
+"""The MOVQ autoencoder: ``VQModel`` with spatial normalisation, as Kandinsky 2.2's decoder uses it.
+
+The pipelines decode with ``movq.decode(latents, force_not_quantize=True)`` and
+img2img encodes with ``movq.encode(image)["latents"]``, so the path that matters
+is encode -> decode *without* quantisation: that is what the reconstruction loss
+trains (with a little noise on the latents, so that the decoder tolerates the
+U-Net's imperfect samples). The codebook is trained alongside with the usual VQ
+loss so that ``decode(h)`` with quantisation also works. A light penalty keeps
+each latent channel near zero mean and unit variance: the diffusion in latent
+space assumes latents of about unit scale (Kandinsky has no latent scaling factor).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from serve.training.common import LossLog, batches, optimizer_and_schedule
+from serve.training.data import to_model_range
+
+LATENT_CHANNELS = 4
+LATENT_NOISE = 0.1
+SCALE_PENALTY = 0.1
+VQ_WEIGHT = 0.1
+
+
+def build_movq(seed: int):
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    # Four levels: a scale factor of 8, as in the real MOVQ (64 px -> 8 latent px). No
+    # attention blocks (the real MOVQ has some at the lowest level): fully convolutional, it
+    # can be trained on crops, which a 2-core CPU budget needs.
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        mid_block_add_attention=False,
+        block_out_channels=(32, 32, 64, 64),  # SpatialNorm needs multiples of 32
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        norm_type="spatial",
+        num_vq_embeddings=256,
+        vq_embed_dim=LATENT_CHANNELS,
+    )
+
+
+def movq_loss(movq, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    x = to_model_range(images)
+    h = movq.encode(x).latents
+    noisy = h + LATENT_NOISE * torch.randn(h.shape, generator=generator)
+    recon = movq.decode(noisy, force_not_quantize=True).sample
+    rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+    _, vq_loss, _ = movq.quantize(h)
+    mean = h.mean(dim=(0, 2, 3))
+    var = h.var(dim=(0, 2, 3))
+    scale = (mean.pow(2) + (var - 1).pow(2)).mean()
+    loss = rec + VQ_WEIGHT * vq_loss + SCALE_PENALTY * scale
+    return loss, {"loss": loss.item(), "rec": rec.item(), "latent_std": var.mean().sqrt().item()}
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One ``size``×``size`` crop per image at a multiple of the latent stride (8 px)."""
+    if size >= images.shape[-1]:
+        return images
+    stride = 8
+    positions = (images.shape[-1] - size) // stride + 1
+    offsets = torch.randint(0, positions, (len(images), 2), generator=generator) * stride
+    return torch.stack([image[:, y : y + size, x : x + size] for image, (y, x) in zip(images, offsets.tolist())])
+
+
+def train_movq(
+    movq, images: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_path=None,
+    progress: bool = True, crop: int = 64,
+) -> dict[str, float]:
+    """Reconstruction training. ``crop`` < 64 trains on random crops: the network is fully
+    convolutional (no attention blocks), so crops teach it what whole images do, for less compute."""
+    movq.train()
+    optimizer, schedule = optimizer_and_schedule(movq.parameters(), lr, steps)
+    generator = torch.Generator().manual_seed(seed)
+    index_batches = batches(len(images), batch_size, generator)
+    log = LossLog("movq", steps, log_path, progress=progress)
+    for step in range(steps):
+        loss, values = movq_loss(movq, random_crops(images[next(index_batches)], crop, generator), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(movq.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        log.step(step, **values)
+    movq.eval()
+    return log.close()
+
+
+@torch.no_grad()
+def encode_latents(movq, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``movq.encode(image)["latents"]`` for every image (what the U-Net learns to produce)."""
+    return torch.cat([movq.encode(to_model_range(images[i : i + batch_size])).latents for i in range(0, len(images), batch_size)])
