@@ -20,6 +20,7 @@ from serve.training.data import IMAGE_SIZE, SceneSet, caption_words, same_descri
 CLIP_DIM = 128
 # pooled text/image embedding size = the prior's embedding_dim = the text hidden size (the prior projects last_hidden_state from embedding_dim)
 HIDDEN = CLIP_DIM  # must equal CLIP_DIM: PriorTransformer projects last_hidden_state with an embedding_dim input
+VISION_HIDDEN = 64
 MAX_TOKENS = 32  # the captions are short; the tokenizer's model_max_length and the prior's num_embeddings
 NUM_MERGES = 3000  # enough that every caption word becomes one token
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -45,7 +46,7 @@ def build_clip(tokenizer, seed: int):
             projection_dim=CLIP_DIM,
             intermediate_size=2 * HIDDEN,
             num_attention_heads=4,
-            num_hidden_layers=3,
+            num_hidden_layers=2,
             max_position_embeddings=MAX_TOKENS,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -55,11 +56,11 @@ def build_clip(tokenizer, seed: int):
     torch.manual_seed(seed + 1)
     image_encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
-            hidden_size=HIDDEN,
+            hidden_size=VISION_HIDDEN,
             projection_dim=CLIP_DIM,
-            intermediate_size=2 * HIDDEN,
+            intermediate_size=2 * VISION_HIDDEN,
             num_attention_heads=4,
-            num_hidden_layers=3,
+            num_hidden_layers=2,
             image_size=IMAGE_SIZE,
             patch_size=8,
             num_channels=3,
@@ -124,7 +125,9 @@ def train_clip(
         match = torch.tensor(
             [[float(same_described(scenes[j], scenes[i], attributes[j])) for j in range(len(indices))] for i in range(len(indices))]
         )
-        tokens = tokenize(tokenizer, texts)
+        # Padded to the longest caption only: the text tower is causal, so the pooled
+        # embedding (at the end token) is the same as with padding to the full context.
+        tokens = tokenizer(texts, padding="longest", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
         text = F.normalize(text_encoder(input_ids=tokens.input_ids).text_embeds, dim=-1)
         image = F.normalize(image_encoder(pixel_values=pixel_values(data.images[indices])).image_embeds, dim=-1)
         logits = logit_scale.exp().clamp(max=100) * image @ text.T

@@ -34,7 +34,7 @@ def build_prior(clip_dim: int, max_tokens: int, seed: int):
     return PriorTransformer(
         num_attention_heads=4,
         attention_head_dim=32,
-        num_layers=3,
+        num_layers=2,
         embedding_dim=clip_dim,
         num_embeddings=max_tokens,
         additional_embeddings=4,

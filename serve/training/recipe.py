@@ -27,14 +27,14 @@ from serve.training.data import make_scene_set
 class RecipeConfig:
     seed: int = 0
     num_scenes: int = 12000
-    clip_steps: int = 500
-    clip_batch: int = 128
+    clip_steps: int = 400
+    clip_batch: int = 64
     clip_lr: float = 1e-3
-    movq_steps: int = 700
-    movq_batch: int = 16
+    movq_steps: int = 400
+    movq_batch: int = 12
     movq_crop: int = 32
     movq_lr: float = 2e-3
-    prior_steps: int = 1000
+    prior_steps: int = 600
     prior_batch: int = 64
     prior_lr: float = 1e-3
     decoder_steps: int = 1200
