@@ -30,14 +30,15 @@ class RecipeConfig:
     clip_steps: int = 400
     clip_batch: int = 64
     clip_lr: float = 1e-3
-    movq_steps: int = 400
-    movq_batch: int = 12
+    movq_steps: int = 1500
+    movq_batch: int = 8
     movq_crop: int = 32
     movq_lr: float = 2e-3
     prior_steps: int = 600
     prior_batch: int = 64
     prior_lr: float = 1e-3
-    decoder_steps: int = 1200
+    decoder_scenes: int = 6000  # the first N scenes' MOVQ latents (encoding them all costs minutes)
+    decoder_steps: int = 900
     decoder_batch: int = 32
     decoder_lr: float = 1e-3
 
@@ -47,7 +48,7 @@ PRESETS = {
     # Plumbing only: every stage runs a few steps (tests, and trying the command out).
     "smoke": RecipeConfig(
         num_scenes=128, clip_steps=3, clip_batch=32, movq_steps=3, movq_batch=4, prior_steps=3,
-        prior_batch=16, decoder_steps=3, decoder_batch=16,
+        prior_batch=16, decoder_scenes=64, decoder_steps=3, decoder_batch=16,
     ),
 }
 
@@ -56,18 +57,29 @@ def _architecture(*models) -> list:
     return [dict(m.config.to_dict() if hasattr(m.config, "to_dict") else m.config) for m in models]
 
 
-def _key(config: RecipeConfig, models) -> str:
-    return json.dumps({"recipe": asdict(config), "models": _architecture(*models)}, sort_keys=True, default=str)
+# The settings each stage depends on (its own and those of the stages it builds on), so that
+# changing, say, the decoder's steps reuses the finished CLIP, MOVQ and prior.
+_STAGE_FIELDS = {
+    "clip": ("seed", "num_scenes", "clip_"),
+    "movq": ("seed", "num_scenes", "movq_"),
+    "prior": ("seed", "num_scenes", "clip_", "prior_"),
+    "decoder": ("seed", "num_scenes", "clip_", "movq_", "decoder_"),
+}
+
+
+def _key(name: str, config: RecipeConfig, models) -> str:
+    fields = {k: v for k, v in asdict(config).items() if any(k == f or (f.endswith("_") and k.startswith(f)) for f in _STAGE_FIELDS[name])}
+    return json.dumps({"recipe": fields, "models": _architecture(*models)}, sort_keys=True, default=str)
 
 
 def _stage(work_dir: Path | None, name: str, config: RecipeConfig, *models):
     """(cached state dict or None, path to save to) for one stage; the cache is keyed by
-    the recipe settings and the models' architecture."""
+    the settings the stage depends on and the models' architecture."""
     if work_dir is None:
         return None, None
     path = work_dir / name / "state.pt"
     key_path = work_dir / name / "config.json"
-    key = _key(config, models)
+    key = _key(name, config, models)
     if path.is_file() and key_path.is_file() and key_path.read_text() == key:
         return torch.load(path, weights_only=True), path
     return None, path
@@ -78,7 +90,7 @@ def _save_stage(path: Path | None, config: RecipeConfig, models, state: dict) ->
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
-    (path.parent / "config.json").write_text(_key(config, models))
+    (path.parent / "config.json").write_text(_key(path.parent.name, config, models))
 
 
 def _dir_size(path: Path) -> int:
@@ -137,7 +149,8 @@ def train_tiny(out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_
     t0 = time.perf_counter()
     image_embeds = clip_mod.image_embeddings(image_encoder, data.images)
     zero_embed = clip_mod.zero_image_embedding(image_encoder)
-    latents = movq_mod.encode_latents(movq, data.images)
+    decoder_count = min(config.decoder_scenes, len(data))
+    latents = movq_mod.encode_latents(movq, data.images[:decoder_count])
     stages["encode"] = {
         "seconds": round(time.perf_counter() - t0, 1),
         "latent_mean": round(latents.mean().item(), 4),
@@ -166,7 +179,7 @@ def train_tiny(out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_
     cached, path = _stage(work_dir, "decoder", config, image_encoder, movq, unet)
     if cached is None:
         stages["decoder"] = decoder_mod.train_decoder(
-            unet, decoder_scheduler, latents, image_embeds, zero_embed, config.decoder_steps, config.decoder_batch,
+            unet, decoder_scheduler, latents, image_embeds[:decoder_count], zero_embed, config.decoder_steps, config.decoder_batch,
             config.decoder_lr, seed + 41, logs / "decoder.jsonl", progress,
         )
         _save_stage(path, config, (image_encoder, movq, unet), {"unet": unet.state_dict(), "log": stages["decoder"]})
