@@ -58,8 +58,12 @@ def train_prior_ray(
     ``data.draw_captions`` must come from :func:`captions_from_lists` (it travels as its lists).
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+    except ImportError as error:
+        raise ImportError(f"--workers needs Ray Train: pip install 'kandinsky-serve[train]' ({error})") from error
 
     captions = data.draw_captions.__closure__[0].cell_contents  # the lists captions_from_lists closed over
     if not ray.is_initialized():

@@ -30,9 +30,9 @@ class RecipeConfig:
     clip_steps: int = 400
     clip_batch: int = 64
     clip_lr: float = 1e-3
-    movq_steps: int = 1500
-    movq_batch: int = 8
-    movq_crop: int = 32
+    movq_steps: int = 600
+    movq_batch: int = 4
+    movq_crop: int = 64  # whole images: the encoder's GroupNorm sees other statistics on crops
     movq_lr: float = 2e-3
     prior_steps: int = 600
     prior_batch: int = 64

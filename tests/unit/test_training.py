@@ -116,6 +116,7 @@ def test_caption_folder_without_captions_is_refused(tmp_path):
 @pytest.mark.slow
 def test_train_prior_with_ray_train_workers(smoke_run, tmp_path):
     """``--workers 2``: Ray Train's TorchTrainer, DDP over two CPU workers."""
+    pytest.importorskip("pandas", reason="Ray Train needs the [train] extra")
     import ray
 
     from serve.cli import main
