@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from serve.training.prior import PriorData, captions_from_lists
+from serve.training.prior import CaptionLists, PriorData, captions_from_lists
 
 
 def _worker(config: dict) -> None:
@@ -55,7 +55,7 @@ def train_prior_ray(
     """Run the prior loop on ``workers`` Ray Train workers; return the trained state dict.
 
     Connects to the cluster named by ``RAY_ADDRESS`` if set, else starts a local Ray.
-    ``data.draw_captions`` must come from :func:`captions_from_lists` (it travels as its lists).
+    ``data.draw_captions`` must be a :class:`~serve.training.prior.CaptionLists` (it travels as its lists).
     """
     import ray
 
@@ -65,7 +65,9 @@ def train_prior_ray(
     except ImportError as error:
         raise ImportError(f"--workers needs Ray Train: pip install 'kandinsky-serve[train]' ({error})") from error
 
-    captions = data.draw_captions.__closure__[0].cell_contents  # the lists captions_from_lists closed over
+    if not isinstance(data.draw_captions, CaptionLists):
+        raise TypeError("train_prior_ray needs PriorData.draw_captions to be CaptionLists (fixed caption lists)")
+    captions = data.draw_captions.captions
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", include_dashboard=False)
     with tempfile.TemporaryDirectory(prefix="prior-ray-train-") as storage:

@@ -29,8 +29,7 @@ def build_movq(seed: int):
 
     torch.manual_seed(seed)
     # Four levels: a scale factor of 8, as in the real MOVQ (64 px -> 8 latent px). No
-    # attention blocks (the real MOVQ has some at the lowest level): fully convolutional, it
-    # can be trained on crops, which a 2-core CPU budget needs.
+    # attention blocks (the real MOVQ has some at the lowest level): cheaper on a 2-core CPU.
     return VQModel(
         in_channels=3,
         out_channels=3,
@@ -75,8 +74,9 @@ def train_movq(
     movq, images: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_path=None,
     progress: bool = True, crop: int = 64,
 ) -> dict[str, float]:
-    """Reconstruction training. ``crop`` < 64 trains on random crops: the network is fully
-    convolutional (no attention blocks), so crops teach it what whole images do, for less compute."""
+    """Reconstruction training. ``crop`` < 64 trains on random crops (cheaper; the network is
+    fully convolutional), but the encoder's GroupNorm then sees other statistics than on whole
+    images, which shifts colours: the recipe trains on whole images."""
     movq.train()
     optimizer, schedule = optimizer_and_schedule(movq.parameters(), lr, steps)
     generator = torch.Generator().manual_seed(seed)

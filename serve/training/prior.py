@@ -90,13 +90,19 @@ class PriorData:
         return len(self.image_embeds)
 
 
-def captions_from_lists(captions: list[list[str]]) -> Callable[[Sequence[int], random.Random], list[str]]:
-    """A ``draw_captions`` for fixed caption lists: one of each image's captions at random."""
+@dataclass
+class CaptionLists:
+    """A ``draw_captions`` for fixed caption lists: one of each image's captions at random
+    (a plain object, so it travels to Ray Train workers)."""
 
-    def draw(indices: Sequence[int], rng: random.Random) -> list[str]:
-        return [rng.choice(captions[i]) for i in indices]
+    captions: list[list[str]]
 
-    return draw
+    def __call__(self, indices: Sequence[int], rng: random.Random) -> list[str]:
+        return [rng.choice(self.captions[i]) for i in indices]
+
+
+def captions_from_lists(captions: list[list[str]]) -> CaptionLists:
+    return CaptionLists([list(c) for c in captions])
 
 
 def prior_training_loop(
