@@ -68,8 +68,11 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from serve.training.recipe import preset, train_tiny
 
     torch.set_num_threads(args.threads)
-    summary = train_tiny(args.out, preset(args.preset, seed=args.seed), args.work_dir, progress=not args.no_progress)
+    summary = train_tiny(args.out, preset(args.preset, seed=args.seed), args.work_dir, progress=not args.no_progress, only=args.only)
     out = Path(args.out)
+    if args.only:
+        print(json.dumps({"total_seconds": summary["total_seconds"], "stages": list(summary["stages"])}))
+        return 0
     print(json.dumps({k: summary[k] for k in ("total_seconds", "weights_bytes")}))
     print(f"prior:   {out / 'prior'}\ndecoder: {out / 'decoder'}\nsummary: {out / 'training_summary.json'}")
     return 0
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_tiny.add_argument("--preset", default="full", help="full (the shipped model) or smoke (a few steps each)")
     train_tiny.add_argument("--work-dir", default=None, help="finished stages and loss logs (default OUT/work); reruns resume")
     train_tiny.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    train_tiny.add_argument("--only", choices=["prior"], default=None,
+                            help="train only this stage into the work dir (run it beside the full run, same --out)")
     train_tiny.add_argument("--no-progress", action="store_true")
     train_tiny.set_defaults(func=_cmd_train_tiny)
     train_prior = trainers.add_parser("prior", help="fine-tune a prior on a folder of images with caption files")

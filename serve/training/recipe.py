@@ -54,7 +54,9 @@ PRESETS = {
 
 
 def _architecture(*models) -> list:
-    return [dict(m.config.to_dict() if hasattr(m.config, "to_dict") else m.config) for m in models]
+    """The models' configs without bookkeeping keys (``_use_default_values`` is a set's order)."""
+    configs = [dict(m.config.to_dict() if hasattr(m.config, "to_dict") else m.config) for m in models]
+    return [{k: v for k, v in c.items() if not k.startswith("_") and k != "transformers_version"} for c in configs]
 
 
 # The settings each stage depends on (its own and those of the stages it builds on), so that
@@ -97,9 +99,38 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def train_tiny(out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_dir: Path | str | None = None, progress: bool = True) -> dict:
+def _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder, image_embeds, stages, progress):
+    prior = prior_mod.build_prior(clip_mod.CLIP_DIM, clip_mod.MAX_TOKENS, config.seed + 30)
+    prior_mod.set_clip_stats(prior, image_embeds)
+    scheduler = prior_mod.build_prior_scheduler()
+    cached, path = _stage(work_dir, "prior", config, text_encoder, image_encoder, prior)
+    if cached is None:
+        stages["prior"] = prior_mod.prior_training_loop(
+            prior, prior, scheduler, tokenizer, text_encoder, prior_mod.PriorData(image_embeds, data.captions),
+            config.prior_steps, config.prior_batch, config.prior_lr, config.seed + 31,
+            log_path=work_dir / "logs" / "prior.jsonl", progress=progress,
+        )
+        _save_stage(path, config, (text_encoder, image_encoder, prior), {"prior": prior.state_dict(), "log": stages["prior"]})
+    else:
+        prior.load_state_dict(cached["prior"])
+        stages["prior"] = {**cached["log"], "cached": True}
+    return prior.eval().requires_grad_(False), scheduler
+
+
+def train_tiny(
+    out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_dir: Path | str | None = None, progress: bool = True,
+    only: str | None = None,
+) -> dict:
     """Train all four components and write ``out_dir/prior`` and ``out_dir/decoder``
-    (the layouts of ``kandinsky-2-2-prior`` / ``-decoder``); return the summary."""
+    (the layouts of ``kandinsky-2-2-prior`` / ``-decoder``); return the summary.
+
+    ``only="prior"`` trains CLIP (or reuses it) and the prior, caches the prior in
+    ``work_dir`` and returns: a second process can train the prior while this one
+    trains the MOVQ and the decoder (which come first here for that reason), sharing
+    ``work_dir``; the full run then finds the prior finished.
+    """
+    if only not in (None, "prior"):
+        raise ValueError(f"only={only!r}: the one stage that runs alone is 'prior'")
     from diffusers import KandinskyV22Pipeline
 
     out_dir = Path(out_dir)
@@ -131,6 +162,16 @@ def train_tiny(out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_
     text_encoder.eval().requires_grad_(False)
     image_encoder.eval().requires_grad_(False)
 
+    # Targets shared by the prior and the decoder.
+    t0 = time.perf_counter()
+    image_embeds = clip_mod.image_embeddings(image_encoder, data.images)
+    zero_embed = clip_mod.zero_image_embedding(image_encoder)
+    stages["encode"] = {"seconds": round(time.perf_counter() - t0, 1)}
+
+    if only == "prior":  # the prior alone (another process trains the rest)
+        _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder, image_embeds, stages, progress)
+        return {"config": asdict(config), "stages": stages, "total_seconds": round(time.perf_counter() - started, 1)}
+
     # 2. MOVQ autoencoder.
     movq = movq_mod.build_movq(seed + 20)
     cached, path = _stage(work_dir, "movq", config, movq)
@@ -145,35 +186,16 @@ def train_tiny(out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_
         stages["movq"] = {**cached["log"], "cached": True}
     movq.eval().requires_grad_(False)
 
-    # Targets shared by the prior and the decoder.
     t0 = time.perf_counter()
-    image_embeds = clip_mod.image_embeddings(image_encoder, data.images)
-    zero_embed = clip_mod.zero_image_embedding(image_encoder)
     decoder_count = min(config.decoder_scenes, len(data))
     latents = movq_mod.encode_latents(movq, data.images[:decoder_count])
-    stages["encode"] = {
+    stages["encode_latents"] = {
         "seconds": round(time.perf_counter() - t0, 1),
         "latent_mean": round(latents.mean().item(), 4),
         "latent_std": round(latents.std().item(), 4),
     }
 
-    # 3. Prior: text -> CLIP image embedding.
-    prior = prior_mod.build_prior(clip_mod.CLIP_DIM, clip_mod.MAX_TOKENS, seed + 30)
-    prior_mod.set_clip_stats(prior, image_embeds)
-    scheduler = prior_mod.build_prior_scheduler()
-    cached, path = _stage(work_dir, "prior", config, text_encoder, image_encoder, prior)
-    if cached is None:
-        stages["prior"] = prior_mod.prior_training_loop(
-            prior, prior, scheduler, tokenizer, text_encoder, prior_mod.PriorData(image_embeds, data.captions),
-            config.prior_steps, config.prior_batch, config.prior_lr, seed + 31, log_path=logs / "prior.jsonl", progress=progress,
-        )
-        _save_stage(path, config, (text_encoder, image_encoder, prior), {"prior": prior.state_dict(), "log": stages["prior"]})
-    else:
-        prior.load_state_dict(cached["prior"])
-        stages["prior"] = {**cached["log"], "cached": True}
-    prior.eval().requires_grad_(False)
-
-    # 4. Decoder U-Net on MOVQ latents, conditioned on image embeddings.
+    # 3. Decoder U-Net on MOVQ latents, conditioned on image embeddings.
     unet = decoder_mod.build_unet(clip_mod.CLIP_DIM, movq_mod.LATENT_CHANNELS, seed + 40)
     decoder_scheduler = decoder_mod.build_decoder_scheduler()
     cached, path = _stage(work_dir, "decoder", config, image_encoder, movq, unet)
@@ -187,6 +209,9 @@ def train_tiny(out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_
         unet.load_state_dict(cached["unet"])
         stages["decoder"] = {**cached["log"], "cached": True}
     unet.eval().requires_grad_(False)
+
+    # 4. Prior: text -> CLIP image embedding.
+    prior, scheduler = _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder, image_embeds, stages, progress)
 
     # 5. The two folders, saved exactly as serve/tiny.py:make_tiny saves them.
     prior_dir = prior_mod.save_prior_pipeline(
