@@ -72,13 +72,15 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
 
 def train_movq(
     movq, images: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_path=None,
-    progress: bool = True, crop: int = 64,
+    progress: bool = True, crop: int = 64, schedule_steps: int | None = None,
 ) -> dict[str, float]:
     """Reconstruction training. ``crop`` < 64 trains on random crops (cheaper; the network is
     fully convolutional), but the encoder's GroupNorm then sees other statistics than on whole
-    images, which shifts colours: the recipe trains on whole images."""
+    images, which shifts colours: the recipe trains on whole images. ``schedule_steps`` (default
+    ``steps``) is the learning-rate schedule's length: running fewer steps than the schedule
+    gives exactly the weights a longer run has after ``steps`` steps."""
     movq.train()
-    optimizer, schedule = optimizer_and_schedule(movq.parameters(), lr, steps)
+    optimizer, schedule = optimizer_and_schedule(movq.parameters(), lr, schedule_steps or steps)
     generator = torch.Generator().manual_seed(seed)
     index_batches = batches(len(images), batch_size, generator)
     log = LossLog("movq", steps, log_path, progress=progress)

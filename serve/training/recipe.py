@@ -30,7 +30,8 @@ class RecipeConfig:
     clip_steps: int = 400
     clip_batch: int = 64
     clip_lr: float = 1e-3
-    movq_steps: int = 600
+    movq_steps: int = 268
+    movq_schedule_steps: int | None = 600  # the learning-rate schedule's length (None: movq_steps)
     movq_batch: int = 4
     movq_crop: int = 64  # whole images: the encoder's GroupNorm sees other statistics on crops
     movq_lr: float = 2e-3
@@ -38,7 +39,7 @@ class RecipeConfig:
     prior_batch: int = 64
     prior_lr: float = 1e-3
     decoder_scenes: int = 6000  # the first N scenes' MOVQ latents (encoding them all costs minutes)
-    decoder_steps: int = 900
+    decoder_steps: int = 600
     decoder_batch: int = 32
     decoder_lr: float = 1e-3
 
@@ -178,7 +179,7 @@ def train_tiny(
     if cached is None:
         stages["movq"] = movq_mod.train_movq(
             movq, data.images, config.movq_steps, config.movq_batch, config.movq_lr, seed + 21,
-            logs / "movq.jsonl", progress, crop=config.movq_crop,
+            logs / "movq.jsonl", progress, crop=config.movq_crop, schedule_steps=config.movq_schedule_steps,
         )
         _save_stage(path, config, (movq,), {"movq": movq.state_dict(), "log": stages["movq"]})
     else:
