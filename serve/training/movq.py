@@ -100,3 +100,35 @@ def train_movq(
 def encode_latents(movq, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``movq.encode(image)["latents"]`` for every image (what the U-Net learns to produce)."""
     return torch.cat([movq.encode(to_model_range(images[i : i + batch_size])).latents for i in range(0, len(images), batch_size)])
+
+
+def refine_movq_decoder(
+    movq, images: torch.Tensor, steps: int, batch_size: int = 4, lr: float = 1e-3, seed: int = 0, log_path=None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the decoder half only, the encoder frozen: the latents (what the U-Net learns)
+    do not move, so this can run beside (or after) the U-Net's training."""
+    decoder_params = [p for name, p in movq.named_parameters() if not name.startswith(("encoder.", "quant_conv."))]
+    movq.requires_grad_(False)
+    for p in decoder_params:
+        p.requires_grad_(True)
+    movq.train()
+    optimizer, schedule = optimizer_and_schedule(decoder_params, lr, steps, warmup=20)
+    generator = torch.Generator().manual_seed(seed)
+    index_batches = batches(len(images), batch_size, generator)
+    log = LossLog("movq-decoder", steps, log_path, progress=progress)
+    for step in range(steps):
+        x = to_model_range(images[next(index_batches)])
+        with torch.no_grad():
+            h = movq.encode(x).latents
+        noisy = h + LATENT_NOISE * torch.randn(h.shape, generator=generator)
+        recon = movq.decode(noisy, force_not_quantize=True).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
+        optimizer.step()
+        schedule.step()
+        log.step(step, rec=loss.item())
+    movq.eval().requires_grad_(False)
+    return log.close()

@@ -35,6 +35,7 @@ class RecipeConfig:
     movq_batch: int = 4
     movq_crop: int = 64  # whole images: the encoder's GroupNorm sees other statistics on crops
     movq_lr: float = 2e-3
+    movq_refine_steps: int = 300  # then the decoder half alone, encoder (and so the latents) frozen
     prior_steps: int = 600
     prior_batch: int = 64
     prior_lr: float = 1e-3
@@ -48,7 +49,7 @@ PRESETS = {
     "full": RecipeConfig(),
     # Plumbing only: every stage runs a few steps (tests, and trying the command out).
     "smoke": RecipeConfig(
-        num_scenes=128, clip_steps=3, clip_batch=32, movq_steps=3, movq_batch=4, prior_steps=3,
+        num_scenes=128, clip_steps=3, clip_batch=32, movq_steps=3, movq_schedule_steps=None, movq_refine_steps=2, movq_batch=4, prior_steps=3,
         prior_batch=16, decoder_scenes=64, decoder_steps=3, decoder_batch=16,
     ),
 }
@@ -64,9 +65,10 @@ def _architecture(*models) -> list:
 # changing, say, the decoder's steps reuses the finished CLIP, MOVQ and prior.
 _STAGE_FIELDS = {
     "clip": ("seed", "num_scenes", "clip_"),
-    "movq": ("seed", "num_scenes", "movq_"),
+    "movq": ("seed", "num_scenes", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr"),
+    "movq_refine": ("seed", "num_scenes", "movq_"),
     "prior": ("seed", "num_scenes", "clip_", "prior_"),
-    "decoder": ("seed", "num_scenes", "clip_", "movq_", "decoder_"),
+    "decoder": ("seed", "num_scenes", "clip_", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr", "decoder_"),
 }
 
 
@@ -118,6 +120,20 @@ def _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder,
     return prior.eval().requires_grad_(False), scheduler
 
 
+def _movq_refine_stage(work_dir, config, data, movq, stages, progress):
+    cached, path = _stage(work_dir, "movq_refine", config, movq)
+    if cached is None:
+        stages["movq_refine"] = movq_mod.refine_movq_decoder(
+            movq, data.images, config.movq_refine_steps, config.movq_batch, config.movq_lr / 2, config.seed + 22,
+            work_dir / "logs" / "movq_refine.jsonl", progress,
+        )
+        _save_stage(path, config, (movq,), {"movq": movq.state_dict(), "log": stages["movq_refine"]})
+    else:
+        movq.load_state_dict(cached["movq"])
+        stages["movq_refine"] = {**cached["log"], "cached": True}
+    movq.eval().requires_grad_(False)
+
+
 def train_tiny(
     out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_dir: Path | str | None = None, progress: bool = True,
     only: str | None = None,
@@ -130,8 +146,8 @@ def train_tiny(
     trains the MOVQ and the decoder (which come first here for that reason), sharing
     ``work_dir``; the full run then finds the prior finished.
     """
-    if only not in (None, "prior"):
-        raise ValueError(f"only={only!r}: the one stage that runs alone is 'prior'")
+    if only not in (None, "prior", "movq_refine"):
+        raise ValueError(f"only={only!r}: the stages that run alone are 'prior' and 'movq_refine'")
     from diffusers import KandinskyV22Pipeline
 
     out_dir = Path(out_dir)
@@ -187,6 +203,10 @@ def train_tiny(
         stages["movq"] = {**cached["log"], "cached": True}
     movq.eval().requires_grad_(False)
 
+    if only == "movq_refine":
+        _movq_refine_stage(work_dir, config, data, movq, stages, progress)
+        return {"config": asdict(config), "stages": stages, "total_seconds": round(time.perf_counter() - started, 1)}
+
     t0 = time.perf_counter()
     decoder_count = min(config.decoder_scenes, len(data))
     latents = movq_mod.encode_latents(movq, data.images[:decoder_count])
@@ -214,7 +234,10 @@ def train_tiny(
     # 4. Prior: text -> CLIP image embedding.
     prior, scheduler = _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder, image_embeds, stages, progress)
 
-    # 5. The two folders, saved exactly as serve/tiny.py:make_tiny saves them.
+    # 5. The MOVQ's decoder half alone (the latents the U-Net learned stay as they were).
+    _movq_refine_stage(work_dir, config, data, movq, stages, progress)
+
+    # 6. The two folders, saved exactly as serve/tiny.py:make_tiny saves them.
     prior_dir = prior_mod.save_prior_pipeline(
         {
             "prior": prior, "image_encoder": image_encoder, "text_encoder": text_encoder, "tokenizer": tokenizer,
