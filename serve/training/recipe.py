@@ -207,20 +207,19 @@ def train_tiny(
         _movq_refine_stage(work_dir, config, data, movq, stages, progress)
         return {"config": asdict(config), "stages": stages, "total_seconds": round(time.perf_counter() - started, 1)}
 
-    t0 = time.perf_counter()
-    decoder_count = min(config.decoder_scenes, len(data))
-    latents = movq_mod.encode_latents(movq, data.images[:decoder_count])
-    stages["encode_latents"] = {
-        "seconds": round(time.perf_counter() - t0, 1),
-        "latent_mean": round(latents.mean().item(), 4),
-        "latent_std": round(latents.std().item(), 4),
-    }
-
     # 3. Decoder U-Net on MOVQ latents, conditioned on image embeddings.
     unet = decoder_mod.build_unet(clip_mod.CLIP_DIM, movq_mod.LATENT_CHANNELS, seed + 40)
     decoder_scheduler = decoder_mod.build_decoder_scheduler()
     cached, path = _stage(work_dir, "decoder", config, image_encoder, movq, unet)
     if cached is None:
+        t0 = time.perf_counter()
+        decoder_count = min(config.decoder_scenes, len(data))
+        latents = movq_mod.encode_latents(movq, data.images[:decoder_count])
+        stages["encode_latents"] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "latent_mean": round(latents.mean().item(), 4),
+            "latent_std": round(latents.std().item(), 4),
+        }
         stages["decoder"] = decoder_mod.train_decoder(
             unet, decoder_scheduler, latents, image_embeds[:decoder_count], zero_embed, config.decoder_steps, config.decoder_batch,
             config.decoder_lr, seed + 41, logs / "decoder.jsonl", progress,

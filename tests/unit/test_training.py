@@ -88,7 +88,7 @@ def test_recipe_resumes_finished_stages(smoke_run):
 
     out, _ = smoke_run
     summary = train_tiny(out, preset("smoke"), progress=False)
-    assert all(summary["stages"][name].get("cached") for name in ("clip", "movq", "prior", "decoder"))
+    assert all(summary["stages"][name].get("cached") for name in ("clip", "movq", "movq_refine", "prior", "decoder"))
 
 
 def test_train_prior_command_fine_tunes_a_prior_on_a_folder(smoke_run, tmp_path):
