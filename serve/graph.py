@@ -17,15 +17,15 @@ from deployments.movq import MovqDecoder
 from deployments.prior import Prior
 from deployments.text_encoder import TextEncoder
 from serve.ingress import Ingress
-from serve.settings import ModelSettings, default_cache_dir, parse_service_settings
+from serve.settings import ModelSettings, parse_service_settings
 
 
 def resolve_model_paths(models: ModelSettings) -> tuple[Path, Path]:
-    """The configured checkpoints, checked; or the embedded tiny one, created on first use."""
+    """The configured checkpoints, checked; or the embedded trained tiny model shipped with the package."""
     if models.prior_path is None:
-        from serve.tiny import ensure_tiny
+        from serve.embedded import trained_checkpoint
 
-        return ensure_tiny(models.embedded_dir or default_cache_dir(), models.embedded_seed)
+        return trained_checkpoint()
     return (
         check_layout(models.prior_path, PRIOR_LAYOUT, "prior"),
         check_layout(models.decoder_path, DECODER_LAYOUT, "decoder"),

@@ -6,8 +6,10 @@ are called in batches (one prompt list, one generator per call) to keep the test
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +35,12 @@ def pipelines() -> Pipelines:
 
     from serve.embedded import trained_checkpoint
 
-    prior_dir, decoder_dir = trained_checkpoint()
+    # QUALITY_CHECKPOINT=DIR (with DIR/prior and DIR/decoder) judges another checkpoint.
+    if os.environ.get("QUALITY_CHECKPOINT"):
+        root = Path(os.environ["QUALITY_CHECKPOINT"])
+        prior_dir, decoder_dir = root / "prior", root / "decoder"
+    else:
+        prior_dir, decoder_dir = trained_checkpoint()
     kwargs = {"local_files_only": True, "use_safetensors": True}
     prior = KandinskyV22PriorPipeline.from_pretrained(str(prior_dir), **kwargs)
     decoder = KandinskyV22Pipeline.from_pretrained(str(decoder_dir), **kwargs)

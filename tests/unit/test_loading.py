@@ -49,15 +49,38 @@ def test_configured_paths_are_checked_at_start_up(tmp_path):
         resolve_model_paths(models)
 
 
-def test_embedded_default_is_created_once(tmp_path, monkeypatch):
+def test_embedded_default_is_the_shipped_trained_model():
+    from serve.embedded import EMBEDDED_DIR
+
+    prior, decoder = resolve_model_paths(ModelSettings())
+    assert (prior, decoder) == (EMBEDDED_DIR / "prior", EMBEDDED_DIR / "decoder")
+    check_layout(prior, PRIOR_LAYOUT, "prior")
+    check_layout(decoder, DECODER_LAYOUT, "decoder")
+
+
+def test_random_tiny_checkpoint_is_created_once(tmp_path, monkeypatch):
     import serve.tiny
 
     calls = []
     real = serve.tiny.make_tiny
     monkeypatch.setattr(serve.tiny, "make_tiny", lambda out, seed: calls.append(seed) or real(out, seed))
-    models = ModelSettings(embedded_dir=tmp_path)
-    first = resolve_model_paths(models)
-    second = resolve_model_paths(models)
+    first = serve.tiny.ensure_tiny(tmp_path, 0)
+    second = serve.tiny.ensure_tiny(tmp_path, 0)
     assert first == second and calls == [0]
     check_layout(first[0], PRIOR_LAYOUT, "prior")
     check_layout(first[1], DECODER_LAYOUT, "decoder")
+
+
+def test_every_stage_loads_the_embedded_model():
+    """The shipped weights through the stages' own loaders (float32, safetensors only), and within budget."""
+    from deployments.movq import MovqModel
+    from deployments.prior import PriorModel
+    from serve.embedded import EMBEDDED_DIR, trained_checkpoint
+
+    prior, decoder = trained_checkpoint()
+    TextEncoderModel.from_pretrained(prior)
+    PriorModel.from_pretrained(prior)
+    DenoiserModel.from_pretrained(decoder)
+    MovqModel.from_pretrained(decoder)
+    weights = sum(path.stat().st_size for path in EMBEDDED_DIR.rglob("*.safetensors"))
+    assert weights <= 25 * 2**20, f"embedded weights are {weights / 2**20:.1f} MiB, over the 25 MiB budget"
