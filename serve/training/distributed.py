@@ -69,7 +69,10 @@ def train_prior_ray(
         raise TypeError("train_prior_ray needs PriorData.draw_captions to be CaptionLists (fixed caption lists)")
     captions = data.draw_captions.captions
     if not ray.is_initialized():
-        ray.init(logging_level="WARNING", include_dashboard=False)
+        # RAY_ADDRESS names the cluster to use; without it, a fresh local Ray, never whatever
+        # `ray start` cluster happens to run on this machine (ray.init()'s default would join it).
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, logging_level="WARNING", include_dashboard=False)
     with tempfile.TemporaryDirectory(prefix="prior-ray-train-") as storage:
         trainer = TorchTrainer(
             _worker,
