@@ -68,7 +68,9 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from serve.training.recipe import preset, train_tiny
 
     torch.set_num_threads(args.threads)
-    summary = train_tiny(args.out, preset(args.preset, seed=args.seed), args.work_dir, progress=not args.no_progress, only=args.only)
+    summary = train_tiny(
+        args.out, preset(args.preset, seed=args.seed), args.work_dir, progress=not args.no_progress, only=args.only, device=args.device
+    )
     out = Path(args.out)
     if args.only:
         print(json.dumps({"total_seconds": summary["total_seconds"], "stages": list(summary["stages"])}))
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_tiny.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     train_tiny.add_argument("--only", choices=["prior", "movq_refine"], default=None,
                             help="train only this stage into the work dir (run it beside the full run, same --out)")
+    train_tiny.add_argument("--device", default="cpu", help="where to train: cpu (the recipe's reference) or cuda")
     train_tiny.add_argument("--no-progress", action="store_true")
     train_tiny.set_defaults(func=_cmd_train_tiny)
     train_prior = trainers.add_parser("prior", help="fine-tune a prior on a folder of images with caption files")

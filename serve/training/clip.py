@@ -20,7 +20,9 @@ from serve.training.data import IMAGE_SIZE, SceneSet, caption_words, same_descri
 CLIP_DIM = 128
 # pooled text/image embedding size = the prior's embedding_dim = the text hidden size (the prior projects last_hidden_state from embedding_dim)
 HIDDEN = CLIP_DIM  # must equal CLIP_DIM: PriorTransformer projects last_hidden_state with an embedding_dim input
-VISION_HIDDEN = 64
+VISION_HIDDEN = 96
+VISION_LAYERS = 3
+PATCH_SIZE = 8
 MAX_TOKENS = 32  # the captions are short; the tokenizer's model_max_length and the prior's num_embeddings
 NUM_MERGES = 3000  # enough that every caption word becomes one token
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -60,9 +62,9 @@ def build_clip(tokenizer, seed: int):
             projection_dim=CLIP_DIM,
             intermediate_size=2 * VISION_HIDDEN,
             num_attention_heads=4,
-            num_hidden_layers=2,
+            num_hidden_layers=VISION_LAYERS,
             image_size=IMAGE_SIZE,
-            patch_size=8,
+            patch_size=PATCH_SIZE,
             num_channels=3,
         )
     )
@@ -107,10 +109,11 @@ def train_clip(
     seed: int = 0,
     log_path=None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict[str, float]:
-    text_encoder.train()
-    image_encoder.train()
-    logit_scale = torch.nn.Parameter(torch.tensor(2.66))  # log(1/0.07), as in CLIP; not saved
+    text_encoder.to(device).train()
+    image_encoder.to(device).train()
+    logit_scale = torch.nn.Parameter(torch.tensor(2.66, device=device))  # log(1/0.07), as in CLIP; not saved
     params = list(text_encoder.parameters()) + list(image_encoder.parameters()) + [logit_scale]
     optimizer, schedule = optimizer_and_schedule(params, lr, steps, weight_decay=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -123,13 +126,14 @@ def train_clip(
         scenes = [data.scenes[i] for i in indices]
         # match[i, j]: caption j describes image i
         match = torch.tensor(
-            [[float(same_described(scenes[j], scenes[i], attributes[j])) for j in range(len(indices))] for i in range(len(indices))]
+            [[float(same_described(scenes[j], scenes[i], attributes[j])) for j in range(len(indices))] for i in range(len(indices))],
+            device=device,
         )
         # Padded to the longest caption only: the text tower is causal, so the pooled
         # embedding (at the end token) is the same as with padding to the full context.
         tokens = tokenizer(texts, padding="longest", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-        text = F.normalize(text_encoder(input_ids=tokens.input_ids).text_embeds, dim=-1)
-        image = F.normalize(image_encoder(pixel_values=pixel_values(data.images[indices])).image_embeds, dim=-1)
+        text = F.normalize(text_encoder(input_ids=tokens.input_ids.to(device)).text_embeds, dim=-1)
+        image = F.normalize(image_encoder(pixel_values=pixel_values(data.images[indices]).to(device)).image_embeds, dim=-1)
         logits = logit_scale.exp().clamp(max=100) * image @ text.T
         loss_image = -(F.log_softmax(logits, dim=1) * match / match.sum(1, keepdim=True)).sum(1).mean()
         loss_text = -(F.log_softmax(logits.T, dim=1) * match.T / match.T.sum(1, keepdim=True)).sum(1).mean()
@@ -147,8 +151,9 @@ def train_clip(
 
 @torch.no_grad()
 def image_embeddings(image_encoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Unnormalised ``image_embeds`` (what the prior predicts and the decoder is conditioned on)."""
-    return torch.cat([image_encoder(pixel_values=pixel_values(images[i : i + batch_size])).image_embeds for i in range(0, len(images), batch_size)])
+    """Unnormalised ``image_embeds`` (what the prior predicts and the decoder is conditioned on), on the encoder's device."""
+    device = image_encoder.device
+    return torch.cat([image_encoder(pixel_values=pixel_values(images[i : i + batch_size]).to(device)).image_embeds for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
@@ -156,4 +161,4 @@ def zero_image_embedding(image_encoder) -> torch.Tensor:
     """(1, D): the embedding of an all-zero *normalised* image, exactly as
     ``KandinskyV22PriorPipeline.get_zero_embed`` makes the default negative embedding."""
     size = image_encoder.config.image_size
-    return image_encoder(torch.zeros(1, 3, size, size))["image_embeds"]
+    return image_encoder(torch.zeros(1, 3, size, size, device=image_encoder.device))["image_embeds"]

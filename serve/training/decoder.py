@@ -60,11 +60,12 @@ def build_decoder_scheduler():
 
 
 def decoder_loss(unet, scheduler, latents, image_embeds, zero_embed, generator) -> torch.Tensor:
-    n = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    n, device = latents.shape[0], latents.device
+    # Drawn on the CPU generator whatever the device: the same draws on every device.
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
     noisy = scheduler.add_noise(latents, noise, t)
-    drop = torch.rand(n, generator=generator) < UNCOND_PROB
+    drop = (torch.rand(n, generator=generator) < UNCOND_PROB).to(device)
     condition = torch.where(drop[:, None], zero_embed.expand_as(image_embeds), image_embeds)
     prediction = unet(noisy, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": condition}).sample
     epsilon, _variance = prediction.split(latents.shape[1], dim=1)
@@ -75,13 +76,15 @@ def train_decoder(
     unet, scheduler, latents: torch.Tensor, image_embeds: torch.Tensor, zero_embed: torch.Tensor,
     steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_path=None, progress: bool = True,
 ) -> dict[str, float]:
-    unet.train()
+    """Train on ``latents``/``image_embeds`` where they are (the U-Net is moved there)."""
+    unet.to(latents.device).train()
     optimizer, schedule = optimizer_and_schedule(unet.parameters(), lr, steps)
     generator = torch.Generator().manual_seed(seed)
     index_batches = batches(len(latents), batch_size, generator)
     log = LossLog("decoder", steps, log_path, progress=progress)
     for step in range(steps):
         indices = next(index_batches)
+        indices = indices.to(latents.device)
         loss = decoder_loss(unet, scheduler, latents[indices], image_embeds[indices], zero_embed, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

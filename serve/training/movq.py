@@ -49,7 +49,7 @@ def build_movq(seed: int):
 def movq_loss(movq, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     x = to_model_range(images)
     h = movq.encode(x).latents
-    noisy = h + LATENT_NOISE * torch.randn(h.shape, generator=generator)
+    noisy = h + LATENT_NOISE * torch.randn(h.shape, generator=generator).to(h.device)
     recon = movq.decode(noisy, force_not_quantize=True).sample
     rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
     _, vq_loss, _ = movq.quantize(h)
@@ -72,20 +72,20 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
 
 def train_movq(
     movq, images: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log_path=None,
-    progress: bool = True, crop: int = 64, schedule_steps: int | None = None,
+    progress: bool = True, crop: int = 64, schedule_steps: int | None = None, device: str = "cpu",
 ) -> dict[str, float]:
     """Reconstruction training. ``crop`` < 64 trains on random crops (cheaper; the network is
     fully convolutional), but the encoder's GroupNorm then sees other statistics than on whole
     images, which shifts colours: the recipe trains on whole images. ``schedule_steps`` (default
     ``steps``) is the learning-rate schedule's length: running fewer steps than the schedule
     gives exactly the weights a longer run has after ``steps`` steps."""
-    movq.train()
+    movq.to(device).train()
     optimizer, schedule = optimizer_and_schedule(movq.parameters(), lr, schedule_steps or steps)
     generator = torch.Generator().manual_seed(seed)
     index_batches = batches(len(images), batch_size, generator)
     log = LossLog("movq", steps, log_path, progress=progress)
     for step in range(steps):
-        loss, values = movq_loss(movq, random_crops(images[next(index_batches)], crop, generator), generator)
+        loss, values = movq_loss(movq, random_crops(images[next(index_batches)], crop, generator).to(device), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(movq.parameters(), 1.0)
@@ -98,13 +98,14 @@ def train_movq(
 
 @torch.no_grad()
 def encode_latents(movq, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """``movq.encode(image)["latents"]`` for every image (what the U-Net learns to produce)."""
-    return torch.cat([movq.encode(to_model_range(images[i : i + batch_size])).latents for i in range(0, len(images), batch_size)])
+    """``movq.encode(image)["latents"]`` for every image (what the U-Net learns to produce), on the MOVQ's device."""
+    device = movq.device
+    return torch.cat([movq.encode(to_model_range(images[i : i + batch_size].to(device))).latents for i in range(0, len(images), batch_size)])
 
 
 def refine_movq_decoder(
     movq, images: torch.Tensor, steps: int, batch_size: int = 4, lr: float = 1e-3, seed: int = 0, log_path=None,
-    progress: bool = True,
+    progress: bool = True, device: str = "cpu",
 ) -> dict[str, float]:
     """Train the decoder half only, the encoder frozen: the latents (what the U-Net learns)
     do not move, so this can run beside (or after) the U-Net's training."""
@@ -112,16 +113,16 @@ def refine_movq_decoder(
     movq.requires_grad_(False)
     for p in decoder_params:
         p.requires_grad_(True)
-    movq.train()
+    movq.to(device).train()
     optimizer, schedule = optimizer_and_schedule(decoder_params, lr, steps, warmup=20)
     generator = torch.Generator().manual_seed(seed)
     index_batches = batches(len(images), batch_size, generator)
     log = LossLog("movq-decoder", steps, log_path, progress=progress)
     for step in range(steps):
-        x = to_model_range(images[next(index_batches)])
+        x = to_model_range(images[next(index_batches)].to(device))
         with torch.no_grad():
             h = movq.encode(x).latents
-        noisy = h + LATENT_NOISE * torch.randn(h.shape, generator=generator)
+        noisy = h + LATENT_NOISE * torch.randn(h.shape, generator=generator).to(h.device)
         recon = movq.decode(noisy, force_not_quantize=True).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         optimizer.zero_grad(set_to_none=True)

@@ -63,17 +63,18 @@ def set_clip_stats(prior, image_embeds: torch.Tensor) -> None:
 def encode_text(tokenizer, text_encoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(text_embeds, last_hidden_state, mask) exactly as ``KandinskyV22PriorPipeline._encode_prompt`` computes them."""
     tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    output = text_encoder(tokens.input_ids)
-    return output.text_embeds, output.last_hidden_state, tokens.attention_mask.bool()
+    output = text_encoder(tokens.input_ids.to(text_encoder.device))
+    return output.text_embeds, output.last_hidden_state, tokens.attention_mask.bool().to(text_encoder.device)
 
 
 def prior_loss(model, scheduler, clip_mean, clip_std, text_embeds, hidden, mask, image_embeds, generator) -> torch.Tensor:
     """x0-prediction MSE in the normalised embedding space, at a uniformly drawn timestep."""
     target = (image_embeds - clip_mean) / clip_std
-    n = target.shape[0]
+    n, device = target.shape[0], target.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
-    alpha_bar = scheduler.alphas_cumprod[t].unsqueeze(1)
-    noise = torch.randn(target.shape, generator=generator)
+    alpha_bar = scheduler.alphas_cumprod[t].unsqueeze(1).to(device)
+    t = t.to(device)
+    noise = torch.randn(target.shape, generator=generator).to(device)
     noisy = alpha_bar.sqrt() * target + (1 - alpha_bar).sqrt() * noise
     predicted = model(noisy, timestep=t, proj_embedding=text_embeds, encoder_hidden_states=hidden, attention_mask=mask).predicted_image_embedding
     return F.mse_loss(predicted, target)

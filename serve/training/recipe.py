@@ -27,21 +27,21 @@ from serve.training.data import make_scene_set
 class RecipeConfig:
     seed: int = 0
     num_scenes: int = 12000
-    clip_steps: int = 400
-    clip_batch: int = 64
+    clip_steps: int = 3000
+    clip_batch: int = 128
     clip_lr: float = 1e-3
-    movq_steps: int = 268
-    movq_schedule_steps: int | None = 600  # the learning-rate schedule's length (None: movq_steps)
-    movq_batch: int = 4
+    movq_steps: int = 1200
+    movq_schedule_steps: int | None = None  # the learning-rate schedule's length (None: movq_steps)
+    movq_batch: int = 16
     movq_crop: int = 64  # whole images: the encoder's GroupNorm sees other statistics on crops
     movq_lr: float = 2e-3
-    movq_refine_steps: int = 300  # then the decoder half alone, encoder (and so the latents) frozen
-    prior_steps: int = 600
+    movq_refine_steps: int = 400  # then the decoder half alone, encoder (and so the latents) frozen
+    prior_steps: int = 4000
     prior_batch: int = 64
     prior_lr: float = 1e-3
-    decoder_scenes: int = 6000  # the first N scenes' MOVQ latents (encoding them all costs minutes)
-    decoder_steps: int = 600
-    decoder_batch: int = 32
+    decoder_scenes: int = 12000  # the first N scenes' MOVQ latents
+    decoder_steps: int = 4000
+    decoder_batch: int = 64
     decoder_lr: float = 1e-3
 
 
@@ -105,6 +105,7 @@ def _dir_size(path: Path) -> int:
 def _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder, image_embeds, stages, progress):
     prior = prior_mod.build_prior(clip_mod.CLIP_DIM, clip_mod.MAX_TOKENS, config.seed + 30)
     prior_mod.set_clip_stats(prior, image_embeds)
+    prior.to(image_embeds.device)
     scheduler = prior_mod.build_prior_scheduler()
     cached, path = _stage(work_dir, "prior", config, text_encoder, image_encoder, prior)
     if cached is None:
@@ -120,12 +121,12 @@ def _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder,
     return prior.eval().requires_grad_(False), scheduler
 
 
-def _movq_refine_stage(work_dir, config, data, movq, stages, progress):
+def _movq_refine_stage(work_dir, config, data, movq, stages, progress, device):
     cached, path = _stage(work_dir, "movq_refine", config, movq)
     if cached is None:
         stages["movq_refine"] = movq_mod.refine_movq_decoder(
             movq, data.images, config.movq_refine_steps, config.movq_batch, config.movq_lr / 2, config.seed + 22,
-            work_dir / "logs" / "movq_refine.jsonl", progress,
+            work_dir / "logs" / "movq_refine.jsonl", progress, device=device,
         )
         _save_stage(path, config, (movq,), {"movq": movq.state_dict(), "log": stages["movq_refine"]})
     else:
@@ -136,7 +137,7 @@ def _movq_refine_stage(work_dir, config, data, movq, stages, progress):
 
 def train_tiny(
     out_dir: Path | str, config: RecipeConfig = RecipeConfig(), work_dir: Path | str | None = None, progress: bool = True,
-    only: str | None = None,
+    only: str | None = None, device: str = "cpu",
 ) -> dict:
     """Train all four components and write ``out_dir/prior`` and ``out_dir/decoder``
     (the layouts of ``kandinsky-2-2-prior`` / ``-decoder``); return the summary.
@@ -145,6 +146,9 @@ def train_tiny(
     ``work_dir`` and returns: a second process can train the prior while this one
     trains the MOVQ and the decoder (which come first here for that reason), sharing
     ``work_dir``; the full run then finds the prior finished.
+
+    ``device`` ("cpu", "cuda") is where the models train; random draws come from CPU
+    generators either way, so a run is deterministic per device (not bit-equal across them).
     """
     if only not in (None, "prior", "movq_refine"):
         raise ValueError(f"only={only!r}: the stages that run alone are 'prior' and 'movq_refine'")
@@ -169,12 +173,12 @@ def train_tiny(
     if cached is None:
         stages["clip"] = clip_mod.train_clip(
             text_encoder, image_encoder, tokenizer, data, config.clip_steps, config.clip_batch, config.clip_lr,
-            seed + 11, logs / "clip.jsonl", progress,
+            seed + 11, logs / "clip.jsonl", progress, device=device,
         )
         _save_stage(path, config, (text_encoder, image_encoder), {"text": text_encoder.state_dict(), "image": image_encoder.state_dict(), "log": stages["clip"]})
     else:
-        text_encoder.load_state_dict(cached["text"])
-        image_encoder.load_state_dict(cached["image"])
+        text_encoder.to(device).load_state_dict(cached["text"])
+        image_encoder.to(device).load_state_dict(cached["image"])
         stages["clip"] = {**cached["log"], "cached": True}
     text_encoder.eval().requires_grad_(False)
     image_encoder.eval().requires_grad_(False)
@@ -195,20 +199,20 @@ def train_tiny(
     if cached is None:
         stages["movq"] = movq_mod.train_movq(
             movq, data.images, config.movq_steps, config.movq_batch, config.movq_lr, seed + 21,
-            logs / "movq.jsonl", progress, crop=config.movq_crop, schedule_steps=config.movq_schedule_steps,
+            logs / "movq.jsonl", progress, crop=config.movq_crop, schedule_steps=config.movq_schedule_steps, device=device,
         )
         _save_stage(path, config, (movq,), {"movq": movq.state_dict(), "log": stages["movq"]})
     else:
-        movq.load_state_dict(cached["movq"])
+        movq.to(device).load_state_dict(cached["movq"])
         stages["movq"] = {**cached["log"], "cached": True}
     movq.eval().requires_grad_(False)
 
     if only == "movq_refine":
-        _movq_refine_stage(work_dir, config, data, movq, stages, progress)
+        _movq_refine_stage(work_dir, config, data, movq, stages, progress, device)
         return {"config": asdict(config), "stages": stages, "total_seconds": round(time.perf_counter() - started, 1)}
 
     # 3. Decoder U-Net on MOVQ latents, conditioned on image embeddings.
-    unet = decoder_mod.build_unet(clip_mod.CLIP_DIM, movq_mod.LATENT_CHANNELS, seed + 40)
+    unet = decoder_mod.build_unet(clip_mod.CLIP_DIM, movq_mod.LATENT_CHANNELS, seed + 40).to(device)
     decoder_scheduler = decoder_mod.build_decoder_scheduler()
     cached, path = _stage(work_dir, "decoder", config, image_encoder, movq, unet)
     if cached is None:
@@ -234,7 +238,9 @@ def train_tiny(
     prior, scheduler = _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder, image_embeds, stages, progress)
 
     # 5. The MOVQ's decoder half alone (the latents the U-Net learned stay as they were).
-    _movq_refine_stage(work_dir, config, data, movq, stages, progress)
+    _movq_refine_stage(work_dir, config, data, movq, stages, progress, device)
+    for model in (text_encoder, image_encoder, movq, prior, unet):
+        model.to("cpu")
 
     # 6. The two folders, saved exactly as serve/tiny.py:make_tiny saves them.
     prior_dir = prior_mod.save_prior_pipeline(
