@@ -1,4 +1,4 @@
-"""``kandinsky-serve``: run the service, write tiny checkpoints, benchmark."""
+"""``kandinsky-serve``: run the service, write tiny checkpoints, train, benchmark."""
 
 from __future__ import annotations
 
@@ -113,6 +113,40 @@ def _cmd_cluster_local(args: argparse.Namespace) -> int:
         print(f"kandinsky-serve is up on the local cluster: {url}  (Ctrl-C tears it down)", flush=True)
         _wait_for_stop(args.hold_s)
     print("local cluster stopped")
+    return 0
+
+
+def _cmd_train_tiny(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from serve.training.recipe import preset, train_tiny
+
+    torch.set_num_threads(args.threads)
+    summary = train_tiny(
+        args.out, preset(args.preset, seed=args.seed), args.work_dir, progress=not args.no_progress, only=args.only, device=args.device
+    )
+    out = Path(args.out)
+    if args.only:
+        print(json.dumps({"total_seconds": summary["total_seconds"], "stages": list(summary["stages"])}))
+        return 0
+    print(json.dumps({k: summary[k] for k in ("total_seconds", "weights_bytes")}))
+    print(f"prior:   {out / 'prior'}\ndecoder: {out / 'decoder'}\nsummary: {out / 'training_summary.json'}")
+    return 0
+
+
+def _cmd_train_prior(args: argparse.Namespace) -> int:
+    import torch
+
+    from serve.training.prior import finetune_prior
+
+    torch.set_num_threads(args.threads)
+    out = finetune_prior(
+        args.data, args.base, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        workers=args.workers, log_path=Path(args.out) / "prior_loss.jsonl", progress=not args.no_progress,
+    )
+    print(f"prior: {out}")
     return 0
 
 
@@ -249,6 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
     generate.set_defaults(func=_cmd_generate)
+
+    train = commands.add_parser("train", help="train the embedded tiny model, or fine-tune a prior")
+    trainers = train.add_subparsers(dest="what", required=True)
+    train_tiny = trainers.add_parser("tiny", help="the whole recipe: synthetic scenes -> CLIP, MOVQ, prior, decoder")
+    train_tiny.add_argument("--out", required=True, help="writes OUT/prior, OUT/decoder and OUT/training_summary.json")
+    train_tiny.add_argument("--seed", type=int, default=0)
+    train_tiny.add_argument("--preset", default="full", help="full (the shipped model) or smoke (a few steps each)")
+    train_tiny.add_argument("--work-dir", default=None, help="finished stages and loss logs (default OUT/work); reruns resume")
+    train_tiny.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    train_tiny.add_argument("--only", choices=["prior", "movq_refine"], default=None,
+                            help="train only this stage into the work dir (run it beside the full run, same --out)")
+    train_tiny.add_argument("--device", default="cpu", help="where to train: cpu (the recipe's reference) or cuda")
+    train_tiny.add_argument("--no-progress", action="store_true")
+    train_tiny.set_defaults(func=_cmd_train_tiny)
+    train_prior = trainers.add_parser("prior", help="fine-tune a prior on a folder of images with caption files")
+    train_prior.add_argument("--data", required=True, help="folder of IMAGE.png + IMAGE.txt (one caption per line)")
+    train_prior.add_argument("--base", required=True, help="prior directory (kandinsky-2-2-prior layout) to start from")
+    train_prior.add_argument("--out", required=True, help="where the fine-tuned prior directory is written")
+    train_prior.add_argument("--steps", type=int, default=500)
+    train_prior.add_argument("--batch-size", type=int, default=32, help="per worker")
+    train_prior.add_argument("--lr", type=float, default=1e-4)
+    train_prior.add_argument("--seed", type=int, default=0)
+    train_prior.add_argument("--workers", type=int, default=0, help="N >= 1: Ray Train with N workers (DDP); 0: this process")
+    train_prior.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    train_prior.add_argument("--no-progress", action="store_true")
+    train_prior.set_defaults(func=_cmd_train_prior)
 
     loadtest = commands.add_parser("loadtest", help="drive a deployment with a scenario file and report")
     loadtest.add_argument("scenario", help="scenario YAML (see README: Load testing)")

@@ -30,11 +30,12 @@ class ModelPaths(NamedTuple):
 
 
 def resolve_model_paths(models: ModelSettings) -> ModelPaths:
-    """The configured checkpoints, checked; or the embedded tiny ones (every variant), created on first use."""
+    """The configured checkpoints, checked; or the embedded trained tiny model (its decoder
+    variants derived from the shipped decoder on first use)."""
     if models.prior_path is None:
-        from serve.tiny import ensure_tiny
+        from serve.embedded import embedded_checkpoint
 
-        return ModelPaths(*ensure_tiny(models.embedded_dir or default_cache_dir(), models.embedded_seed))
+        return ModelPaths(*embedded_checkpoint(models.embedded_dir or default_cache_dir()))
 
     prior = check_layout(models.prior_path, PRIOR_LAYOUT, "prior")
     decoder = check_layout(models.decoder_path, DECODER_LAYOUT, "decoder")

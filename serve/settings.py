@@ -59,10 +59,8 @@ class ModelSettings(BaseModel):
     """Torch device of every stage: ``cpu``, ``cuda`` or ``cuda:N``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Weights and activations dtype. Half precision needs a GPU."""
-    embedded_seed: int = Field(default=0, ge=0)
-    """Seed of the embedded tiny checkpoint written when no paths are set."""
     embedded_dir: Path | None = None
-    """Where the embedded checkpoint is written; default ``$KANDINSKY_CACHE_DIR`` or ~/.cache."""
+    """Where the embedded model's derived decoder variants are written; default ``$KANDINSKY_CACHE_DIR`` or ~/.cache."""
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSettings":

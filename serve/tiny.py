@@ -14,7 +14,7 @@ import tempfile
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -51,11 +51,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def build_clip_vocab(num_merges: int = NUM_MERGES) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn a CLIP-style byte-level BPE vocabulary from the built-in word list."""
+def build_clip_vocab(
+    num_merges: int = NUM_MERGES, corpus: list[str] | None = None
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn a CLIP-style byte-level BPE vocabulary from a word list (default: the built-in one).
+
+    Words are learned in their byte-level form (UTF-8 bytes through the byte-to-unicode
+    table, as CLIP's tokenizer sees them), so non-Latin scripts merge like any other.
+    """
     byte_chars = list(_bytes_to_unicode().values())
     vocab_tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in _CORPUS)
+    table = _bytes_to_unicode()
+    byte_words = ["".join(table[b] for b in w.encode("utf-8")) for w in (corpus if corpus is not None else _CORPUS)]
+    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in byte_words)
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
@@ -84,11 +92,12 @@ def build_clip_vocab(num_merges: int = NUM_MERGES) -> tuple[dict[str, int], list
     return {token: index for index, token in enumerate(vocab_tokens)}, merges
 
 
-def build_tokenizer():
+def build_tokenizer(corpus: list[str] | None = None, num_merges: int = NUM_MERGES, max_length: int = MAX_TOKENS):
+    """A ``CLIPTokenizer`` learned from ``corpus`` (default: the built-in word list)."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = build_clip_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    vocab, merges = build_clip_vocab(num_merges, corpus)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def _prior_components(seed: int) -> dict:
@@ -272,20 +281,27 @@ def make_tiny(out_dir: Path | str, seed: int = 0) -> TinyCheckpoint:
 
 
 def ensure_tiny(cache_dir: Path | str, seed: int = 0) -> TinyCheckpoint:
-    """The embedded default: build it once per cache dir and seed, atomically.
+    """A random tiny checkpoint, built once per cache dir and seed."""
+    target = Path(cache_dir) / f"tiny-v{LAYOUT_VERSION}-seed{seed}"
+    build_once(target, lambda staging: make_tiny(staging, seed), lambda root: _check(_paths(root)))
+    return _paths(target)
+
+
+def build_once(target: Path, build: Callable[[Path], object], check: Callable[[Path], object]) -> Path:
+    """``build(dir)`` into ``target`` unless ``check(target)`` passes, atomically.
 
     Concurrent callers (several replicas on one node) each build into a private
     temporary directory; the first rename wins and the others discard theirs.
     """
-    target = Path(cache_dir) / f"tiny-v{LAYOUT_VERSION}-seed{seed}"
     try:
-        return _check(_paths(target))
+        check(target)
+        return target
     except CheckpointError:
         pass
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        make_tiny(staging, seed)
+        build(staging)
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
         try:
@@ -294,4 +310,4 @@ def ensure_tiny(cache_dir: Path | str, seed: int = 0) -> TinyCheckpoint:
             pass  # another process finished first; its copy is identical
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _paths(target)
+    return target

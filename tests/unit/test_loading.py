@@ -49,15 +49,68 @@ def test_configured_paths_are_checked_at_start_up(tmp_path):
         resolve_model_paths(models)
 
 
-def test_embedded_default_is_created_once(tmp_path, monkeypatch):
+def test_embedded_default_is_the_shipped_model_with_derived_variants(tmp_path, monkeypatch):
+    import serve.embedded
+    from serve.embedded import EMBEDDED_DIR
+
+    calls = []
+    real = serve.embedded.derive_variant
+    monkeypatch.setattr(serve.embedded, "derive_variant", lambda *a: calls.append(a[1]) or real(*a))
+    paths = resolve_model_paths(ModelSettings(embedded_dir=tmp_path))
+    again = resolve_model_paths(ModelSettings(embedded_dir=tmp_path))
+    assert paths == again and sorted(calls) == ["decoder_controlnet", "decoder_inpaint"]  # derived once
+    assert (paths.prior, paths.decoder) == (EMBEDDED_DIR / "prior", EMBEDDED_DIR / "decoder")
+    assert paths.inpaint_decoder.is_relative_to(tmp_path) and paths.controlnet_decoder.is_relative_to(tmp_path)
+    check_layout(paths.prior, PRIOR_LAYOUT, "prior")
+
+
+def test_derived_variants_compute_what_the_decoder_computes(tmp_path):
+    """The variants' extra inputs (masked-image latents and mask; the depth hint) weigh zero."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from serve.embedded import embedded_checkpoint
+
+    paths = embedded_checkpoint(tmp_path)
+    load = lambda root: UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", use_safetensors=True, local_files_only=True)
+    decoder, inpaint, controlnet = load(paths.decoder), load(paths.inpaint_decoder), load(paths.controlnet_decoder)
+    assert (inpaint.config.in_channels, controlnet.config.addition_embed_type) == (9, "image_hint")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    embeds = torch.randn(2, decoder.config.encoder_hid_dim, generator=generator)
+    with torch.no_grad():
+        expected = decoder(latents, 500, None, added_cond_kwargs={"image_embeds": embeds}).sample
+        extra = torch.randn(2, 5, 8, 8, generator=generator)
+        got_inpaint = inpaint(torch.cat([latents, extra], 1), 500, None, added_cond_kwargs={"image_embeds": embeds}).sample
+        hint = torch.rand(2, 3, 64, 64, generator=generator)
+        got_controlnet = controlnet(latents, 500, None, added_cond_kwargs={"image_embeds": embeds, "hint": hint}).sample
+    torch.testing.assert_close(got_inpaint, expected)
+    torch.testing.assert_close(got_controlnet, expected)
+
+
+def test_random_tiny_checkpoint_is_created_once(tmp_path, monkeypatch):
     import serve.tiny
 
     calls = []
     real = serve.tiny.make_tiny
     monkeypatch.setattr(serve.tiny, "make_tiny", lambda out, seed: calls.append(seed) or real(out, seed))
-    models = ModelSettings(embedded_dir=tmp_path)
-    first = resolve_model_paths(models)
-    second = resolve_model_paths(models)
+    first = serve.tiny.ensure_tiny(tmp_path, 0)
+    second = serve.tiny.ensure_tiny(tmp_path, 0)
     assert first == second and calls == [0]
     check_layout(first[0], PRIOR_LAYOUT, "prior")
     check_layout(first[1], DECODER_LAYOUT, "decoder")
+
+
+def test_every_stage_loads_the_embedded_model():
+    """The shipped weights through the stages' own loaders (float32, safetensors only), and within budget."""
+    from deployments.movq import MovqModel
+    from deployments.prior import PriorModel
+    from serve.embedded import EMBEDDED_DIR, trained_checkpoint
+
+    prior, decoder = trained_checkpoint()
+    TextEncoderModel.from_pretrained(prior)
+    PriorModel.from_pretrained(prior)
+    DenoiserModel.from_pretrained(decoder)
+    MovqModel.from_pretrained(decoder)
+    weights = sum(path.stat().st_size for path in EMBEDDED_DIR.rglob("*.safetensors"))
+    assert weights <= 25 * 2**20, f"embedded weights are {weights / 2**20:.1f} MiB, over the 25 MiB budget"

@@ -1,0 +1,96 @@
+"""The decoder U-Net: ``UNet2DConditionModel`` on MOVQ latents, conditioned on CLIP image embeddings.
+
+As in Kandinsky 2.2: ``addition_embed_type="image"`` and ``encoder_hid_dim_type="image_proj"``,
+both fed by ``added_cond_kwargs={"image_embeds": ...}``; the U-Net predicts noise
+(epsilon) in its first half of output channels, the second half is the learned
+variance, which ``DDPMScheduler(variance_type="fixed_small")`` ignores and this
+recipe leaves untrained. Classifier-free guidance: a fraction of the rows is
+conditioned on the embedding of the all-zero image, exactly the negative embedding
+the prior pipeline hands the decoder when there is no negative prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from serve.training.common import LossLog, batches, optimizer_and_schedule
+
+UNCOND_PROB = 0.15
+
+
+def build_unet(clip_dim: int, latent_channels: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=latent_channels,
+        out_channels=2 * latent_channels,  # mean and learned variance, as in the real decoder
+        addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        encoder_hid_dim=clip_dim,
+        encoder_hid_dim_type="image_proj",
+        cross_attention_dim=32,
+        attention_head_dim=16,
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type=None,
+        norm_num_groups=16,
+    )
+
+
+def build_decoder_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        thresholding=False,
+        variance_type="fixed_small",
+    )
+
+
+def decoder_loss(unet, scheduler, latents, image_embeds, zero_embed, generator) -> torch.Tensor:
+    n, device = latents.shape[0], latents.device
+    # Drawn on the CPU generator whatever the device: the same draws on every device.
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    drop = (torch.rand(n, generator=generator) < UNCOND_PROB).to(device)
+    condition = torch.where(drop[:, None], zero_embed.expand_as(image_embeds), image_embeds)
+    prediction = unet(noisy, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": condition}).sample
+    epsilon, _variance = prediction.split(latents.shape[1], dim=1)
+    return F.mse_loss(epsilon, noise)
+
+
+def train_decoder(
+    unet, scheduler, latents: torch.Tensor, image_embeds: torch.Tensor, zero_embed: torch.Tensor,
+    steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_path=None, progress: bool = True,
+) -> dict[str, float]:
+    """Train on ``latents``/``image_embeds`` where they are (the U-Net is moved there)."""
+    unet.to(latents.device).train()
+    optimizer, schedule = optimizer_and_schedule(unet.parameters(), lr, steps)
+    generator = torch.Generator().manual_seed(seed)
+    index_batches = batches(len(latents), batch_size, generator)
+    log = LossLog("decoder", steps, log_path, progress=progress)
+    for step in range(steps):
+        indices = next(index_batches)
+        indices = indices.to(latents.device)
+        loss = decoder_loss(unet, scheduler, latents[indices], image_embeds[indices], zero_embed, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        log.step(step, loss=loss.item())
+    unet.eval()
+    return log.close()

@@ -1,0 +1,132 @@
+"""The training package: data, tokenizer, the recipe's determinism and the prior fine-tuning command."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import torch
+
+from serve.training.data import (
+    HELD_OUT, LANGUAGES, caption, full_caption, load_caption_folder, render, sample_scenes, train_combos,
+    write_caption_folder,
+)
+
+
+def _digest(root):
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*.safetensors"))
+    }
+
+
+def test_scenes_are_deterministic_and_held_out_combinations_stay_out():
+    assert sample_scenes(50, seed=3) == sample_scenes(50, seed=3)
+    assert sample_scenes(50, seed=3) != sample_scenes(50, seed=4)
+    assert not set(HELD_OUT) & set(train_combos())
+    assert {s.combo for s in sample_scenes(2000, seed=0)} == set(train_combos())
+    assert {s.combo for s in sample_scenes(200, seed=0, held_out=True)} == set(HELD_OUT)
+    image = render(sample_scenes(1, seed=0)[0])
+    assert image.shape == (64, 64, 3) and image.dtype.name == "uint8"
+
+
+def test_captions_name_the_scene_in_both_languages():
+    scene = sample_scenes(1, seed=0)[0]
+    rng = random.Random(0)
+    english = caption(scene, "en", rng, {"colour", "shape", "background"})
+    russian = caption(scene, "ru", rng, {"colour", "shape", "background"})
+    assert scene.colour in english and scene.shape in english and scene.background in english
+    assert any("\u0400" <= ch <= "\u04ff" for ch in russian)
+    assert full_caption("red", "circle", "white", "ru") == "красный круг на белом фоне"
+    assert full_caption("orange", "square", None, "en") == "an orange square"
+    with pytest.raises(ValueError, match="unknown language"):
+        caption(scene, "de", rng)
+
+
+def test_trained_tokenizer_keeps_caption_words_whole_in_both_scripts():
+    from serve.training.clip import MAX_TOKENS, build_trained_tokenizer
+
+    tokenizer = build_trained_tokenizer()
+    assert tokenizer.model_max_length == MAX_TOKENS
+    for text in ("a red circle on a black background", "жёлтый треугольник на чёрном фоне", "ЗЕЛЕНАЯ ФИГУРА"):
+        ids = tokenizer(text).input_ids
+        assert len(ids) == len(text.split()) + 2, tokenizer.convert_ids_to_tokens(ids)
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == text.lower()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from serve.training.recipe import preset, train_tiny
+
+    out = tmp_path_factory.mktemp("smoke")
+    summary = train_tiny(out, preset("smoke"), progress=False)
+    return out, summary
+
+
+def test_recipe_is_deterministic_and_writes_the_published_layout(smoke_run, tmp_path):
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    from serve.training.recipe import preset, train_tiny
+
+    out, summary = smoke_run
+    again = train_tiny(tmp_path, preset("smoke"), progress=False)
+    assert _digest(out / "prior") == _digest(tmp_path / "prior")
+    assert _digest(out / "decoder") == _digest(tmp_path / "decoder")
+    assert again["weights_bytes"] == summary["weights_bytes"]
+    assert (out / "work" / "logs" / "decoder.jsonl").is_file()
+    prior = KandinskyV22PriorPipeline.from_pretrained(out / "prior", local_files_only=True, use_safetensors=True)
+    decoder = KandinskyV22Pipeline.from_pretrained(out / "decoder", local_files_only=True, use_safetensors=True)
+    embeds = prior("красный круг", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    image = decoder(image_embeds=embeds.image_embeds, negative_image_embeds=embeds.negative_image_embeds,
+                    height=64, width=64, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_recipe_resumes_finished_stages(smoke_run):
+    from serve.training.recipe import preset, train_tiny
+
+    out, _ = smoke_run
+    summary = train_tiny(out, preset("smoke"), progress=False)
+    assert all(summary["stages"][name].get("cached") for name in ("clip", "movq", "movq_refine", "prior", "decoder"))
+
+
+def test_train_prior_command_fine_tunes_a_prior_on_a_folder(smoke_run, tmp_path):
+    from serve.cli import main
+
+    out, _ = smoke_run
+    data = write_caption_folder(tmp_path / "data", 12, seed=5)
+    assert len(load_caption_folder(data)) == 12
+    code = main(["train", "prior", "--data", str(data), "--base", str(out / "prior"), "--out", str(tmp_path / "tuned"),
+                 "--steps", "3", "--batch-size", "4", "--no-progress"])
+    assert code == 0
+    tuned, base = _digest(tmp_path / "tuned"), _digest(out / "prior")
+    assert tuned.keys() == base.keys()
+    assert tuned["prior/diffusion_pytorch_model.safetensors"] != base["prior/diffusion_pytorch_model.safetensors"]
+    assert tuned["text_encoder/model.safetensors"] == base["text_encoder/model.safetensors"]
+
+
+def test_caption_folder_without_captions_is_refused(tmp_path):
+    data = write_caption_folder(tmp_path, 2, seed=0)
+    (data / "scene00001.txt").unlink()
+    with pytest.raises(ValueError, match="scene00001.txt"):
+        load_caption_folder(data)
+
+
+@pytest.mark.slow
+def test_train_prior_with_ray_train_workers(smoke_run, tmp_path):
+    """``--workers 2``: Ray Train's TorchTrainer, DDP over two CPU workers."""
+    pytest.importorskip("pandas", reason="Ray Train needs the [train] extra")
+    import ray
+
+    from serve.cli import main
+
+    out, _ = smoke_run
+    data = write_caption_folder(tmp_path / "data", 16, seed=6)
+    try:
+        code = main(["train", "prior", "--data", str(data), "--base", str(out / "prior"), "--out", str(tmp_path / "tuned"),
+                     "--steps", "4", "--batch-size", "4", "--workers", "2", "--no-progress"])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    assert _digest(tmp_path / "tuned")["prior/diffusion_pytorch_model.safetensors"] != _digest(out / "prior")["prior/diffusion_pytorch_model.safetensors"]
