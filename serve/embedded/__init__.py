@@ -41,10 +41,15 @@ def trained_checkpoint() -> tuple[Path, Path]:
 def embedded_checkpoint(cache_dir: Path | str):
     """The shipped prior and decoder plus both decoder variants (derived once per cache
     dir and shipped weights); a :class:`serve.tiny.TinyCheckpoint`."""
+    return with_derived_variants(*trained_checkpoint(), cache_dir)
+
+
+def with_derived_variants(prior: Path, decoder: Path, cache_dir: Path | str):
+    """``prior`` and ``decoder`` plus the decoder's variants, derived into ``cache_dir`` once
+    per decoder weights; a :class:`serve.tiny.TinyCheckpoint`."""
     from serve.tiny import TinyCheckpoint, build_once
 
-    prior, decoder = trained_checkpoint()
-    digest = hashlib.sha256((decoder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256((Path(decoder) / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16]
     target = Path(cache_dir) / f"embedded-variants-{digest}"
 
     def build(root: Path) -> None:
@@ -56,7 +61,7 @@ def embedded_checkpoint(cache_dir: Path | str):
             check_layout(root / name, DECODER_LAYOUT, label)
 
     build_once(target, build, check)
-    return TinyCheckpoint(prior, decoder, target / "decoder_inpaint", target / "decoder_controlnet")
+    return TinyCheckpoint(Path(prior), Path(decoder), target / "decoder_inpaint", target / "decoder_controlnet")
 
 
 def derive_variant(decoder: Path, variant: str, out: Path) -> Path:

@@ -8,6 +8,13 @@ background), so the models also learn prompts such as "a red shape", "круг" 
 
 ``HELD_OUT`` (colour, shape, background) triples never appear in the training
 set; evaluation draws from them.
+
+A fraction of the training scenes (``free_fraction``) has a *free* colour: a hue
+between the palette's (cyan, teal, lime, pink, ...), never named in a caption. They
+show every shape in colours and on backgrounds of all kinds, so that the vision tower
+learns shape apart from colour instead of recognising (colour, shape, background)
+triples as wholes (without them it calls held-out purple triangles circles). No free
+hue is near a palette hue, so no held-out triple is ever seen in pixels either.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (8.0, 12.0), "large": (15.0, 21.0)}  # half-extent in pixels
+FREE = "free"  # the colour name of a scene with a free colour
+FREE_HUES = ((80.0, 105.0), (155.0, 200.0), (300.0, 335.0))  # degrees, in the palette's gaps
 COLOUR_JITTER = 14
 BACKGROUND_JITTER = 8
 
@@ -100,8 +109,18 @@ def train_combos() -> list[tuple[str, str, str]]:
     return [combo for combo in all_combos() if combo not in HELD_OUT]
 
 
-def sample_scene(rng: random.Random, combos: list[tuple[str, str, str]]) -> Scene:
+def _free_rgb(rng: random.Random) -> tuple[int, int, int]:
+    import colorsys
+
+    low, high = rng.choice(FREE_HUES)
+    r, g, b = colorsys.hsv_to_rgb(rng.uniform(low, high) / 360.0, rng.uniform(0.55, 0.95), rng.uniform(0.6, 0.95))
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+def sample_scene(rng: random.Random, combos: list[tuple[str, str, str]], free: bool = False) -> Scene:
     colour, shape, background = rng.choice(combos)
+    if free:
+        colour = FREE
     size = rng.choice(sorted(SIZES))
     radius = rng.uniform(*SIZES[size])
     margin = radius + 3
@@ -111,17 +130,18 @@ def sample_scene(rng: random.Random, combos: list[tuple[str, str, str]]) -> Scen
     def jitter(rgb, amount):
         return tuple(int(min(255, max(0, v + rng.randint(-amount, amount)))) for v in rgb)
 
-    return Scene(
-        shape, colour, background, size, cx, cy, radius,
-        jitter(COLOURS[colour], COLOUR_JITTER), jitter(BACKGROUNDS[background], BACKGROUND_JITTER),
-    )
+    rgb = _free_rgb(rng) if free else jitter(COLOURS[colour], COLOUR_JITTER)
+    return Scene(shape, colour, background, size, cx, cy, radius, rgb, jitter(BACKGROUNDS[background], BACKGROUND_JITTER))
 
 
-def sample_scenes(n: int, seed: int, held_out: bool = False) -> list[Scene]:
-    """``n`` scenes from the training combinations (or only the held-out ones)."""
+def sample_scenes(n: int, seed: int, held_out: bool = False, free_fraction: float = 0.0) -> list[Scene]:
+    """``n`` scenes from the training combinations (or only the held-out ones); about
+    ``free_fraction`` of them with a free colour (training only)."""
+    if held_out and free_fraction:
+        raise ValueError("held-out scenes are palette scenes (free_fraction must be 0)")
     rng = random.Random(seed)
     combos = list(HELD_OUT) if held_out else train_combos()
-    return [sample_scene(rng, combos) for _ in range(n)]
+    return [sample_scene(rng, combos, free=free_fraction > 0 and rng.random() < free_fraction) for _ in range(n)]
 
 
 def _coverage(scene: Scene, size: int) -> np.ndarray:
@@ -183,7 +203,7 @@ def caption(scene: Scene, lang: str, rng: random.Random, attributes: set[str] | 
     """A caption naming ``attributes`` of ``scene`` (default: a random subset, always
     including the colour or the shape)."""
     if attributes is None:
-        attributes = random_attributes(rng)
+        attributes = describable(scene, random_attributes(rng))
     if lang == "en":
         return _caption_en(scene, rng, attributes)
     if lang == "ru":
@@ -224,6 +244,13 @@ def _caption_ru(scene: Scene, rng: random.Random, attributes: set[str]) -> str:
     if "background" in attributes:
         text += f" на {rng.choice(_RU_BACKGROUND[scene.background])} фоне"
     return text
+
+
+def describable(scene: Scene, attributes: set[str]) -> set[str]:
+    """``attributes`` less what a caption of ``scene`` cannot name (a free colour has no name)."""
+    if scene.colour == FREE:
+        return (attributes - {"colour"}) | {"shape"}
+    return attributes
 
 
 def full_caption(colour: str, shape: str, background: str | None, lang: str) -> str:
@@ -278,13 +305,13 @@ class SceneSet:
         return [caption(self.scenes[i], rng.choice(LANGUAGES), rng) for i in indices]
 
     def captions_with_attributes(self, indices, rng: random.Random) -> tuple[list[str], list[set[str]]]:
-        attributes = [random_attributes(rng) for _ in indices]
+        attributes = [describable(self.scenes[i], random_attributes(rng)) for i in indices]
         texts = [caption(self.scenes[i], rng.choice(LANGUAGES), rng, a) for i, a in zip(indices, attributes)]
         return texts, attributes
 
 
-def make_scene_set(n: int, seed: int, held_out: bool = False) -> SceneSet:
-    scenes = sample_scenes(n, seed, held_out)
+def make_scene_set(n: int, seed: int, held_out: bool = False, free_fraction: float = 0.0) -> SceneSet:
+    scenes = sample_scenes(n, seed, held_out, free_fraction)
     return SceneSet(render_batch(scenes), scenes)
 
 

@@ -27,6 +27,7 @@ from serve.training.data import make_scene_set
 class RecipeConfig:
     seed: int = 0
     num_scenes: int = 12000
+    free_fraction: float = 0.3  # scenes in an unnamed colour (see serve.training.data)
     clip_steps: int = 3000
     clip_batch: int = 128
     clip_lr: float = 1e-3
@@ -64,11 +65,14 @@ def _architecture(*models) -> list:
 # The settings each stage depends on (its own and those of the stages it builds on), so that
 # changing, say, the decoder's steps reuses the finished CLIP, MOVQ and prior.
 _STAGE_FIELDS = {
-    "clip": ("seed", "num_scenes", "clip_"),
-    "movq": ("seed", "num_scenes", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr"),
-    "movq_refine": ("seed", "num_scenes", "movq_"),
-    "prior": ("seed", "num_scenes", "clip_", "prior_"),
-    "decoder": ("seed", "num_scenes", "clip_", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr", "decoder_"),
+    "clip": ("seed", "num_scenes", "free_fraction", "clip_"),
+    "movq": ("seed", "num_scenes", "free_fraction", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr"),
+    "movq_refine": ("seed", "num_scenes", "free_fraction", "movq_"),
+    "prior": ("seed", "num_scenes", "free_fraction", "clip_", "prior_"),
+    "decoder": (
+        "seed", "num_scenes", "free_fraction", "clip_", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr",
+        "decoder_",
+    ),
 }
 
 
@@ -163,7 +167,7 @@ def train_tiny(
 
     seed_everything(seed)
     t0 = time.perf_counter()
-    data = make_scene_set(config.num_scenes, seed)
+    data = make_scene_set(config.num_scenes, seed, free_fraction=config.free_fraction)
     stages["data"] = {"seconds": round(time.perf_counter() - t0, 1), "scenes": len(data)}
 
     # 1. CLIP (text + vision), with the tokenizer learned from the caption vocabulary.

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from serve.training.data import (
-    HELD_OUT, LANGUAGES, caption, full_caption, load_caption_folder, render, sample_scenes, train_combos,
-    write_caption_folder,
+    COLOURS, FREE, HELD_OUT, LANGUAGES, caption, colour_word, full_caption, load_caption_folder, render, sample_scenes,
+    train_combos, write_caption_folder,
 )
 
 
@@ -29,6 +29,29 @@ def test_scenes_are_deterministic_and_held_out_combinations_stay_out():
     assert {s.combo for s in sample_scenes(200, seed=0, held_out=True)} == set(HELD_OUT)
     image = render(sample_scenes(1, seed=0)[0])
     assert image.shape == (64, 64, 3) and image.dtype.name == "uint8"
+
+
+def _hue(rgb) -> float:
+    import colorsys
+
+    return colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] * 360
+
+
+def test_free_colours_are_unnamed_and_far_from_the_palette():
+    scenes = sample_scenes(3000, seed=5, free_fraction=0.3)
+    free = [s for s in scenes if s.colour == FREE]
+    assert 0.25 < len(free) / len(scenes) < 0.35
+    assert {(s.shape, s.background) for s in free} == {(s.shape, s.background) for s in scenes}
+    palette = [_hue(rgb) for rgb in COLOURS.values()]
+    nearest = min(min(abs(_hue(s.rgb) - h), 360 - abs(_hue(s.rgb) - h)) for s in free for h in palette)
+    assert nearest >= 20, f"a free colour is {nearest:.0f} degrees from a palette hue"
+    rng = random.Random(0)
+    names = {colour_word(c, lang) for c in COLOURS for lang in LANGUAGES} | {"желтый", "зеленый"}
+    captions = [caption(s, lang, rng) for s in free[:300] for lang in LANGUAGES]
+    assert not [text for text in captions if names & set(text.replace(":", " ").split())]
+    assert all(s.colour != FREE for s in sample_scenes(500, seed=5))  # none unless asked
+    with pytest.raises(ValueError, match="held-out"):
+        sample_scenes(10, seed=5, held_out=True, free_fraction=0.3)
 
 
 def test_captions_name_the_scene_in_both_languages():
