@@ -189,7 +189,7 @@ def request_models(limits: ApiLimits) -> dict[str, type[_RequestBase]]:
         ),
     ]
     # Defaults must obey the caps too (pydantic does not validate defaults).
-    default_side = min(512, limits.max_side)
+    default_side = min(limits.default_side or 512, limits.max_side)
     guidance = Annotated[float, Field(ge=0.0, le=limits.max_guidance_scale)]
     text = Annotated[str, Field(max_length=limits.max_prompt_chars)]
     prompt = Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars, description="What to draw.")]

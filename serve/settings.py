@@ -101,6 +101,9 @@ class ApiLimits(BaseModel):
 
     max_side: int = Field(default=1024, ge=64, le=4096, multiple_of=64)
     """Largest width or height in pixels (sizes are multiples of 64)."""
+    default_side: int | None = Field(default=None, ge=64, le=4096, multiple_of=64)
+    """Width and height of a request that names none (at most ``max_side``). None: the model's
+    own size, 64 for the embedded model (trained on 64×64 scenes), 512 for configured checkpoints."""
     max_num_images: int = Field(default=8, ge=1, le=64)
     """Most images one request may ask for."""
     max_steps: int = Field(default=150, ge=1, le=1000)
@@ -184,11 +187,22 @@ def _format_errors(source: str, prefix: str, error: ValidationError) -> list[str
     return lines
 
 
+EMBEDDED_SIDE = 64  # the embedded model's training resolution
+CHECKPOINT_SIDE = 512  # diffusers' Kandinsky 2.2 pipelines' default
+
+
 def parse_service_settings(args: dict[str, Any] | None, source: str = "args") -> ServiceSettings:
     """Validate an application's ``args`` and apply the environment overrides."""
     try:
         settings = ServiceSettings.model_validate(args or {})
-        return settings.model_copy(update={"models": settings.models.with_env_overrides()})
+        models = settings.models.with_env_overrides()
+        limits = settings.limits
+        if limits.default_side is None:
+            side = EMBEDDED_SIDE if models.prior_path is None else CHECKPOINT_SIDE
+            limits = limits.model_copy(update={"default_side": min(side, limits.max_side)})
+        elif limits.default_side > limits.max_side:
+            raise ConfigError(f"{source}: args.limits.default_side={limits.default_side} exceeds max_side={limits.max_side}")
+        return settings.model_copy(update={"models": models, "limits": limits})
     except ValidationError as error:
         raise ConfigError("\n".join(_format_errors(source, "args", error))) from None
 

@@ -172,3 +172,18 @@ def test_a_variant_with_a_different_movq_is_refused(tiny_checkpoint, tmp_path):
                        "inpaint_decoder_path": str(other)}}
     with pytest.raises(CheckpointError, match="latent_channels=3 differs"):
         build_graph(args)
+
+
+def test_default_image_side_is_the_models_own(tmp_path):
+    """A request naming no size gets 64×64 from the embedded model (trained at 64) and 512 from checkpoints."""
+    from serve.schemas import request_models
+
+    embedded = parse_service_settings({})
+    configured = parse_service_settings({"models": {"prior_path": str(tmp_path), "decoder_path": str(tmp_path)}})
+    assert (embedded.limits.default_side, configured.limits.default_side) == (64, 512)
+    assert parse_service_settings({"limits": {"max_side": 64}, "models": configured.models.model_dump(mode="json")}).limits.default_side == 64
+    assert parse_service_settings({"limits": {"default_side": 128}}).limits.default_side == 128
+    with pytest.raises(ConfigError, match="default_side=256 exceeds max_side=128"):
+        parse_service_settings({"limits": {"default_side": 256, "max_side": 128}})
+    text2img = request_models(embedded.limits)["text2img"].model_validate({"prompt": "a red circle"})
+    assert (text2img.width, text2img.height) == (64, 64)
