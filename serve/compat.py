@@ -33,7 +33,6 @@ MODEL_NAME = "kandinsky-2-2"
 # -- OpenAI Images ----------------------------------------------------------------------
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-OPENAI_DEFAULT_SIZE = "512x512"
 OPENAI_NO_EFFECT = ("quality", "style", "user", "safety_identifier")
 """Accepted for compatibility; they change nothing here (there is no such knob)."""
 # Our fields a client may pass through (openai-python: ``extra_body={...}``).
@@ -56,7 +55,7 @@ class OpenAIImageRequest(BaseModel):
     prompt: str
     model: str | None = Field(default=None, description="Ignored: one model is served.")
     n: int | None = Field(default=1, description="Images to generate (up to the service's max_num_images).")
-    size: str | None = Field(default=None, description=f"'WxH', multiples of 64; default {OPENAI_DEFAULT_SIZE}. 'auto' = default.")
+    size: str | None = Field(default=None, description="'WxH', multiples of 64; default (or 'auto'): the model's own size.")
     response_format: Literal["url", "b64_json"] | None = Field(
         default="url", description="url: the job's image URL (valid for the job TTL); b64_json: inline.")
     output_format: Literal["png", "jpeg", "webp"] | None = None
@@ -74,10 +73,11 @@ class OpenAIImageRequest(BaseModel):
     scheduler: str | None = None
 
 
-def parse_size(size: str | None, field: str = "size") -> tuple[int, int]:
-    """``"WxH"`` -> (width, height); range and multiple-of-64 checks are the native model's."""
+def parse_size(size: str | None, field: str = "size") -> tuple[int, int] | None:
+    """``"WxH"`` -> (width, height); None for the native default ("auto" or none). Range and
+    multiple-of-64 checks are the native model's."""
     if size is None or size == "auto":
-        size = OPENAI_DEFAULT_SIZE
+        return None
     match = _SIZE.match(size)
     if not match:
         raise CompatError(field, f"must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size!r}")
@@ -86,8 +86,10 @@ def parse_size(size: str | None, field: str = "size") -> tuple[int, int]:
 
 def openai_to_native(body: OpenAIImageRequest) -> dict:
     """The ``/v1/text2img`` body for an OpenAI request."""
-    width, height = parse_size(body.size)
-    native: dict[str, Any] = {"prompt": body.prompt, "width": width, "height": height, "num_images": body.n or 1}
+    native: dict[str, Any] = {"prompt": body.prompt, "num_images": body.n or 1}
+    size = parse_size(body.size)
+    if size is not None:
+        native["width"], native["height"] = size
     if body.output_format is not None:
         native["output_format"] = body.output_format
     for name in OPENAI_EXTENSIONS:

@@ -27,7 +27,8 @@ def test_openai_body_maps_to_text2img():
                               seed=5, steps=7, output_format="webp")
     assert openai_to_native(body) == {"prompt": "a cat", "width": 128, "height": 64, "num_images": 2,
                                       "output_format": "webp", "seed": 5, "steps": 7}
-    assert openai_to_native(OpenAIImageRequest(prompt="x"))["width"] == 512  # default size
+    for size in (None, "auto"):  # the native endpoint's default: the model's own size
+        assert "width" not in openai_to_native(OpenAIImageRequest(prompt="x", size=size))
     with pytest.raises(CompatError, match="size"):
         openai_to_native(OpenAIImageRequest(prompt="x", size="big"))
 
