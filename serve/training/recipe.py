@@ -28,7 +28,7 @@ class RecipeConfig:
     seed: int = 0
     num_scenes: int = 12000
     free_fraction: float = 0.3  # scenes in an unnamed colour (see serve.training.data)
-    clip_steps: int = 3000
+    clip_steps: int = 5000
     clip_batch: int = 128
     clip_lr: float = 1e-3
     movq_steps: int = 1200
@@ -37,11 +37,11 @@ class RecipeConfig:
     movq_crop: int = 64  # whole images: the encoder's GroupNorm sees other statistics on crops
     movq_lr: float = 2e-3
     movq_refine_steps: int = 400  # then the decoder half alone, encoder (and so the latents) frozen
-    prior_steps: int = 4000
+    prior_steps: int = 3500
     prior_batch: int = 64
     prior_lr: float = 1e-3
     decoder_scenes: int = 12000  # the first N scenes' MOVQ latents
-    decoder_steps: int = 4000
+    decoder_steps: int = 3500
     decoder_batch: int = 64
     decoder_lr: float = 1e-3
 
