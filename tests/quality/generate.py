@@ -1,20 +1,24 @@
-"""Generation for the quality tests: diffusers' own Kandinsky 2.2 pipelines on the shipped weights.
+"""Generation for the quality tests: the service's own graph (``serve.plan`` and the stage
+models, in process, each stage batched) on the shipped weights.
 
-The service is proven equal to these pipelines by the parity tests; here they
-are called in batches (one prompt list, one generator per call) to keep the tests fast.
+The parity tests prove this graph equal to diffusers' Kandinsky 2.2 pipelines and the
+served deployments equal to it; here it runs without Ray to keep the tests fast.
+``QUALITY_CHECKPOINT=DIR`` (with ``DIR/prior`` and ``DIR/decoder``) judges another
+checkpoint, e.g. a fresh ``kandinsky-serve train tiny --out DIR``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from serve.schemas import GenerationSpec, MixItem
 from serve.training.data import HELD_OUT, LANGUAGES, full_caption
+from tests.localgraph import BatchedCalls, LocalCalls
 
 PRIOR_STEPS = 10
 STEPS = 20
@@ -22,92 +26,44 @@ GUIDANCE = 4.0  # the service's default for both prior and decoder
 SIZE = 64
 
 
-@dataclass
-class Pipelines:
-    prior: object
-    decoder: object
-    img2img: object
-
-
 @lru_cache(maxsize=1)
-def pipelines() -> Pipelines:
-    from diffusers import KandinskyV22Img2ImgPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
+def graph() -> BatchedCalls:
+    from serve.embedded import trained_checkpoint, with_derived_variants
 
-    from serve.embedded import trained_checkpoint
-
-    # QUALITY_CHECKPOINT=DIR (with DIR/prior and DIR/decoder) judges another checkpoint.
-    if os.environ.get("QUALITY_CHECKPOINT"):
-        root = Path(os.environ["QUALITY_CHECKPOINT"])
-        prior_dir, decoder_dir = root / "prior", root / "decoder"
-    else:
-        prior_dir, decoder_dir = trained_checkpoint()
-    kwargs = {"local_files_only": True, "use_safetensors": True}
-    prior = KandinskyV22PriorPipeline.from_pretrained(str(prior_dir), **kwargs)
-    decoder = KandinskyV22Pipeline.from_pretrained(str(decoder_dir), **kwargs)
-    img2img = KandinskyV22Img2ImgPipeline(**decoder.components)
-    for pipe in (prior, decoder, img2img):
-        pipe.set_progress_bar_config(disable=True)
-    return Pipelines(prior, decoder, img2img)
+    root = os.environ.get("QUALITY_CHECKPOINT")
+    prior, decoder = (Path(root) / "prior", Path(root) / "decoder") if root else trained_checkpoint()
+    return BatchedCalls(LocalCalls(with_derived_variants(prior, decoder, tempfile.mkdtemp(prefix="quality-"))))
 
 
-def embed(prompts: list[str], seed: int, guidance: float = GUIDANCE, negative_prompt: str | None = None, steps: int = PRIOR_STEPS):
-    pipes = pipelines()
-    output = pipes.prior(
-        prompts,
-        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed),
+def spec(prompt: str, seed: int, guidance: float = GUIDANCE, prior_steps: int = PRIOR_STEPS, steps: int = STEPS, **fields) -> GenerationSpec:
+    """One 64×64 image of ``prompt``; ``guidance`` is both the prior's and the decoder's scale."""
+    return GenerationSpec(
+        prompt=prompt, negative_prompt=fields.pop("negative_prompt", None), width=SIZE, height=SIZE, seeds=(seed,),
+        prior_steps=prior_steps, prior_guidance_scale=guidance, steps=steps, guidance_scale=guidance, **fields,
     )
-    return output.image_embeds, output.negative_image_embeds
 
 
-def decode(image_embeds, negative_embeds, seed: int, guidance: float = GUIDANCE, steps: int = STEPS) -> list[np.ndarray]:
-    images = pipelines().decoder(
-        image_embeds=image_embeds,
-        negative_image_embeds=negative_embeds,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).images
-    return [np.clip(np.rint(image * 255), 0, 255).astype(np.uint8) for image in images]
+def run(specs: list[GenerationSpec]) -> list[np.ndarray]:
+    """The first image of each spec, all specs batched stage by stage."""
+    return [images[0] for images in graph().run(specs)]
 
 
-def text_to_image(prompts: list[str], seed: int = 0, guidance: float = GUIDANCE, negative_prompt: str | None = None) -> list[np.ndarray]:
-    image_embeds, negative = embed(prompts, seed, guidance, negative_prompt)
-    return decode(image_embeds, negative, seed + 1, guidance)
+def text_to_image(prompts: list[str], seed: int = 0, guidance: float = GUIDANCE, negative_prompt: str | None = None, **steps) -> list[np.ndarray]:
+    return run([spec(p, seed + i, guidance, negative_prompt=negative_prompt, **steps) for i, p in enumerate(prompts)])
 
 
 def img2img(images: list[np.ndarray], prompts: list[str], strength: float, seed: int = 0) -> list[np.ndarray]:
-    from PIL import Image
+    return run([spec(p, seed + i, mode="img2img", image=image, strength=strength) for i, (image, p) in enumerate(zip(images, prompts))])
 
-    image_embeds, negative = embed(prompts, seed)
-    out = pipelines().img2img(
-        image=[Image.fromarray(image) for image in images],
-        image_embeds=image_embeds,
-        negative_image_embeds=negative,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=STEPS,
-        strength=strength,
-        guidance_scale=GUIDANCE,
-        generator=torch.Generator().manual_seed(seed + 1),
-        output_type="np",
-    ).images
-    return [np.clip(np.rint(image * 255), 0, 255).astype(np.uint8) for image in out]
+
+def inpaint(images: list[np.ndarray], masks: list[np.ndarray], prompts: list[str], seed: int = 0) -> list[np.ndarray]:
+    """``masks``: (H, W) uint8, white = repaint."""
+    return run([spec(p, seed + i, mode="inpaint", image=image, mask=mask) for i, (image, mask, p) in enumerate(zip(images, masks, prompts))])
 
 
 def mix(prompts: list[str], weights: list[float], seed: int, count: int) -> list[np.ndarray]:
-    """``KandinskyV22PriorPipeline.interpolate`` then the decoder, ``count`` images."""
-    pipes = pipelines()
-    output = pipes.prior.interpolate(
-        prompts, weights, num_images_per_prompt=count, num_inference_steps=PRIOR_STEPS,
-        guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed),
-    )
-    return decode(output.image_embeds, output.negative_image_embeds, seed + 1)
+    items = tuple(MixItem(weight, text=prompt) for prompt, weight in zip(prompts, weights))
+    return run([spec("", seed + i, mode="mix", mix=items) for i in range(count)])
 
 
 def held_out_prompts(lang: str, per_combo: int) -> tuple[list[str], list[tuple[str, str, str]]]:
