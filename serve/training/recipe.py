@@ -20,7 +20,7 @@ from serve.training import decoder as decoder_mod
 from serve.training import movq as movq_mod
 from serve.training import prior as prior_mod
 from serve.training.common import seed_everything
-from serve.training.data import make_scene_set
+from serve.training.data import DATA_VERSION, make_scene_set
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ _STAGE_FIELDS = {
 
 def _key(name: str, config: RecipeConfig, models) -> str:
     fields = {k: v for k, v in asdict(config).items() if any(k == f or (f.endswith("_") and k.startswith(f)) for f in _STAGE_FIELDS[name])}
-    return json.dumps({"recipe": fields, "models": _architecture(*models)}, sort_keys=True, default=str)
+    return json.dumps({"recipe": fields, "data": DATA_VERSION, "models": _architecture(*models)}, sort_keys=True, default=str)
 
 
 def _stage(work_dir: Path | None, name: str, config: RecipeConfig, *models):

@@ -268,8 +268,8 @@ def test_losing_a_denoiser_node_under_load_fails_no_request_and_recovers(cluster
         served = load.succeeded()
         wait_for(lambda: load.succeeded() >= served + 2, "requests served after recovery", deadline_s)
     outcomes = load.outcomes()
-    try:  # Ray exports the ingress's counter every 0.5 s here
-        retries = wait_for(lambda: _retries(url) - retries_before, "the ingress's retry counter", 30)
+    try:  # Ray exports the ingress's counter every 0.5 s here; a full test run's busy machine can take far longer
+        retries = wait_for(lambda: _retries(url) - retries_before, "the ingress's retry counter", 120)
     except TimeoutError:
         retries = 0.0
     print(f"\nnode loss: {outcomes}, denoiser calls retried: {retries:g}, recovered to 2 replicas in {recovery_s:.1f} s")
