@@ -10,7 +10,6 @@ checkpoint, e.g. a fresh ``kandinsky-serve train tiny --out DIR``.
 from __future__ import annotations
 
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,10 +28,12 @@ SIZE = 64
 @lru_cache(maxsize=1)
 def graph() -> BatchedCalls:
     from serve.embedded import trained_checkpoint, with_derived_variants
+    from serve.settings import default_cache_dir
 
     root = os.environ.get("QUALITY_CHECKPOINT")
     prior, decoder = (Path(root) / "prior", Path(root) / "decoder") if root else trained_checkpoint()
-    return BatchedCalls(LocalCalls(with_derived_variants(prior, decoder, tempfile.mkdtemp(prefix="quality-"))))
+    # The variants land where the service keeps them (once per decoder weights), not in a temp dir per run.
+    return BatchedCalls(LocalCalls(with_derived_variants(prior, decoder, default_cache_dir())))
 
 
 def spec(prompt: str, seed: int, guidance: float = GUIDANCE, prior_steps: int = PRIOR_STEPS, steps: int = STEPS, **fields) -> GenerationSpec:
