@@ -24,7 +24,6 @@ CLIP_DIM = 32  # pooled text/image embedding size (1280 in the real model)
 MAX_TOKENS = 77  # CLIP's context length, as in the real tokenizer
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 400
-LAYOUT_VERSION = "2"  # bump when the tiny architecture changes, so caches are rebuilt
 
 _CORPUS = """
 a an the of and with on in at to from by for is are this that photo picture painting drawing image render
@@ -101,7 +100,7 @@ def build_tokenizer(corpus: list[str] | None = None, num_merges: int = NUM_MERGE
 
 
 def _prior_components(seed: int) -> dict:
-    from diffusers import PriorTransformer, UnCLIPScheduler
+    from diffusers import PriorTransformer
     from transformers import (
         CLIPImageProcessor,
         CLIPTextConfig,
@@ -161,13 +160,7 @@ def _prior_components(seed: int) -> dict:
     # Left at their zero init, clip_std would make post_process_latents return 0.
     prior.clip_mean = torch.nn.Parameter(torch.randn(1, CLIP_DIM) * 0.1)
     prior.clip_std = torch.nn.Parameter(torch.ones(1, CLIP_DIM))
-    scheduler = UnCLIPScheduler(
-        variance_type="fixed_small_log",
-        prediction_type="sample",
-        num_train_timesteps=1000,
-        clip_sample=True,
-        clip_sample_range=10.0,
-    )
+    scheduler = prior_scheduler()
     return {
         "prior": prior,
         "image_encoder": image_encoder,
@@ -187,7 +180,7 @@ DECODER_VARIANTS = {
 
 
 def _decoder_components(seed: int, variant: str = "decoder") -> dict:
-    from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
+    from diffusers import UNet2DConditionModel, VQModel
 
     offset, in_channels, addition = DECODER_VARIANTS[variant]
     torch.manual_seed(seed + offset)
@@ -223,7 +216,27 @@ def _decoder_components(seed: int, variant: str = "decoder") -> dict:
         num_vq_embeddings=64,
         vq_embed_dim=4,
     )
-    scheduler = DDPMScheduler(
+    return {"unet": unet, "scheduler": decoder_scheduler(), "movq": movq}
+
+
+def prior_scheduler():
+    """The prior's scheduler with ``kandinsky-2-2-prior``'s settings (random and trained tiny models alike)."""
+    from diffusers import UnCLIPScheduler
+
+    return UnCLIPScheduler(
+        variance_type="fixed_small_log",
+        prediction_type="sample",
+        num_train_timesteps=1000,
+        clip_sample=True,
+        clip_sample_range=10.0,
+    )
+
+
+def decoder_scheduler():
+    """The decoder's scheduler with ``kandinsky-2-2-decoder``'s settings (every variant, random or trained)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",
         beta_start=0.00085,
@@ -234,7 +247,6 @@ def _decoder_components(seed: int, variant: str = "decoder") -> dict:
         thresholding=False,
         variance_type="fixed_small",
     )
-    return {"unet": unet, "scheduler": scheduler, "movq": movq}
 
 
 class TinyCheckpoint(NamedTuple):
@@ -278,13 +290,6 @@ def make_tiny(out_dir: Path | str, seed: int = 0) -> TinyCheckpoint:
     ):
         pipeline(**_decoder_components(seed, variant)).save_pretrained(path, safe_serialization=True)
     return _check(paths)
-
-
-def ensure_tiny(cache_dir: Path | str, seed: int = 0) -> TinyCheckpoint:
-    """A random tiny checkpoint, built once per cache dir and seed."""
-    target = Path(cache_dir) / f"tiny-v{LAYOUT_VERSION}-seed{seed}"
-    build_once(target, lambda staging: make_tiny(staging, seed), lambda root: _check(_paths(root)))
-    return _paths(target)
 
 
 def build_once(target: Path, build: Callable[[Path], object], check: Callable[[Path], object]) -> Path:

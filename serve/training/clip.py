@@ -14,7 +14,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from serve.training.common import LossLog, batches, optimizer_and_schedule
+from serve.training.common import LossLog, batches, optimiser_step, optimizer_and_schedule
 from serve.training.data import IMAGE_SIZE, SceneSet, caption_words, same_described
 
 CLIP_DIM = 128
@@ -138,11 +138,7 @@ def train_clip(
         loss_image = -(F.log_softmax(logits, dim=1) * match / match.sum(1, keepdim=True)).sum(1).mean()
         loss_text = -(F.log_softmax(logits.T, dim=1) * match.T / match.T.sum(1, keepdim=True)).sum(1).mean()
         loss = (loss_image + loss_text) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimiser_step(loss, optimizer, schedule, params)
         log.step(step, loss=loss.item())
     text_encoder.eval()
     image_encoder.eval()

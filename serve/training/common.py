@@ -33,6 +33,15 @@ def optimizer_and_schedule(params, lr: float, steps: int, warmup: int = 50, weig
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimiser_step(loss: torch.Tensor, optimizer, schedule, params, max_norm: float = 1.0) -> None:
+    """Backward, clip the gradient norm, step the optimiser and the learning-rate schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    schedule.step()
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless shuffled index batches (reshuffled every epoch), deterministic from ``generator``."""
     while True:

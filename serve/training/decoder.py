@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serve.training.common import LossLog, batches, optimizer_and_schedule
+from serve.training.common import LossLog, batches, optimiser_step, optimizer_and_schedule
 
 UNCOND_PROB = 0.15
 
@@ -40,22 +40,6 @@ def build_unet(clip_dim: int, latent_channels: int, seed: int):
         resnet_time_scale_shift="scale_shift",
         class_embed_type=None,
         norm_num_groups=16,
-    )
-
-
-def build_decoder_scheduler():
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-        thresholding=False,
-        variance_type="fixed_small",
     )
 
 
@@ -86,11 +70,7 @@ def train_decoder(
         indices = next(index_batches)
         indices = indices.to(latents.device)
         loss = decoder_loss(unet, scheduler, latents[indices], image_embeds[indices], zero_embed, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimiser_step(loss, optimizer, schedule, unet.parameters())
         log.step(step, loss=loss.item())
     unet.eval()
     return log.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serve.training.common import LossLog, batches, optimizer_and_schedule
+from serve.training.common import LossLog, batches, optimiser_step, optimizer_and_schedule
 from serve.training.data import to_model_range
 
 LATENT_CHANNELS = 4
@@ -86,11 +86,7 @@ def train_movq(
     log = LossLog("movq", steps, log_path, progress=progress)
     for step in range(steps):
         loss, values = movq_loss(movq, random_crops(images[next(index_batches)], crop, generator).to(device), generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(movq.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimiser_step(loss, optimizer, schedule, movq.parameters())
         log.step(step, **values)
     movq.eval()
     return log.close()
@@ -125,11 +121,7 @@ def refine_movq_decoder(
         noisy = h + LATENT_NOISE * torch.randn(h.shape, generator=generator).to(h.device)
         recon = movq.decode(noisy, force_not_quantize=True).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimiser_step(loss, optimizer, schedule, decoder_params)
         log.step(step, rec=loss.item())
     movq.eval().requires_grad_(False)
     return log.close()

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from serve.training.common import LossLog, optimizer_and_schedule
+from serve.training.common import LossLog, optimiser_step, optimizer_and_schedule
 
 UNCOND_PROB = 0.1
 
@@ -38,18 +38,6 @@ def build_prior(clip_dim: int, max_tokens: int, seed: int):
         embedding_dim=clip_dim,
         num_embeddings=max_tokens,
         additional_embeddings=4,
-    )
-
-
-def build_prior_scheduler():
-    from diffusers import UnCLIPScheduler
-
-    return UnCLIPScheduler(
-        variance_type="fixed_small_log",
-        prediction_type="sample",
-        num_train_timesteps=1000,
-        clip_sample=True,
-        clip_sample_range=10.0,
     )
 
 
@@ -137,11 +125,7 @@ def prior_training_loop(
         texts = [("" if rng.random() < UNCOND_PROB else text) for text in data.draw_captions(indices, rng)]
         text_embeds, hidden, mask = encode_text(tokenizer, text_encoder, texts)
         loss = prior_loss(model, scheduler, prior.clip_mean, prior.clip_std, text_embeds, hidden, mask, data.image_embeds[indices], noise_generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimiser_step(loss, optimizer, schedule, model.parameters())
         log.step(step, loss=loss.item())
         if on_step is not None:
             on_step(step, loss.item())

@@ -20,6 +20,7 @@ from serve.training import decoder as decoder_mod
 from serve.training import movq as movq_mod
 from serve.training import prior as prior_mod
 from serve.training.common import seed_everything
+from serve.tiny import decoder_scheduler, prior_scheduler
 from serve.training.data import DATA_VERSION, make_scene_set
 
 
@@ -110,7 +111,7 @@ def _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder,
     prior = prior_mod.build_prior(clip_mod.CLIP_DIM, clip_mod.MAX_TOKENS, config.seed + 30)
     prior_mod.set_clip_stats(prior, image_embeds)
     prior.to(image_embeds.device)
-    scheduler = prior_mod.build_prior_scheduler()
+    scheduler = prior_scheduler()
     cached, path = _stage(work_dir, "prior", config, text_encoder, image_encoder, prior)
     if cached is None:
         stages["prior"] = prior_mod.prior_training_loop(
@@ -217,7 +218,7 @@ def train_tiny(
 
     # 3. Decoder U-Net on MOVQ latents, conditioned on image embeddings.
     unet = decoder_mod.build_unet(clip_mod.CLIP_DIM, movq_mod.LATENT_CHANNELS, seed + 40).to(device)
-    decoder_scheduler = decoder_mod.build_decoder_scheduler()
+    scheduler_of_decoder = decoder_scheduler()
     cached, path = _stage(work_dir, "decoder", config, image_encoder, movq, unet)
     if cached is None:
         t0 = time.perf_counter()
@@ -229,7 +230,7 @@ def train_tiny(
             "latent_std": round(latents.std().item(), 4),
         }
         stages["decoder"] = decoder_mod.train_decoder(
-            unet, decoder_scheduler, latents, image_embeds[:decoder_count], zero_embed, config.decoder_steps, config.decoder_batch,
+            unet, scheduler_of_decoder, latents, image_embeds[:decoder_count], zero_embed, config.decoder_steps, config.decoder_batch,
             config.decoder_lr, seed + 41, logs / "decoder.jsonl", progress,
         )
         _save_stage(path, config, (image_encoder, movq, unet), {"unet": unet.state_dict(), "log": stages["decoder"]})
@@ -255,7 +256,7 @@ def train_tiny(
         out_dir / "prior",
     )
     decoder_dir = out_dir / "decoder"
-    KandinskyV22Pipeline(unet=unet, scheduler=decoder_scheduler, movq=movq).save_pretrained(decoder_dir, safe_serialization=True)
+    KandinskyV22Pipeline(unet=unet, scheduler=scheduler_of_decoder, movq=movq).save_pretrained(decoder_dir, safe_serialization=True)
     from deployments.loading import DECODER_LAYOUT, check_layout
 
     check_layout(decoder_dir, DECODER_LAYOUT, "decoder")

@@ -88,19 +88,6 @@ def test_derived_variants_compute_what_the_decoder_computes(tmp_path):
     torch.testing.assert_close(got_controlnet, expected)
 
 
-def test_random_tiny_checkpoint_is_created_once(tmp_path, monkeypatch):
-    import serve.tiny
-
-    calls = []
-    real = serve.tiny.make_tiny
-    monkeypatch.setattr(serve.tiny, "make_tiny", lambda out, seed: calls.append(seed) or real(out, seed))
-    first = serve.tiny.ensure_tiny(tmp_path, 0)
-    second = serve.tiny.ensure_tiny(tmp_path, 0)
-    assert first == second and calls == [0]
-    check_layout(first[0], PRIOR_LAYOUT, "prior")
-    check_layout(first[1], DECODER_LAYOUT, "decoder")
-
-
 def test_every_stage_loads_the_embedded_model():
     """The shipped weights through the stages' own loaders (float32, safetensors only), and within budget."""
     from deployments.movq import MovqModel
