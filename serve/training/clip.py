@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from serve.training.common import LossLog, batches, optimiser_step, optimizer_and_schedule
-from serve.training.data import IMAGE_SIZE, SceneSet, caption_words, same_described
+from serve.training.data import IMAGE_SIZE, SceneSet, caption_words, described_matrix
 
 CLIP_DIM = 128
 # pooled text/image embedding size = the prior's embedding_dim = the text hidden size (the prior projects last_hidden_state from embedding_dim)
@@ -125,10 +125,7 @@ def train_clip(
         texts, attributes = data.captions_with_attributes(indices, rng)
         scenes = [data.scenes[i] for i in indices]
         # match[i, j]: caption j describes image i
-        match = torch.tensor(
-            [[float(same_described(scenes[j], scenes[i], attributes[j])) for j in range(len(indices))] for i in range(len(indices))],
-            device=device,
-        )
+        match = described_matrix(scenes, attributes).to(device)
         # Padded to the longest caption only: the text tower is causal, so the pooled
         # embedding (at the end token) is the same as with padding to the full context.
         tokens = tokenizer(texts, padding="longest", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from serve.training.data import (
-    COLOURS, FREE, HELD_OUT, LANGUAGES, caption, colour_word, full_caption, load_caption_folder, render, sample_scenes,
-    train_combos, write_caption_folder,
+    COLOURS, FREE, HELD_OUT, LANGUAGES, caption, colour_word, described_matrix, describable, full_caption, load_caption_folder,
+    random_attributes, render, same_described, sample_scenes, train_combos, write_caption_folder,
 )
 
 
@@ -52,6 +52,18 @@ def test_free_colours_are_unnamed_and_far_from_the_palette():
     assert all(s.colour != FREE for s in sample_scenes(500, seed=5))  # none unless asked
     with pytest.raises(ValueError, match="held-out"):
         sample_scenes(10, seed=5, held_out=True, free_fraction=0.3)
+
+
+def test_described_matrix_is_same_described_for_every_pair():
+    """The CLIP loss's targets: caption j describes image i. Small batches of a few combinations
+    so that many pairs match on some attributes and not on others."""
+    rng = random.Random(3)
+    scenes = sample_scenes(60, seed=4, free_fraction=0.3)
+    attributes = [describable(s, random_attributes(rng)) for s in scenes]
+    match = described_matrix(scenes, attributes)
+    expected = torch.tensor([[float(same_described(b, a, attributes[j])) for j, b in enumerate(scenes)] for a in scenes])
+    assert torch.equal(match, expected)
+    assert len(scenes) < expected.sum() < expected.numel()  # more matches than the diagonal, and misses
 
 
 def test_captions_name_the_scene_in_both_languages():
