@@ -222,7 +222,7 @@ class Ingress:
             "request %s: %s %dx%d, %d image(s)", request_id, spec.mode, spec.width, spec.height, len(spec.seeds)
         )
 
-        return await self._resilient(lambda: self._run_plan(spec, request_id), request_id, timeout_s)
+        return await self._resilient(lambda: self._run_plan(spec, request_id), timeout_s)
 
     async def embeddings(self, texts: list[str], images: list, request_id: str = "") -> tuple[np.ndarray, np.ndarray]:
         async def attempt() -> tuple[np.ndarray, np.ndarray]:
@@ -238,18 +238,17 @@ class Ingress:
                 calls.cancel_all()
                 raise
 
-        return await self._resilient(attempt, request_id)
+        return await self._resilient(attempt)
 
     def _calls(self) -> HandleCalls:
         return HandleCalls(self.handles, self.settings.admission.stage_retries, self.metrics.stage_retry)
 
-    async def _resilient(self, attempt, request_id: str, timeout_s: float | None = None):
+    async def _resilient(self, attempt, timeout_s: float | None = None):
         admission = self.settings.admission
         # Retries happen per stage call (HandleCalls); here: the deadline and the error mapping.
         return await run_resilient(
             attempt, timeout_s=min(timeout_s or admission.request_timeout_s, admission.request_timeout_s),
-            retries=0,
-            classify=classify_stage_error, request_id=request_id,
+            classify=classify_stage_error,
         )
 
     async def readiness(self) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Time limits and retries around one request's stage calls — plain asyncio, no Ray.
+"""Time limits and error mapping around one request's stage calls — plain asyncio, no Ray.
 
 A request either returns, or ends in exactly one explicit error:
 
@@ -8,20 +8,18 @@ A request either returns, or ends in exactly one explicit error:
 * :class:`Overloaded` when a stage's bounded queue refused it (HTTP 503);
 * anything else from a stage unchanged (HTTP 500, no stack trace to the client).
 
-Only a replica's death is retried (by the caller of each stage, see ``serve.ingress.HandleCalls``;
-``retries`` here re-runs the whole attempt): stage calls are deterministic for a seed, so a
-retry returns the very images the first attempt would have.
+Only a replica's death is retried, by the caller of each stage (``serve.ingress.HandleCalls``):
+stage calls are deterministic for a seed, so a retry returns the very images the first
+attempt would have. A death that reaches this module has used those retries up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
-logger = logging.getLogger("ray.serve")
 
 
 class RequestTimedOut(Exception):
@@ -42,32 +40,23 @@ async def run_resilient(
     attempt: Callable[[], Awaitable[T]],
     *,
     timeout_s: float,
-    retries: int,
     classify: Callable[[BaseException], str | None],
-    request_id: str = "",
 ) -> T:
-    """Run ``attempt()`` within ``timeout_s``; re-run it up to ``retries`` times when ``classify``
-    says a replica died. ``classify(error)`` returns ``"replica_died"``, ``"overloaded"``,
-    ``"unavailable"`` or None (not ours: re-raised as is)."""
+    """Run ``attempt()`` within ``timeout_s`` and map its errors to this module's.
+    ``classify(error)`` returns ``"replica_died"``, ``"overloaded"``, ``"unavailable"`` or
+    None (not ours: re-raised as is)."""
     try:
         async with asyncio.timeout(timeout_s):
-            for number in range(retries + 1):
-                try:
-                    return await attempt()
-                except Exception as error:  # noqa: BLE001 - classified below, never swallowed
-                    kind = classify(error)
-                    if kind == "overloaded":
-                        raise Overloaded(f"a stage is at capacity: {error}") from error
-                    if kind == "unavailable":
-                        raise StageUnavailable(str(error)) from error
-                    if kind != "replica_died":
-                        raise
-                    if number == retries:
-                        raise StageUnavailable(
-                            f"a stage replica died and {retries} retr{'y' if retries == 1 else 'ies'} failed: "
-                            f"{type(error).__name__}"
-                        ) from error
-                    logger.warning("request %s: a stage replica died (%s); retrying", request_id, type(error).__name__)
+            try:
+                return await attempt()
+            except Exception as error:  # noqa: BLE001 - classified below, never swallowed
+                kind = classify(error)
+                if kind == "overloaded":
+                    raise Overloaded(f"a stage is at capacity: {error}") from error
+                if kind == "unavailable":
+                    raise StageUnavailable(str(error)) from error
+                if kind == "replica_died":
+                    raise StageUnavailable(f"a stage replica died and its retries failed: {type(error).__name__}") from error
+                raise
     except TimeoutError:
         raise RequestTimedOut(timeout_s) from None
-    raise AssertionError("unreachable")

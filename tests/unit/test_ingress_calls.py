@@ -98,4 +98,4 @@ def test_stage_errors_become_explicit_503s(error, expected):
         raise error
 
     with pytest.raises(expected):
-        asyncio.run(run_resilient(attempt, timeout_s=5, retries=0, classify=classify_stage_error))
+        asyncio.run(run_resilient(attempt, timeout_s=5, classify=classify_stage_error))
