@@ -43,14 +43,26 @@ def build_unet(clip_dim: int, latent_channels: int, seed: int):
     )
 
 
-def decoder_loss(unet, scheduler, latents, image_embeds, zero_embed, generator) -> torch.Tensor:
+def decoder_loss(
+    unet, scheduler, latents, image_embeds, zero_embed, generator, low_noise_t: int = 0, mismatch: float = 0.0,
+) -> torch.Tensor:
+    """ε-prediction loss. ``mismatch`` of the rows drawn with ``t < low_noise_t`` are conditioned
+    on another row's embedding: at little noise the latents, not the condition, decide the
+    image, so image-to-image at low strength keeps its input even when the prompt contradicts
+    it (in these scenes the embedding alone fixes every pixel, and the decoder learns to
+    repaint anything that disagrees with it)."""
     n, device = latents.shape[0], latents.device
     # Drawn on the CPU generator whatever the device: the same draws on every device.
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     drop = (torch.rand(n, generator=generator) < UNCOND_PROB).to(device)
-    condition = torch.where(drop[:, None], zero_embed.expand_as(image_embeds), image_embeds)
+    condition = image_embeds
+    if mismatch > 0:
+        swap = ((torch.rand(n, generator=generator) < mismatch).to(device)) & (t < low_noise_t)
+        others = image_embeds[torch.randperm(n, generator=generator).to(device)]
+        condition = torch.where(swap[:, None], others, condition)
+    condition = torch.where(drop[:, None], zero_embed.expand_as(image_embeds), condition)
     prediction = unet(noisy, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": condition}).sample
     epsilon, _variance = prediction.split(latents.shape[1], dim=1)
     return F.mse_loss(epsilon, noise)
@@ -59,6 +71,7 @@ def decoder_loss(unet, scheduler, latents, image_embeds, zero_embed, generator) 
 def train_decoder(
     unet, scheduler, latents: torch.Tensor, image_embeds: torch.Tensor, zero_embed: torch.Tensor,
     steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_path=None, progress: bool = True,
+    low_noise_t: int = 0, mismatch: float = 0.0,
 ) -> dict[str, float]:
     """Train on ``latents``/``image_embeds`` where they are (the U-Net is moved there)."""
     unet.to(latents.device).train()
@@ -69,7 +82,7 @@ def train_decoder(
     for step in range(steps):
         indices = next(index_batches)
         indices = indices.to(latents.device)
-        loss = decoder_loss(unet, scheduler, latents[indices], image_embeds[indices], zero_embed, generator)
+        loss = decoder_loss(unet, scheduler, latents[indices], image_embeds[indices], zero_embed, generator, low_noise_t, mismatch)
         optimiser_step(loss, optimizer, schedule, unet.parameters())
         log.step(step, loss=loss.item())
     unet.eval()

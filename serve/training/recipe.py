@@ -29,7 +29,7 @@ class RecipeConfig:
     seed: int = 0
     num_scenes: int = 12000
     free_fraction: float = 0.3  # scenes in an unnamed colour (see serve.training.data)
-    clip_steps: int = 5000
+    clip_steps: int = 6000
     clip_batch: int = 128
     clip_lr: float = 1e-3
     movq_steps: int = 1200
@@ -37,14 +37,16 @@ class RecipeConfig:
     movq_batch: int = 16
     movq_crop: int = 64  # whole images: the encoder's GroupNorm sees other statistics on crops
     movq_lr: float = 2e-3
-    movq_refine_steps: int = 400  # then the decoder half alone, encoder (and so the latents) frozen
-    prior_steps: int = 3500
+    movq_refine_steps: int = 200  # then the decoder half alone, encoder (and so the latents) frozen
+    prior_steps: int = 2800
     prior_batch: int = 64
     prior_lr: float = 1e-3
     decoder_scenes: int = 12000  # the first N scenes' MOVQ latents
-    decoder_steps: int = 3500
+    decoder_steps: int = 5000
     decoder_batch: int = 64
     decoder_lr: float = 1e-3
+    decoder_low_noise_t: int = 250  # below this timestep ...
+    decoder_mismatch: float = 0.5  # ... this share of rows sees another image's embedding (serve.training.decoder)
 
 
 PRESETS = {
@@ -231,7 +233,7 @@ def train_tiny(
         }
         stages["decoder"] = decoder_mod.train_decoder(
             unet, scheduler_of_decoder, latents, image_embeds[:decoder_count], zero_embed, config.decoder_steps, config.decoder_batch,
-            config.decoder_lr, seed + 41, logs / "decoder.jsonl", progress,
+            config.decoder_lr, seed + 41, logs / "decoder.jsonl", progress, config.decoder_low_noise_t, config.decoder_mismatch,
         )
         _save_stage(path, config, (image_encoder, movq, unet), {"unet": unet.state_dict(), "log": stages["decoder"]})
     else:

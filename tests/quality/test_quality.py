@@ -52,7 +52,9 @@ def held_out_default():
     return results
 
 
-@pytest.mark.parametrize("lang", ["en", pytest.param("ru", marks=below_target("shape 62 % < 70 %"))])
+@pytest.mark.parametrize("lang", [
+    pytest.param("en", marks=below_target("shape 58 % < 70 %")), pytest.param("ru", marks=below_target("shape 62 % < 70 %")),
+])
 def test_text_to_image_draws_the_asked_colour_and_shape(held_out_default, lang):
     images, combos = held_out_default[lang]
     colour, shape = _accuracy(images, combos)
@@ -93,11 +95,12 @@ def test_negative_prompt_lowers_that_colour():
     assert after <= before / 2, f"negative prompt {colour!r}: its frequency {after:.0%} not below half of {before:.0%}"
 
 
-@below_target("strength 0.2 already repaints: mean distance 108/255, input colour kept 0 %")
+@below_target("strength 0.2: distance 7.9/255, but input colour kept 67 % < 90 %")
 def test_img2img_strength():
+    """The prompt asks for another colour and shape than the input's: at strength 0.2 the
+    result stays close to the input (and keeps its colour), at 0.95 it follows the prompt."""
     scenes = sample_scenes(len(HELD_OUT) * 2, seed=77, held_out=True)
     inputs = [render(scene) for scene in scenes]
-    # Ask for another colour and shape than the input's.
     targets = [(next(c for c in COLOURS if c != s.colour and c != "orange"), SHAPES[(SHAPES.index(s.shape) + 1) % 3]) for s in scenes]
     prompts = [full_caption(colour, shape, None, "en") for colour, shape in targets]
     low = generate.img2img(inputs, prompts, strength=0.2, seed=3000)
@@ -131,7 +134,7 @@ def test_inpainting_keeps_the_rest_and_paints_the_mask():
     assert painted >= 0.75, f"the asked colour was painted in {painted:.0%}"
 
 
-@below_target("(0, 1) draws blue squares the evaluator reads as circles: 0 %")
+@below_target("(0, 1): 2 of 4 blue squares are read as circles")
 def test_mixing_weights():
     a, b = "a red circle", "a blue square"
     count = 4
@@ -148,7 +151,6 @@ def test_mixing_weights():
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
-@below_target("top-1 77 % < 80 %")
 def test_clip_ranks_the_matching_caption_first(lang):
     calls = generate.graph()
     combos = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]

@@ -165,3 +165,30 @@ def test_train_prior_with_ray_train_workers(smoke_run, tmp_path):
         ray.shutdown()
     assert code == 0
     assert _digest(tmp_path / "tuned")["prior/diffusion_pytorch_model.safetensors"] != _digest(out / "prior")["prior/diffusion_pytorch_model.safetensors"]
+
+
+def test_decoder_sees_other_embeddings_only_at_low_noise():
+    """``mismatch``: rows with t < low_noise_t are sometimes conditioned on another row's
+    embedding (image-to-image at low strength keeps its input); above it, a row sees its own
+    embedding or the unconditional one."""
+    from diffusers import DDPMScheduler
+
+    from serve.training.decoder import decoder_loss
+
+    seen = {}
+
+    def unet(noisy, t, encoder_hidden_states, added_cond_kwargs):
+        seen["t"], seen["condition"] = t, added_cond_kwargs["image_embeds"]
+        return type("Out", (), {"sample": torch.zeros(noisy.shape[0], 2 * noisy.shape[1], *noisy.shape[2:])})()
+
+    n = 512
+    embeds = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4) + 1  # row i: all i + 1
+    zero = torch.zeros(1, 4)
+    decoder_loss(unet, DDPMScheduler(), torch.zeros(n, 4, 2, 2), embeds, zero, torch.Generator().manual_seed(0), 250, 0.5)
+    row = seen["condition"][:, 0]
+    own, unconditional = row == embeds[:, 0], row == 0
+    low = seen["t"] < 250
+    assert bool((own | unconditional)[~low].all())
+    other = ~own & ~unconditional
+    assert other.any() and bool(low[other].all())
+    assert 0.25 < other[low].float().mean() < 0.6  # about half of the low-noise rows (less the unconditional ones)
