@@ -10,7 +10,7 @@ import torch
 
 from serve.training.data import (
     COLOURS, FREE, HELD_OUT, LANGUAGES, caption, colour_word, described_matrix, describable, full_caption, load_caption_folder,
-    random_attributes, render, same_described, sample_scenes, train_combos, write_caption_folder,
+    random_attributes, render, sample_scenes, train_combos, write_caption_folder,
 )
 
 
@@ -54,14 +54,16 @@ def test_free_colours_are_unnamed_and_far_from_the_palette():
         sample_scenes(10, seed=5, held_out=True, free_fraction=0.3)
 
 
-def test_described_matrix_is_same_described_for_every_pair():
-    """The CLIP loss's targets: caption j describes image i. Small batches of a few combinations
-    so that many pairs match on some attributes and not on others."""
+def test_described_matrix_matches_a_pair_by_pair_comparison():
+    """The CLIP loss's targets: caption j describes image i when the scenes agree on every
+    attribute caption j names. Many pairs match on some attributes and not on others."""
     rng = random.Random(3)
     scenes = sample_scenes(60, seed=4, free_fraction=0.3)
     attributes = [describable(s, random_attributes(rng)) for s in scenes]
     match = described_matrix(scenes, attributes)
-    expected = torch.tensor([[float(same_described(b, a, attributes[j])) for j, b in enumerate(scenes)] for a in scenes])
+    expected = torch.tensor(
+        [[float(all(getattr(a, name) == getattr(b, name) for name in attributes[j])) for j, b in enumerate(scenes)] for a in scenes]
+    )
     assert torch.equal(match, expected)
     assert len(scenes) < expected.sum() < expected.numel()  # more matches than the diagonal, and misses
 
