@@ -180,6 +180,12 @@ def save_prior_pipeline(components: dict, out: Path | str) -> Path:
     from deployments.loading import PRIOR_LAYOUT, check_layout
 
     out = Path(out)
+    backend = getattr(components["tokenizer"], "backend_tokenizer", None)
+    if backend is not None:
+        # A fast tokenizer's backend keeps the padding of its last call and tokenizer.json
+        # saves it: without this the file depends on whether the prior trained in this process.
+        backend.no_padding()
+        backend.no_truncation()
     KandinskyV22PriorPipeline(**components).save_pretrained(out, safe_serialization=True)
     return check_layout(out, PRIOR_LAYOUT, "prior")
 
