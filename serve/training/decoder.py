@@ -19,7 +19,7 @@ from serve.training.common import LossLog, batches, optimiser_step, optimizer_an
 UNCOND_PROB = 0.15
 
 
-def build_unet(clip_dim: int, latent_channels: int, seed: int):
+def build_unet(clip_dim: int, latent_channels: int, seed: int, channels: tuple[int, int] = (32, 64)):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -31,7 +31,7 @@ def build_unet(clip_dim: int, latent_channels: int, seed: int):
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
         encoder_hid_dim=clip_dim,
         encoder_hid_dim_type="image_proj",
@@ -60,7 +60,8 @@ def decoder_loss(
     condition = image_embeds
     if mismatch > 0:
         swap = ((torch.rand(n, generator=generator) < mismatch).to(device)) & (t < low_noise_t)
-        others = image_embeds[torch.randperm(n, generator=generator).to(device)]
+        # Each row's partner drawn on its own (so a row can be its own partner, 1 in n).
+        others = image_embeds[torch.rand(n, n, generator=generator).argmax(dim=1).to(device)]
         condition = torch.where(swap[:, None], others, condition)
     condition = torch.where(drop[:, None], zero_embed.expand_as(image_embeds), condition)
     prediction = unet(noisy, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": condition}).sample
@@ -71,19 +72,31 @@ def decoder_loss(
 def train_decoder(
     unet, scheduler, latents: torch.Tensor, image_embeds: torch.Tensor, zero_embed: torch.Tensor,
     steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_path=None, progress: bool = True,
-    low_noise_t: int = 0, mismatch: float = 0.0,
+    low_noise_t: int = 0, mismatch: float = 0.0, ema: float = 0.0,
 ) -> dict[str, float]:
-    """Train on ``latents``/``image_embeds`` where they are (the U-Net is moved there)."""
+    """Train on ``latents``/``image_embeds`` where they are (the U-Net is moved there).
+    ``ema`` > 0: the U-Net ends with the exponential moving average of its weights."""
     unet.to(latents.device).train()
     optimizer, schedule = optimizer_and_schedule(unet.parameters(), lr, steps)
     generator = torch.Generator().manual_seed(seed)
     index_batches = batches(len(latents), batch_size, generator)
     log = LossLog("decoder", steps, log_path, progress=progress)
+    params = list(unet.parameters())
+    averaged = [p.detach().clone() for p in params] if ema > 0 else None
     for step in range(steps):
         indices = next(index_batches)
         indices = indices.to(latents.device)
-        loss = decoder_loss(unet, scheduler, latents[indices], image_embeds[indices], zero_embed, generator, low_noise_t, mismatch)
-        optimiser_step(loss, optimizer, schedule, unet.parameters())
+        loss = decoder_loss(
+            unet, scheduler, latents[indices], image_embeds[indices], zero_embed, generator, low_noise_t, mismatch,
+        )
+        optimiser_step(loss, optimizer, schedule, params)
+        if averaged is not None:
+            with torch.no_grad():  # the usual warm-up: early weights are forgotten fast
+                torch._foreach_lerp_(averaged, [p.detach() for p in params], 1.0 - min(ema, (1 + step) / (10 + step)))
         log.step(step, loss=loss.item())
+    if averaged is not None:
+        with torch.no_grad():
+            for p, a in zip(params, averaged):
+                p.copy_(a)
     unet.eval()
     return log.close()

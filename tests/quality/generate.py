@@ -19,8 +19,10 @@ from serve.schemas import GenerationSpec, MixItem
 from serve.training.data import HELD_OUT, LANGUAGES, full_caption
 from tests.localgraph import BatchedCalls, LocalCalls
 
-PRIOR_STEPS = 10
+PRIOR_STEPS = 10  # fewer than the service's defaults, for the checks that need many runs
 STEPS = 20
+SERVICE_PRIOR_STEPS = 25  # the service's defaults: what a user gets
+SERVICE_STEPS = 50
 GUIDANCE = 4.0  # the service's default for both prior and decoder
 SIZE = 64
 

@@ -9,6 +9,7 @@ measured numbers are printed (``-s``).
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 
 import numpy as np
 import pytest
@@ -17,13 +18,16 @@ from serve.training.data import BACKGROUNDS, COLOURS, HELD_OUT, LANGUAGES, SHAPE
 from tests.quality import generate
 from tests.quality.evaluator import dominant_colour, mean_pixel_distance, shape_of
 
-PER_COMBO = 4  # images per held-out combination (6 combinations)
+PER_COMBO = 16  # images per held-out combination (6 combinations): 96 per language
 
 
 def below_target(measured: str):
     """A check the shipped model does not meet yet: it runs and prints what it measures, and
     shows as XPASS once a retrained model meets it. The threshold is not loosened."""
     return pytest.mark.xfail(reason=f"shipped model below the issue's target ({measured}); see README", strict=False)
+
+
+_SERVICE_STEPS = {"prior_steps": generate.SERVICE_PRIOR_STEPS, "steps": generate.SERVICE_STEPS}
 
 
 def _accuracy(images, combos) -> tuple[float, float]:
@@ -44,17 +48,15 @@ def test_evaluator_reads_rendered_scenes():
 
 @pytest.fixture(scope="module")
 def held_out_default():
-    """Held-out captions in each language at the default guidance: {lang: (images, combos)}."""
+    """Held-out captions in each language at the service's default steps and guidance: {lang: (images, combos)}."""
     results = {}
     for lang in LANGUAGES:
         prompts, combos = generate.held_out_prompts(lang, PER_COMBO)
-        results[lang] = (generate.text_to_image(prompts, seed=1000), combos)
+        results[lang] = (generate.text_to_image(prompts, seed=5000, **_SERVICE_STEPS), combos)
     return results
 
 
-@pytest.mark.parametrize("lang", [
-    pytest.param("en", marks=below_target("shape 58 % < 70 %")), pytest.param("ru", marks=below_target("shape 62 % < 70 %")),
-])
+@pytest.mark.parametrize("lang", LANGUAGES)
 def test_text_to_image_draws_the_asked_colour_and_shape(held_out_default, lang):
     images, combos = held_out_default[lang]
     colour, shape = _accuracy(images, combos)
@@ -68,16 +70,16 @@ def _both(images, combos) -> float:
 
 
 def test_guidance_matters(held_out_default):
-    """Guidance 1.0 draws the asked prompt (colour and shape) measurably less often than the
-    default. Colour alone is drawn right almost always at both scales (96 % and 100 % on the
-    shipped model), so the issue's colour-only comparison moves little; shape carries the difference."""
+    """Guidance 1.0 draws the asked colour, and the asked colour and shape together,
+    measurably less often than the default."""
     images, combos = held_out_default["en"]
     default_colour, default_shape = _accuracy(images, combos)
     prompts, combos = generate.held_out_prompts("en", PER_COMBO)
-    weak = generate.text_to_image(prompts, seed=1000, guidance=1.0)
+    weak = generate.text_to_image(prompts, seed=5000, guidance=1.0, **_SERVICE_STEPS)
     weak_colour, weak_shape = _accuracy(weak, combos)
     print(f"\nguidance 1.0: colour {weak_colour:.0%}, shape {weak_shape:.0%}, both {_both(weak, combos):.0%}; "
           f"default {generate.GUIDANCE}: colour {default_colour:.0%}, shape {default_shape:.0%}, both {_both(images, combos):.0%}")
+    assert weak_colour <= default_colour - 0.10, "guidance 1.0 should draw the asked colour measurably less often"
     assert _both(weak, combos) <= _both(images, combos) - 0.10, "guidance 1.0 should draw the asked prompt measurably less often"
 
 
@@ -95,24 +97,39 @@ def test_negative_prompt_lowers_that_colour():
     assert after <= before / 2, f"negative prompt {colour!r}: its frequency {after:.0%} not below half of {before:.0%}"
 
 
-@below_target("strength 0.2: distance 7.9/255, but input colour kept 67 % < 90 %")
-def test_img2img_strength():
-    """The prompt asks for another colour and shape than the input's: at strength 0.2 the
-    result stays close to the input (and keeps its colour), at 0.95 it follows the prompt."""
+@lru_cache(maxsize=1)
+def _img2img_runs():
+    """Held-out scenes, each with a prompt asking another colour and shape, at strength 0.2 and 0.95."""
     scenes = sample_scenes(len(HELD_OUT) * 2, seed=77, held_out=True)
     inputs = [render(scene) for scene in scenes]
     targets = [(next(c for c in COLOURS if c != s.colour and c != "orange"), SHAPES[(SHAPES.index(s.shape) + 1) % 3]) for s in scenes]
     prompts = [full_caption(colour, shape, None, "en") for colour, shape in targets]
     low = generate.img2img(inputs, prompts, strength=0.2, seed=3000)
     high = generate.img2img(inputs, prompts, strength=0.95, seed=3000)
+    return scenes, inputs, targets, low, high
+
+
+def test_img2img_strength():
+    """The issue's check: the prompt asks for another colour and shape than the input's; at
+    strength 0.2 the result stays close to the input (pixel distance), at 0.95 it follows the prompt."""
+    _, inputs, targets, low, high = _img2img_runs()
     low_distance = np.mean([mean_pixel_distance(a, b) for a, b in zip(low, inputs)])
     high_distance = np.mean([mean_pixel_distance(a, b) for a, b in zip(high, inputs)])
-    kept = np.mean([dominant_colour(image) == scene.colour for image, scene in zip(low, scenes)])
     followed = np.mean([dominant_colour(image) == colour for image, (colour, _) in zip(high, targets)])
-    print(f"\nimg2img: strength 0.2 distance {low_distance:.1f}/255, input colour kept {kept:.0%}; "
-          f"strength 0.95 distance {high_distance:.1f}/255, prompt colour {followed:.0%}")
-    assert low_distance < 10 and kept >= 0.9
+    print(f"\nimg2img: strength 0.2 distance {low_distance:.1f}/255; strength 0.95 distance {high_distance:.1f}/255, prompt colour {followed:.0%}")
+    assert low_distance < 10
     assert high_distance > 2 * low_distance and followed >= 0.8
+
+
+@pytest.mark.xfail(reason="beyond the issue's check; shipped model: input colour kept 58 % of 12 at strength 0.2, the shape often repainted; see README", strict=False)
+def test_img2img_low_strength_keeps_the_input_colour():
+    """Stricter than the issue (which asks for pixel distance only): at strength 0.2 the
+    shape also keeps its colour against a prompt asking another. The distance alone is
+    small partly because the shapes are; the background, most of the picture, stays."""
+    scenes, _, _, low, _ = _img2img_runs()
+    kept = np.mean([dominant_colour(image) == scene.colour for image, scene in zip(low, scenes)])
+    print(f"\nimg2img strength 0.2: input colour kept {kept:.0%} of {len(scenes)}")
+    assert kept >= 0.9
 
 
 def test_inpainting_keeps_the_rest_and_paints_the_mask():
@@ -134,10 +151,10 @@ def test_inpainting_keeps_the_rest_and_paints_the_mask():
     assert painted >= 0.75, f"the asked colour was painted in {painted:.0%}"
 
 
-@below_target("(0, 1): 2 of 4 blue squares are read as circles")
+@below_target("(1, 0): 10 of 16 red circles recognised (62 % < 75 %); some come out square")
 def test_mixing_weights():
     a, b = "a red circle", "a blue square"
-    count = 4
+    count = 16
     only_a = generate.mix([a, b], [1.0, 0.0], seed=4000, count=count)
     only_b = generate.mix([a, b], [0.0, 1.0], seed=4000, count=count)
     half = generate.mix([a, b], [0.5, 0.5], seed=4000, count=count)
@@ -163,14 +180,3 @@ def test_clip_ranks_the_matching_caption_first(lang):
     top1 = np.mean([combos[i] == scene.combo for i, scene in zip(best, scenes)])
     print(f"\n[{lang}] CLIP top-1 among {len(combos)} captions on {len(scenes)} held-out images: {top1:.0%}")
     assert top1 >= 0.80
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("lang", LANGUAGES)
-def test_text_to_image_larger_sample(lang):
-    """The same check on 16 images per held-out combination and the service's default steps."""
-    prompts, combos = generate.held_out_prompts(lang, 16)
-    images = generate.text_to_image(prompts, seed=5000, prior_steps=25, steps=50)
-    colour, shape = _accuracy(images, combos)
-    print(f"\n[{lang}] held-out text-to-image, {len(images)} images, 25/50 steps: colour {colour:.0%}, shape {shape:.0%}")
-    assert colour >= 0.90 and shape >= 0.70

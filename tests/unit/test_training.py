@@ -194,3 +194,51 @@ def test_decoder_sees_other_embeddings_only_at_low_noise():
     other = ~own & ~unconditional
     assert other.any() and bool(low[other].all())
     assert 0.25 < other[low].float().mean() < 0.6  # about half of the low-noise rows (less the unconditional ones)
+
+
+def test_decoder_ships_the_moving_average_of_its_weights(monkeypatch):
+    """``ema``: the U-Net ends with the average of its weights along the run (with the
+    warm-up decay min(ema, (1 + k) / (10 + k))), not its last weights."""
+    from diffusers import DDPMScheduler
+
+    from serve.training import decoder as decoder_mod
+
+    class FakeUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, noisy, t, encoder_hidden_states, added_cond_kwargs):
+            sample = self.weight * torch.ones(noisy.shape[0], 2 * noisy.shape[1], *noisy.shape[2:])
+            return type("Out", (), {"sample": sample})()
+
+    trajectory = []
+    real_step = decoder_mod.optimiser_step
+
+    def recording_step(loss, optimizer, schedule, params):
+        real_step(loss, optimizer, schedule, params)
+        trajectory.append(float(params[0].detach()))
+
+    monkeypatch.setattr(decoder_mod, "optimiser_step", recording_step)
+    unet = FakeUNet()
+    latents, embeds = torch.randn(8, 4, 2, 2) + 1.0, torch.randn(8, 4)
+    decoder_mod.train_decoder(unet, DDPMScheduler(), latents, embeds, torch.zeros(1, 4), steps=6, batch_size=4, lr=0.1, progress=False, ema=0.5)
+    expected = 0.0
+    for k, weight in enumerate(trajectory):
+        expected += (1.0 - min(0.5, (1 + k) / (10 + k))) * (weight - expected)
+    assert len(set(trajectory)) == 6  # the weights moved at every step
+    assert float(unet.weight) == pytest.approx(expected, abs=1e-6)
+    assert float(unet.weight) != pytest.approx(trajectory[-1], abs=1e-4)
+
+
+def test_movq_edge_term_penalises_soft_edges_only():
+    from serve.training.movq import reconstruction_loss
+
+    sharp = torch.full((1, 3, 16, 16), -1.0)
+    sharp[..., 4:12, 4:12] = 1.0
+    soft = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1, count_include_pad=False)
+    assert reconstruction_loss(sharp, sharp, edge_weight=1.0) == 0
+    plain = reconstruction_loss(soft, sharp)
+    assert reconstruction_loss(soft, sharp, edge_weight=1.0) > plain > 0
+    shifted = sharp + 0.1  # the same edges, every pixel off by as much
+    assert reconstruction_loss(shifted, sharp, edge_weight=1.0) == pytest.approx(reconstruction_loss(shifted, sharp).item())
