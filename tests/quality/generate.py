@@ -15,15 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.schemas import GenerationSpec, MixItem
+from serve.schemas import GenerationSpec, MixItem, text2img_request_model
+from serve.settings import ApiLimits
 from serve.training.data import HELD_OUT, LANGUAGES, full_caption
 from tests.localgraph import BatchedCalls, LocalCalls
 
 PRIOR_STEPS = 10  # fewer than the service's defaults, for the checks that need many runs
 STEPS = 20
-SERVICE_PRIOR_STEPS = 25  # the service's defaults: what a user gets
-SERVICE_STEPS = 50
-GUIDANCE = 4.0  # the service's default for both prior and decoder
+
+_REQUEST_FIELDS = text2img_request_model(ApiLimits()).model_fields
+SERVICE_PRIOR_STEPS = _REQUEST_FIELDS["prior_steps"].default  # the service's defaults: what a user gets
+SERVICE_STEPS = _REQUEST_FIELDS["steps"].default
+GUIDANCE = _REQUEST_FIELDS["guidance_scale"].default  # the service's default (prior and decoder alike)
 SIZE = 64
 
 
