@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_tiny.add_argument("--work-dir", default=None, help="finished stages and loss logs (default OUT/work); reruns resume")
     train_tiny.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     train_tiny.add_argument("--only", choices=["prior", "movq_refine"], default=None,
-                            help="train only this stage into the work dir (run it beside the full run, same --out)")
+                            help="train only up to this stage into the work dir (the prior: beside the full run, same --out)")
     train_tiny.add_argument("--device", default="cpu", help="where to train: cpu (the recipe's reference) or cuda")
     train_tiny.add_argument("--no-progress", action="store_true")
     train_tiny.set_defaults(func=_cmd_train_tiny)

@@ -6,8 +6,9 @@ is encode -> decode *without* quantisation: that is what the reconstruction loss
 trains (with a little noise on the latents, so that the decoder tolerates the
 U-Net's imperfect samples). The codebook is trained alongside with the usual VQ
 loss so that ``decode(h)`` with quantisation also works. A light penalty keeps
-each latent channel near zero mean and unit variance: the diffusion in latent
-space assumes latents of about unit scale (Kandinsky has no latent scaling factor).
+each latent channel near zero mean and unit variance while training. Kandinsky's
+pipelines apply no latent scaling factor, so the scale the U-Net sees is the MOVQ's
+own: :func:`scale_latents` reparametrises a trained MOVQ to larger latents.
 """
 
 from __future__ import annotations
@@ -102,6 +103,32 @@ def train_movq(
         log.step(step, **values)
     movq.eval()
     return log.close()
+
+
+@torch.no_grad()
+def scale_latents(movq, factor: float) -> None:
+    """Reparametrise ``movq`` in place so that ``encode`` gives ``factor`` × its latents and
+    ``decode`` takes them: the same images either way, exactly. The decoder reads its latents
+    in three kinds of place, all 1×1 convolutions or the codebook: ``post_quant_conv`` and every
+    spatial norm's ``conv_y``/``conv_b`` (weights ÷ ``factor``), and the codebook (× ``factor``).
+
+    Larger latents are less noise at every diffusion timestep (a signal-to-noise shift): a
+    detail whose latents differ by little (a small circle against a small square) is then
+    settled at an earlier, noisier timestep."""
+    from diffusers.models.attention_processor import SpatialNorm
+
+    if factor == 1.0:
+        return
+    movq.quant_conv.weight.mul_(factor)
+    movq.quant_conv.bias.mul_(factor)
+    movq.quantize.embedding.weight.mul_(factor)
+    movq.post_quant_conv.weight.div_(factor)
+    norms = [module for module in movq.decoder.modules() if isinstance(module, SpatialNorm)]
+    if not norms:
+        raise ValueError("scale_latents expects a MOVQ with spatial norms (norm_type='spatial')")
+    for norm in norms:
+        norm.conv_y.weight.div_(factor)
+        norm.conv_b.weight.div_(factor)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
-"""The whole tiny-Kandinsky recipe: data -> CLIP -> MOVQ -> prior -> decoder -> two pipeline folders.
+"""The whole tiny-Kandinsky recipe: data -> CLIP -> MOVQ -> decoder -> prior -> two pipeline folders.
 
-Deterministic from one seed (each stage derives its own). Each finished stage is
+Deterministic from one seed on one machine (each stage derives its own seed; float rounding
+differs between CPUs, and a stage retrained elsewhere drifts from the first steps). Each finished stage is
 kept under ``work_dir`` (``work_dir/<stage>/``, with the loss log) so that an
 interrupted run resumes where it stopped; ``summary.json`` records the settings,
 each stage's seconds and last losses, and the checkpoint size.
@@ -39,6 +40,7 @@ class RecipeConfig:
     movq_lr: float = 2e-3
     movq_edge_weight: float = 1.0  # serve.training.movq.reconstruction_loss
     movq_refine_steps: int = 200  # then the decoder half alone, encoder (and so the latents) frozen
+    movq_latent_scale: float = 2.0  # the trained MOVQ reparametrised to latents this many times larger (movq.scale_latents)
     prior_steps: int = 2000
     prior_batch: int = 64
     prior_lr: float = 1e-3
@@ -70,15 +72,14 @@ def _architecture(*models) -> list:
 
 # The settings each stage depends on (its own and those of the stages it builds on), so that
 # changing, say, the decoder's steps reuses the finished CLIP, MOVQ and prior.
+_MOVQ_FIELDS = ("seed", "num_scenes", "free_fraction", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr", "movq_edge_weight")
 _STAGE_FIELDS = {
     "clip": ("seed", "num_scenes", "free_fraction", "clip_"),
-    "movq": ("seed", "num_scenes", "free_fraction", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr", "movq_edge_weight"),
-    "movq_refine": ("seed", "num_scenes", "free_fraction", "movq_"),
+    "movq": _MOVQ_FIELDS,
+    "movq_refine": (*_MOVQ_FIELDS, "movq_refine_steps"),
     "prior": ("seed", "num_scenes", "free_fraction", "clip_", "prior_"),
-    "decoder": (
-        "seed", "num_scenes", "free_fraction", "clip_", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr",
-        "movq_edge_weight", "decoder_",
-    ),
+    # Not the refinement: it leaves the encoder, and so the latents, as they are.
+    "decoder": ("clip_", *_MOVQ_FIELDS, "movq_latent_scale", "decoder_"),
 }
 
 
@@ -155,7 +156,8 @@ def train_tiny(
     ``only="prior"`` trains CLIP (or reuses it) and the prior, caches the prior in
     ``work_dir`` and returns: a second process can train the prior while this one
     trains the MOVQ and the decoder (which come first here for that reason), sharing
-    ``work_dir``; the full run then finds the prior finished.
+    ``work_dir``; the full run then finds the prior finished. ``only="movq_refine"`` stops
+    after the MOVQ and its decoder-half refinement.
 
     ``device`` ("cpu", "cuda") is where the models train; random draws come from CPU
     generators either way, so a run is deterministic per device (not bit-equal across them).
@@ -218,11 +220,16 @@ def train_tiny(
         stages["movq"] = {**cached["log"], "cached": True}
     movq.eval().requires_grad_(False)
 
+    # 3. The MOVQ's decoder half alone, encoder frozen (the latents stay as they are).
+    _movq_refine_stage(work_dir, config, data, movq, stages, progress, device)
     if only == "movq_refine":
-        _movq_refine_stage(work_dir, config, data, movq, stages, progress, device)
         return {"config": asdict(config), "stages": stages, "total_seconds": round(time.perf_counter() - started, 1)}
 
-    # 3. Decoder U-Net on MOVQ latents, conditioned on image embeddings.
+    # 4. The same MOVQ reparametrised to larger latents: the scale the U-Net learns and the
+    # pipelines use (the stage caches keep the MOVQ as trained).
+    movq_mod.scale_latents(movq, config.movq_latent_scale)
+
+    # 5. Decoder U-Net on MOVQ latents, conditioned on image embeddings.
     unet = decoder_mod.build_unet(clip_mod.CLIP_DIM, movq_mod.LATENT_CHANNELS, seed + 40, config.decoder_channels).to(device)
     scheduler_of_decoder = decoder_scheduler()
     cached, path = _stage(work_dir, "decoder", config, image_encoder, movq, unet)
@@ -246,15 +253,12 @@ def train_tiny(
         stages["decoder"] = {**cached["log"], "cached": True}
     unet.eval().requires_grad_(False)
 
-    # 4. Prior: text -> CLIP image embedding.
+    # 6. Prior: text -> CLIP image embedding.
     prior, scheduler = _prior_stage(work_dir, config, data, tokenizer, text_encoder, image_encoder, image_embeds, stages, progress)
-
-    # 5. The MOVQ's decoder half alone (the latents the U-Net learned stay as they were).
-    _movq_refine_stage(work_dir, config, data, movq, stages, progress, device)
     for model in (text_encoder, image_encoder, movq, prior, unet):
         model.to("cpu")
 
-    # 6. The two folders, saved exactly as serve/tiny.py:make_tiny saves them.
+    # 7. The two folders, saved exactly as serve/tiny.py:make_tiny saves them.
     prior_dir = prior_mod.save_prior_pipeline(
         {
             "prior": prior, "image_encoder": image_encoder, "text_encoder": text_encoder, "tokenizer": tokenizer,

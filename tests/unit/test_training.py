@@ -128,6 +128,28 @@ def test_recipe_resumes_finished_stages(smoke_run):
     assert all(summary["stages"][name].get("cached") for name in ("clip", "movq", "movq_refine", "prior", "decoder"))
 
 
+def test_latent_scale_retrains_only_the_decoder_and_ships_the_scaled_movq(smoke_run, tmp_path):
+    import shutil
+
+    from diffusers import VQModel
+
+    from serve.training.data import render_batch, to_model_range
+    from serve.training.recipe import preset, train_tiny
+
+    out, summary = smoke_run
+    work = tmp_path / "work"
+    shutil.copytree(out / "work", work)  # the module's cache stays as the other tests expect it
+    rescaled = train_tiny(tmp_path, preset("smoke", movq_latent_scale=3.0), work_dir=work, progress=False)
+    assert all(rescaled["stages"][name].get("cached") for name in ("clip", "movq", "movq_refine", "prior"))
+    assert not rescaled["stages"]["decoder"].get("cached")
+    assert summary["config"]["movq_latent_scale"] == 2.0
+    x = to_model_range(render_batch(sample_scenes(3, seed=4)))
+    with torch.no_grad():
+        shipped = VQModel.from_pretrained(out / "decoder" / "movq", local_files_only=True, use_safetensors=True).encode(x).latents
+        larger = VQModel.from_pretrained(tmp_path / "decoder" / "movq", local_files_only=True, use_safetensors=True).encode(x).latents
+    assert torch.allclose(larger, 1.5 * shipped, atol=1e-5)
+
+
 def test_train_prior_command_fine_tunes_a_prior_on_a_folder(smoke_run, tmp_path):
     from serve.cli import main
 
@@ -242,3 +264,20 @@ def test_movq_edge_term_penalises_soft_edges_only():
     assert reconstruction_loss(soft, sharp, edge_weight=1.0) > plain > 0
     shifted = sharp + 0.1  # the same edges, every pixel off by as much
     assert reconstruction_loss(shifted, sharp, edge_weight=1.0) == pytest.approx(reconstruction_loss(shifted, sharp).item())
+
+
+def test_scaled_movq_encodes_larger_latents_and_decodes_the_same_images():
+    """``scale_latents``: an exact reparametrisation, quantised decoding included."""
+    from serve.training.data import render_batch, to_model_range
+    from serve.training.movq import build_movq, scale_latents
+
+    movq = build_movq(seed=3).eval()
+    scaled = build_movq(seed=3).eval()
+    scale_latents(scaled, 2.0)
+    x = to_model_range(render_batch(sample_scenes(4, seed=2)))
+    with torch.no_grad():
+        latents, larger = movq.encode(x).latents, scaled.encode(x).latents
+        assert torch.allclose(larger, 2.0 * latents, atol=1e-6)
+        assert torch.allclose(scaled.decode(larger, force_not_quantize=True).sample, movq.decode(latents, force_not_quantize=True).sample, atol=1e-5)
+        assert torch.allclose(scaled.decode(larger).sample, movq.decode(latents).sample, atol=1e-5)
+        assert not torch.allclose(scaled.decode(latents, force_not_quantize=True).sample, movq.decode(latents, force_not_quantize=True).sample, atol=1e-3)
