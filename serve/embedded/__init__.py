@@ -49,7 +49,12 @@ def with_derived_variants(prior: Path, decoder: Path, cache_dir: Path | str):
     per decoder weights; a :class:`serve.tiny.TinyCheckpoint`."""
     from serve.tiny import TinyCheckpoint, build_once
 
-    digest = hashlib.sha256((Path(decoder) / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16]
+    # The variants copy both the U-Net and the MOVQ: a MOVQ retrained alone (the recipe's
+    # refinement) must not find variants derived from the old one.
+    hasher = hashlib.sha256()
+    for part in ("unet", "movq"):
+        hasher.update((Path(decoder) / part / "diffusion_pytorch_model.safetensors").read_bytes())
+    digest = hasher.hexdigest()[:16]
     target = Path(cache_dir) / f"embedded-variants-{digest}"
 
     def build(root: Path) -> None:

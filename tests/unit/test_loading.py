@@ -101,3 +101,26 @@ def test_every_stage_loads_the_embedded_model():
     MovqModel.from_pretrained(decoder)
     weights = sum(path.stat().st_size for path in EMBEDDED_DIR.rglob("*.safetensors"))
     assert weights <= 25 * 2**20, f"embedded weights are {weights / 2**20:.1f} MiB, over the 25 MiB budget"
+
+
+def test_derived_variants_follow_the_decoders_movq(tmp_path):
+    """A MOVQ retrained alone (the U-Net unchanged) gets variants derived anew, with that MOVQ."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from serve.embedded import EMBEDDED_DIR, with_derived_variants
+
+    prior, decoder = EMBEDDED_DIR / "prior", tmp_path / "decoder"
+    shutil.copytree(EMBEDDED_DIR / "decoder", decoder)
+    first = with_derived_variants(prior, decoder, tmp_path / "cache")
+    weights = decoder / "movq" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["post_quant_conv.weight"] = state["post_quant_conv.weight"] * 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    second = with_derived_variants(prior, decoder, tmp_path / "cache")
+    assert second.inpaint_decoder != first.inpaint_decoder
+    for variant in (second.inpaint_decoder, second.controlnet_decoder):
+        derived = load_file(variant / "movq" / "diffusion_pytorch_model.safetensors")
+        torch.testing.assert_close(derived["post_quant_conv.weight"], state["post_quant_conv.weight"])
