@@ -117,15 +117,15 @@ def scale_latents(movq, factor: float) -> None:
     settled at an earlier, noisier timestep."""
     from diffusers.models.attention_processor import SpatialNorm
 
+    norms = [module for module in movq.decoder.modules() if isinstance(module, SpatialNorm)]
+    if not norms:  # checked before any weight changes, so a refused MOVQ is left whole
+        raise ValueError("scale_latents expects a MOVQ with spatial norms (norm_type='spatial')")
     if factor == 1.0:
         return
     movq.quant_conv.weight.mul_(factor)
     movq.quant_conv.bias.mul_(factor)
     movq.quantize.embedding.weight.mul_(factor)
     movq.post_quant_conv.weight.div_(factor)
-    norms = [module for module in movq.decoder.modules() if isinstance(module, SpatialNorm)]
-    if not norms:
-        raise ValueError("scale_latents expects a MOVQ with spatial norms (norm_type='spatial')")
     for norm in norms:
         norm.conv_y.weight.div_(factor)
         norm.conv_b.weight.div_(factor)

@@ -1,4 +1,4 @@
-"""The whole tiny-Kandinsky recipe: data -> CLIP -> MOVQ -> decoder -> prior -> two pipeline folders.
+"""The whole tiny-Kandinsky recipe: data -> CLIP -> MOVQ (refined, latents rescaled) -> decoder -> prior -> two pipeline folders.
 
 Deterministic from one seed on one machine (each stage derives its own seed; float rounding
 differs between CPUs, and a stage retrained elsewhere drifts from the first steps). Each finished stage is
@@ -72,12 +72,13 @@ def _architecture(*models) -> list:
 
 # The settings each stage depends on (its own and those of the stages it builds on), so that
 # changing, say, the decoder's steps reuses the finished CLIP, MOVQ and prior.
-_MOVQ_FIELDS = ("seed", "num_scenes", "free_fraction", "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr", "movq_edge_weight")
+_DATA_FIELDS = ("seed", "num_scenes", "free_fraction")
+_MOVQ_FIELDS = (*_DATA_FIELDS, "movq_steps", "movq_schedule_steps", "movq_batch", "movq_crop", "movq_lr", "movq_edge_weight")
 _STAGE_FIELDS = {
-    "clip": ("seed", "num_scenes", "free_fraction", "clip_"),
+    "clip": (*_DATA_FIELDS, "clip_"),
     "movq": _MOVQ_FIELDS,
     "movq_refine": (*_MOVQ_FIELDS, "movq_refine_steps"),
-    "prior": ("seed", "num_scenes", "free_fraction", "clip_", "prior_"),
+    "prior": (*_DATA_FIELDS, "clip_", "prior_"),
     # Not the refinement: it leaves the encoder, and so the latents, as they are.
     "decoder": ("clip_", *_MOVQ_FIELDS, "movq_latent_scale", "decoder_"),
 }

@@ -281,3 +281,15 @@ def test_scaled_movq_encodes_larger_latents_and_decodes_the_same_images():
         assert torch.allclose(scaled.decode(larger, force_not_quantize=True).sample, movq.decode(latents, force_not_quantize=True).sample, atol=1e-5)
         assert torch.allclose(scaled.decode(larger).sample, movq.decode(latents).sample, atol=1e-5)
         assert not torch.allclose(scaled.decode(latents, force_not_quantize=True).sample, movq.decode(latents, force_not_quantize=True).sample, atol=1e-3)
+
+
+def test_scale_latents_refuses_a_movq_without_spatial_norms_and_leaves_it_whole():
+    from diffusers import VQModel
+
+    from serve.training.movq import scale_latents
+
+    plain = VQModel(block_out_channels=(32,), norm_num_groups=8, latent_channels=4)
+    before = {name: value.clone() for name, value in plain.state_dict().items()}
+    with pytest.raises(ValueError, match="spatial norms"):
+        scale_latents(plain, 2.0)
+    assert all(torch.equal(before[name], value) for name, value in plain.state_dict().items())
