@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.messages import EncodedImages
-from serve.compat import add_compat_routes
+from serve.compat import SUBMIT_PATHS, add_compat_routes
 from serve.jobs import JobRunner
-from serve.jobs_api import add_job_routes
+from serve.jobs_api import JOB_SUBMIT_PATH, add_job_routes
 from serve.schemas import (
     MODES,
     EmbeddingsResponse,
@@ -212,6 +212,8 @@ def create_app(
     limiter = RateLimiter(auth.requests_per_s, auth.burst_requests, auth.images_per_min)
     gate = AdmissionGate(admission.max_inflight_requests, admission.retry_after_s)
     generation_paths = {*(f"/v1/{mode}" for mode in MODES if mode not in (unavailable or {})), "/v1/embeddings"}
+    # Every route that starts model work: none is admitted once the service drains.
+    work_paths = generation_paths | ({JOB_SUBMIT_PATH, *SUBMIT_PATHS} if jobs is not None else set())
     models = request_models(limits)
     EmbeddingsRequest = embeddings_request_model(limits)
     unavailable = unavailable or {}
@@ -247,6 +249,13 @@ def create_app(
                 return _error(429, "rate_limited", f"{refusal.reason} for key {key.name!r}", request_id,
                               headers={"Retry-After": retry_after_header(refusal.retry_after_s)})
         request.state.api_key = key
+        if gate.draining and request.method == "POST" and path in work_paths:
+            metrics.rejection("shutting_down")
+            return _error(
+                503, "shutting_down", "this ingress replica is shutting down and takes no new work; retry (another "
+                "replica or the restarted service will answer)",
+                request_id, headers={"Retry-After": retry_after_header(gate.retry_after_s())},
+            )
         if not (request.method == "POST" and path in generation_paths):
             return await call_next(request)
         if not gate.try_enter():
@@ -398,6 +407,8 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        if gate.draining:  # load balancers stop sending here; the stages need no asking
+            return JSONResponse({"ready": False, "draining": True, "stages": {}}, status_code=503)
         stages = await backend.readiness()
         ready = bool(stages) and all(state == "ready" for state in stages.values())
         return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
@@ -413,4 +424,5 @@ def create_app(
 
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, metrics=metrics)
+    app.state.admission_gate = gate  # the ingress drains through it
     return app

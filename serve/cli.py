@@ -46,19 +46,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     url = start_service(config, args.host, args.port)
     print(f"kandinsky-serve is up: {url}  (API docs: {url}/docs; Ctrl-C stops it)", flush=True)
-    _wait_for_stop()
+    signals = _StopSignals()
+    signals.first.wait()
     from ray import serve
 
+    from serve.shutdown import drain_service
+
+    # No request outlives the proxy's timeout, so waiting longer than it is never needed.
+    timeout_s = args.drain_timeout_s
+    if timeout_s is None:
+        timeout_s = float(config.raw.get("http_options", {}).get("request_timeout_s", 60))
+    print(f"stopping: no new work is admitted; waiting up to {timeout_s:g} s for what is in flight "
+          "(Ctrl-C again stops at once)", flush=True)
+    state = drain_service(
+        config.raw["applications"][0].get("name", "kandinsky"), timeout_s, abort=signals.second.is_set,
+        on_progress=lambda s: print(f"stopping: {s.busy} request(s)/job(s) still in flight", flush=True),
+    )
+    if state.timed_out:
+        print(f"stopping without waiting further: {state.busy} request(s)/job(s) still in flight "
+              f"({len(state.reports)} of {state.expected} ingress replicas reached)", flush=True)
     serve.shutdown()
     return 0
 
 
+class _StopSignals:
+    """Ctrl-C / SIGTERM: the first sets ``first``, any later one ``second``."""
+
+    def __init__(self) -> None:
+        self.first, self.second = threading.Event(), threading.Event()
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, *_) -> None:
+        (self.second if self.first.is_set() else self.first).set()
+
+
 def _wait_for_stop(timeout_s: float | None = None) -> None:
     """Until Ctrl-C or SIGTERM (or ``timeout_s``)."""
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait(timeout_s)
+    _StopSignals().first.wait(timeout_s)
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -246,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG)
     run.add_argument("--host", default=None, help="override http_options.host")
     run.add_argument("--port", type=int, default=None, help="override http_options.port")
+    run.add_argument("--drain-timeout-s", type=float, default=None,
+                     help="on Ctrl-C/SIGTERM, wait at most this long for requests and jobs in flight "
+                          "(default: http_options.request_timeout_s)")
     run.set_defaults(func=_cmd_run)
 
     tiny = commands.add_parser("make-tiny", help="write a tiny random-weight checkpoint pair")

@@ -242,6 +242,11 @@ def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, inter
 # -- routes ----------------------------------------------------------------------------------
 
 
+OPENAI_GENERATIONS_PATH = "/v1/images/generations"
+A1111_TXT2IMG_PATH = "/sdapi/v1/txt2img"
+A1111_IMG2IMG_PATH = "/sdapi/v1/img2img"
+SUBMIT_PATHS = (OPENAI_GENERATIONS_PATH, A1111_TXT2IMG_PATH, A1111_IMG2IMG_PATH)  # each starts a job
+
 def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRunner,
                       unavailable: dict[str, str], metrics: Any) -> None:
     """Register the OpenAI and A1111 routes on ``app``."""
@@ -285,7 +290,7 @@ def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRu
         body["error"]["message"] = "; ".join(f"{d['field']}: {d['message']}" for d in body["error"]["details"]) or body["error"]["message"]
         return JSONResponse(body, status_code=response.status_code)
 
-    @app.post("/v1/images/generations", responses=errors,
+    @app.post(OPENAI_GENERATIONS_PATH, responses=errors,
               summary="OpenAI Images API: text to image. Extensions: seed, negative_prompt, steps, prior_steps, "
                       "guidance_scale, prior_guidance_scale, scheduler.")
     async def openai_generations(body: OpenAIImageRequest, request: Request):
@@ -343,11 +348,11 @@ def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRu
             "info": a1111_info(spec, body, unsupported, final["id"], interrupted),
         }
 
-    @app.post("/sdapi/v1/txt2img", responses=errors, summary="AUTOMATIC1111-style text to image.")
+    @app.post(A1111_TXT2IMG_PATH, responses=errors, summary="AUTOMATIC1111-style text to image.")
     async def sdapi_txt2img(request: Request):
         return await a1111(request, img2img=False)
 
-    @app.post("/sdapi/v1/img2img", responses=errors,
+    @app.post(A1111_IMG2IMG_PATH, responses=errors,
               summary="AUTOMATIC1111-style image to image; with a mask, inpainting.")
     async def sdapi_img2img(request: Request):
         return await a1111(request, img2img=True)

@@ -86,16 +86,21 @@ class RateLimiter:
 
 
 class AdmissionGate:
-    """At most ``limit`` requests inside at once; the rest are refused at once."""
+    """At most ``limit`` requests inside at once; the rest are refused at once.
+
+    ``draining``: set when the service is stopping; from then on no new work is
+    admitted (the API answers 503 ``shutting_down``) while what is inside finishes.
+    """
 
     def __init__(self, limit: int, retry_after_s: float | None = None) -> None:
         self.limit = limit
         self.fixed_retry_after_s = retry_after_s
         self.inside = 0
+        self.draining = False
         self._mean_s = 1.0  # running estimate of a request's duration
 
     def try_enter(self) -> bool:
-        if self.inside >= self.limit:
+        if self.draining or self.inside >= self.limit:
             return False
         self.inside += 1
         return True

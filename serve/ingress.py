@@ -18,6 +18,7 @@ import numpy as np
 from deployments.messages import EncodedImages
 from deployments.metrics import merge_exposition
 from serve.api import create_app
+from serve.guard import AdmissionGate
 from serve.job_actor import ActorJobStore, job_store_actor
 from serve.jobs import JobRunner, LoopProgress
 from serve.plan import DECODER_OF_MODE, plan
@@ -136,13 +137,35 @@ class Ingress:
 
         self.metrics = IngressMetrics()
         self.jobs = self._job_runner()
+        self.gate: AdmissionGate | None = None
 
     def __serve_build_asgi_app__(self):
-        return create_app(
+        app = create_app(
             self.settings.limits, backend=self, echo_request_id=False, metrics=self.metrics,
             unavailable=unavailable_modes(self.deployed), admission=self.settings.admission, auth=self.settings.auth,
             jobs=self.jobs,
         )
+        self.gate = app.state.admission_gate
+        return app
+
+    async def drain(self) -> dict:
+        """Take no new work from now on (503 ``shutting_down``, /readyz 503); what this replica still holds.
+
+        Called through a handle before the service stops: Ray Serve's shutdown kills the
+        HTTP proxy at once, so anything still in flight then would lose its answer.
+        """
+        if self.gate is not None:
+            self.gate.draining = True
+        return await self.in_flight()
+
+    async def in_flight(self) -> dict:
+        """``{"replica", "draining", "requests", "jobs"}``: this replica's HTTP generations and jobs not yet done."""
+        return {
+            "replica": self.jobs.owner,
+            "draining": bool(self.gate and self.gate.draining),
+            "requests": self.gate.inside if self.gate is not None else 0,
+            "jobs": self.jobs.running,
+        }
 
     def _job_runner(self) -> JobRunner:
         """Jobs run here; their state lives in the named store actor, which outlives this replica."""

@@ -59,6 +59,8 @@ def client_key(request: Request) -> str:
     return "addr:" + (request.client.host if request.client else "unknown")
 
 
+JOB_SUBMIT_PATH = "/v1/jobs"
+
 def limit_response(found: dict, request_id: str | None) -> JSONResponse:
     """429 for a job cap, with Retry-After."""
     retry = str(int(found["retry_after_s"]))
@@ -153,7 +155,7 @@ def add_job_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRunne
             return error_response(503, "job_store_unavailable", STORE_UNAVAILABLE, request.state.request_id,
                                   headers={"Retry-After": "1"})
 
-    @app.post("/v1/jobs", status_code=202, response_model=JobOut, responses=errors,
+    @app.post(JOB_SUBMIT_PATH, status_code=202, response_model=JobOut, responses=errors,
               summary="Submit a generation job; poll it, stream its events, or cancel it.")
     async def submit_job(body: JobRequest, request: Request):  # type: ignore[valid-type]
         request_id = request.state.request_id

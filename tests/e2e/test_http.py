@@ -96,6 +96,27 @@ def test_client_disconnect_stops_the_denoising_loop(served_app):
     assert stats["steps"] - before["steps"] < 150, "the abandoned request ran to completion"
 
 
+def test_the_ingress_reports_what_it_holds(served_app):
+    """What `kandinsky-serve run` polls while it drains (the shared app itself is not drained:
+    that is tests/e2e/test_shutdown.py, on a service of its own)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, ingress = served_app
+    idle = ingress.in_flight.remote().result(timeout_s=30)
+    assert idle["draining"] is False and idle["requests"] == 0 and idle["replica"]
+    body = {**REQUEST, "width": 128, "height": 128, "steps": 100, "seed": 6}  # a few seconds of work
+    with ThreadPoolExecutor(1) as pool:
+        response = pool.submit(httpx.post, f"{url}/v1/text2img", json=body, timeout=120)
+        deadline = time.monotonic() + 60
+        while ingress.in_flight.remote().result(timeout_s=30)["requests"] != 1:
+            assert not response.done(), "finished before the ingress was seen holding it"
+            assert time.monotonic() < deadline, "the ingress never reported the request"
+            time.sleep(0.01)  # polling interval
+        assert response.result().status_code == 200
+    assert ingress.in_flight.remote().result(timeout_s=30)["requests"] == 0
+
+
 def _b64_png(pixels) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
