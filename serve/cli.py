@@ -69,6 +69,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text}: seconds from 0 to 86400")
+    return value
+
+
 class _StopSignals:
     """Ctrl-C / SIGTERM: the first sets ``first``, any later one ``second``."""
 
@@ -271,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG)
     run.add_argument("--host", default=None, help="override http_options.host")
     run.add_argument("--port", type=int, default=None, help="override http_options.port")
-    run.add_argument("--drain-timeout-s", type=float, default=None,
+    run.add_argument("--drain-timeout-s", type=_seconds, default=None,
                      help="on Ctrl-C/SIGTERM, wait at most this long for requests and jobs in flight "
                           "(default: http_options.request_timeout_s)")
     run.set_defaults(func=_cmd_run)

@@ -39,3 +39,11 @@ def test_every_bench_subcommand_matches_its_function():
         options = vars(parser.parse_args(["bench", kind]))
         given = set(options) - {"command", "kind", "func"}
         assert given == set(inspect.signature(getattr(bench, f"bench_{kind}")).parameters), kind
+
+
+def test_run_refuses_a_negative_drain_timeout(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--drain-timeout-s", "-1"])
+    assert exit_info.value.code == 2 and "--drain-timeout-s" in capsys.readouterr().err
