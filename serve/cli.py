@@ -58,13 +58,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         timeout_s = float(config.raw.get("http_options", {}).get("request_timeout_s", 60))
     print(f"stopping: no new work is admitted; waiting up to {timeout_s:g} s for what is in flight "
           "(Ctrl-C again stops at once)", flush=True)
-    state = drain_service(
-        config.raw["applications"][0].get("name", "kandinsky"), timeout_s, abort=signals.second.is_set,
-        on_progress=lambda s: print(f"stopping: {s.busy} request(s)/job(s) still in flight", flush=True),
-    )
-    if state.timed_out:
-        print(f"stopping without waiting further: {state.busy} request(s)/job(s) still in flight "
-              f"({len(state.reports)} of {state.expected} ingress replicas reached)", flush=True)
+    try:
+        state = drain_service(
+            config.raw["applications"][0].get("name", "kandinsky"), timeout_s, abort=signals.second.is_set,
+            on_progress=lambda s: print(f"stopping: {s.busy} request(s)/job(s) still in flight", flush=True),
+        )
+        if state.timed_out:
+            print(f"stopping without waiting further: {state.busy} request(s)/job(s) still in flight "
+                  f"({len(state.reports)} of {state.expected} ingress replicas reached)", flush=True)
+    except Exception as error:  # a broken controller must not keep the service from stopping
+        print(f"stopping without draining: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
     serve.shutdown()
     return 0
 
