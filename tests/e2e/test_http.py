@@ -98,7 +98,7 @@ def test_client_disconnect_stops_the_denoising_loop(served_app):
 
 def test_the_ingress_reports_what_it_holds(served_app):
     """What `kandinsky-serve run` polls while it drains (the shared app itself is not drained:
-    that is tests/e2e/test_shutdown.py, on a service of its own)."""
+    that is tests/e2e/test_graceful_stop.py, on a service of its own)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 

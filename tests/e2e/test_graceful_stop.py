@@ -1,6 +1,6 @@
 """``kandinsky-serve run`` stopped by SIGTERM with work in flight: the work finishes, new work
 is refused with an explicit 503, and the process exits cleanly. Starts its own Ray instance
-(a fresh process, as `make run` does), so it is slow: ``pytest -m slow tests/e2e/test_shutdown.py``."""
+(a fresh process, as `make run` does), so it is slow: ``pytest -m slow tests/e2e/test_graceful_stop.py``."""
 
 from __future__ import annotations
 
