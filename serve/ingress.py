@@ -158,6 +158,15 @@ class Ingress:
             self.gate.draining = True
         return await self.in_flight()
 
+    async def __del__(self) -> None:
+        """Ray Serve's graceful stop of this replica (scale-down, redeploy, shutdown) waits for
+        the requests it holds, not for jobs, which run outside any request: admit nothing new
+        and let them end. ``graceful_shutdown_timeout_s`` still bounds the wait; past it the
+        store's lease fails a lost job explicitly."""
+        if self.gate is not None:
+            self.gate.draining = True
+        await self.jobs.join()
+
     async def in_flight(self) -> dict:
         """``{"replica", "draining", "requests", "jobs"}``: this replica's HTTP generations and jobs not yet done."""
         return {

@@ -658,6 +658,11 @@ class JobRunner:
     def running(self) -> int:
         return len(self._tasks)
 
+    async def join(self) -> None:
+        """Until every job started here (queued or running) has ended."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
     async def submit(self, submission: Submission) -> dict:
         """Create and start a job; its first view, or ``{"limit", "retry_after_s"}`` when a cap is reached."""
         spec = submission.spec

@@ -272,3 +272,25 @@ def test_previews_every_n_steps_when_asked():
     steps = [p["step"] for p in previews]
     assert steps == sorted(steps) and all(b - a >= 5 for a, b in zip(steps, steps[1:]))
     assert previews[0]["media_type"] == "image/jpeg"
+
+
+# Ray Serve's ingress wrapper defines an async __del__; garbage collection calls it too, unawaited.
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited:RuntimeWarning")
+def test_a_stopping_ingress_replica_lets_its_jobs_finish():
+    """Ray Serve's graceful stop calls the ingress's ``__del__`` once its requests are done;
+    jobs run outside any request, so ``__del__`` itself waits for them (and admits nothing new)."""
+    from serve.guard import AdmissionGate
+    from serve.ingress import Ingress
+
+    async def scenario():
+        backend = FakeJobBackend(step_s=0.01)
+        store = AsyncJobStore(JobSettings(progress_interval_s=0.005, max_running_jobs=1))
+        ingress = object.__new__(Ingress.func_or_class)  # the class without its Ray constructor
+        ingress.gate, ingress.jobs = AdmissionGate(4), JobRunner(store, backend, store.store.settings)
+        views = [await ingress.jobs.submit(Submission(spec(), "text2img", "c")) for _ in range(2)]  # one queued
+        await ingress.__del__()
+        return ingress, [await store.view(view["id"]) for view in views]
+
+    ingress, finals = asyncio.run(scenario())
+    assert [final["state"] for final in finals] == ["succeeded", "succeeded"]
+    assert ingress.gate.draining and ingress.jobs.running == 0
