@@ -247,6 +247,7 @@ A1111_TXT2IMG_PATH = "/sdapi/v1/txt2img"
 A1111_IMG2IMG_PATH = "/sdapi/v1/img2img"
 SUBMIT_PATHS = (OPENAI_GENERATIONS_PATH, A1111_TXT2IMG_PATH, A1111_IMG2IMG_PATH)  # each starts a job
 
+
 def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRunner,
                       unavailable: dict[str, str], metrics: Any) -> None:
     """Register the OpenAI and A1111 routes on ``app``."""

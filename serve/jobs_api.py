@@ -61,6 +61,7 @@ def client_key(request: Request) -> str:
 
 JOB_SUBMIT_PATH = "/v1/jobs"
 
+
 def limit_response(found: dict, request_id: str | None) -> JSONResponse:
     """429 for a job cap, with Retry-After."""
     retry = str(int(found["retry_after_s"]))
