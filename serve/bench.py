@@ -407,7 +407,7 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
             try:
                 action(name)
             finally:
-                serve.delete(config.raw["applications"][0].get("name", "kandinsky"))
+                serve.delete(config.app_name)
 
     for name in COMPARE_SYSTEMS:
         with_system(name, lambda n: measure(n, None))

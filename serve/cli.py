@@ -34,7 +34,7 @@ def start_service(config: LoadedConfig, host: str | None = None, port: int | Non
     serve.start(http_options=http_options, proxy_location=config.raw.get("proxy_location"))
     serve.run(
         app,
-        name=app_schema.get("name", "kandinsky"),
+        name=config.app_name,
         route_prefix=app_schema.get("route_prefix", "/"),
         logging_config=config.logging_config,
     )
@@ -60,7 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
           "(Ctrl-C again stops at once)", flush=True)
     try:
         state = drain_service(
-            config.raw["applications"][0].get("name", "kandinsky"), timeout_s, abort=signals.second.is_set,
+            config.app_name, timeout_s, abort=signals.second.is_set,
             on_progress=lambda s: print(f"stopping: {s.busy} request(s)/job(s) still in flight", flush=True),
         )
         if state.timed_out:
@@ -144,7 +144,7 @@ def _cmd_cluster_local(args: argparse.Namespace) -> int:
     with LocalCluster(shape, workers) as cluster:
         print(f"nodes: head + {', '.join(f'{n} x {t}' for t, n in workers.items())}; dashboard {cluster.dashboard_url}", flush=True)
         url = start_service(on_cpu(config), port=args.port)
-        print(*placement_lines(cluster, config.raw["applications"][0].get("name", "kandinsky")), sep="\n")
+        print(*placement_lines(cluster, config.app_name), sep="\n")
         print(f"kandinsky-serve is up on the local cluster: {url}  (Ctrl-C tears it down)", flush=True)
         _wait_for_stop(args.hold_s)
     print("local cluster stopped")

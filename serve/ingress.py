@@ -163,8 +163,7 @@ class Ingress:
         the requests it holds, not for jobs, which run outside any request: admit nothing new
         and let them end. ``graceful_shutdown_timeout_s`` still bounds the wait; past it the
         store's lease fails a lost job explicitly."""
-        if self.gate is not None:
-            self.gate.draining = True
+        await self.drain()
         await self.jobs.join()
 
     async def in_flight(self) -> dict:

@@ -222,6 +222,11 @@ class LoadedConfig(BaseModel):
     logging_config: dict[str, Any] | None = None
     """The application's Ray Serve ``logging_config`` (e.g. ``encoding: JSON``)."""
 
+    @property
+    def app_name(self) -> str:
+        """The name the application runs under: the file's, else "kandinsky" (what start_service deploys)."""
+        return self.raw["applications"][0].get("name", "kandinsky")
+
 
 def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
     """Read and validate a config file; raise :class:`ConfigError` listing every problem."""

@@ -48,6 +48,14 @@ def test_scale_down_never_cuts_a_request_short(path):
 def test_local_config_runs_the_embedded_model_on_cpu():
     config = load_config(Path(__file__).parents[2] / "configs" / "local.yaml")
     assert config.service.models.prior_path is None and config.service.models.device == "cpu"
+    assert config.app_name == "kandinsky"
+
+
+def test_app_name_is_the_files_or_kandinsky(tmp_path):
+    renamed = load_config(_write(tmp_path, lambda raw: raw["applications"][0].update(name="k2")))
+    assert renamed.app_name == "k2"
+    unnamed = load_config(_write(tmp_path, lambda raw: raw["applications"][0].pop("name")))
+    assert unnamed.app_name == "kandinsky"
 
 
 def _write(tmp_path, mutate):
