@@ -8,14 +8,20 @@ medians is the figure of merit.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 from serve.loadtest import arrival_times, percentile
+from serve.provenance import provenance
 
 TARGET_RATIO = 1.15
+
+
+def write_result(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**result, "provenance": provenance()}, indent=2, default=str))
+    print(f"written: {out}")
 
 
 def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: int, out: Path) -> dict:
@@ -28,15 +34,15 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
     from serve.settings import load_config
 
     config = load_config(config)
-    prior_path, decoder_path = resolve_model_paths(config.service.models)
+    paths = resolve_model_paths(config.service.models)
     device = config.service.models.device
     denoiser_threads = (config.deployment_options.get("Denoiser", {}).get("user_config") or {}).get("torch_threads")
     if denoiser_threads:
         torch.set_num_threads(denoiser_threads)  # same intra-op threads as the served denoiser
 
     load = {"local_files_only": True, "use_safetensors": True, "torch_dtype": getattr(torch, config.service.models.dtype)}
-    prior_pipe = KandinskyV22PriorPipeline.from_pretrained(prior_path, **load).to(device)
-    decoder_pipe = KandinskyV22Pipeline.from_pretrained(decoder_path, **load).to(device)
+    prior_pipe = KandinskyV22PriorPipeline.from_pretrained(paths.prior, **load).to(device)
+    decoder_pipe = KandinskyV22Pipeline.from_pretrained(paths.decoder, **load).to(device)
     prior_pipe.set_progress_bar_config(disable=True)
     decoder_pipe.set_progress_bar_config(disable=True)
 
@@ -94,8 +100,6 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
         "rounds": rounds,
         "torch_threads": torch.get_num_threads(),
         "device": device,
-        "machine": platform.machine(),
-        "cpus": __import__("os").cpu_count(),
         "results": rows,
         "samples_s": samples,
         "ratio_p50": ratio,
@@ -107,9 +111,7 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
     for name, row in rows.items():
         print(f"{name:<12}{row['p50_ms']:>10.1f}{row['p90_ms']:>10.1f}{row['min_ms']:>10.1f}{row['mean_ms']:>10.1f}")
     print(f"served / in-process (p50): {ratio:.3f}  (target <= {TARGET_RATIO}: {'met' if result['met'] else 'MISSED'})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written: {out}")
+    write_result(result, out)
     return result
 
 
@@ -119,7 +121,8 @@ BATCHING_LOADS = (0.3, 0.7, 1.0)
 BATCHING_MODES = ("request", "request-when-idle", "step")
 
 
-def deploy_denoiser(decoder_path, mode: str, max_batch: int, app_name: str, torch_threads: int = 1):
+def deploy_denoiser(decoder_path, mode: str, max_batch: int, app_name: str, torch_threads: int = 1,
+                    num_cpus: float = 1.0):
     """One Denoiser replica as an application of its own; returns its handle."""
     from ray import serve
 
@@ -128,7 +131,7 @@ def deploy_denoiser(decoder_path, mode: str, max_batch: int, app_name: str, torc
     deployment = Denoiser.options(
         num_replicas=1,
         max_ongoing_requests=max(64, 4 * max_batch),
-        ray_actor_options={"num_cpus": 1},
+        ray_actor_options={"num_cpus": num_cpus},
         user_config={"batching": mode, "max_batch_size": max_batch, "batch_wait_timeout_s": 0.002, "torch_threads": torch_threads},
     )
     return serve.run(deployment.bind(str(decoder_path)), name=app_name, route_prefix=None)
@@ -215,7 +218,7 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
 
     duration_s, capacity_s = duration, capacity_duration
     config = load_config(config)
-    _, decoder_path = resolve_model_paths(config.service.models)
+    decoder_path = resolve_model_paths(config.service.models).decoder
     if not ray.is_initialized():
         ray.init(address="local", dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
     dim = json.loads((Path(decoder_path) / "unet" / "config.json").read_text())["encoder_hid_dim"]
@@ -223,12 +226,13 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
     def make_request(index: int):
         return _embeddings(dim, index), DenoiseParams(size, size, steps, 4.0, f"bench-{index}")
 
-    async def run_mode(mode: str, rates: list[float] | None) -> dict:
-        handle = deploy_denoiser(decoder_path, mode, max_batch, f"bench-{mode}")
-        await _closed_loop(handle, make_request, max_batch, 2.0)  # warm-up
-        capacity = await _closed_loop(handle, make_request, 2 * max_batch, capacity_s)
+    async def capacity_of(handle) -> float:
+        await _closed_loop(handle, make_request, max_batch, min(2.0, capacity_s))  # warm-up
+        return await _closed_loop(handle, make_request, 2 * max_batch, capacity_s)
+
+    async def load_points(handle, rates: list[float]) -> list[dict]:
         points = []
-        for load, rate in zip(BATCHING_LOADS, rates or []):
+        for load, rate in zip(BATCHING_LOADS, rates):
             before = await handle.loop_stats.remote()
             result = await _open_loop(handle, make_request, rate, duration_s, seed=int(load * 100), timeout_s=120)
             after = await handle.loop_stats.remote()
@@ -238,17 +242,24 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
                 mean_batch_per_step=(after["item_steps"] - before["item_steps"]) / steps_run if steps_run else 0.0,
             )
             points.append(result)
-        serve.delete(f"bench-{mode}")
-        return {"capacity_rps": capacity, "points": points}
+        return points
 
     async def main() -> dict:
-        # Capacity: the better of the two modes' saturation throughput, measured first,
-        # so both modes are offered exactly the same rates.
-        capacities = {mode: (await run_mode(mode, None))["capacity_rps"] for mode in BATCHING_MODES}
-        capacity = max(capacities.values())
-        rates = [load * capacity for load in BATCHING_LOADS]
-        return {"capacities_rps": capacities, "capacity_rps": capacity,
-                "modes": {mode: await run_mode(mode, rates) for mode in BATCHING_MODES}}
+        # One replica per mode, all deployed at once (each measured alone; the idle ones wait
+        # on an event). Capacity: the best mode's saturation throughput, measured first, so
+        # every mode is offered exactly the same rates.
+        handles = {mode: deploy_denoiser(decoder_path, mode, max_batch, f"bench-{mode}",
+                                         num_cpus=1 / len(BATCHING_MODES)) for mode in BATCHING_MODES}
+        try:
+            capacities = {mode: await capacity_of(handle) for mode, handle in handles.items()}
+            capacity = max(capacities.values())
+            rates = [load * capacity for load in BATCHING_LOADS]
+            modes = {mode: {"capacity_rps": capacities[mode], "points": await load_points(handle, rates)}
+                     for mode, handle in handles.items()}
+        finally:
+            for mode in handles:
+                serve.delete(f"bench-{mode}")
+        return {"capacities_rps": capacities, "capacity_rps": capacity, "modes": modes}
 
     measured = asyncio.run(main())
     by_mode = {mode: {p["load"]: p for p in measured["modes"][mode]["points"]} for mode in BATCHING_MODES}
@@ -260,7 +271,6 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
     result = {
         "benchmark": "batching",
         "size": size, "steps": steps, "max_batch": max_batch, "duration_s": duration_s,
-        "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
         **measured,
         "p99_step_over_request_at_70": p99_ratio_70,
         "throughput_step_over_request_at_100": throughput_ratio_100,
@@ -283,9 +293,7 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
           f"{'met' if result['met'] else 'MISSED'}")
     print(f"against request-when-idle: p99 ratio at 70% {idle_p99_ratio_70:.2f}, "
           f"throughput ratio at 100% {idle_throughput_ratio_100:.2f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written: {out}")
+    write_result(result, out)
     return result
 
 
@@ -293,6 +301,17 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
 
 COMPARE_RATES = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)
 COMPARE_SYSTEMS = ("in-process", "monolith", "graph")
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``"0.5,1,2"`` -> (0.5, 1.0, 2.0), rising, each in (0, 1000]."""
+    try:
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--rates {text!r}: a comma-separated list of requests/s, e.g. 0.5,1,2") from None
+    if not rates or any(not 0 < r <= 1000 for r in rates) or list(rates) != sorted(rates):
+        raise ValueError(f"--rates {text!r}: rising requests/s, each above 0 and at most 1000")
+    return rates
 
 
 def _wait_for_http(url: str, timeout_s: float = 180.0) -> None:
@@ -310,10 +329,9 @@ def _wait_for_http(url: str, timeout_s: float = 180.0) -> None:
 
 
 def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration: float,
-                  slo: float, port: int, out: Path) -> dict:
+                  slo: float, port: int, out: Path, rates: str | None = None) -> dict:
     """Drive the same Poisson scenario at rising rates against each system in turn."""
     import asyncio
-    import os
     import subprocess
     import sys
 
@@ -327,8 +345,10 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
     from serve.settings import load_config
 
     step_duration_s, slo_s = duration, slo
+    sweep_rates = parse_rates(rates) if rates else COMPARE_RATES
     config = load_config(config)
-    prior_path, decoder_path = resolve_model_paths(config.service.models)
+    paths = resolve_model_paths(config.service.models)
+    prior_path, decoder_path = paths.prior, paths.decoder
     body = {"prompt": "a red circle on a blue background", "width": size, "height": size,
             "steps": steps, "prior_steps": prior_steps, "seed": 1}
     # The in-process server gets its own port: Ray Serve's proxy keeps `port` after an app is deleted.
@@ -356,7 +376,7 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
 
     def sweep(target: str) -> list[dict]:
         points = []
-        for index, rate in enumerate(COMPARE_RATES):
+        for index, rate in enumerate(sweep_rates):
             points.append(step(target, rate, seed=index))
             if not points[-1]["sustainable"]:
                 break  # past capacity: higher rates only queue more
@@ -364,21 +384,23 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
 
     results: dict[str, dict] = {}
 
-    def measure(name: str, at_load: float | None) -> None:
+    def measure(name: str) -> None:
+        """Sweep the rates, then one step at 70 % of the monolith's capacity (the monolith runs first)."""
         print(f"{name}:", flush=True)
         target = targets[name]
         _wait_for_http(f"{target}/docs")
         step(target, 0.5, seed=99)  # warm-up, not recorded
-        if at_load is None:
-            points = sweep(target)
-            sustainable = [p for p in points if p["sustainable"]]
-            results[name] = {
-                "points": points,
-                "max_sustainable_rps": max((p["offered"] for p in sustainable), default=0.0),
-                "throughput_at_max_rps": max((p["throughput_rps"] for p in sustainable), default=0.0),
-            }
-        else:
-            results[name]["at_load"] = step(target, at_load, seed=100)
+        points = sweep(target)
+        sustainable = [p for p in points if p["sustainable"]]
+        results[name] = {
+            "points": points,
+            "max_sustainable_rps": max((p["offered"] for p in sustainable), default=0.0),
+            "throughput_at_max_rps": max((p["throughput_rps"] for p in sustainable), default=0.0),
+        }
+        results[name]["at_load"] = step(target, load_at_70(), seed=100)
+
+    def load_at_70() -> float:
+        return 0.7 * results["monolith"]["max_sustainable_rps"] or 0.5
 
     def with_system(name: str, action) -> None:
         if name == "in-process":
@@ -409,18 +431,17 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
             finally:
                 serve.delete(config.app_name)
 
-    for name in COMPARE_SYSTEMS:
-        with_system(name, lambda n: measure(n, None))
-    at_load = 0.7 * results["monolith"]["max_sustainable_rps"] or 0.5
-    for name in COMPARE_SYSTEMS:
-        with_system(name, lambda n: measure(n, at_load))
+    # Each system is started once; the monolith first, since its capacity sets the common load.
+    for name in sorted(COMPARE_SYSTEMS, key=lambda n: n != "monolith"):
+        with_system(name, measure)
+    at_load = load_at_70()
     serve.shutdown()
 
     graph = results["graph"]
     report = {
         "benchmark": "compare", "size": size, "steps": steps, "prior_steps": prior_steps, "slo_s": slo_s,
         "step_duration_s": step_duration_s, "cpus_per_system": graph_cpus, "load_at_70pct_monolith_rps": at_load,
-        "machine": platform.machine(), "cpus": os.cpu_count(), "systems": results,
+        "systems": results,
         "throughput_graph_over_monolith": (
             graph["max_sustainable_rps"] / results["monolith"]["max_sustainable_rps"]
             if results["monolith"]["max_sustainable_rps"] else None
@@ -443,7 +464,5 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
               f"{p99 or float('nan'):>8.2f}{p99_ratio:>13.2f}")
     print(f"graph / monolith throughput: {report['throughput_graph_over_monolith']}  (goal >= 1.3); "
           f"graph / monolith p99 at load: {report['p99_graph_over_monolith_at_load']}  (goal <= 1.0)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"written: {out}")
+    write_result(report, out)
     return report

@@ -400,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per rate step")
     compare.add_argument("--slo", type=float, default=5.0, help="p99 latency objective (s)")
     compare.add_argument("--port", type=int, default=8010)
+    compare.add_argument("--rates", default=None,
+                         help="comma-separated rising requests/s to sweep (default: 0.5,1,2,3,4,5,6,8,10,12)")
     return parser
 
 

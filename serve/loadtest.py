@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serve.provenance import provenance
 from serve.settings import ConfigError
 
 OUTCOMES = ("success", "timeout", "connection_error")  # plus "http_<status>" and "client_error"
@@ -442,6 +443,7 @@ def write_report(result: RunResult, out_dir: Path) -> dict[str, Path]:
         "steps": [asdict(step) for step in result.steps],
         "lost": result.lost,
         "server": result.server,
+        "provenance": provenance(),
     }
     paths["summary_json"].write_text(json.dumps(summary, indent=2))
     paths["summary_md"].write_text(markdown_summary(result))

@@ -1,0 +1,53 @@
+"""Where a measured figure came from, recorded beside it in every bench and load-test JSON."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def provenance() -> dict:
+    """Where a figure came from: commit, package versions, processor and threads, command line."""
+    import importlib.metadata
+    import os
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+
+    import torch
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    cpu_model = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "dirty": dirty,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "versions": {name: version(name) for name in ("torch", "ray", "diffusers", "transformers")},
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,126 @@
+"""Every ``kandinsky-serve bench`` subcommand and ``loadtest``, run as a user runs them.
+
+Smallest settings that still take the real path: the CLI starts what it measures
+(its own Ray instance, beside the session's), exits 0 and writes JSON whose
+documented keys hold finite numbers, with provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PROVENANCE_KEYS = ("date", "commit", "command", "versions", "cpu_model", "cpus", "torch_threads")
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 both free (bench compare uses both)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_checkpoint, tmp_path_factory) -> Path:
+    """configs/local.yaml on the session's tiny checkpoint, without the decoder variants no
+    benchmark calls (two fewer replicas to start on 2 cores)."""
+    raw = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    raw["http_options"]["port"] = _free_port_pair()
+    app = raw["applications"][0]
+    app["args"]["models"].update(prior_path=str(tiny_checkpoint.prior), decoder_path=str(tiny_checkpoint.decoder))
+    app["deployments"] = [d for d in app["deployments"] if d["name"] not in ("InpaintDenoiser", "ControlnetDenoiser")]
+    path = tmp_path_factory.mktemp("bench") / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _run(args: list[str], cwd: Path, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def _finite(document: dict, dotted: str) -> float:
+    value = document
+    for key in dotted.split("."):
+        assert isinstance(value, dict) and key in value, f"missing key {dotted!r} in {sorted(document)}"
+        value = value[key]
+    assert isinstance(value, (int, float)) and math.isfinite(value), f"{dotted} = {value!r} is not a finite number"
+    return float(value)
+
+
+def _check_provenance(document: dict) -> None:
+    provenance = document["provenance"]
+    for key in PROVENANCE_KEYS:
+        assert provenance.get(key) not in (None, ""), f"provenance.{key} missing: {provenance}"
+    assert provenance["versions"]["torch"] and provenance["versions"]["ray"]
+
+
+def test_bench_latency_runs_and_writes_its_json(tiny_config, tmp_path):
+    out = tmp_path / "latency.json"
+    done = _run(["bench", "latency", "--config", str(tiny_config), "--steps", "2", "--prior-steps", "2",
+                 "--rounds", "1", "--out", str(out)], tmp_path)
+    assert "served / in-process" in done.stdout
+    result = json.loads(out.read_text())
+    for key in ("ratio_p50", "results.served.p50_ms", "results.in_process.p50_ms", "results.served.p90_ms"):
+        assert _finite(result, key) > 0
+    _check_provenance(result)
+
+
+def test_bench_batching_runs_and_writes_its_json(tiny_config, tmp_path):
+    out = tmp_path / "batching.json"
+    _run(["bench", "batching", "--config", str(tiny_config), "--steps", "2", "--max-batch", "2",
+          "--duration", "1", "--capacity-duration", "1", "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    for key in ("capacity_rps", "p99_step_over_request_at_70", "throughput_step_over_request_at_100",
+                "p99_step_over_request_when_idle_at_70", "throughput_step_over_request_when_idle_at_100"):
+        assert _finite(result, key) > 0
+    for mode in ("request", "request-when-idle", "step"):
+        assert len(result["modes"][mode]["points"]) == 3, mode
+    _check_provenance(result)
+
+
+def test_bench_compare_runs_and_writes_its_json(tiny_config, tmp_path):
+    out = tmp_path / "compare.json"
+    port = _free_port_pair()
+    _run(["bench", "compare", "--config", str(tiny_config), "--steps", "2", "--prior-steps", "2",
+          "--duration", "1.5", "--rates", "2", "--slo", "30", "--port", str(port), "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    for system in ("in-process", "monolith", "graph"):
+        assert _finite(result, f"systems.{system}.max_sustainable_rps") > 0, system
+        assert _finite(result, f"systems.{system}.at_load.p99_s") > 0, system
+    assert _finite(result, "throughput_graph_over_monolith") > 0
+    _check_provenance(result)
+
+
+def test_loadtest_runs_and_writes_its_summary(served_app, tmp_path):
+    url, _ = served_app
+    out = tmp_path / "report"
+    _run(["loadtest", str(ROOT / "serve" / "scenarios" / "example.yaml"), "--target", url, "--rate", "2",
+          "--duration", "1", "--timeout", "60", "--out", str(out), "--no-progress"], tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lost"] == 0
+    (step,) = summary["steps"]
+    assert step["sent"] >= 1 and step["succeeded"] == step["sent"], step
+    assert math.isfinite(step["p99_s"]) and step["p99_s"] > 0
+    _check_provenance(summary)
