@@ -14,35 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2 import downscale_height_and_width
 from ray import serve
 
 from deployments.batching import StepObserver, group_by, run_until_done
 from deployments.loading import DECODER_LAYOUT, CheckpointError, check_layout, load_pretrained, torch_dtype
-from deployments.messages import DenoiseParams, ImageEmbeddings, ImageLatents, Latents, StageTiming
+from deployments.messages import SCHEDULERS, DenoiseParams, ImageEmbeddings, ImageLatents, Latents, StageTiming
 from deployments.runtime import LoopReplica
 
 STAGE = "denoiser"
 LEARNED_VARIANCE = ("learned", "learned_range")
-
-
-def latent_size(height: int, width: int, scale_factor: int) -> tuple[int, int]:
-    """Latent height/width for an image size, by the reference pipelines' rounding rule."""
-
-    def side(pixels: int) -> int:
-        return -(-pixels // scale_factor**2) * scale_factor
-
-    return side(height), side(width)
-
-
-# Decoder schedulers that work with Kandinsky's U-Net and its pipelines' step loop (no
-# input scaling, init_noise_sigma 1): API name -> (diffusers class, config overrides).
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-VARIANTS = ("text2img", "inpaint", "controlnet")
 
 
 def strength_start(num_steps: int, strength: float) -> int:
@@ -198,7 +179,7 @@ class DenoiserModel:
             first = scheduler.timesteps[state.start_index : state.start_index + 1]
             state.latents = scheduler.add_noise(image_latents, noise, first)
         else:
-            height, width = latent_size(params.height, params.width, self.movq_scale_factor)
+            height, width = downscale_height_and_width(params.height, params.width, self.movq_scale_factor)
             shape = (1, self.latent_channels, height, width)
             state.latents = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype) * scheduler.init_noise_sigma
         if self.variant == "inpaint":
@@ -329,26 +310,24 @@ class DenoiserReplica(LoopReplica):
         return await self.run_request(embeddings, params, init, hint)
 
     def make_output(self, inputs: tuple, latents, timing: StageTiming) -> Latents:
-        embeddings, _, init, _ = inputs
-        upstream = {**embeddings.timings, **(init.timings if init is not None else {})}
-        return Latents(latents, embeddings.seeds, {**upstream, self.stage: timing}, embeddings.notes)
+        return Latents(latents, {self.stage: timing})
 
 
-@serve.deployment(name="Denoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
 class Denoiser(DenoiserReplica):
     """Text-to-image and image-to-image (``kandinsky-2-2-decoder``)."""
 
     stage = "denoiser"
 
 
-@serve.deployment(name="InpaintDenoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
 class InpaintDenoiser(DenoiserReplica):
     """Inpainting (``kandinsky-2-2-decoder-inpaint``)."""
 
     stage = "denoiser_inpaint"
 
 
-@serve.deployment(name="ControlnetDenoiser", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
 class ControlnetDenoiser(DenoiserReplica):
     """ControlNet depth, with or without an input image (``kandinsky-2-2-controlnet-depth``)."""
 

@@ -53,7 +53,7 @@ class ImageEncoderModel:
         self.embed([np.zeros((16, 16, 3), np.uint8)])
 
 
-@serve.deployment(name="ImageEncoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
 class ImageEncoder(StageReplica):
     """Batches input images from many requests into one encoder forward pass."""
 

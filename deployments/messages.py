@@ -12,6 +12,16 @@ from typing import Literal
 import numpy as np
 
 
+# Decoder schedulers that work with Kandinsky's U-Net and its pipelines' step loop (no
+# input scaling, init_noise_sigma 1): API name -> (diffusers class, config overrides).
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
 @dataclass(frozen=True)
 class StageTiming:
     """Where one request's time went in one stage."""
@@ -22,13 +32,13 @@ class StageTiming:
 
 
 Timings = dict[str, StageTiming]
+"""A stage output's own timing, by timing key (one entry; ``serve.graph.plan`` merges a request's)."""
 
 
 @dataclass
 class TextEmbeddings:
-    """CLIP text encodings of ``texts``, one row each, in request order."""
+    """CLIP text encodings of a call's texts, one row each, in request order."""
 
-    texts: list[str]
     text_embeds: np.ndarray  # (n, D) pooled, projected
     hidden_states: np.ndarray  # (n, L, H) last hidden states
     attention_mask: np.ndarray  # (n, L) bool
@@ -56,22 +66,39 @@ class MixTerm:
 
 
 @dataclass(frozen=True)
-class PriorParams:
-    """How the prior should turn one prompt into one image embedding per seed.
+class TextRows:
+    """Which row of the text embeddings is which prompt."""
 
-    Text rows: ``[prompt, negative prompt or ""]``; for a mix, ``[item texts..., "", negative?]``.
-    """
+    prompt: int = 0
+    """The prompt (unused by a mix, whose text items name their rows)."""
+    unconditional: int = 1
+    """What guidance pushes away from: the negative prompt when there is one, else ``""``."""
+    negative: int | None = None
+    """The user's negative prompt, itself denoised into the negative image embedding; None: none given."""
+
+    @classmethod
+    def pair(cls, has_negative: bool) -> "TextRows":
+        """The rows of ``[prompt, negative prompt or ""]``."""
+        return cls(prompt=0, unconditional=1, negative=1 if has_negative else None)
+
+
+@dataclass(frozen=True)
+class PriorParams:
+    """How the prior should turn one prompt (or a mix) into one image embedding per seed."""
 
     seeds: tuple[int, ...]
     num_steps: int
     guidance_scale: float
-    has_negative: bool
-    """True when the text embeddings include a user negative prompt (row 1; for a mix, the last row)."""
+    rows: TextRows = TextRows()
     request_id: str = ""
     strength: float | None = None
     """Variations: start from the input image's embedding re-noised this much (emb2emb)."""
     mix: tuple[MixTerm, ...] = ()
     """Mixing: the weighted sum of these terms, texts run in order with one generator per seed."""
+
+    @property
+    def has_negative(self) -> bool:
+        return self.rows.negative is not None
 
 
 @dataclass
@@ -81,9 +108,12 @@ class ImageEmbeddings:
     image_embeds: np.ndarray  # (N, D)
     negative_image_embeds: np.ndarray  # (N, D)
     seeds: list[int]
+    """One per row: the denoiser draws each image's initial noise from its seed."""
     timings: Timings = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-    """Things the client should know (e.g. a prompt truncated to the encoder's window)."""
+
+    @property
+    def count(self) -> int:
+        return len(self.seeds)
 
 
 @dataclass(frozen=True)
@@ -96,7 +126,7 @@ class DenoiseParams:
     guidance_scale: float
     request_id: str = ""
     scheduler: str = "ddpm"
-    """One of ``deployments.denoiser.SCHEDULERS``."""
+    """One of :data:`SCHEDULERS`."""
     strength: float | None = None
     """Image-to-image: start from the input image's latents noised to this fraction of the schedule."""
 
@@ -137,10 +167,11 @@ class Latents:
     """Final MOVQ latents, one row per image."""
 
     latents: np.ndarray  # (N, C, h, w)
-    seeds: list[int]
     timings: Timings = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-    """Things the client should know (e.g. a prompt truncated to the encoder's window)."""
+
+    @property
+    def count(self) -> int:
+        return len(self.latents)
 
 
 @dataclass(frozen=True)
@@ -152,11 +183,18 @@ class DecodeParams:
 
 @dataclass
 class EncodedImages:
-    """The request's images, encoded, with every stage's timing."""
+    """The request's images, encoded. From the MOVQ stage with its own timing only; the
+    plan adds the request's seeds, every stage's timing and the text encoder's notes."""
 
     images: list[bytes]
     media_type: str
-    seeds: list[int]
+    seeds: list[int] = field(default_factory=list)
     timings: Timings = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     """Things the client should know (e.g. a prompt truncated to the encoder's window)."""
+    call_ms: dict[str, float] = field(default_factory=dict)
+    """Each stage call's round trip from the ingress (queue + compute + routing and transfer), by timing key."""
+
+    @property
+    def count(self) -> int:
+        return len(self.images)

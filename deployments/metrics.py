@@ -184,7 +184,7 @@ class StageMetrics:
 
 
 class IngressMetrics:
-    """HTTP-level figures; the API layer calls these through :class:`serve.api.ApiMetrics`."""
+    """HTTP-level figures; the API layer calls these through :class:`serve.http.app.ApiMetrics`."""
 
     def __init__(self) -> None:
         self.http_requests = make(HTTP_REQUESTS)

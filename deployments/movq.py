@@ -147,7 +147,7 @@ def encode_image(pixels: np.ndarray, output_format: str) -> bytes:
     return buffer.getvalue()
 
 
-@serve.deployment(name="MovqDecoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class MovqDecoder(StageReplica):
     """Batches requests' latents into shared MOVQ decode passes and encodes the images;
     batches input images into shared MOVQ encode passes."""
@@ -211,8 +211,6 @@ class MovqDecoder(StageReplica):
             latents, params = call.payload
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
             results.append(
-                EncodedImages(
-                    images, MEDIA_TYPES[params.output_format], latents.seeds, {**latents.timings, STAGE: timing}, latents.notes
-                )
+EncodedImages(images, MEDIA_TYPES[params.output_format], timings={STAGE: timing})
             )
         return results

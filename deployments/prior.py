@@ -170,11 +170,11 @@ class PriorModel:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         if params.mix:
             return self._start_mix(text, params, generator, images)
-        # Rows: 0 the prompt, 1 the negative prompt or "". As in the reference, a negative
-        # prompt is itself denoised (guided against itself) and becomes the negative image
-        # embedding; "" is only the unconditional text.
-        cond_rows = [0, 1] if params.has_negative else [0]
-        uncond_rows = [1, 1] if params.has_negative else [1]
+        # As in the reference, a negative prompt is itself denoised (guided against itself)
+        # and becomes the negative image embedding; "" is only the unconditional text.
+        rows = params.rows
+        cond_rows = [rows.prompt] if rows.negative is None else [rows.prompt, rows.negative]
+        uncond_rows = [rows.unconditional] * len(cond_rows)
         init = None
         if params.strength is not None:
             if images is None:
@@ -184,10 +184,10 @@ class PriorModel:
 
     def _start_mix(self, text: TextEmbeddings, params: PriorParams, generator, images) -> MixState:
         texts = [term.index for term in params.mix if term.source == "text"]
-        uncond = len(texts)  # rows: the item texts, then "", then the negative prompt if any
+        uncond = params.rows.unconditional
         runs = [([row], [uncond]) for row in texts]
-        if params.has_negative:
-            runs.append(([uncond + 1], [uncond]))
+        if params.rows.negative is not None:
+            runs.append(([params.rows.negative], [uncond]))
         state = MixState(text, params, None if images is None else images.image_embeds, generator, runs)
         self._advance(state)
         return state
@@ -287,7 +287,7 @@ class PriorModel:
         return [self.finish_all(job) for job in states]
 
 
-@serve.deployment(name="Prior", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class Prior(LoopReplica):
     """The prior's denoising loop, shared by many requests (step or request batching)."""
 
@@ -300,5 +300,4 @@ class Prior(LoopReplica):
     def make_output(self, inputs: tuple, output, timing: StageTiming) -> ImageEmbeddings:
         text, params, images = inputs
         embeds, negative = output
-        upstream = {**text.timings, **(images.timings if images is not None else {})}
-        return ImageEmbeddings(embeds, negative, list(params.seeds), {**upstream, STAGE: timing}, text.notes)
+        return ImageEmbeddings(embeds, negative, list(params.seeds), {STAGE: timing})

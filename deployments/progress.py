@@ -1,13 +1,11 @@
-"""Per-request progress of a replica's denoising loop, for whoever subscribes.
+"""Per-request progress of a replica's denoising loop, polled by the job runner.
 
 The step scheduler reports every image's every step; the board turns that into
-"request R: d of n image-steps done" and pushes each change to subscribers (a
-progress API, a test). Progress only moves forward.
+"request R: d of n image-steps done". Progress only moves forward.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,13 +26,11 @@ class Progress:
 class ProgressBoard:
     def __init__(self) -> None:
         self._progress: dict[str, Progress] = {}
-        self._subscribers: dict[str, list[asyncio.Queue]] = {}
         self._recent: OrderedDict[str, Progress] = OrderedDict()
 
     def start(self, key: str, total: int) -> None:
         if key:
             self._progress[key] = Progress(0, total)
-            self._publish(key)
 
     def finish(self, key: str) -> None:
         last = self._progress.pop(key, None)
@@ -43,8 +39,6 @@ class ProgressBoard:
             self._recent.move_to_end(key)
             while len(self._recent) > RECENT_REQUESTS:
                 self._recent.popitem(last=False)
-        for queue in self._subscribers.pop(key, []):
-            queue.put_nowait(None)  # end of stream
 
     def get(self, key: str) -> Progress | None:
         return self._progress.get(key)
@@ -58,14 +52,6 @@ class ProgressBoard:
             return self._recent[key], True
         return None
 
-    def subscribe(self, key: str) -> asyncio.Queue:
-        """A queue of :class:`Progress` updates for ``key``, ending with ``None``."""
-        queue: asyncio.Queue = asyncio.Queue()
-        self._subscribers.setdefault(key, []).append(queue)
-        if key in self._progress:
-            queue.put_nowait(self._progress[key])
-        return queue
-
     # StepObserver
     def on_admit(self, queue_wait_s: float) -> None:
         pass
@@ -77,9 +63,4 @@ class ProgressBoard:
         current = self._progress.get(key)
         if current is not None:
             self._progress[key] = Progress(min(current.done + 1, current.total), current.total)
-            self._publish(key)
-
-    def _publish(self, key: str) -> None:
-        for queue in self._subscribers.get(key, []):
-            queue.put_nowait(self._progress[key])
 

@@ -136,7 +136,7 @@ class StageReplica:
             logger.warning("request %s: stage %s failed: %s", request_id, self.stage, type(error).__name__,
                            extra={"stage": self.stage, "error_type": type(error).__name__})
             raise
-        self.metrics.produced(len(getattr(result, "seeds", ())))  # images out of this stage
+        self.metrics.produced(getattr(result, "count", 0))  # images out of this stage (0: encodings)
         timing = result.timings[stage or self.stage]
         logger.info(
             "request %s: stage %s done: batch_size=%d queue_ms=%.1f compute_ms=%.1f",
@@ -160,9 +160,6 @@ class StageReplica:
             getattr(self, name).set_max_batch_size(settings.max_batch_size)
             getattr(self, name).set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.batch_settings = settings
-
-    async def ready(self) -> bool:
-        return True
 
     async def check_health(self) -> None:
         """Called by Ray Serve every ``health_check_period_s``; raising gets the replica replaced.

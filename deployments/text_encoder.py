@@ -63,7 +63,7 @@ class TextEncoderModel:
         self.encode([""])
 
 
-@serve.deployment(name="TextEncoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class TextEncoder(StageReplica):
     """Batches prompts from many requests into one encoder forward pass."""
 
@@ -85,5 +85,5 @@ class TextEncoder(StageReplica):
             rows = slice(offset, offset + len(call.payload))
             offset = rows.stop
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
-            results.append(TextEmbeddings(call.payload, embeds[rows], hidden[rows], mask[rows], {STAGE: timing}, note))
+            results.append(TextEmbeddings(embeds[rows], hidden[rows], mask[rows], {STAGE: timing}, note))
         return results

@@ -10,47 +10,23 @@ import threading
 from pathlib import Path
 
 from deployments.loading import CheckpointError
-from serve.cluster import DEFAULT_CLUSTER_CONFIG, DEFAULT_NODE_TYPES
-from serve.settings import ConfigError, LoadedConfig, load_config
+from serve.tools.cluster import DEFAULT_CLUSTER_CONFIG, DEFAULT_NODE_TYPES
+from serve.settings import ConfigError, load_config
 
 DEFAULT_CONFIG = "configs/local.yaml"
 
 
-def start_service(config: LoadedConfig, host: str | None = None, port: int | None = None) -> str:
-    """Start Ray (localhost-only dashboard) unless connected already, and the application; return the base URL."""
-    import ray
-    from ray import serve
-
-    from serve.graph import build_graph
-
-    app_schema = config.raw["applications"][0]
-    app = build_graph(app_schema.get("args"), config.deployment_options)
-    host = host or config.http_host
-    port = port or config.http_port
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
-    # The config's http_options (request_timeout_s, ...) and proxy_location, as `serve deploy` would apply them.
-    http_options = {**config.raw.get("http_options", {}), "host": host, "port": port}
-    serve.start(http_options=http_options, proxy_location=config.raw.get("proxy_location"))
-    serve.run(
-        app,
-        name=config.app_name,
-        route_prefix=app_schema.get("route_prefix", "/"),
-        logging_config=config.logging_config,
-    )
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{shown}:{port}"
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    from serve.graph.service import start_service
+
     url = start_service(config, args.host, args.port)
     print(f"kandinsky-serve is up: {url}  (API docs: {url}/docs; Ctrl-C stops it)", flush=True)
     signals = _StopSignals()
     signals.first.wait()
     from ray import serve
 
-    from serve.shutdown import drain_service
+    from serve.graph.shutdown import drain_service
 
     # No request outlives the proxy's timeout, so waiting longer than it is never needed.
     timeout_s = args.drain_timeout_s
@@ -97,7 +73,7 @@ def _wait_for_stop(timeout_s: float | None = None) -> None:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from serve.tiny import make_tiny
+    from serve.training.tiny import make_tiny
 
     checkpoint = make_tiny(args.dir, args.seed)
     for name, path in checkpoint._asdict().items():
@@ -106,7 +82,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster_render(args: argparse.Namespace) -> int:
-    from serve.cluster import load_shape, render_rayservice
+    from serve.tools.cluster import load_shape, render_rayservice
 
     text = render_rayservice(load_config(args.config), load_shape(args.nodes), args.config, args.nodes, args.name)
     if args.output == "-":
@@ -133,7 +109,7 @@ def _parse_workers(items: list[str]) -> dict[str, int]:
 def _cmd_cluster_local(args: argparse.Namespace) -> int:
     """Head and worker nodes on this machine with the node types' resources, the config on
     CPU, where each replica landed; torn down on Ctrl-C (or after --hold-s)."""
-    from serve.cluster import LocalCluster, fit_problems, load_shape, on_cpu, placement_lines
+    from serve.tools.cluster import LocalCluster, fit_problems, load_shape, on_cpu, placement_lines
 
     shape = load_shape(args.nodes)
     config = load_config(args.config)
@@ -141,6 +117,8 @@ def _cmd_cluster_local(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("\n".join(problems))
     workers = _parse_workers(args.workers) if args.workers else {t.name: 1 for t in shape.workers}
+    from serve.graph.service import start_service
+
     with LocalCluster(shape, workers) as cluster:
         print(f"nodes: head + {', '.join(f'{n} x {t}' for t, n in workers.items())}; dashboard {cluster.dashboard_url}", flush=True)
         url = start_service(on_cpu(config), port=args.port)
@@ -174,7 +152,7 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 def _cmd_train_prior(args: argparse.Namespace) -> int:
     import torch
 
-    from serve.training.prior import finetune_prior
+    from serve.training.finetune import finetune_prior
 
     torch.set_num_threads(args.threads)
     out = finetune_prior(
@@ -186,10 +164,10 @@ def _cmd_train_prior(args: argparse.Namespace) -> int:
 
 
 def _bench(kind: str):
-    """Run ``serve.bench.bench_<kind>`` with the subcommand's options as keyword arguments."""
+    """Run ``serve.tools.bench.bench_<kind>`` with the subcommand's options as keyword arguments."""
 
     def run(args: argparse.Namespace) -> int:
-        from serve import bench
+        from serve.tools import bench
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "kind", "func")}
         getattr(bench, f"bench_{kind}")(**{**options, "out": Path(options["out"])})
@@ -199,7 +177,7 @@ def _bench(kind: str):
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from serve.loadtest import load_scenario, run_loadtest
+    from serve.tools.loadtest import load_scenario, run_loadtest
 
     scenario = load_scenario(
         args.scenario, target=args.target, rate=args.rate, duration_s=args.duration,
@@ -210,7 +188,7 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from serve.auth import add_key, revoke_key
+    from serve.http.auth import add_key, revoke_key
 
     path = Path(args.file)
     try:
@@ -391,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     latency = bench_kind("latency", "single-request latency: diffusers in-process vs the served graph")
     latency.add_argument("--prior-steps", type=int, default=25)
     latency.add_argument("--rounds", type=int, default=10)
+    latency.add_argument("--breakdown", action="store_true",
+                         help="also split the served latency into its hops (proxy, each stage call, the ingress)")
     batching = bench_kind("batching", "step vs request batching under open-loop Poisson load")
     batching.add_argument("--max-batch", type=int, default=8)
     batching.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per load point")

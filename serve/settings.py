@@ -21,20 +21,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
-from serve.jobs import JobSettings
+from deployments.registry import BY_NAME, INGRESS_NAME, STAGE_NAMES, STAGES
 
-PRIOR_PATH_ENV = "KANDINSKY_PRIOR_PATH"
-DECODER_PATH_ENV = "KANDINSKY_DECODER_PATH"
-INPAINT_DECODER_PATH_ENV = "KANDINSKY_INPAINT_DECODER_PATH"
-CONTROLNET_DECODER_PATH_ENV = "KANDINSKY_CONTROLNET_DECODER_PATH"
 CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
 API_KEYS_FILE_ENV = "KANDINSKY_API_KEYS_FILE"
 
-STAGE_NAMES = ("TextEncoder", "ImageEncoder", "Prior", "Denoiser", "InpaintDenoiser", "ControlnetDenoiser", "MovqDecoder")
-LOOP_STAGE_NAMES = ("Prior", "Denoiser", "InpaintDenoiser", "ControlnetDenoiser")  # user_config is LoopBatchSettings
-# Decoder variants: deployment name -> the ModelSettings field that enables it.
-VARIANT_PATH_FIELDS = {"InpaintDenoiser": "inpaint_decoder_path", "ControlnetDenoiser": "controlnet_decoder_path"}
-INGRESS_NAME = "Ingress"
 
 
 def default_cache_dir() -> Path:
@@ -81,14 +72,9 @@ class ModelSettings(BaseModel):
     def with_env_overrides(self) -> "ModelSettings":
         """``KANDINSKY_PRIOR_PATH`` / ``KANDINSKY_DECODER_PATH`` (and the variants') win over the file."""
         updates = {}
-        if os.environ.get(PRIOR_PATH_ENV):
-            updates["prior_path"] = Path(os.environ[PRIOR_PATH_ENV])
-        if os.environ.get(DECODER_PATH_ENV):
-            updates["decoder_path"] = Path(os.environ[DECODER_PATH_ENV])
-        if os.environ.get(INPAINT_DECODER_PATH_ENV):
-            updates["inpaint_decoder_path"] = Path(os.environ[INPAINT_DECODER_PATH_ENV])
-        if os.environ.get(CONTROLNET_DECODER_PATH_ENV):
-            updates["controlnet_decoder_path"] = Path(os.environ[CONTROLNET_DECODER_PATH_ENV])
+        for stage in STAGES:
+            if os.environ.get(stage.path_env):
+                updates[stage.path_field] = Path(os.environ[stage.path_env])
         if not updates:
             return self
         return ModelSettings.model_validate({**self.model_dump(), **updates})
@@ -108,7 +94,7 @@ class ApiLimits(BaseModel):
     """Most images one request may ask for."""
     max_steps: int = Field(default=150, ge=1, le=1000)
     """Most decoder denoising steps."""
-    max_prior_steps: int = Field(default=100, ge=1, le=1000)
+    max_prior_steps: int = Field(default=100, ge=2, le=1000)
     """Most prior denoising steps."""
     max_prompt_chars: int = Field(default=2000, ge=1, le=100_000)
     """Longest prompt or negative prompt in characters (the encoder truncates at 77 tokens)."""
@@ -161,6 +147,36 @@ class AuthSettings(BaseModel):
     def keys_file(self) -> Path | None:
         env = os.environ.get(API_KEYS_FILE_ENV)
         return Path(env) if env else self.api_keys_file
+
+
+class JobSettings(BaseModel):
+    """``args.jobs``: where job state lives, how long it is kept, how many jobs at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store_name: str = Field(default="kandinsky-serve-jobs", min_length=1, max_length=100)
+    """Name of the detached Ray actor holding job state (namespace ``kandinsky-serve``).
+    Every ingress replica of every deployment that names the same store shares it."""
+    ttl_s: float = Field(default=3600.0, gt=0)
+    """Finished jobs (and their images) are forgotten this long after they finish."""
+    max_active_jobs_per_client: int = Field(default=8, ge=1)
+    """Queued plus running jobs of one client; more get 429 with Retry-After."""
+    max_active_jobs: int = Field(default=256, ge=1)
+    """Queued plus running jobs of all clients; more get 429 with Retry-After."""
+    max_stored_jobs: int = Field(default=1024, ge=1)
+    """Jobs held at once, finished ones included; more get 429."""
+    max_stored_image_bytes: int = Field(default=1024**3, ge=1)
+    """Result images held at once, in bytes (they live in the store actor's memory); past it,
+    new jobs get 429 until finished jobs expire."""
+    max_running_jobs: int = Field(default=16, ge=1)
+    """Jobs one ingress replica runs at once; the others wait in state ``queued``."""
+    progress_interval_s: float = Field(default=0.2, gt=0, le=5.0)
+    """How often a running job polls the denoising loops for its progress."""
+    lease_s: float = Field(default=30.0, gt=0)
+    """A queued or running job whose replica has not reported for this long (the replica
+    died) is failed with ``runner_lost``."""
+    preview_max_side: int = Field(default=128, ge=16, le=512)
+    """Longest side of a preview image, in pixels."""
 
 
 class ServiceSettings(BaseModel):
@@ -264,7 +280,7 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
         opts = deployment.model_dump(exclude_unset=True, exclude={"name"})
         if deployment.name in STAGE_NAMES:
             try:
-                settings_class = LoopBatchSettings if deployment.name in LOOP_STAGE_NAMES else BatchSettings
+                settings_class = LoopBatchSettings if BY_NAME[deployment.name].loop else BatchSettings
                 batch = settings_class.model_validate(opts.get("user_config") or {})
             except ValidationError as error:
                 problems.extend(_format_errors(source, f"{where}.user_config", error))
@@ -276,7 +292,8 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
                     f"{batch.max_batch_size}; batches could never fill — raise max_ongoing_requests to at least "
                     f"{batch.max_batch_size}"
                 )
-        variant_field = VARIANT_PATH_FIELDS.get(deployment.name)
+        stage = BY_NAME.get(deployment.name)
+        variant_field = stage.path_field if stage is not None and stage.optional else None
         models = service.models
         if variant_field and models.prior_path is not None and getattr(models, variant_field) is None:
             problems.append(

@@ -7,6 +7,8 @@ import socket
 
 import pytest
 
+from deployments.registry import INGRESS_NAME, STAGE_NAMES
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Replicas accept fault injection (StageReplica.inject_fault) in this test session only.
@@ -25,21 +27,31 @@ TEST_DEPLOYMENT_OPTIONS = {
         "ray_actor_options": {"num_cpus": 0.25},
         "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "torch_threads": 1},
     }
-    for name in ("TextEncoder", "ImageEncoder", "Prior", "Denoiser", "InpaintDenoiser", "ControlnetDenoiser", "MovqDecoder")
+    for name in STAGE_NAMES
 }
-TEST_DEPLOYMENT_OPTIONS["Ingress"] = {"ray_actor_options": {"num_cpus": 0.1}}
+TEST_DEPLOYMENT_OPTIONS[INGRESS_NAME] = {"ray_actor_options": {"num_cpus": 0.1}}
 
 
+TIERS = ("unit", "integration", "e2e", "chaos", "security", "multinode", "quality")
+"""One marker per test folder (``pytest -m unit``); registered in pyproject.toml."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(session, config, items):
-    """tests/multinode starts Ray clusters of its own after shutting the shared instance
-    down, so it runs last (a stable sort keeps every other test's order)."""
+    """Mark each test with its folder's tier. tests/multinode starts Ray clusters of its own
+    after shutting the shared instance down, so it runs last (a stable sort keeps every
+    other test's order)."""
+    for item in items:
+        parts = item.path.relative_to(config.rootpath).parts
+        if len(parts) > 2 and parts[0] == "tests" and parts[1] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[1]))
     items.sort(key=lambda item: "multinode" in item.path.parts)
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """The tiny checkpoint written for this session: (prior, decoder, inpaint_decoder, controlnet_decoder)."""
-    from serve.tiny import make_tiny
+    from serve.training.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
 
@@ -68,7 +80,7 @@ def served_app(ray_session, tiny_checkpoint):
     """The full graph on the tiny checkpoint: (base_url, ingress handle)."""
     from ray import serve
 
-    from serve.graph import build_graph
+    from serve.graph.build import build_graph
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -91,8 +103,8 @@ def guarded_app(served_app, tiny_checkpoint, tmp_path_factory):
     caps and 1 s health checks, for tests/chaos and tests/security: (base_url, {key name: key})."""
     from ray import serve
 
-    from serve.auth import add_key, revoke_key
-    from serve.graph import build_graph
+    from serve.http.auth import add_key, revoke_key
+    from serve.graph.build import build_graph
 
     url, _ = served_app
     keys_path = tmp_path_factory.mktemp("keys") / "keys.yaml"
@@ -134,7 +146,7 @@ def deploy_guarded(**admission) -> None:
     ingress restarts: the stages' arguments are unchanged)."""
     from ray import serve
 
-    from serve.graph import build_graph
+    from serve.graph.build import build_graph
 
     args = {**_GUARDED_DEPLOYMENT["args"]}
     args["admission"] = {**args["admission"], **admission}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from deployments.messages import EncodedImages, StageTiming
-from serve.jobs import LoopProgress
+from serve.jobs.progress import LoopProgress
 
 
 class FakeJobBackend:

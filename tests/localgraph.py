@@ -1,4 +1,4 @@
-"""Every stage model in one process, called through :func:`serve.plan.plan` as the ingress calls the deployments."""
+"""Every stage model in one process, called through :func:`serve.graph.plan.plan` as the ingress calls the deployments."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import asyncio
 
 from deployments.denoiser import DenoiserModel
 from deployments.image_encoder import ImageEncoderModel
-from deployments.messages import ClipImageEmbeddings, ImageEmbeddings, ImageLatents, Latents, TextEmbeddings
+from deployments.messages import ClipImageEmbeddings, EncodedImages, ImageEmbeddings, ImageLatents, Latents, TextEmbeddings
 from deployments.movq import MovqModel, feather
 from deployments.prior import PriorModel
 from deployments.text_encoder import TextEncoderModel
-from serve.plan import plan
+from serve.graph.plan import plan
 
 
 class LocalCalls:
-    """:class:`serve.plan.StageCalls` on the models, one request at a time (returns values, not handles)."""
+    """:class:`serve.graph.plan.StageCalls` on the models, one request at a time (returns values, not handles)."""
 
     def __init__(self, checkpoint) -> None:
         prior_path, decoder_path, inpaint_path, controlnet_path = checkpoint
@@ -29,7 +29,7 @@ class LocalCalls:
         self.movq = MovqModel.from_pretrained(decoder_path)
 
     async def encode_text(self, texts, request_id):
-        return TextEmbeddings(texts, *self.text.encode(texts))
+        return TextEmbeddings(*self.text.encode(texts))
 
     async def embed_images(self, images, request_id):
         return ClipImageEmbeddings(self.images.embed(images))
@@ -44,17 +44,17 @@ class LocalCalls:
 
     async def denoise(self, decoder, embeddings, params, init=None, hint=None):
         [latents] = self.decoders[decoder].generate([(embeddings, params, init, hint)])
-        return Latents(latents, embeddings.seeds)
+        return Latents(latents)
 
     async def decode(self, latents, params):
         [images] = self.movq.decode_many([latents.latents])
         if params.composite is not None:
             images = [feather(image, params.composite) for image in images]
-        return list(images)
+        return EncodedImages(list(images), "raw")
 
     def generate(self, spec):
         """(H, W, 3) uint8 images of ``spec``."""
-        return asyncio.run(plan(spec, self, "local"))
+        return asyncio.run(plan(spec, self, "local")).images
 
 
 class _Pending:
@@ -125,7 +125,8 @@ class BatchedCalls(LocalCalls):
             self.batch_sizes[stage] = max(self.batch_sizes.get(stage, 0), len(calls))
             getattr(self, f"_run_{stage}")(calls)
         self.pending = []
-        return [task.result() for task in tasks]
+        return [task.result().images for task in tasks]
+
     def _run_text(self, calls):
         flat = [text for call in calls for text in call.args[0]]
         embeds, hidden, mask = self.text.encode(flat)
@@ -133,7 +134,7 @@ class BatchedCalls(LocalCalls):
         for call in calls:
             rows = slice(offset, offset + len(call.args[0]))
             offset = rows.stop
-            call.value = TextEmbeddings(call.args[0], embeds[rows], hidden[rows], mask[rows])
+            call.value = TextEmbeddings(embeds[rows], hidden[rows], mask[rows])
 
     def _run_images(self, calls):
         embeds = self.images.embed([image for call in calls for image in call.args[0]])
@@ -155,9 +156,9 @@ class BatchedCalls(LocalCalls):
             mine = [call for call in calls if call.args[0] == decoder]
             if mine:
                 for call, latents in zip(mine, model.generate([call.args[1:] for call in mine])):
-                    call.value = Latents(latents, call.args[1].seeds)
+                    call.value = Latents(latents)
 
     def _run_decode(self, calls):
         for call, images in zip(calls, self.movq.decode_many([call.args[0].latents for call in calls])):
             composite = call.args[1].composite
-            call.value = [image if composite is None else feather(image, composite) for image in images]
+            call.value = EncodedImages([image if composite is None else feather(image, composite) for image in images], "raw")

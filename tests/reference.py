@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from serve.schemas import GenerationSpec as Text2ImgSpec
+from serve.http.schemas import GenerationSpec as Text2ImgSpec
 
 MAX_PIXEL_DIFF = 1  # of 255
 

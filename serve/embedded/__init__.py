@@ -40,14 +40,14 @@ def trained_checkpoint() -> tuple[Path, Path]:
 
 def embedded_checkpoint(cache_dir: Path | str):
     """The shipped prior and decoder plus both decoder variants (derived once per cache
-    dir and shipped weights); a :class:`serve.tiny.TinyCheckpoint`."""
+    dir and shipped weights); a :class:`serve.training.tiny.TinyCheckpoint`."""
     return with_derived_variants(*trained_checkpoint(), cache_dir)
 
 
 def with_derived_variants(prior: Path, decoder: Path, cache_dir: Path | str):
     """``prior`` and ``decoder`` plus the decoder's variants, derived into ``cache_dir`` once
-    per decoder weights; a :class:`serve.tiny.TinyCheckpoint`."""
-    from serve.tiny import TinyCheckpoint, build_once
+    per decoder weights; a :class:`serve.training.tiny.TinyCheckpoint`."""
+    from serve.training.tiny import TinyCheckpoint, build_once
 
     # The variants copy both the U-Net and the MOVQ: a MOVQ retrained alone (the recipe's
     # refinement) must not find variants derived from the old one.

@@ -31,7 +31,7 @@ IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def build_trained_tokenizer():
     """CLIP BPE learned locally from the built-in word list plus the captions' words (en + ru)."""
-    from serve.tiny import _CORPUS, build_tokenizer
+    from serve.training.tiny import _CORPUS, build_tokenizer
 
     corpus = sorted(set(_CORPUS) | set(caption_words()))
     return build_tokenizer(corpus, num_merges=NUM_MERGES, max_length=MAX_TOKENS)

@@ -21,7 +21,7 @@ from serve.training import decoder as decoder_mod
 from serve.training import movq as movq_mod
 from serve.training import prior as prior_mod
 from serve.training.common import seed_everything
-from serve.tiny import decoder_scheduler, prior_scheduler
+from serve.training.tiny import decoder_scheduler, prior_scheduler
 from serve.training.data import DATA_VERSION, make_scene_set
 
 
@@ -259,7 +259,7 @@ def train_tiny(
     for model in (text_encoder, image_encoder, movq, prior, unet):
         model.to("cpu")
 
-    # 7. The two folders, saved exactly as serve/tiny.py:make_tiny saves them.
+    # 7. The two folders, saved exactly as serve/training/tiny.py:make_tiny saves them.
     prior_dir = prior_mod.save_prior_pipeline(
         {
             "prior": prior, "image_encoder": image_encoder, "text_encoder": text_encoder, "tokenizer": tokenizer,

@@ -11,7 +11,7 @@ import pytest
 import ray
 from ray import serve
 
-from serve.loadtest import Arrival, LoadTest, RequestMix, Scenario
+from serve.tools.loadtest import Arrival, LoadTest, RequestMix, Scenario
 from tests.conftest import APP_NAME, GUARDED_APP
 
 BODY = {"prompt": "a red circle", "width": 64, "height": 64, "prior_steps": 3, "steps": 6}

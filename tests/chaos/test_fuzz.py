@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from deployments.messages import EncodedImages, StageTiming
-from serve.api import create_app
+from serve.http.app import create_app
 from serve.settings import ApiLimits
 from tests.chaos.test_faults import replica_actors
 

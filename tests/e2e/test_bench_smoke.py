@@ -79,11 +79,15 @@ def _check_provenance(document: dict) -> None:
 def test_bench_latency_runs_and_writes_its_json(tiny_config, tmp_path):
     out = tmp_path / "latency.json"
     done = _run(["bench", "latency", "--config", str(tiny_config), "--steps", "2", "--prior-steps", "2",
-                 "--rounds", "1", "--out", str(out)], tmp_path)
-    assert "served / in-process" in done.stdout
+                 "--rounds", "1", "--breakdown", "--out", str(out)], tmp_path)
+    assert "served / in-process" in done.stdout and "where a served request's time goes" in done.stdout
     result = json.loads(out.read_text())
-    for key in ("ratio_p50", "results.served.p50_ms", "results.in_process.p50_ms", "results.served.p90_ms"):
+    for key in ("ratio_p50", "results.served.p50_ms", "results.in_process.p50_ms", "results.served.p90_ms",
+                "breakdown.client_ms", "breakdown.ingress_total_ms", "breakdown.compute_ms"):
         assert _finite(result, key) > 0
+    assert set(result["breakdown"]["stages"]) == {"text_encoder", "prior", "denoiser", "movq"}
+    for stage in result["breakdown"]["stages"]:
+        assert _finite(result, f"breakdown.stages.{stage}.call_ms") >= _finite(result, f"breakdown.stages.{stage}.compute_ms")
     _check_provenance(result)
 
 
@@ -116,7 +120,7 @@ def test_bench_compare_runs_and_writes_its_json(tiny_config, tmp_path):
 def test_loadtest_runs_and_writes_its_summary(served_app, tmp_path):
     url, _ = served_app
     out = tmp_path / "report"
-    _run(["loadtest", str(ROOT / "serve" / "scenarios" / "example.yaml"), "--target", url, "--rate", "2",
+    _run(["loadtest", str(ROOT / "serve" / "tools" / "scenarios" / "example.yaml"), "--target", url, "--rate", "2",
           "--duration", "1", "--timeout", "60", "--out", str(out), "--no-progress"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lost"] == 0

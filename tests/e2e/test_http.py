@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve.schemas import MODES
-from serve.settings import STAGE_NAMES
+from deployments.registry import MODES, STAGE_NAMES
 
 REQUEST = {"prompt": "a green triangle", "width": 128, "height": 64, "prior_steps": 3, "steps": 5}
 

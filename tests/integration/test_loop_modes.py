@@ -11,7 +11,7 @@ from ray import serve
 
 from deployments.messages import DenoiseParams, ImageEmbeddings
 from deployments.movq import MovqModel
-from serve.bench import deploy_denoiser
+from serve.tools.bench import deploy_denoiser
 from tests.conftest import APP_NAME
 from tests.reference import MAX_PIXEL_DIFF, max_diff
 

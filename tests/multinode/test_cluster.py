@@ -3,7 +3,7 @@ autoscaling, node loss.
 
 One head and three worker "nodes" (one small-gpu, two denoiser-gpu; a third denoiser-gpu
 joins for the node-loss test) of the node types in cluster/node-types.yaml run as
-processes on this machine (serve.cluster.LocalCluster), each declaring its type's CPUs,
+processes on this machine (serve.tools.cluster.LocalCluster), each declaring its type's CPUs,
 logical GPUs and custom resource; the config is deployed unchanged but for the tiny
 checkpoint on CPU and, for the autoscaling test, short delays. The tests run in file
 order on one deployment; they start their own Ray cluster, so tests/conftest.py runs
@@ -21,10 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.cli import start_service
-from serve.cluster import LocalCluster, load_shape, node_type_of, on_cpu, replica_nodes
-from serve.loadtest import LoadTest, RequestMix, Scenario
-from serve.settings import STAGE_NAMES, load_config
+from serve.graph.service import start_service
+from serve.tools.cluster import LocalCluster, load_shape, node_type_of, on_cpu, replica_nodes
+from serve.tools.loadtest import LoadTest, RequestMix, Scenario
+from deployments.registry import STAGE_NAMES
+from serve.settings import load_config
 from tests.conftest import _free_port
 from tests.promtext import total
 

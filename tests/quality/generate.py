@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.schemas import GenerationSpec, MixItem, text2img_request_model
+from serve.http.schemas import GenerationSpec, MixItem, text2img_request_model
 from serve.settings import ApiLimits
 from serve.training.data import HELD_OUT, LANGUAGES, full_caption
 from tests.localgraph import BatchedCalls, LocalCalls

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api import create_app
-from serve.auth import add_key, revoke_key
+from serve.http.app import create_app
+from serve.http.auth import add_key, revoke_key
 from serve.settings import AdmissionSettings, ApiLimits, AuthSettings
 from tests.unit.test_api import GOOD, FakeBackend
 
@@ -149,7 +149,7 @@ def test_client_deadline_header_is_capped_by_the_configured_limit(keys):
 
 
 def test_stage_failures_map_to_explicit_errors():
-    from serve.resilience import Overloaded, RequestTimedOut, StageUnavailable
+    from serve.errors import Overloaded, RequestTimedOut, StageUnavailable
 
     for error, status, kind in (
         (RequestTimedOut(5), 504, "timeout"),
@@ -181,4 +181,4 @@ def test_no_code_path_trusts_remote_code_and_local_configs_stay_on_localhost():
         http = yaml.safe_load((root / "configs" / name).read_text())["http_options"]
         assert http["host"] == "127.0.0.1", name
     # The service starts Ray with its dashboard on localhost only.
-    assert 'dashboard_host="127.0.0.1"' in (root / "serve" / "cli.py").read_text()
+    assert 'dashboard_host="127.0.0.1"' in (root / "serve" / "graph" / "service.py").read_text()

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from serve.loadtest import percentile
+from serve.tools.loadtest import percentile
 from tests.chaos.test_faults import BODY
 
 

@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.messages import EncodedImages, StageTiming
-from serve.api import create_app
-from serve.resilience import Overloaded
+from serve.http.app import create_app
+from serve.errors import Overloaded
 from serve.settings import ApiLimits
 
 GOOD = {"prompt": "a red circle", "width": 64, "height": 64}
@@ -26,7 +26,8 @@ class FakeBackend:
         if self.fail:
             raise RuntimeError("replica exploded\nTraceback: secret internals")
         timing = StageTiming(1.0, 2.0, 1)
-        return EncodedImages([b"img%d" % i for i in range(len(spec.seeds))], "image/png", list(spec.seeds), {"prior": timing})
+        return EncodedImages([b"img%d" % i for i in range(len(spec.seeds))], "image/png", list(spec.seeds), {"prior": timing},
+                             call_ms={"prior": 3.5})
 
     async def readiness(self):
         return self.stages
@@ -55,6 +56,14 @@ def test_generates_and_returns_seeds_timings_and_request_id(client, backend):
     assert spec.negative_prompt is None and spec.output_format == "png"
 
 
+def test_server_timing_header_breaks_the_request_into_stage_calls(client):
+    response = client.post("/v1/text2img", json=GOOD)
+    entries = dict(entry.split(";dur=") for entry in response.headers["Server-Timing"].split(", "))
+    assert {name: float(value) for name, value in entries.items() if name != "total"} == {
+        "prior-call": 3.5, "prior-queue": 1.0, "prior-compute": 2.0}
+    assert abs(float(entries["total"]) - response.json()["total_ms"]) < 0.01
+
+
 def test_random_seeds_when_none_given(client):
     first = client.post("/v1/text2img", json={**GOOD, "num_images": 2}).json()["seeds"]
     second = client.post("/v1/text2img", json=GOOD).json()["seeds"]
@@ -78,6 +87,7 @@ def test_request_id_header_is_echoed(client, backend):
         ({**GOOD, "steps": 0}, "steps", "greater than or equal to 1"),
         ({**GOOD, "steps": 151}, "steps", "less than or equal to 150"),
         ({**GOOD, "prior_steps": 101}, "prior_steps", "less than or equal to 100"),
+        ({**GOOD, "prior_steps": 1}, "prior_steps", "greater than or equal to 2"),
         ({**GOOD, "num_images": 9}, "num_images", "less than or equal to 8"),
         ({**GOOD, "width": "64"}, "width", "valid integer"),
         ({**GOOD, "seed": -1}, "seed", "greater than or equal to 0"),

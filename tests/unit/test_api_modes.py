@@ -9,9 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve.api import create_app
-from serve.ingress import unavailable_modes
-from serve.settings import ApiLimits, STAGE_NAMES
+from serve.http.app import create_app
+from serve.graph.ingress import unavailable_modes
+from deployments.registry import STAGE_NAMES
+from serve.settings import ApiLimits
 from tests.unit.test_api import FakeBackend
 
 

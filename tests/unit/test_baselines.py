@@ -4,7 +4,7 @@ import base64
 
 from fastapi.testclient import TestClient
 
-from serve.baselines import inprocess_app
+from serve.tools.baselines import inprocess_app
 from tests.reference import decode_png, max_diff, reference_images, spec
 
 

@@ -12,7 +12,7 @@ def test_make_tiny_writes_both_checkpoints(tmp_path, capsys):
 
 def test_run_refuses_a_bad_config_with_a_clear_message(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph:build_app",
+    path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph.build:build_app",
                                                       "args": {"models": {"dtype": "float64"}}}]}))
     assert main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
@@ -22,7 +22,7 @@ def test_run_refuses_a_bad_config_with_a_clear_message(tmp_path, capsys):
 def test_run_refuses_a_missing_checkpoint_before_starting_anything(tmp_path, capsys):
     path = tmp_path / "missing.yaml"
     args = {"models": {"prior_path": str(tmp_path / "no-prior"), "decoder_path": str(tmp_path / "no-decoder")}}
-    path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph:build_app", "args": args}]}))
+    path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph.build:build_app", "args": args}]}))
     assert main(["run", "--config", str(path)]) == 2
     assert f"prior checkpoint directory {tmp_path / 'no-prior'} does not exist" in capsys.readouterr().err
 
@@ -31,7 +31,7 @@ def test_every_bench_subcommand_matches_its_function():
     """The generic bench adapter passes options by name: they must line up."""
     import inspect
 
-    from serve import bench
+    from serve.tools import bench
     from serve.cli import build_parser
 
     parser = build_parser()

@@ -7,9 +7,11 @@ import asyncio
 import httpx
 import pytest
 
-from serve.api import create_app
+from serve.http.app import create_app
 from serve.client import AsyncClient, Client, JobFailed, KandinskyError, _SseParser, progress_line
-from serve.jobs import AsyncJobStore, JobRunner, JobSettings
+from serve.jobs.store import AsyncJobStore
+from serve.jobs.runner import JobRunner
+from serve.settings import JobSettings
 from serve.settings import ApiLimits
 from tests.jobfakes import FakeJobBackend
 from tests.unit.test_api import FakeBackend

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from serve.cli import main
-from serve.cluster import ClusterShape, fit_problems, load_shape, on_cpu, render_rayservice
-from serve.settings import STAGE_NAMES, ConfigError, load_config
+from serve.tools.cluster import ClusterShape, fit_problems, load_shape, on_cpu, render_rayservice
+from deployments.registry import STAGE_NAMES
+from serve.settings import ConfigError, load_config
 
 ROOT = Path(__file__).parents[2]
 CONFIG = ROOT / "configs" / "cluster.yaml"

@@ -9,13 +9,7 @@ import time
 
 import pytest
 
-from serve.compat import (
-    CompatError,
-    OpenAIImageRequest,
-    a1111_to_native,
-    openai_to_native,
-    scheduler_for_sampler,
-)
+from serve.http.compat import CompatError, OpenAIImageRequest, a1111_to_native, openai_to_native, scheduler_for_sampler
 from tests.jobfakes import FakeJobBackend
 from tests.unit.test_jobs_api import make_client
 

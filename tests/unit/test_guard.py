@@ -7,9 +7,10 @@ import math
 
 import pytest
 
-from serve.auth import KeyStore, add_key, digest, load_keys, revoke_key
-from serve.guard import AdmissionGate, RateLimiter, TokenBucket, retry_after_header
-from serve.resilience import Overloaded, RequestTimedOut, StageUnavailable, run_resilient
+from serve.http.auth import KeyStore, add_key, digest, load_keys, revoke_key
+from serve.http.admission import AdmissionGate, RateLimiter, TokenBucket, retry_after_header
+from serve.errors import Overloaded, RequestTimedOut, StageUnavailable
+from serve.graph.resilience import run_resilient
 
 
 def test_token_bucket_refills_at_its_rate_and_says_how_long_to_wait():

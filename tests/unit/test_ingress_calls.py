@@ -1,4 +1,4 @@
-"""How the ingress calls a stage (serve.ingress.HandleCalls): a call whose replica died is
+"""How the ingress calls a stage (serve.graph.ingress.HandleCalls): a call whose replica died is
 retried with the same arguments, nothing else is; a full queue and a dead stage map to 503.
 Fake handles, no Ray instance."""
 
@@ -11,8 +11,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.runtime import StageNotReady
-from serve.ingress import HandleCalls, classify_stage_error
-from serve.resilience import Overloaded, StageUnavailable, run_resilient
+from serve.graph.ingress import HandleCalls, classify_stage_error
+from serve.errors import Overloaded, StageUnavailable
+from serve.graph.resilience import run_resilient
 
 
 class Params:

@@ -6,18 +6,11 @@ import asyncio
 
 import pytest
 
-from serve.jobs import (
-    DECODE_SHARE,
-    AsyncJobStore,
-    JobLimitError,
-    JobRunner,
-    JobSettings,
-    JobStore,
-    LoopProgress,
-    StageTracker,
-    Submission,
-)
-from serve.schemas import request_models
+from serve.jobs.progress import DECODE_SHARE, LoopProgress, StageTracker
+from serve.jobs.store import AsyncJobStore, JobLimitError, JobStore
+from serve.jobs.runner import JobRunner, Submission
+from serve.settings import JobSettings
+from serve.http.schemas import request_models
 from serve.settings import ApiLimits
 from tests.jobfakes import FakeJobBackend
 
@@ -279,8 +272,8 @@ def test_previews_every_n_steps_when_asked():
 def test_a_stopping_ingress_replica_lets_its_jobs_finish():
     """Ray Serve's graceful stop calls the ingress's ``__del__`` once its requests are done;
     jobs run outside any request, so ``__del__`` itself waits for them (and admits nothing new)."""
-    from serve.guard import AdmissionGate
-    from serve.ingress import Ingress
+    from serve.http.admission import AdmissionGate
+    from serve.graph.ingress import Ingress
 
     async def scenario():
         backend = FakeJobBackend(step_s=0.01)
@@ -294,3 +287,39 @@ def test_a_stopping_ingress_replica_lets_its_jobs_finish():
     ingress, finals = asyncio.run(scenario())
     assert [final["state"] for final in finals] == ["succeeded", "succeeded"]
     assert ingress.gate.draining and ingress.jobs.running == 0
+
+
+def test_actor_proxy_forwards_exactly_the_stores_calls():
+    """ActorJobStore is an AsyncJobStore over Ray: every coroutine of the store, nothing else."""
+    import inspect
+
+    from serve.jobs.actor import ActorJobStore, JobStoreActor
+
+    class Method:
+        def __init__(self, function):
+            self.function = function
+
+        def remote(self, *args, **kwargs):  # Ray returns an awaitable ObjectRef
+            return self.function(*args, **kwargs)
+
+    class Actor:
+        def __init__(self, store):
+            self.store = store
+
+        def __getattr__(self, name):
+            return Method(getattr(self.store, name))
+
+    public = {name for name, _ in inspect.getmembers(AsyncJobStore, inspect.iscoroutinefunction) if not name.startswith("_")}
+    assert public <= ActorJobStore.METHODS and "configure" in ActorJobStore.METHODS
+
+    async def scenario():
+        actor = JobStoreActor()
+        proxy = ActorJobStore(Actor(actor))
+        created = await proxy.create("j1", "client", "text2img", 64, 64, [7])
+        return created, await proxy.view("j1"), await actor.view("j1"), proxy
+
+    created, through_proxy, direct, proxy = asyncio.run(scenario())
+    assert created["id"] == "j1" and created["state"] == "queued"
+    assert through_proxy == direct
+    with pytest.raises(AttributeError):
+        proxy.store  # not a store method: never forwarded

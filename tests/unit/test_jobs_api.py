@@ -8,8 +8,10 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api import create_app
-from serve.jobs import AsyncJobStore, JobRunner, JobSettings
+from serve.http.app import create_app
+from serve.jobs.store import AsyncJobStore
+from serve.jobs.runner import JobRunner
+from serve.settings import JobSettings
 from serve.settings import ApiLimits
 from tests.jobfakes import FakeJobBackend
 from tests.unit.test_api import FakeBackend

@@ -5,7 +5,7 @@ import pytest
 from deployments.denoiser import DenoiserModel
 from deployments.loading import DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
 from deployments.text_encoder import TextEncoderModel
-from serve.graph import resolve_model_paths
+from serve.graph.build import resolve_model_paths
 from serve.settings import ModelSettings
 
 

@@ -13,7 +13,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve.loadtest import LoadTest, RequestMix, Scenario, arrival_times, load_scenario, server_deltas, write_report
+from serve.tools.loadtest import (
+    LoadTest,
+    RequestMix,
+    Scenario,
+    arrival_times,
+    load_scenario,
+    server_deltas,
+    write_report,
+)
 from serve.settings import ConfigError
 
 SLOW_S = 1.0

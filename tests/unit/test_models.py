@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deployments.denoiser import DenoiserModel, latent_size
-from deployments.messages import DenoiseParams, ImageEmbeddings, PriorParams, TextEmbeddings
+from deployments.denoiser import DenoiserModel
+from deployments.messages import DenoiseParams, ImageEmbeddings, PriorParams, TextEmbeddings, TextRows
 from deployments.movq import MovqModel, encode_image
 from deployments.prior import PriorModel
 from deployments.text_encoder import TextEncoderModel
@@ -24,12 +24,12 @@ class LocalGraph:
 
     def embeddings(self, s):
         texts = [s.prompt, s.negative_prompt if s.negative_prompt is not None else ""]
-        return TextEmbeddings(texts, *self.text.encode(texts))
+        return TextEmbeddings(*self.text.encode(texts))
 
     def run_batch(self, specs):
         """Every spec through every stage, all in one batch per stage."""
         prior_jobs = [
-            (self.embeddings(s), PriorParams(s.seeds, s.prior_steps, s.prior_guidance_scale, s.negative_prompt is not None))
+            (self.embeddings(s), PriorParams(s.seeds, s.prior_steps, s.prior_guidance_scale, TextRows.pair(s.negative_prompt is not None)))
             for s in specs
         ]
         embeds = self.prior.generate(prior_jobs)
@@ -86,13 +86,6 @@ def test_different_seeds_give_different_images(graph):
     assert max_diff(images[0], images[1]) > 10
 
 
-def test_latent_size_follows_the_reference_rounding():
-    from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2 import downscale_height_and_width
-
-    for height, width in [(64, 64), (512, 768), (1024, 64), (100, 130)]:
-        assert latent_size(height, width, 8) == downscale_height_and_width(height, width, 8)
-
-
 @pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")])
 def test_encode_image_formats(fmt, magic):
     pixels = (np.arange(64 * 64 * 3) % 251).astype("uint8").reshape(64, 64, 3)
@@ -117,10 +110,10 @@ def test_step_batching_joining_mid_flight_gives_the_same_image(graph):
     early = spec(prompt="a blue square", seeds=(6, 7), steps=12)
     s = target
     [(embeds, negative)] = graph.prior.generate(
-        [(graph.embeddings(s), PriorParams(s.seeds, s.prior_steps, s.prior_guidance_scale, False))]
+        [(graph.embeddings(s), PriorParams(s.seeds, s.prior_steps, s.prior_guidance_scale))]
     )
     [(e_embeds, e_negative)] = graph.prior.generate(
-        [(graph.embeddings(early), PriorParams(early.seeds, early.prior_steps, early.prior_guidance_scale, False))]
+        [(graph.embeddings(early), PriorParams(early.seeds, early.prior_steps, early.prior_guidance_scale))]
     )
     params = DenoiseParams(s.height, s.width, s.steps, s.guidance_scale)
     alone = graph.denoiser.generate([(ImageEmbeddings(embeds, negative, list(s.seeds)), params)])[0]

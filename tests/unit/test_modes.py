@@ -1,11 +1,11 @@
-"""Every generation mode, wired by serve.plan through the stage models in process, against diffusers' pipelines."""
+"""Every generation mode, wired by serve.graph.plan through the stage models in process, against diffusers' pipelines."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serve.schemas import MixItem
+from serve.http.schemas import MixItem
 from tests.localgraph import BatchedCalls, LocalCalls
 from tests.reference import MAX_PIXEL_DIFF, box_mask, max_diff, reference_images, solid_image, spec
 

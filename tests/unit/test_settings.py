@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.settings import INGRESS_NAME, STAGE_NAMES, ConfigError, ModelSettings, load_config, parse_service_settings
+from deployments.registry import INGRESS_NAME, STAGE_NAMES
+from serve.settings import ConfigError, ModelSettings, load_config, parse_service_settings
 
 CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
 # What every deployment of a shipped config states explicitly (issue: scale, queue, health, shutdown).
@@ -134,7 +135,7 @@ def test_a_variant_deployment_without_its_checkpoint_is_refused(tmp_path):
 
     config = {
         "applications": [{
-            "name": "k", "import_path": "serve.graph:build_app",
+            "name": "k", "import_path": "serve.graph.build:build_app",
             "args": {"models": {"prior_path": "/p", "decoder_path": "/d"}},
             "deployments": [{"name": "InpaintDenoiser", "num_replicas": 1}],
         }]
@@ -153,7 +154,7 @@ def test_variant_paths_need_the_main_checkpoints():
 
 
 def test_the_graph_deploys_only_configured_variants(tiny_checkpoint):
-    from serve.graph import build_graph
+    from serve.graph.build import build_graph
 
     args = {"models": {
         "prior_path": str(tiny_checkpoint.prior),
@@ -170,7 +171,7 @@ def test_a_variant_with_a_different_movq_is_refused(tiny_checkpoint, tmp_path):
     import shutil
 
     from deployments.loading import CheckpointError
-    from serve.graph import build_graph
+    from serve.graph.build import build_graph
 
     other = tmp_path / "inpaint"
     shutil.copytree(tiny_checkpoint.inpaint_decoder, other)
@@ -184,7 +185,7 @@ def test_a_variant_with_a_different_movq_is_refused(tiny_checkpoint, tmp_path):
 
 def test_default_image_side_is_the_models_own(tmp_path):
     """A request naming no size gets 64×64 from the embedded model (trained at 64) and 512 from checkpoints."""
-    from serve.schemas import request_models
+    from serve.http.schemas import request_models
 
     embedded = parse_service_settings({})
     configured = parse_service_settings({"models": {"prior_path": str(tmp_path), "decoder_path": str(tmp_path)}})

@@ -12,11 +12,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api import create_app
+from serve.http.app import create_app
 from serve.cli import _StopSignals
-from serve.jobs import AsyncJobStore, JobRunner, JobSettings
+from serve.jobs.store import AsyncJobStore
+from serve.jobs.runner import JobRunner
+from serve.settings import JobSettings
 from serve.settings import ApiLimits
-from serve.shutdown import drain
+from serve.graph.shutdown import drain
 from tests.jobfakes import FakeJobBackend
 from tests.unit.test_api import GOOD, FakeBackend
 
@@ -149,7 +151,7 @@ def test_not_draining_admits_as_before():
 
 @pytest.mark.parametrize("inside", [0, 3])
 def test_gate_refuses_every_entry_while_draining(inside):
-    from serve.guard import AdmissionGate
+    from serve.http.admission import AdmissionGate
 
     gate = AdmissionGate(limit=4)
     for _ in range(inside):

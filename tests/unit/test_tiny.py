@@ -1,6 +1,6 @@
 import hashlib
 
-from serve.tiny import MAX_TOKENS, build_clip_vocab, build_tokenizer, make_tiny
+from serve.training.tiny import MAX_TOKENS, build_clip_vocab, build_tokenizer, make_tiny
 
 
 def _digest(root):

@@ -1,6 +1,6 @@
 """``/v1/jobs``: asynchronous generation over HTTP, without Ray.
 
-:func:`add_job_routes` adds the routes to the app :func:`serve.api.create_app` builds;
+:func:`add_job_routes` adds the routes to the app :func:`serve.http.app.create_app` builds;
 they validate with the same request models as the synchronous endpoints and hand
 jobs to a :class:`serve.jobs.JobRunner`.
 
@@ -21,8 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.jobs import JobRunner, Submission
-from serve.schemas import MODES, ErrorResponse, SpecError
+from serve.jobs.runner import JobRunner, Submission
+from deployments.registry import MODES
+from serve.http.schemas import ErrorResponse, SpecError
 from serve.settings import ApiLimits
 
 logger = logging.getLogger("kandinsky_serve.api")

@@ -1,6 +1,6 @@
 """How one request of any mode flows through the stages — written once.
 
-:func:`plan` wires a :class:`~serve.schemas.GenerationSpec` through a
+:func:`plan` wires a :class:`~serve.http.schemas.GenerationSpec` through a
 :class:`StageCalls`: the ingress passes calls on Ray DeploymentHandles, tests pass
 calls that run the stage models in process. Either way the same messages flow in
 the same order, and independent calls (text encoding, image embedding, MOVQ
@@ -17,23 +17,18 @@ tens to hundreds of KB) next to the final images.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import numpy as np
 
-from deployments.messages import Composite, DecodeParams, DenoiseParams, InitImage, MixTerm, PriorParams
-from serve.schemas import GenerationSpec
+from deployments.registry import MODES, denoiser_of_mode
+from deployments.messages import Composite, DecodeParams, DenoiseParams, InitImage, MixTerm, PriorParams, TextRows
+from serve.http.schemas import GenerationSpec
 
-# Which decoder U-Net serves each mode; each has its own deployment and batches only with itself.
-DECODER_OF_MODE = {
-    "text2img": "text2img",
-    "img2img": "text2img",
-    "mix": "text2img",
-    "variations": "text2img",
-    "inpaint": "inpaint",
-    "controlnet": "controlnet",
-}
+# Which decoder U-Net variant serves each mode; each has its own deployment and batches only with itself.
+DECODER_OF_MODE = {mode: denoiser_of_mode(mode).variant for mode in MODES}
 
 
 class StageCalls(Protocol):
@@ -59,7 +54,8 @@ async def _none() -> None:
 
 
 async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
-    """Run every stage call of ``spec``; return the final (MOVQ decode) output."""
+    """Run every stage call of ``spec``; return the MOVQ's images with the request's seeds,
+    every stage's timing and the text encoder's notes."""
     seeds = tuple(spec.seeds)
     images = None
     if spec.mode == "mix":
@@ -68,6 +64,7 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
         has_negative = bool(spec.negative_prompt)
         item_texts = [item.text for item in spec.mix if item.text is not None]
         text = calls.encode_text([*item_texts, "", *([spec.negative_prompt] if has_negative else [])], request_id)
+        rows = TextRows(unconditional=len(item_texts), negative=len(item_texts) + 1 if has_negative else None)
         item_images = [item.image for item in spec.mix if item.image is not None]
         if item_images:
             images = calls.embed_images(item_images, request_id)
@@ -80,7 +77,7 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
                 terms.append(MixTerm("image", image_index, item.weight))
                 image_index += 1
         prior_params = PriorParams(
-            seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative, request_id, mix=tuple(terms)
+            seeds, spec.prior_steps, spec.prior_guidance_scale, rows, request_id, mix=tuple(terms)
         )
     else:
         has_negative = spec.negative_prompt is not None
@@ -90,7 +87,8 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
             images = calls.embed_images([spec.image], request_id)
             prior_strength = spec.strength
         prior_params = PriorParams(
-            seeds, spec.prior_steps, spec.prior_guidance_scale, has_negative, request_id, strength=prior_strength
+            seeds, spec.prior_steps, spec.prior_guidance_scale, TextRows.pair(has_negative), request_id,
+            strength=prior_strength,
         )
     init = None
     decoder_strength = None
@@ -110,4 +108,9 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
     composite = None
     if spec.mode == "inpaint" and spec.mask_blur > 0:
         composite = Composite(spec.image, spec.mask, spec.mask_blur)
-    return await calls.decode(latents, DecodeParams(spec.output_format, request_id, composite))
+    decoded = await calls.decode(latents, DecodeParams(spec.output_format, request_id, composite))
+    # Each stage's output carries its own timing only; the request's whole story is told here.
+    timings: dict = {}
+    for output in (text, images, embeddings, init, latents, decoded):
+        timings.update(getattr(output, "timings", None) or {})
+    return replace(decoded, seeds=list(seeds), timings=timings, notes=tuple(text.notes))

@@ -23,9 +23,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.jobs import JobRunner, Submission
-from serve.jobs_api import build_spec, client_key, error_response, limit_response
-from serve.schemas import SCHEDULER_NAMES, ErrorResponse
+from serve.jobs.runner import JobRunner, Submission
+from serve.http.job_routes import build_spec, client_key, error_response, limit_response
+from serve.http.schemas import SCHEDULER_NAMES, ErrorResponse
 from serve.settings import ApiLimits
 
 MODEL_NAME = "kandinsky-2-2"

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve.settings import STAGE_NAMES, ConfigError, LoadedConfig, _format_errors
+from deployments.registry import OPTIONAL_STAGES, STAGE_NAMES
+from serve.settings import ConfigError, LoadedConfig, _format_errors
 
 DEFAULT_NODE_TYPES = "cluster/node-types.yaml"
 DEFAULT_CLUSTER_CONFIG = "configs/cluster.yaml"
@@ -318,8 +319,6 @@ def on_cpu(
     or the embedded one with every variant) on CPU, one intra-op thread per stage. A
     decoder variant without a path, next to given main paths, is dropped. Placement
     (custom resources, logical GPUs), autoscaling, queues and health checks are unchanged."""
-    from serve.settings import VARIANT_PATH_FIELDS
-
     raw = copy.deepcopy(config.raw)
     app = raw["applications"][0]
     models = app.setdefault("args", {}).setdefault("models", {})
@@ -327,7 +326,7 @@ def on_cpu(
     models.update(prior_path=prior_path, decoder_path=decoder_path, device="cpu", dtype="float32", **variants)
     options = copy.deepcopy(config.deployment_options)
     if prior_path is not None:
-        dropped = {name for name, field in VARIANT_PATH_FIELDS.items() if variants[field] is None}
+        dropped = {stage.name for stage in OPTIONAL_STAGES if variants[stage.path_field] is None}
         app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") not in dropped]
         options = {name: opts for name, opts in options.items() if name not in dropped}
     for name in STAGE_NAMES:

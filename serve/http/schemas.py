@@ -13,15 +13,15 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from serve.images import decode_image, size_from_image
+from deployments.messages import SCHEDULERS
+from serve.http.images import decode_image, size_from_image
 from serve.settings import ApiLimits
 
 MAX_SEED = 2**63 - 1
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
-MODES = ("text2img", "img2img", "inpaint", "mix", "variations", "controlnet")
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpmsolver++", "unipc")  # deployments.denoiser.SCHEDULERS
+SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,7 +197,8 @@ def request_models(limits: ApiLimits) -> dict[str, type[_RequestBase]]:
     common = dict(
         negative_prompt=(text | None, Field(default=None, description="What to steer away from.")),
         num_images=(Annotated[int, Field(ge=1, le=limits.max_num_images)], 1),
-        prior_steps=(Annotated[int, Field(ge=1, le=limits.max_prior_steps)], min(25, limits.max_prior_steps)),
+        # At least 2: the prior's UnCLIPScheduler divides by (steps - 1), in diffusers' pipeline too.
+        prior_steps=(Annotated[int, Field(ge=2, le=limits.max_prior_steps)], min(25, limits.max_prior_steps)),
         prior_guidance_scale=(guidance, min(4.0, limits.max_guidance_scale)),
         steps=(Annotated[int, Field(ge=1, le=limits.max_steps)], min(50, limits.max_steps)),
         guidance_scale=(guidance, min(4.0, limits.max_guidance_scale)),

@@ -1,7 +1,7 @@
 """The graph, wired in one place: the stages behind one HTTP ingress.
 
 ``build_app`` is the ``import_path`` target of every file in ``configs/``
-(``serve.graph:build_app``); Ray passes it the application's ``args``.
+(``serve.graph.build:build_app``); Ray passes it the application's ``args``.
 """
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ from typing import Any, NamedTuple
 
 from ray.serve import Application
 
-from deployments.denoiser import ControlnetDenoiser, Denoiser, InpaintDenoiser
-from deployments.image_encoder import ImageEncoder
 from deployments.loading import DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
-from deployments.movq import MovqDecoder
-from deployments.prior import Prior
-from deployments.text_encoder import TextEncoder
-from serve.ingress import Ingress
+from deployments.registry import STAGES
+from serve.graph.ingress import Ingress
 from serve.settings import ModelSettings, default_cache_dir, parse_service_settings
 
 
 class ModelPaths(NamedTuple):
+    """One directory per checkpoint of the stage registry (``Stage.checkpoint``); None: not configured."""
+
     prior: Path
     decoder: Path
     inpaint_decoder: Path | None
@@ -80,21 +78,11 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
     options = deployment_options or {}
     runtime = {"device": settings.models.device, "dtype": settings.models.dtype}
 
-    def bind(deployment, path: Path | None):
-        if path is None:
-            return None
-        return deployment.options(**options.get(deployment.name, {})).bind(str(path), **runtime)
-
-    # The MOVQ of the text-to-image decoder decodes every variant's latents: the
-    # published 2.2 decoders (plain, inpaint, ControlNet) share one MOVQ.
-    stages = {
-        "TextEncoder": bind(TextEncoder, paths.prior),
-        "ImageEncoder": bind(ImageEncoder, paths.prior),
-        "Prior": bind(Prior, paths.prior),
-        "Denoiser": bind(Denoiser, paths.decoder),
-        "InpaintDenoiser": bind(InpaintDenoiser, paths.inpaint_decoder),
-        "ControlnetDenoiser": bind(ControlnetDenoiser, paths.controlnet_decoder),
-        "MovqDecoder": bind(MovqDecoder, paths.decoder),
-    }
+    stages = {}
+    for stage in STAGES:
+        path = getattr(paths, stage.checkpoint)
+        stages[stage.name] = None if path is None else (
+            stage.load().options(name=stage.name, **options.get(stage.name, {})).bind(str(path), **runtime)
+        )
     ingress = Ingress.options(**options.get(Ingress.name, {}))
     return ingress.bind(settings.model_dump(mode="json"), **stages)

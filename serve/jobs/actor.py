@@ -9,9 +9,11 @@ it; its state is in its memory, so it does not outlive its own process.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from serve.jobs import AsyncJobStore, JobSettings
+from serve.jobs.store import AsyncJobStore
+from serve.settings import JobSettings
 
 NAMESPACE = "kandinsky-serve"
 
@@ -22,9 +24,6 @@ class JobStoreActor(AsyncJobStore):
     async def configure(self, settings: dict) -> None:
         """The latest deployment's settings win (TTL, caps, lease); jobs are kept."""
         self.store.settings = JobSettings.model_validate(settings)
-
-    async def ping(self) -> int:
-        return len(self.store)
 
 
 def job_store_actor(settings: JobSettings):
@@ -44,12 +43,12 @@ def job_store_actor(settings: JobSettings):
 
 
 class ActorJobStore:
-    """:class:`serve.jobs.JobStoreClient` over the actor: each call awaits the actor's method."""
+    """An :class:`AsyncJobStore` over the actor: each of the store's coroutine methods (and
+    the actor's own, such as ``configure``) awaits the same method of the actor."""
 
-    METHODS = frozenset({
-        "create", "view", "image", "active", "start", "report", "heartbeat", "add_preview", "succeed", "fail",
-        "mark_cancelled", "cancel", "wait_events", "configure", "ping", "sweep",
-    })
+    METHODS = frozenset(
+        name for name, member in inspect.getmembers(JobStoreActor, inspect.iscoroutinefunction) if not name.startswith("_")
+    )
 
     def __init__(self, actor: Any) -> None:
         self.actor = actor

@@ -8,7 +8,7 @@ A request either returns, or ends in exactly one explicit error:
 * :class:`Overloaded` when a stage's bounded queue refused it (HTTP 503);
 * anything else from a stage unchanged (HTTP 500, no stack trace to the client).
 
-Only a replica's death is retried, by the caller of each stage (``serve.ingress.HandleCalls``):
+Only a replica's death is retried, by the caller of each stage (``serve.graph.ingress.HandleCalls``):
 stage calls are deterministic for a seed, so a retry returns the very images the first
 attempt would have. A death that reaches this module has used those retries up.
 """
@@ -19,21 +19,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from serve.errors import Overloaded, RequestTimedOut, StageUnavailable
+
 T = TypeVar("T")
-
-
-class RequestTimedOut(Exception):
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(f"the request exceeded its time limit of {timeout_s:g} s (admission.request_timeout_s)")
-        self.timeout_s = timeout_s
-
-
-class StageUnavailable(Exception):
-    """No replica could serve a stage call; the message says why."""
-
-
-class Overloaded(Exception):
-    """A stage's queue is full (its ``max_queued_requests``)."""
 
 
 async def run_resilient(

@@ -128,7 +128,7 @@ class Monolith:
 
 
 def main() -> None:
-    """``python -m serve.baselines inprocess --port P --prior DIR --decoder DIR``"""
+    """``python -m serve.tools.baselines inprocess --port P --prior DIR --decoder DIR``"""
     import uvicorn
 
     parser = argparse.ArgumentParser()

@@ -1,14 +1,17 @@
 """The HTTP ingress deployment: composes the stages through DeploymentHandles.
 
-Each stage's ``DeploymentResponse`` is passed straight into the next stage's
-call, so embeddings and latents go replica to replica; only the final encoded
-images come back here.
+Each stage call is awaited here and its output passed to the next call
+(``serve.graph.plan`` says why: a chained ``DeploymentResponse`` whose upstream node
+died hangs in Ray Serve 2.60); which deployment serves a call comes from the stage
+registry (``deployments.registry``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import replace
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -17,29 +20,25 @@ import numpy as np
 
 from deployments.messages import EncodedImages
 from deployments.metrics import merge_exposition
-from serve.api import create_app
-from serve.guard import AdmissionGate
-from serve.job_actor import ActorJobStore, job_store_actor
-from serve.jobs import JobRunner, LoopProgress
-from serve.plan import DECODER_OF_MODE, plan
-from serve.resilience import run_resilient
-from serve.schemas import GenerationSpec
-from serve.settings import (
-    CONTROLNET_DECODER_PATH_ENV,
-    INGRESS_NAME,
-    INPAINT_DECODER_PATH_ENV,
-    STAGE_NAMES,
-    VARIANT_PATH_FIELDS,
-    ServiceSettings,
-)
+from serve.http.app import create_app
+from serve.http.admission import AdmissionGate
+from serve.jobs.actor import ActorJobStore, job_store_actor
+from serve.jobs.runner import JobRunner
+from serve.jobs.progress import LoopProgress
+from serve.graph.plan import plan
+from serve.graph.resilience import run_resilient
+from serve.http.schemas import GenerationSpec
+from serve.settings import ServiceSettings
 
-VARIANT_ENV = {"InpaintDenoiser": INPAINT_DECODER_PATH_ENV, "ControlnetDenoiser": CONTROLNET_DECODER_PATH_ENV}
+from deployments.registry import INGRESS_NAME, OPTIONAL_STAGES, STAGE_NAMES, denoiser_of_mode, stage_for
+
+TEXT_ENCODER, IMAGE_ENCODER, PRIOR, MOVQ = (stage_for(role).name for role in ("text_encoder", "image_encoder", "prior", "movq"))
 
 logger = logging.getLogger("ray.serve")
 
 
 class HandleCalls:
-    """:class:`serve.plan.StageCalls` on DeploymentHandles. Each call is awaited, and retried
+    """:class:`serve.graph.plan.StageCalls` on DeploymentHandles. Each call is awaited, and retried
     on another replica (up to ``retries`` times) when the replica serving it dies or becomes
     unreachable: a stage's output depends only on its arguments (seeds travel in them), so
     the retry returns what the lost call would have."""
@@ -49,15 +48,18 @@ class HandleCalls:
         self.retries = retries
         self.on_retry = on_retry
         self.issued: list = []
+        self.call_ms: dict[str, float] = {}
+        """Each stage call's round trip as seen from here, by the output's timing key."""
 
     async def _call(self, stage: str, method: str, request_id: str, *args):
         from ray.exceptions import RayActorError
 
         for attempt in range(self.retries + 1):
+            started = time.perf_counter()
             response = getattr(self.handles[stage], method).remote(*args)
             self.issued.append(response)
             try:
-                return await response
+                result = await response
             except RayActorError as error:
                 if attempt == self.retries:
                     raise
@@ -65,6 +67,10 @@ class HandleCalls:
                                request_id, stage, type(error).__name__)
                 if self.on_retry is not None:
                     self.on_retry(stage)
+                continue
+            for key in getattr(result, "timings", ()):  # one: the stage's own
+                self.call_ms[key] = (time.perf_counter() - started) * 1000.0
+            return result
         raise AssertionError("unreachable")
 
     def cancel_all(self) -> None:
@@ -73,29 +79,26 @@ class HandleCalls:
             response.cancel()
 
     async def encode_text(self, texts, request_id):
-        return await self._call("TextEncoder", "encode", request_id, texts, request_id)
+        return await self._call(TEXT_ENCODER, "encode", request_id, texts, request_id)
 
     async def embed_images(self, images, request_id):
-        return await self._call("ImageEncoder", "embed", request_id, images, request_id)
+        return await self._call(IMAGE_ENCODER, "embed", request_id, images, request_id)
 
     async def prior(self, text, params, images=None):
-        return await self._call("Prior", "generate", params.request_id, text, params, images)
+        return await self._call(PRIOR, "generate", params.request_id, text, params, images)
 
     async def encode_image(self, image):
-        return await self._call("MovqDecoder", "encode", image.request_id, image)
+        return await self._call(MOVQ, "encode", image.request_id, image)
 
     async def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        return await self._call(DENOISER_OF_DECODER[decoder], "generate", params.request_id, embeddings, params, init, hint)
+        return await self._call(stage_for("denoiser", decoder).name, "generate", params.request_id, embeddings, params, init, hint)
 
     async def decode(self, latents, params):
-        return await self._call("MovqDecoder", "decode", params.request_id, latents, params)
-
-
-DENOISER_OF_DECODER = {"text2img": "Denoiser", "inpaint": "InpaintDenoiser", "controlnet": "ControlnetDenoiser"}
+        return await self._call(MOVQ, "decode", params.request_id, latents, params)
 
 
 def classify_stage_error(error: BaseException) -> str | None:
-    """How :func:`serve.resilience.run_resilient` should treat a stage call's error."""
+    """How :func:`serve.graph.resilience.run_resilient` should treat a stage call's error."""
     from ray import exceptions
     from ray.serve.exceptions import BackPressureError
 
@@ -110,18 +113,16 @@ def classify_stage_error(error: BaseException) -> str | None:
     return None
 
 
-DENOISER_OF_DECODER = {"text2img": "Denoiser", "inpaint": "InpaintDenoiser", "controlnet": "ControlnetDenoiser"}
-
-
 def unavailable_modes(deployed: set[str]) -> dict[str, str]:
-    """Modes whose decoder variant is not deployed, each with what to configure."""
+    """Modes served by an optional stage that is not deployed, each with what to configure."""
     missing = {}
-    for mode, decoder in DECODER_OF_MODE.items():
-        name = DENOISER_OF_DECODER[decoder]
-        if name not in deployed:
+    for stage in OPTIONAL_STAGES:
+        if stage.name in deployed:
+            continue
+        for mode in stage.modes:
             missing[mode] = (
-                f"{mode} is not configured on this deployment: set args.models.{VARIANT_PATH_FIELDS[name]} "
-                f"(or ${VARIANT_ENV[name]}) to a checkpoint directory and redeploy"
+                f"{mode} is not configured on this deployment: set args.models.{stage.path_field} "
+                f"(or ${stage.path_env}) to a checkpoint directory and redeploy"
             )
     return missing
 
@@ -200,13 +201,14 @@ class Ingress:
         working for nobody: a denoising loop drops the request at its next step boundary."""
         calls = self._calls()
         try:
-            return await plan(spec, calls, request_id)
+            result = await plan(spec, calls, request_id)
         except BaseException:
             calls.cancel_all()
             raise
+        return replace(result, call_ms=calls.call_ms)
 
     def _denoiser(self, spec: GenerationSpec) -> DeploymentHandle:
-        return self.handles[DENOISER_OF_DECODER[DECODER_OF_MODE[spec.mode]]]
+        return self.handles[denoiser_of_mode(spec.mode).name]
 
     async def loop_progress(self, spec: GenerationSpec, job_id: str) -> LoopProgress:
         """One poll of the prior's and the denoiser's progress for ``job_id``.
@@ -216,7 +218,7 @@ class Ingress:
         show up when a poll reaches the right replica).
         """
         prior, denoise = await asyncio.gather(
-            self.handles["Prior"].request_progress.remote(job_id), self._denoiser(spec).request_progress.remote(job_id)
+            self.handles[PRIOR].request_progress.remote(job_id), self._denoiser(spec).request_progress.remote(job_id)
         )
 
         def pair(found):
@@ -228,7 +230,7 @@ class Ingress:
         """The denoiser hands over a copy of the latents between steps; the MOVQ replica
         decodes a shrunk version. The latents go replica to replica, never through here."""
         latents = self._denoiser(spec).request_latents.remote(job_id)
-        return await self.handles["MovqDecoder"].preview.remote(latents, max_side)
+        return await self.handles[MOVQ].preview.remote(latents, max_side)
 
     async def metrics_text(self) -> str:
         """Every node's Ray metrics agent, filtered to the product's (and Ray Serve's) metrics.

@@ -12,8 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
-from serve.loadtest import arrival_times, percentile
-from serve.provenance import provenance
+from serve.tools.loadtest import arrival_times, percentile
+from serve.tools.provenance import provenance
 
 TARGET_RATIO = 1.15
 
@@ -24,19 +24,21 @@ def write_result(result: dict, out: Path) -> None:
     print(f"written: {out}")
 
 
-def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: int, out: Path) -> dict:
+def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: int, out: Path,
+                  breakdown: bool = False) -> dict:
     import httpx
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
-    from serve.cli import start_service
-    from serve.graph import resolve_model_paths
+    from deployments.registry import stage_for
+    from serve.graph.service import start_service
+    from serve.graph.build import resolve_model_paths
     from serve.settings import load_config
 
     config = load_config(config)
     paths = resolve_model_paths(config.service.models)
     device = config.service.models.device
-    denoiser_threads = (config.deployment_options.get("Denoiser", {}).get("user_config") or {}).get("torch_threads")
+    denoiser_threads = (config.deployment_options.get(stage_for("denoiser", "text2img").name, {}).get("user_config") or {}).get("torch_threads")
     if denoiser_threads:
         torch.set_num_threads(denoiser_threads)  # same intra-op threads as the served denoiser
 
@@ -63,16 +65,20 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
     body = {"prompt": prompt, "width": size, "height": size, "steps": steps, "prior_steps": prior_steps, "seed": seed}
     client = httpx.Client(base_url=url, timeout=120.0)
 
+    hops: list[dict[str, float]] = []
+
     def served() -> float:
         started = time.perf_counter()
         response = client.post("/v1/text2img", json=body)
         elapsed = time.perf_counter() - started
         response.raise_for_status()
+        hops.append({"client": elapsed * 1000.0, **parse_server_timing(response.headers.get("Server-Timing", ""))})
         return elapsed
 
     for _ in range(2):  # warm-up: first calls pay for lazy initialisation on both sides
         in_process()
         served()
+    hops.clear()
     samples: dict[str, list[float]] = {"in_process": [], "served": []}
     for _ in range(rounds):
         samples["in_process"].append(in_process())
@@ -111,8 +117,76 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
     for name, row in rows.items():
         print(f"{name:<12}{row['p50_ms']:>10.1f}{row['p90_ms']:>10.1f}{row['min_ms']:>10.1f}{row['mean_ms']:>10.1f}")
     print(f"served / in-process (p50): {ratio:.3f}  (target <= {TARGET_RATIO}: {'met' if result['met'] else 'MISSED'})")
+    if breakdown:
+        result["breakdown"] = latency_breakdown(hops)
+        result["breakdown"]["in_process_ms"] = rows["in_process"]["p50_ms"]
+        print_breakdown(result["breakdown"])
     write_result(result, out)
     return result
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """``name;dur=ms, ...`` (the ingress's ``Server-Timing``) as ``{name: ms}``."""
+    found = {}
+    for entry in filter(None, (part.strip() for part in header.split(","))):
+        name, _, rest = entry.partition(";")
+        for parameter in rest.split(";"):
+            key, _, value = parameter.strip().partition("=")
+            if key == "dur":
+                found[name] = float(value)
+    return found
+
+
+def latency_breakdown(samples: list[dict[str, float]]) -> dict:
+    """Medians of where a served request's time goes, per hop, from each response's Server-Timing.
+
+    ``proxy_and_http``: the client's time minus the ingress's (HTTP proxy, routing to the ingress
+    replica, JSON and base64 of the response); per stage: the call's round trip from the ingress
+    split into queue, compute and ``transport`` (the rest: routing, serialising the stage message,
+    the object store); ``ingress_own``: the ingress's time outside every stage call (plan, job and
+    metrics bookkeeping). Stage calls of one text-to-image request run one after another."""
+    if not samples:
+        return {}
+    stages = [name.removesuffix("-call") for name in samples[0] if name.endswith("-call")]
+
+    def median(values) -> float:
+        return statistics.median(values)
+
+    result: dict = {
+        "client_ms": median([s["client"] for s in samples]),
+        "ingress_total_ms": median([s["total"] for s in samples]),
+        "proxy_and_http_ms": median([s["client"] - s["total"] for s in samples]),
+        "stages": {},
+    }
+    for stage in stages:
+        call = [s[f"{stage}-call"] for s in samples]
+        queue = [s[f"{stage}-queue"] for s in samples]
+        compute = [s[f"{stage}-compute"] for s in samples]
+        result["stages"][stage] = {
+            "call_ms": median(call),
+            "queue_ms": median(queue),
+            "compute_ms": median(compute),
+            "transport_ms": median([c - q - k for c, q, k in zip(call, queue, compute)]),
+        }
+    result["ingress_own_ms"] = median([s["total"] - sum(s[f"{stage}-call"] for stage in stages) for s in samples])
+    result["compute_ms"] = median([sum(s[f"{stage}-compute"] for stage in stages) for s in samples])
+    result["overhead_ms"] = result["client_ms"] - result["compute_ms"]
+    return result
+
+
+def print_breakdown(breakdown: dict) -> None:
+    print("\nwhere a served request's time goes (p50 ms)")
+    print(f"{'hop':<34}{'ms':>9}")
+    print(f"{'client, end to end':<34}{breakdown['client_ms']:>9.1f}")
+    print(f"{'  HTTP proxy + response':<34}{breakdown['proxy_and_http_ms']:>9.1f}")
+    print(f"{'  ingress, in total':<34}{breakdown['ingress_total_ms']:>9.1f}")
+    for stage, row in breakdown["stages"].items():
+        print(f"{'    ' + stage + ' call':<34}{row['call_ms']:>9.1f}   queue {row['queue_ms']:.1f}, "
+              f"compute {row['compute_ms']:.1f}, transport {row['transport_ms']:.1f}")
+    print(f"{'    ingress own work':<34}{breakdown['ingress_own_ms']:>9.1f}")
+    print(f"{'stage compute, summed':<34}{breakdown['compute_ms']:>9.1f}")
+    print(f"{'overhead (client - compute)':<34}{breakdown['overhead_ms']:>9.1f}")
+    print(f"{'in-process pipeline':<34}{breakdown['in_process_ms']:>9.1f}")
 
 
 # --------------------------------------------------------------------------- batching
@@ -213,7 +287,7 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
     from ray import serve
 
     from deployments.messages import DenoiseParams
-    from serve.graph import resolve_model_paths
+    from serve.graph.build import resolve_model_paths
     from serve.settings import load_config
 
     duration_s, capacity_s = duration, capacity_duration
@@ -338,10 +412,10 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
     import ray
     from ray import serve
 
-    from serve.baselines import Monolith
-    from serve.cli import start_service
-    from serve.graph import resolve_model_paths
-    from serve.loadtest import LoadTest, RequestMix, Scenario
+    from serve.tools.baselines import Monolith
+    from serve.graph.service import start_service
+    from serve.graph.build import resolve_model_paths
+    from serve.tools.loadtest import LoadTest, RequestMix, Scenario
     from serve.settings import load_config
 
     step_duration_s, slo_s = duration, slo
@@ -405,7 +479,7 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
     def with_system(name: str, action) -> None:
         if name == "in-process":
             process = subprocess.Popen(
-                [sys.executable, "-m", "serve.baselines", "inprocess", "--port", str(port + 1),
+                [sys.executable, "-m", "serve.tools.baselines", "inprocess", "--port", str(port + 1),
                  "--prior", str(prior_path), "--decoder", str(decoder_path)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve.provenance import provenance
+from serve.tools.provenance import provenance
 from serve.settings import ConfigError
 
 OUTCOMES = ("success", "timeout", "connection_error")  # plus "http_<status>" and "client_error"

@@ -2,7 +2,7 @@
 
 Used for the README's picture of the embedded model::
 
-    .venv/bin/python -m serve.training.grid docs/embedded_grid.png
+    .venv/bin/python -m serve.tools.grid docs/embedded_grid.png
 """
 
 from __future__ import annotations

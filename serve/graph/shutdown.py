@@ -77,7 +77,7 @@ def drain_service(app_name: str, timeout_s: float, on_progress: Callable[[DrainS
     from ray import serve
     from ray.serve.schema import ReplicaState
 
-    from serve.settings import INGRESS_NAME
+    from deployments.registry import INGRESS_NAME
 
     status = serve.status().applications.get(app_name)
     deployment = status.deployments.get(INGRESS_NAME) if status is not None else None

@@ -16,17 +16,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.messages import EncodedImages
-from serve.compat import SUBMIT_PATHS, add_compat_routes
-from serve.jobs import JobRunner
-from serve.jobs_api import JOB_SUBMIT_PATH, add_job_routes
-from serve.schemas import (
-    MODES,
+from serve.http.compat import SUBMIT_PATHS, add_compat_routes
+from serve.jobs.runner import JobRunner
+from serve.http.job_routes import JOB_SUBMIT_PATH, add_job_routes
+from deployments.registry import MODES
+from serve.http.schemas import (
     EmbeddingsResponse,
     ErrorResponse,
     GenerationSpec,
@@ -35,8 +35,8 @@ from serve.schemas import (
     embeddings_request_model,
     request_models,
 )
-from serve.guard import AdmissionGate, RateLimiter, retry_after_header
-from serve.resilience import Overloaded, RequestTimedOut, StageUnavailable
+from serve.http.admission import AdmissionGate, RateLimiter, retry_after_header
+from serve.errors import Overloaded, RequestTimedOut, StageUnavailable
 from serve.settings import AdmissionSettings, ApiLimits, AuthSettings
 
 logger = logging.getLogger("kandinsky_serve.api")
@@ -182,6 +182,20 @@ Inpainting masks: **white = repaint, black = keep** (the diffusers >= 0.19 conve
 """
 
 
+def server_timing(result: Any, total_ms: float) -> str:
+    """The ``Server-Timing`` header (W3C; browsers' dev tools show it): the ingress's total,
+    and per stage the call's round trip from the ingress, its queue wait and its compute.
+    The round trip minus queue and compute is routing and transfer (``bench latency --breakdown``)."""
+    entries = [f"total;dur={total_ms:.2f}"]
+    for key, timing in result.timings.items():
+        call = getattr(result, "call_ms", {}).get(key)
+        if call is not None:
+            entries.append(f"{key}-call;dur={call:.2f}")
+        entries.append(f"{key}-queue;dur={timing.queue_ms:.2f}")
+        entries.append(f"{key}-compute;dur={timing.compute_ms:.2f}")
+    return ", ".join(entries)
+
+
 def create_app(
     limits: ApiLimits,
     backend: GenerationBackend,
@@ -203,7 +217,7 @@ def create_app(
     ``auth``: API keys and per-key rate limits (open when no keys file is configured).
     ``jobs``: runs ``/v1/jobs`` and the OpenAI / AUTOMATIC1111 routes; without it they are absent.
     """
-    from serve.auth import KeyStore
+    from serve.http.auth import KeyStore
 
     admission = admission or AdmissionSettings()
     auth = auth or AuthSettings()
@@ -314,7 +328,7 @@ def create_app(
         logger.exception("request %s failed", request_id)
         return _error(500, "generation_failed", f"generation failed: {type(error).__name__}", request_id)
 
-    async def run_generation(mode: str, body: Any, request: Request) -> Any:
+    async def run_generation(mode: str, body: Any, request: Request, response: Response) -> Any:
         request_id = request.state.request_id
         try:
             spec = body.to_spec()
@@ -346,6 +360,8 @@ def create_app(
         except Exception as error:
             return _stage_error(error, request_id)
         metrics.generation(mode, spec.width, spec.height, time.perf_counter() - started)
+        total_ms = (time.perf_counter() - started) * 1000.0
+        response.headers["Server-Timing"] = server_timing(result, total_ms)
         return ImagesResponse(
             images=[base64.b64encode(image).decode("ascii") for image in result.images],
             media_type=result.media_type,
@@ -353,7 +369,7 @@ def create_app(
             width=spec.width,
             height=spec.height,
             timings={stage: vars(timing) for stage, timing in result.timings.items()},
-            total_ms=(time.perf_counter() - started) * 1000.0,
+            total_ms=total_ms,
             request_id=request_id,
             warnings=list(getattr(result, "notes", ())),
         )
@@ -372,8 +388,8 @@ def create_app(
 
             return
 
-        async def generate(body: model, request: Request):  # type: ignore[valid-type]
-            return await run_generation(mode, body, request)
+        async def generate(body: model, request: Request, response: Response):  # type: ignore[valid-type]
+            return await run_generation(mode, body, request, response)
 
         app.post(f"/v1/{mode}", response_model=ImagesResponse, responses=responses, summary=model.__doc__)(generate)
 

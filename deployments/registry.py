@@ -1,0 +1,106 @@
+"""The stage registry: every stage of the graph, once.
+
+Settings (which deployments a config may name, which take loop settings), the graph
+builder (what to deploy, from which checkpoint), the ingress (which deployment serves a
+call), the plan (which U-Net serves a mode), the cluster check and the tests read this
+table; nothing else spells a stage's deployment name. Adding a stage is one entry here
+plus its module in ``deployments/``.
+
+Plain data, no torch or Ray import: the settings and the CLI read it without loading a model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("text2img", "img2img", "inpaint", "mix", "variations", "controlnet")
+"""Every generation mode (``/v1/<mode>``)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """The Ray Serve deployment name (configs' ``deployments[].name``, metrics' ``deployment`` label)."""
+    deployment: str
+    """``module:attribute`` of the Ray Serve deployment, imported when the graph is built."""
+    role: str
+    """What the ingress calls it for: ``text_encoder``, ``image_encoder``, ``prior``, ``denoiser``, ``movq``."""
+    checkpoint: str
+    """The checkpoint it loads: a ``ModelSettings`` field ``<checkpoint>_path`` and env ``KANDINSKY_<CHECKPOINT>_PATH``."""
+    subfolders: tuple[str, ...]
+    """The checkpoint subfolders it reads."""
+    loop: bool
+    """A step loop: its ``user_config`` is ``LoopBatchSettings`` and it reports request progress."""
+    modes: tuple[str, ...]
+    """The generation modes that call it."""
+    resource: str
+    """The custom Ray resource (``ray_actor_options.resources``) that places it on its node type in cluster configs."""
+    variant: str | None = None
+    """For a denoiser: the decoder variant the plan asks for (``text2img``, ``inpaint``, ``controlnet``)."""
+    optional: bool = False
+    """Deployed only when its checkpoint is configured (the embedded model has all); else its modes answer 404."""
+
+    @property
+    def path_field(self) -> str:
+        return f"{self.checkpoint}_path"
+
+    @property
+    def path_env(self) -> str:
+        return f"KANDINSKY_{self.checkpoint.upper()}_PATH"
+
+    def load(self) -> Any:
+        """The Ray Serve deployment object (imports torch, diffusers and Ray)."""
+        module, attribute = self.deployment.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+_PLAIN_DECODER_MODES = ("text2img", "img2img", "mix", "variations")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("TextEncoder", "deployments.text_encoder:TextEncoder", "text_encoder", "prior",
+          ("tokenizer", "text_encoder"), loop=False, modes=MODES, resource="kandinsky_small"),
+    Stage("ImageEncoder", "deployments.image_encoder:ImageEncoder", "image_encoder", "prior",
+          ("image_processor", "image_encoder"), loop=False, modes=("mix", "variations"), resource="kandinsky_small"),
+    Stage("Prior", "deployments.prior:Prior", "prior", "prior",
+          ("prior", "scheduler"), loop=True, modes=MODES, resource="kandinsky_small"),
+    Stage("Denoiser", "deployments.denoiser:Denoiser", "denoiser", "decoder",
+          ("unet", "scheduler"), loop=True, modes=_PLAIN_DECODER_MODES, resource="kandinsky_denoiser", variant="text2img"),
+    Stage("InpaintDenoiser", "deployments.denoiser:InpaintDenoiser", "denoiser", "inpaint_decoder",
+          ("unet", "scheduler"), loop=True, modes=("inpaint",), resource="kandinsky_denoiser", variant="inpaint",
+          optional=True),
+    Stage("ControlnetDenoiser", "deployments.denoiser:ControlnetDenoiser", "denoiser", "controlnet_decoder",
+          ("unet", "scheduler"), loop=True, modes=("controlnet",), resource="kandinsky_denoiser", variant="controlnet",
+          optional=True),
+    # The MOVQ of the text-to-image decoder decodes every variant's latents: the published
+    # 2.2 decoders (plain, inpaint, ControlNet) share one MOVQ.
+    Stage("MovqDecoder", "deployments.movq:MovqDecoder", "movq", "decoder",
+          ("movq",), loop=False, modes=MODES, resource="kandinsky_small"),
+)
+
+INGRESS_NAME = "Ingress"
+"""The HTTP ingress deployment (not a stage: it calls them)."""
+
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+LOOP_STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.loop)
+BY_NAME = {stage.name: stage for stage in STAGES}
+CHECKPOINTS = tuple(dict.fromkeys(stage.checkpoint for stage in STAGES))
+"""Every checkpoint some stage loads, required ones first: ``prior``, ``decoder``, then the variants'."""
+OPTIONAL_STAGES = tuple(stage for stage in STAGES if stage.optional)
+
+
+def stage_for(role: str, variant: str | None = None) -> Stage:
+    """The one stage playing ``role`` (for a denoiser: of ``variant``)."""
+    matches = [s for s in STAGES if s.role == role and (variant is None or s.variant == variant)]
+    if len(matches) != 1:
+        raise KeyError(f"{len(matches)} stages with role {role!r} and variant {variant!r}; expected one")
+    return matches[0]
+
+
+def denoiser_of_mode(mode: str) -> Stage:
+    """The U-Net stage that serves ``mode``; each batches only with itself."""
+    matches = [s for s in STAGES if s.role == "denoiser" and mode in s.modes]
+    if len(matches) != 1:
+        raise KeyError(f"{len(matches)} denoisers serve mode {mode!r}; expected one")
+    return matches[0]

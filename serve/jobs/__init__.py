@@ -1,0 +1,1 @@
+"""Asynchronous generations: the store, progress tracking, the runner and the store actor."""

@@ -1,0 +1,77 @@
+"""The stage registry is the one definition of the graph's stages: everything else agrees with it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.loading import DECODER_LAYOUT, PRIOR_LAYOUT
+from deployments.registry import (
+    CHECKPOINTS,
+    INGRESS_NAME,
+    MODES,
+    OPTIONAL_STAGES,
+    STAGE_NAMES,
+    STAGES,
+    denoiser_of_mode,
+    stage_for,
+)
+from serve.graph.build import ModelPaths
+from serve.settings import ModelSettings, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_each_entry_names_a_deployment_of_that_name_reading_its_checkpoints_subfolders(stage):
+    from deployments.runtime import LoopReplica
+
+    deployment = stage.load()
+    assert deployment.name == stage.name
+    assert issubclass(deployment.func_or_class, LoopReplica) == stage.loop
+    layout = PRIOR_LAYOUT if stage.checkpoint == "prior" else DECODER_LAYOUT
+    assert set(stage.subfolders) <= set(layout), f"{stage.name} reads folders its checkpoint layout lacks"
+    assert stage.path_field in ModelSettings.model_fields
+    assert set(stage.modes) <= set(MODES)
+
+
+def test_checkpoints_modes_and_roles_are_covered_once():
+    assert ModelPaths._fields == CHECKPOINTS
+    assert len(set(STAGE_NAMES)) == len(STAGE_NAMES) and INGRESS_NAME not in STAGE_NAMES
+    for mode in MODES:
+        assert denoiser_of_mode(mode).role == "denoiser"
+        for role in ("text_encoder", "prior", "movq"):
+            assert mode in stage_for(role).modes
+    assert {stage.variant for stage in STAGES if stage.role == "denoiser"} == {"text2img", "inpaint", "controlnet"}
+    assert all(stage.role == "denoiser" for stage in OPTIONAL_STAGES)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_deploys_registry_stages_only(path):
+    config = load_config(path)
+    assert set(config.deployment_options) <= {*STAGE_NAMES, INGRESS_NAME}
+
+
+def test_cluster_config_places_each_stage_by_its_registry_resource():
+    raw = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
+    deployments = {d["name"]: d for d in raw["applications"][0]["deployments"]}
+    for stage in STAGES:
+        resources = deployments[stage.name]["ray_actor_options"].get("resources", {})
+        assert stage.resource in resources, f"{stage.name} should ask for {stage.resource}"
+
+
+def test_no_other_module_spells_a_stage_name():
+    """Stage names are data of the registry: code elsewhere reads them from it."""
+    spelled = re.compile(r"""["'](%s)["']""" % "|".join(map(re.escape, (*STAGE_NAMES, INGRESS_NAME))))
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for folder in ("serve", "deployments")
+        for path in (ROOT / folder).rglob("*.py")
+        if path.name != "registry.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if spelled.search(line)
+    ]
+    assert offenders == []
