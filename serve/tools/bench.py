@@ -15,7 +15,7 @@ from pathlib import Path
 from serve.tools.loadtest import arrival_times, percentile
 from serve.tools.provenance import provenance
 
-TARGET_RATIO = 1.15
+TARGET_RATIO = 1.05  # #30: served / in-process at 64², 50 steps, 2 CPU cores
 
 
 def write_result(result: dict, out: Path) -> None:

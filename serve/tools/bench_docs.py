@@ -1,0 +1,114 @@
+"""The benchmark tables of docs/benchmarks.md, generated from committed results.
+
+Each table sits between ``<!-- bench:KIND -->`` and ``<!-- /bench:KIND -->`` and is drawn from
+``docs/bench/KIND.json``, the file ``kandinsky-serve bench KIND --out docs/bench/KIND.json``
+writes (with its provenance: date, commit, machine, versions, command line)::
+
+    .venv/bin/python -m serve.tools.bench_docs            # rewrite the tables
+    .venv/bin/python -m serve.tools.bench_docs --check    # exit 1 if a table is stale
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "docs" / "bench"
+SECTION = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.S)
+
+
+def provenance_line(result: dict) -> str:
+    p = result.get("provenance", {})
+    commit = (p.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if p.get("dirty") else "")
+    versions = ", ".join(f"{name} {version}" for name, version in p.get("versions", {}).items() if version)
+    command = " ".join(["kandinsky-serve", *p.get("command", [])[1:]])
+    return (f"*Measured {str(p.get('date', '?'))[:10]} on {p.get('cpu_model') or '?'} ({p.get('cpus', '?')} CPUs"
+            f"{', GPU ' + p['gpu'] if p.get('gpu') else ''}), commit {commit}; {versions}. Command: `{command}`.*")
+
+
+def render_latency(result: dict) -> str:
+    rows = result["results"]
+    lines = [
+        f"Single request, {result['size']}×{result['size']}, prior {result['prior_steps']} + decoder "
+        f"{result['steps']} steps, {result['rounds']} rounds, {result['torch_threads']} intra-op thread(s):",
+        "",
+        "| | p50 ms | p90 ms | min ms |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, label in (("in_process", "diffusers in-process"), ("served", "served over HTTP")):
+        row = rows[name]
+        lines.append(f"| {label} | {row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {row['min_ms']:.1f} |")
+    lines += ["", f"**served / in-process (p50): {result['ratio_p50']:.2f}** (target ≤ {result['target_ratio']})."]
+    breakdown = result.get("breakdown")
+    if breakdown:
+        lines += ["", "Where a served request's time goes (p50 of each hop, `--breakdown`):", "",
+                  "| hop | ms | of which queue | compute | transport |", "| --- | ---: | ---: | ---: | ---: |",
+                  f"| client, end to end | {breakdown['client_ms']:.1f} | | | |",
+                  f"| HTTP proxy and response | {breakdown['proxy_and_http_ms']:.1f} | | | |",
+                  f"| ingress, in total | {breakdown['ingress_total_ms']:.1f} | | | |"]
+        for stage, row in breakdown["stages"].items():
+            lines.append(f"| `{stage}` call | {row['call_ms']:.1f} | {row['queue_ms']:.1f} | {row['compute_ms']:.1f} "
+                         f"| {row['transport_ms']:.1f} |")
+        lines += [f"| ingress's own work | {breakdown['ingress_own_ms']:.1f} | | | |",
+                  f"| stage compute, summed | {breakdown['compute_ms']:.1f} | | | |"]
+    return "\n".join(lines + ["", provenance_line(result)])
+
+
+def render_batching(result: dict) -> str:
+    lines = [
+        f"One Denoiser replica, {result['size']}×{result['size']}, {result['steps']} steps, max batch "
+        f"{result['max_batch']}, open-loop Poisson arrivals, {result['duration_s']:g} s per point; capacity "
+        f"{result['capacity_rps']:.2f} req/s:",
+        "",
+        "| policy | load | offered/s | achieved/s | p50 s | p90 s | p99 s | images per step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for mode, measured in result["modes"].items():
+        for p in measured["points"]:
+            lines.append(f"| {mode} | {p['load']:.0%} | {p['offered_rps']:.2f} | {p['throughput_rps']:.2f} | "
+                         f"{p['p50_s']:.2f} | {p['p90_s']:.2f} | {p['p99_s']:.2f} | {p['mean_batch_per_step']:.2f} |")
+    lines += [
+        "",
+        f"Step batching against `@serve.batch` request batching: p99 at 70 % load "
+        f"**{result['p99_step_over_request_at_70']:.2f}×**, throughput at 100 % "
+        f"**{result['throughput_step_over_request_at_100']:.2f}×**. Against request-when-idle: p99 at 70 % "
+        f"**{result['p99_step_over_request_when_idle_at_70']:.2f}×**, throughput at 100 % "
+        f"**{result['throughput_step_over_request_when_idle_at_100']:.2f}×**.",
+    ]
+    return "\n".join(lines + ["", provenance_line(result)])
+
+
+RENDERERS = {"latency": render_latency, "batching": render_batching}
+
+
+def render_docs(text: str, results: Path = RESULTS) -> str:
+    """``text`` with every marked table redrawn from ``results/KIND.json``."""
+
+    def redraw(match: re.Match) -> str:
+        kind = match.group(2)
+        result = json.loads((results / f"{kind}.json").read_text())
+        return f"{match.group(1)}{RENDERERS[kind](result)}\n{match.group(4)}"
+
+    return SECTION.sub(redraw, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    current = DOC.read_text()
+    rendered = render_docs(current)
+    if "--check" in argv:
+        if rendered != current:
+            print(f"{DOC} is stale: run python -m serve.tools.bench_docs", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(rendered)
+    print(f"written: {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
