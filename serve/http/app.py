@@ -16,34 +16,35 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.messages import EncodedImages
-from serve.http.compat import SUBMIT_PATHS, add_compat_routes
-from serve.jobs.runner import JobRunner
-from serve.http.job_routes import JOB_SUBMIT_PATH, add_job_routes
 from deployments.registry import MODES
+from serve.http.admission import AdmissionGate, RateLimiter
+from serve.http.auth import ApiKey, KeyStore
+from serve.http.compat import add_compat_routes
+from serve.http.errors import ApiError, error_response, from_backend, install_error_handlers
+from serve.http.guards import Guards
+from serve.http.job_routes import add_job_routes
 from serve.http.schemas import (
+    EmbeddingsRequest,
     EmbeddingsResponse,
     ErrorResponse,
+    GenerationRequest,
     GenerationSpec,
     ImagesResponse,
-    SpecError,
-    embeddings_request_model,
+    bind_limits,
     request_models,
 )
-from serve.http.admission import AdmissionGate, RateLimiter, retry_after_header
-from serve.errors import Overloaded, RequestTimedOut, StageUnavailable
+from serve.jobs.runner import JobRunner
 from serve.settings import AdmissionSettings, ApiLimits, AuthSettings
 
 logger = logging.getLogger("kandinsky_serve.api")
 
 REQUEST_ID_HEADER = "X-Request-ID"
-TIMEOUT_HEADER = "X-Request-Timeout"
-"""A client's own deadline in seconds; the configured ``request_timeout_s`` is the most it can ask."""
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -94,7 +95,6 @@ def _app_path(scope: Scope) -> str:
     """The request path inside the app (without the route prefix it is served under)."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path
-"""Routes that never need an API key (probes)."""
 
 
 def _route_label(scope: Scope) -> str:
@@ -104,24 +104,6 @@ def _route_label(scope: Scope) -> str:
         return route.path
     path = _app_path(scope)
     return path if path in KNOWN_ROUTES else "other"
-
-
-def _error(
-    status: int, kind: str, message: str, request_id: str | None, details: list[dict] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = ErrorResponse.model_validate(
-        {"error": {"type": kind, "message": message, "details": details or []}, "request_id": request_id}
-    )
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-OPEN_PATHS = ("/healthz", "/readyz")
-
-
-def _field_name(loc: tuple) -> str:
-    parts = [str(part) for part in loc if part not in ("body", "query", "header", "path")]
-    return ".".join(parts) or "body"
 
 
 class BodySizeLimit:
@@ -159,7 +141,7 @@ class BodySizeLimit:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.rejection("payload_too_large")
         self.metrics.http_request(_route_label(scope), 413, 0, 0)
-        response = _error(
+        response = error_response(
             413, "payload_too_large", f"request body exceeds the limit of {self.max_bytes} bytes", None,
             [{"field": "body", "message": f"at most {self.max_bytes} bytes"}],
         )
@@ -217,76 +199,25 @@ def create_app(
     ``auth``: API keys and per-key rate limits (open when no keys file is configured).
     ``jobs``: runs ``/v1/jobs`` and the OpenAI / AUTOMATIC1111 routes; without it they are absent.
     """
-    from serve.http.auth import KeyStore
-
     admission = admission or AdmissionSettings()
     auth = auth or AuthSettings()
     keys_file = auth.keys_file()
-    keys = KeyStore(keys_file) if keys_file is not None else None
-    limiter = RateLimiter(auth.requests_per_s, auth.burst_requests, auth.images_per_min)
     gate = AdmissionGate(admission.max_inflight_requests, admission.retry_after_s)
-    generation_paths = {*(f"/v1/{mode}" for mode in MODES if mode not in (unavailable or {})), "/v1/embeddings"}
-    # Every route that starts model work: none is admitted once the service drains.
-    work_paths = generation_paths | ({JOB_SUBMIT_PATH, *SUBMIT_PATHS} if jobs is not None else set())
+    guards = Guards(
+        KeyStore(keys_file) if keys_file is not None else None,
+        RateLimiter(auth.requests_per_s, auth.burst_requests, auth.images_per_min),
+        gate, admission,
+    )
     models = request_models(limits)
-    EmbeddingsRequest = embeddings_request_model(limits)
+    embeddings_request = bind_limits(EmbeddingsRequest, limits)
     unavailable = unavailable or {}
     metrics = metrics or NoMetrics()
-    app = FastAPI(title="kandinsky-serve", version="0.2.0", description=DESCRIPTION)
-
-    @app.middleware("http")
-    async def guard_middleware(request: Request, call_next):
-        """API key, per-key request rate, then the in-flight bound — before any model work."""
-        request_id = getattr(request.state, "request_id", None)
-        path = _app_path(request.scope)
-        key = None
-        if keys is not None and path not in OPEN_PATHS:
-            scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-            challenge = {"WWW-Authenticate": "Bearer"}
-            if not scheme:
-                metrics.rejection("unauthenticated")
-                return _error(401, "missing_api_key", "send 'Authorization: Bearer <key>'", request_id, headers=challenge)
-            if scheme.lower() != "bearer" or not token.strip() or " " in token.strip():
-                metrics.rejection("unauthenticated")
-                return _error(401, "malformed_authorization", "the Authorization header must be 'Bearer <key>'",
-                              request_id, headers=challenge)
-            key = keys.lookup(token.strip())
-            if key is None:
-                metrics.rejection("unauthenticated")
-                return _error(401, "invalid_api_key", "unknown API key", request_id, headers=challenge)
-            if key.revoked:
-                metrics.rejection("forbidden")
-                return _error(403, "api_key_revoked", f"API key {key.name!r} has been revoked", request_id)
-            refusal = limiter.admit_request(key.name, key.requests_per_s, key.images_per_min)
-            if refusal is not None:
-                metrics.rejection("rate_limited")
-                return _error(429, "rate_limited", f"{refusal.reason} for key {key.name!r}", request_id,
-                              headers={"Retry-After": retry_after_header(refusal.retry_after_s)})
-        request.state.api_key = key
-        if gate.draining and request.method == "POST" and path in work_paths:
-            metrics.rejection("shutting_down")
-            return _error(
-                503, "shutting_down", "this ingress replica is shutting down and takes no new work; retry (another "
-                "replica or the restarted service will answer)",
-                request_id, headers={"Retry-After": retry_after_header(gate.retry_after_s())},
-            )
-        if not (request.method == "POST" and path in generation_paths):
-            return await call_next(request)
-        if not gate.try_enter():
-            metrics.rejection("overloaded")
-            return _error(
-                503, "overloaded",
-                f"the service is at capacity ({gate.limit} requests in flight per ingress replica); retry later",
-                request_id, headers={"Retry-After": retry_after_header(gate.retry_after_s())},
-            )
-        started = time.perf_counter()
-        succeeded = False
-        try:
-            response = await call_next(request)
-            succeeded = response.status_code < 400
-            return response
-        finally:
-            gate.leave(time.perf_counter() - started if succeeded else None)
+    # FastAPI's own /docs and /openapi.json would skip the API key; ours are on the keyed router.
+    app = FastAPI(title="kandinsky-serve", version="0.2.0", description=DESCRIPTION,
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    install_error_handlers(app, metrics, gate.retry_after_s)
+    keyed = APIRouter(dependencies=[Depends(guards.api_key)])
+    errors = {status: {"model": ErrorResponse} for status in (401, 403, 413, 422, 429, 500, 503, 504)}
 
     @app.middleware("http")
     async def request_id_middleware(request: Request, call_next):
@@ -295,7 +226,7 @@ def create_app(
         request_bytes = int(declared) if declared.isdigit() else 0
         if supplied is not None and not _REQUEST_ID.match(supplied):
             metrics.rejection("validation")
-            response = _error(
+            response = error_response(
                 422, "validation_error",
                 f"{REQUEST_ID_HEADER}: must be 1-128 characters of letters, digits and ._:-",
                 None, [{"field": REQUEST_ID_HEADER, "message": "1-128 characters of [A-Za-z0-9._:-]"}],
@@ -309,57 +240,14 @@ def create_app(
         metrics.http_request(_route_label(request.scope), response.status_code, request_bytes, int(sent) if sent.isdigit() else 0)
         return response
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        metrics.rejection("validation")
-        details = [{"field": _field_name(tuple(item["loc"])), "message": item["msg"]} for item in error.errors()]
-        message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-        return _error(422, "validation_error", message, getattr(request.state, "request_id", None), details)
-
-    def _stage_error(error: Exception, request_id: str) -> JSONResponse:
-        """Every way a backend call can fail, as one explicit error (never a stack trace)."""
-        if isinstance(error, RequestTimedOut):
-            metrics.rejection("timeout")
-            return _error(504, "timeout", str(error), request_id)
-        if isinstance(error, (StageUnavailable, Overloaded)):
-            kind = "overloaded" if isinstance(error, Overloaded) else "stage_unavailable"
-            metrics.rejection(kind)
-            return _error(503, kind, str(error), request_id, headers={"Retry-After": retry_after_header(gate.retry_after_s())})
-        logger.exception("request %s failed", request_id)
-        return _error(500, "generation_failed", f"generation failed: {type(error).__name__}", request_id)
-
-    async def run_generation(mode: str, body: Any, request: Request, response: Response) -> Any:
+    async def run_generation(body: GenerationRequest, request: Request, response: Response,
+                             key: ApiKey | None, timeout_s: float) -> ImagesResponse:
         request_id = request.state.request_id
-        try:
-            spec = body.to_spec()
-        except SpecError as error:
-            metrics.rejection("validation")
-            return _error(422, "validation_error", str(error), request_id, [{"field": error.field, "message": error.message}])
-        key = getattr(request.state, "api_key", None)
-        if key is not None:
-            refusal = limiter.admit_images(key.name, len(spec.seeds), key.requests_per_s, key.images_per_min)
-            if refusal is not None:
-                metrics.rejection("rate_limited")
-                return _error(429, "rate_limited", f"{refusal.reason} for key {key.name!r}", request_id,
-                              [{"field": "num_images", "message": refusal.reason}],
-                              headers={"Retry-After": retry_after_header(refusal.retry_after_s)})
-        timeout_s = admission.request_timeout_s
-        asked = request.headers.get(TIMEOUT_HEADER)
-        if asked is not None:
-            try:
-                timeout_s = min(timeout_s, float(asked))
-                if not timeout_s > 0:
-                    raise ValueError
-            except ValueError:
-                metrics.rejection("validation")
-                return _error(422, "validation_error", f"{TIMEOUT_HEADER}: must be a number of seconds > 0", request_id,
-                              [{"field": TIMEOUT_HEADER, "message": f"seconds, > 0, at most {admission.request_timeout_s:g}"}])
+        spec = body.to_spec()
+        guards.admit_images(key, len(spec.seeds))
         started = time.perf_counter()
-        try:
-            result = await backend.generate(spec, request_id, timeout_s)
-        except Exception as error:
-            return _stage_error(error, request_id)
-        metrics.generation(mode, spec.width, spec.height, time.perf_counter() - started)
+        result = await from_backend(backend.generate(spec, request_id, timeout_s), request_id)
+        metrics.generation(body.mode, spec.width, spec.height, time.perf_counter() - started)
         total_ms = (time.perf_counter() - started) * 1000.0
         response.headers["Server-Timing"] = server_timing(result, total_ms)
         return ImagesResponse(
@@ -376,46 +264,44 @@ def create_app(
 
     def add_generation_route(mode: str) -> None:
         model = models[mode]
-        responses = {status: {"model": ErrorResponse} for status in (401, 403, 413, 422, 429, 500, 503, 504)}
         if mode in unavailable:
             reason = unavailable[mode]
 
             # Not configured: refuse at once, whatever the body, naming what to configure.
-            @app.post(f"/v1/{mode}", status_code=404, responses={404: {"model": ErrorResponse}}, summary=model.__doc__)
-            async def not_configured(request: Request) -> JSONResponse:
-                metrics.rejection("mode_not_configured")
-                return _error(404, "mode_not_configured", reason, request.state.request_id)
+            @keyed.post(f"/v1/{mode}", status_code=404, responses={404: {"model": ErrorResponse}}, summary=model.__doc__)
+            async def not_configured() -> None:
+                raise ApiError(404, "mode_not_configured", reason, reason="mode_not_configured")
 
             return
 
-        async def generate(body: model, request: Request, response: Response):  # type: ignore[valid-type]
-            return await run_generation(mode, body, request, response)
+        async def generate(
+            body: model, request: Request, response: Response,  # type: ignore[valid-type]
+            key: ApiKey | None = Depends(guards.api_key), timeout_s: float = Depends(guards.deadline),
+        ) -> ImagesResponse:
+            return await run_generation(body, request, response, key, timeout_s)
 
-        app.post(f"/v1/{mode}", response_model=ImagesResponse, responses=responses, summary=model.__doc__)(generate)
+        keyed.post(f"/v1/{mode}", response_model=ImagesResponse, responses=errors, summary=model.__doc__,
+                   dependencies=[Depends(guards.generation_slot)])(generate)
 
     for mode in MODES:
         add_generation_route(mode)
 
-    @app.post(
-        "/v1/embeddings",
-        response_model=EmbeddingsResponse,
-        responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}},
+    @keyed.post(
+        "/v1/embeddings", response_model=EmbeddingsResponse, responses=errors,
+        dependencies=[Depends(guards.generation_slot)],
         summary="CLIP projected embeddings of texts and/or images, and their cosine similarities.",
     )
-    async def embeddings(body: EmbeddingsRequest, request: Request):  # type: ignore[valid-type]
+    async def embeddings(body: embeddings_request, request: Request) -> EmbeddingsResponse:  # type: ignore[valid-type]
         request_id = request.state.request_id
-        try:
-            texts, images = await backend.embeddings(list(body.texts), list(body.images), request_id)
-        except Exception as error:
-            return _stage_error(error, request_id)
+        images = body.decoded_images()
+        texts, image_embeddings = await from_backend(backend.embeddings(list(body.texts), images, request_id), request_id)
         similarity = None
-        if len(texts) and len(images):
+        if len(texts) and len(image_embeddings):
             a = texts / np.linalg.norm(texts, axis=1, keepdims=True)
-            b = images / np.linalg.norm(images, axis=1, keepdims=True)
+            b = image_embeddings / np.linalg.norm(image_embeddings, axis=1, keepdims=True)
             similarity = (a @ b.T).tolist()
-        return EmbeddingsResponse(
-            text_embeddings=texts.tolist(), image_embeddings=images.tolist(), similarity=similarity, request_id=request_id
-        )
+        return EmbeddingsResponse(text_embeddings=texts.tolist(), image_embeddings=image_embeddings.tolist(),
+                                  similarity=similarity, request_id=request_id)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -429,14 +315,23 @@ def create_app(
         ready = bool(stages) and all(state == "ready" for state in stages.values())
         return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @keyed.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> PlainTextResponse:
         """The product's metrics from every stage (Prometheus text format)."""
         return PlainTextResponse(await backend.metrics_text(), media_type="text/plain; version=0.0.4")
 
+    @keyed.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @keyed.get("/docs", include_in_schema=False)
+    async def swagger(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title=app.title)
+
     if jobs is not None:
-        add_job_routes(app, limits, models, jobs, unavailable, metrics)
-        add_compat_routes(app, limits, models, jobs, unavailable, metrics)
+        add_job_routes(keyed, limits, models, jobs, unavailable, guards)
+        add_compat_routes(keyed, models, jobs, unavailable, guards, metrics)
+    app.include_router(keyed)
 
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, metrics=metrics)

@@ -19,14 +19,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.jobs.runner import JobRunner, Submission
-from serve.http.job_routes import build_spec, client_key, error_response, limit_response
+from serve.http.errors import ApiError
+from serve.http.guards import Guards
+from serve.http.job_routes import build_spec, client_key, from_store, job_limit_error, mode_not_configured
 from serve.http.schemas import SCHEDULER_NAMES, ErrorResponse
-from serve.settings import ApiLimits
+from serve.jobs.runner import JobRunner, Submission
 
 MODEL_NAME = "kandinsky-2-2"
 
@@ -198,6 +198,14 @@ def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str]]:
     return mode, native, sorted(set(unsupported))
 
 
+def translated(translate, *args):
+    """``translate(*args)``, with a :class:`CompatError` as the 422 naming the foreign field."""
+    try:
+        return translate(*args)
+    except CompatError as error:
+        raise ApiError.invalid(error.field, error.message) from None
+
+
 def a1111_native_field(field: str) -> str:
     """The A1111 name of a native field, for error messages."""
     return {"guidance_scale": "cfg_scale", "num_images": "batch_size", "scheduler": "sampler_name",
@@ -245,35 +253,36 @@ def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, inter
 OPENAI_GENERATIONS_PATH = "/v1/images/generations"
 A1111_TXT2IMG_PATH = "/sdapi/v1/txt2img"
 A1111_IMG2IMG_PATH = "/sdapi/v1/img2img"
-SUBMIT_PATHS = (OPENAI_GENERATIONS_PATH, A1111_TXT2IMG_PATH, A1111_IMG2IMG_PATH)  # each starts a job
 
 
-def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRunner,
-                      unavailable: dict[str, str], metrics: Any) -> None:
-    """Register the OpenAI and A1111 routes on ``app``."""
+def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavailable: dict[str, str],
+                      guards: Guards, metrics: Any) -> None:
+    """Register the OpenAI and A1111 routes on ``router``."""
     errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
               429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
+    submits = [Depends(guards.accepting_work)]
 
-    async def run(mode: str, spec: Any, request: Request, origin: str) -> tuple[dict | None, JSONResponse | None]:
-        """Run a job to its end: its final view, or the error response."""
-        request_id = request.state.request_id
-        if mode in unavailable:
-            metrics.rejection("mode_not_configured")
-            return None, error_response(404, "mode_not_configured", unavailable[mode], request_id)
-        view = await jobs.submit(Submission(spec, mode, client_key(request), origin))
+    def native_spec(mode: str, native: dict, rename_field) -> Any:
+        try:
+            return build_spec(models, mode, native, "")
+        except ApiError as error:
+            raise error.renamed(rename_field) from None
+
+    async def run(mode: str, spec: Any, request: Request, origin: str) -> dict:
+        """Run a job to its end: its final view (succeeded or cancelled)."""
+        mode_not_configured(mode, unavailable)
+        view = await from_store(jobs.submit(Submission(spec, mode, client_key(request), origin)))
         if "limit" in view:
-            metrics.rejection("too_many_jobs")
-            return None, limit_response(view, request_id)
+            raise job_limit_error(view)
         started = time.perf_counter()
         final = await jobs.wait(view["id"])  # a client that goes away cancels the job
         if final is None:
-            return None, error_response(500, "generation_failed", "the job expired before it could be read", request_id)
+            raise ApiError(500, "generation_failed", "the job expired before it could be read")
         if final["state"] == "failed":
-            message = (final["error"] or {}).get("message", "generation failed")
-            return final, error_response(500, "generation_failed", message, request_id)
+            raise ApiError(500, "generation_failed", (final["error"] or {}).get("message", "generation failed"))
         if final["state"] == "succeeded":
             metrics.generation(mode, spec.width, spec.height, time.perf_counter() - started)
-        return final, None
+        return final
 
     async def images_of(view: dict) -> list[bytes]:
         out = []
@@ -283,60 +292,30 @@ def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRu
                 out.append(found[0])
         return out
 
-    def rename(response: JSONResponse, rename_field) -> JSONResponse:
-        """Error details in the foreign API's field names."""
-        body = json.loads(response.body)
-        for detail in body["error"]["details"]:
-            detail["field"] = rename_field(detail["field"])
-        body["error"]["message"] = "; ".join(f"{d['field']}: {d['message']}" for d in body["error"]["details"]) or body["error"]["message"]
-        return JSONResponse(body, status_code=response.status_code)
-
-    @app.post(OPENAI_GENERATIONS_PATH, responses=errors,
-              summary="OpenAI Images API: text to image. Extensions: seed, negative_prompt, steps, prior_steps, "
-                      "guidance_scale, prior_guidance_scale, scheduler.")
+    @router.post(OPENAI_GENERATIONS_PATH, responses=errors, dependencies=submits,
+                 summary="OpenAI Images API: text to image. Extensions: seed, negative_prompt, steps, prior_steps, "
+                         "guidance_scale, prior_guidance_scale, scheduler.")
     async def openai_generations(body: OpenAIImageRequest, request: Request):
-        request_id = request.state.request_id
-        try:
-            native = openai_to_native(body)
-        except CompatError as error:
-            metrics.rejection("validation")
-            return error_response(422, "validation_error", str(error), request_id, [{"field": error.field, "message": error.message}])
-        spec, problem = build_spec(models, "text2img", native, "", request_id)
-        if problem is not None:
-            metrics.rejection("validation")
-            return rename(problem, openai_field)
-        final, problem = await run("text2img", spec, request, "openai")
-        if problem is not None:
-            return problem
+        spec = native_spec("text2img", translated(openai_to_native, body), openai_field)
+        final = await run("text2img", spec, request, "openai")
         if final["state"] == "cancelled":
-            return error_response(409, "job_cancelled", f"job {final['id']} was cancelled", request_id)
+            raise ApiError(409, "job_cancelled", f"job {final['id']} was cancelled")
         if body.response_format == "b64_json":
             data = [{"b64_json": base64.b64encode(image).decode("ascii")} for image in await images_of(final)]
         else:
             base = str(request.base_url).rstrip("/")
             data = [{"url": base + image["url"]} for image in final["images"]]
-        output_format = spec.output_format
-        return {"created": int(final["created_at"]), "data": data, "output_format": output_format,
+        return {"created": int(final["created_at"]), "data": data, "output_format": spec.output_format,
                 "size": f"{spec.width}x{spec.height}"}
 
     async def a1111(request: Request, img2img: bool):
-        request_id = request.state.request_id
         try:
             body = await request.json()
         except ValueError:
-            return error_response(422, "validation_error", "body: not valid JSON", request_id)
-        try:
-            mode, native, unsupported = a1111_to_native(body, img2img)
-        except CompatError as error:
-            metrics.rejection("validation")
-            return error_response(422, "validation_error", str(error), request_id, [{"field": error.field, "message": error.message}])
-        spec, problem = build_spec(models, mode, native, "", request_id)
-        if problem is not None:
-            metrics.rejection("validation")
-            return rename(problem, a1111_native_field)
-        final, problem = await run(mode, spec, request, "sdapi")
-        if problem is not None:
-            return problem
+            raise ApiError(422, "validation_error", "body: not valid JSON", reason="validation") from None
+        mode, native, unsupported = translated(a1111_to_native, body, img2img)
+        spec = native_spec(mode, native, a1111_native_field)
+        final = await run(mode, spec, request, "sdapi")
         interrupted = final["state"] == "cancelled"
         images = [] if interrupted else await images_of(final)
         parameters = dict(body)
@@ -349,16 +328,16 @@ def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRu
             "info": a1111_info(spec, body, unsupported, final["id"], interrupted),
         }
 
-    @app.post(A1111_TXT2IMG_PATH, responses=errors, summary="AUTOMATIC1111-style text to image.")
+    @router.post(A1111_TXT2IMG_PATH, responses=errors, dependencies=submits, summary="AUTOMATIC1111-style text to image.")
     async def sdapi_txt2img(request: Request):
         return await a1111(request, img2img=False)
 
-    @app.post(A1111_IMG2IMG_PATH, responses=errors,
-              summary="AUTOMATIC1111-style image to image; with a mask, inpainting.")
+    @router.post(A1111_IMG2IMG_PATH, responses=errors, dependencies=submits,
+                 summary="AUTOMATIC1111-style image to image; with a mask, inpainting.")
     async def sdapi_img2img(request: Request):
         return await a1111(request, img2img=True)
 
-    @app.get("/sdapi/v1/progress", summary="AUTOMATIC1111-style progress of this client's current generation.")
+    @router.get("/sdapi/v1/progress", summary="AUTOMATIC1111-style progress of this client's current generation.")
     async def sdapi_progress(request: Request):
         active = await jobs.store.active(client_key(request), "sdapi")
         running = [view for view in active if view["state"] == "running"] or active
@@ -378,18 +357,18 @@ def add_compat_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRu
                       "sampling_step": view["step"], "sampling_steps": view["steps"]},
         }
 
-    @app.post("/sdapi/v1/interrupt", summary="AUTOMATIC1111-style interrupt: cancel this client's generations.")
+    @router.post("/sdapi/v1/interrupt", summary="AUTOMATIC1111-style interrupt: cancel this client's generations.")
     async def sdapi_interrupt(request: Request):
         active = await jobs.store.active(client_key(request), "sdapi")
         for view in active:
             await jobs.cancel(view["id"])
         return {"interrupted": [view["id"] for view in active]}
 
-    @app.get("/sdapi/v1/samplers", summary="AUTOMATIC1111-style sampler list (our decoder schedulers).")
+    @router.get("/sdapi/v1/samplers", summary="AUTOMATIC1111-style sampler list (our decoder schedulers).")
     async def sdapi_samplers():
         return [{"name": title, "aliases": list(aliases), "options": {}} for title, aliases in SAMPLERS.values()]
 
-    @app.get("/sdapi/v1/sd-models", summary="AUTOMATIC1111-style model list: the decoder variants served.")
+    @router.get("/sdapi/v1/sd-models", summary="AUTOMATIC1111-style model list: the decoder variants served.")
     async def sdapi_models():
         variants = [("text2img", "kandinsky-2-2-decoder")]
         if "inpaint" not in unavailable:

@@ -14,16 +14,18 @@ jobs to a :class:`serve.jobs.JobRunner`.
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.jobs.runner import JobRunner, Submission
 from deployments.registry import MODES
-from serve.http.schemas import ErrorResponse, SpecError
+from serve.http.errors import ApiError
+from serve.http.guards import Guards
+from serve.http.schemas import Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
+from serve.jobs.runner import JobRunner, Submission
 from serve.settings import ApiLimits
 
 logger = logging.getLogger("kandinsky_serve.api")
@@ -31,23 +33,7 @@ logger = logging.getLogger("kandinsky_serve.api")
 SSE_KEEPALIVE_S = 15.0
 """A comment line goes out this often on an idle event stream, so proxies keep it open."""
 STORE_UNAVAILABLE = "the job store is unavailable; retry shortly"
-
-
-def error_response(status: int, kind: str, message: str, request_id: str | None,
-                   details: list[dict] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse.model_validate(
-        {"error": {"type": kind, "message": message, "details": details or []}, "request_id": request_id}
-    )
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def validation_error(error: ValidationError, prefix: str, request_id: str | None) -> JSONResponse:
-    details = [
-        {"field": ".".join(str(part) for part in (prefix, *item["loc"]) if part != ""), "message": item["msg"]}
-        for item in error.errors()
-    ]
-    return error_response(422, "validation_error", "; ".join(f"{d['field']}: {d['message']}" for d in details),
-                          request_id, details)
+T = TypeVar("T")
 
 
 def client_key(request: Request) -> str:
@@ -63,40 +49,60 @@ def client_key(request: Request) -> str:
 JOB_SUBMIT_PATH = "/v1/jobs"
 
 
-def limit_response(found: dict, request_id: str | None) -> JSONResponse:
+def job_limit_error(found: dict) -> ApiError:
     """429 for a job cap, with Retry-After."""
-    retry = str(int(found["retry_after_s"]))
-    return error_response(429, "too_many_jobs", found["limit"], request_id, headers={"Retry-After": retry})
+    return ApiError(429, "too_many_jobs", found["limit"], headers={"Retry-After": str(int(found["retry_after_s"]))},
+                    reason="too_many_jobs")
 
 
-def build_spec(models: dict, mode: str, params: Any, prefix: str, request_id: str | None):
-    """A spec from a mode's params, or the 422 response that says why not."""
+def build_spec(models: dict, mode: str, params: Any, prefix: str) -> GenerationSpec:
+    """The spec for a mode's params; raises the 422 :class:`ApiError` that says why not
+    (fields named under ``prefix``)."""
+    def under(field: str) -> str:
+        return ".".join(part for part in (prefix, field) if part) or "body"
+
     try:
-        body = models[mode].model_validate(params)
+        return models[mode].model_validate(params).to_spec()
     except ValidationError as error:
-        return None, validation_error(error, prefix, request_id)
-    try:
-        return body.to_spec(), None
+        raise ApiError.from_details([
+            {"field": under(".".join(str(part) for part in item["loc"])), "message": item["msg"]}
+            for item in error.errors()
+        ]) from None
     except SpecError as error:
-        field = f"{prefix}.{error.field}" if prefix else error.field
-        return None, error_response(422, "validation_error", f"{field}: {error.message}", request_id,
-                                    [{"field": field, "message": error.message}])
+        raise ApiError.invalid(under(error.field), error.message) from None
 
 
-def job_request_model(limits: ApiLimits) -> type[BaseModel]:
-    class JobRequest(BaseModel):
-        """A job: a mode and the body its synchronous endpoint takes."""
+async def from_store(call: Awaitable[T]) -> T:
+    """A job-store call; a store that cannot answer is a 503 the client may retry."""
+    try:
+        return await call
+    except ApiError:
+        raise
+    except Exception as error:
+        logger.exception("job store call failed")
+        raise ApiError(503, "job_store_unavailable", STORE_UNAVAILABLE, headers={"Retry-After": "1"}) from error
 
-        model_config = ConfigDict(extra="forbid", strict=True)
-        mode: Literal[MODES]  # type: ignore[valid-type]
-        params: dict[str, Any] = Field(description="Exactly the body of POST /v1/{mode}.")
-        preview_every: int = Field(
-            default=0, ge=0, le=limits.max_steps,
-            description="Send a low-resolution preview of image 0 every this many denoising steps "
-                        "(an SSE 'preview' event); 0: none.",
-        )
 
-    return JobRequest
+def unknown_job(job_id: str) -> ApiError:
+    return ApiError(404, "job_not_found", f"no job {job_id} (unknown, or expired after its TTL)")
+
+
+def mode_not_configured(mode: str, unavailable: dict[str, str]) -> None:
+    if mode in unavailable:
+        raise ApiError(404, "mode_not_configured", unavailable[mode], reason="mode_not_configured")
+
+
+class JobRequest(BaseModel):
+    """A job: a mode and the body its synchronous endpoint takes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    mode: Literal[MODES]  # type: ignore[valid-type]
+    params: dict[str, Any] = Field(description="Exactly the body of POST /v1/{mode}.")
+    preview_every: Annotated[int, Field(ge=0), Cap("le", "max_steps")] = Field(
+        default=0,
+        description="Send a low-resolution preview of image 0 every this many denoising steps "
+                    "(an SSE 'preview' event); 0: none.",
+    )
 
 
 class JobImageOut(BaseModel):
@@ -141,78 +147,54 @@ def sse_event(event: dict) -> str:
     return f"id: {event['seq']}\nevent: {event['event']}\ndata: {json.dumps(event['data'], separators=(',', ':'))}\n\n"
 
 
-def add_job_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRunner,
-                   unavailable: dict[str, str], metrics: Any) -> None:
-    """Register ``/v1/jobs`` on ``app``."""
-    JobRequest = job_request_model(limits)
+def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: JobRunner,
+                   unavailable: dict[str, str], guards: Guards) -> None:
+    """Register ``/v1/jobs`` on ``router``."""
+    job_request = bind_limits(JobRequest, limits)
     store = jobs.store
     errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
               429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
-    async def guarded(request: Request, call):
-        try:
-            return await call
-        except Exception:
-            logger.exception("job store call failed")
-            return error_response(503, "job_store_unavailable", STORE_UNAVAILABLE, request.state.request_id,
-                                  headers={"Retry-After": "1"})
-
-    @app.post(JOB_SUBMIT_PATH, status_code=202, response_model=JobOut, responses=errors,
-              summary="Submit a generation job; poll it, stream its events, or cancel it.")
-    async def submit_job(body: JobRequest, request: Request):  # type: ignore[valid-type]
-        request_id = request.state.request_id
-        if body.mode in unavailable:
-            metrics.rejection("mode_not_configured")
-            return error_response(404, "mode_not_configured", unavailable[body.mode], request_id)
-        spec, problem = build_spec(models, body.mode, body.params, "params", request_id)
-        if problem is not None:
-            metrics.rejection("validation")
-            return problem
+    @router.post(JOB_SUBMIT_PATH, status_code=202, response_model=JobOut, responses=errors,
+                 dependencies=[Depends(guards.accepting_work)],
+                 summary="Submit a generation job; poll it, stream its events, or cancel it.")
+    async def submit_job(body: job_request, request: Request):  # type: ignore[valid-type]
+        mode_not_configured(body.mode, unavailable)
+        spec = build_spec(models, body.mode, body.params, "params")
         submission = Submission(spec, body.mode, client_key(request), "jobs", body.preview_every)
-        view = await guarded(request, jobs.submit(submission))
-        if isinstance(view, Response):
-            return view
+        view = await from_store(jobs.submit(submission))
         if "limit" in view:
-            metrics.rejection("too_many_jobs")
-            return limit_response(view, request_id)
+            raise job_limit_error(view)
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["self"]})
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors, summary="A job's state and progress.")
-    async def get_job(job_id: str, request: Request):
-        view = await guarded(request, store.view(job_id))
-        if isinstance(view, Response):
-            return view
+    @router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors, summary="A job's state and progress.")
+    async def get_job(job_id: str):
+        view = await from_store(store.view(job_id))
         if view is None:
-            return _unknown(job_id, request)
+            raise unknown_job(job_id)
         return JSONResponse(view)
 
-    @app.get("/v1/jobs/{job_id}/images/{index}", responses={**errors, 200: {"content": {"image/png": {}}}},
-             response_class=Response, summary="One result image of a finished job, raw.")
-    async def job_image(job_id: str, index: int, request: Request):
-        found = await guarded(request, store.image(job_id, index))
-        if isinstance(found, Response):
-            return found
+    @router.get("/v1/jobs/{job_id}/images/{index}", responses={**errors, 200: {"content": {"image/png": {}}}},
+                response_class=Response, summary="One result image of a finished job, raw.")
+    async def job_image(job_id: str, index: int):
+        found = await from_store(store.image(job_id, index))
         if found is None:
-            view = await store.view(job_id)
+            view = await from_store(store.view(job_id))
             if view is None:
-                return _unknown(job_id, request)
-            return error_response(404, "image_not_found",
-                                  f"job {job_id} has {len(view['images'])} image(s) (state {view['state']}); no image {index}",
-                                  request.state.request_id)
+                raise unknown_job(job_id)
+            raise ApiError(404, "image_not_found",
+                           f"job {job_id} has {len(view['images'])} image(s) (state {view['state']}); no image {index}")
         data, media_type = found
         return Response(content=data, media_type=media_type)
 
-    @app.get("/v1/jobs/{job_id}/events", responses={**errors, 200: {"content": {"text/event-stream": {}}}},
-             response_class=StreamingResponse,
-             summary="Server-Sent Events: state changes, per-step progress and previews, ending with the terminal event.")
+    @router.get("/v1/jobs/{job_id}/events", responses={**errors, 200: {"content": {"text/event-stream": {}}}},
+                response_class=StreamingResponse,
+                summary="Server-Sent Events: state changes, per-step progress and previews, ending with the terminal event.")
     async def job_events(job_id: str, request: Request):
         last = request.headers.get("last-event-id", "0")
         after = int(last) if last.isdigit() else 0
-        first = await guarded(request, store.wait_events(job_id, after, 0.0))
-        if isinstance(first, Response):
-            return first
-        if first is None:
-            return _unknown(job_id, request)
+        if await from_store(store.wait_events(job_id, after, 0.0)) is None:
+            raise unknown_job(job_id)
         return StreamingResponse(_stream(job_id, after), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -231,22 +213,13 @@ def add_job_routes(app: FastAPI, limits: ApiLimits, models: dict, jobs: JobRunne
             if not events:
                 yield ": keep-alive\n\n"
 
-    @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses={**errors, 202: {"model": JobOut}},
-                summary="Cancel a job: a queued one never starts, a running one leaves its batch at the next step.")
-    async def cancel_job(job_id: str, request: Request):
-        found = await guarded(request, jobs.cancel(job_id))
-        if isinstance(found, Response):
-            return found
-        outcome, view = found
+    @router.delete("/v1/jobs/{job_id}", response_model=JobOut, responses={**errors, 202: {"model": JobOut}},
+                   summary="Cancel a job: a queued one never starts, a running one leaves its batch at the next step.")
+    async def cancel_job(job_id: str):
+        outcome, view = await from_store(jobs.cancel(job_id))
         if outcome == "unknown":
-            return _unknown(job_id, request)
+            raise unknown_job(job_id)
         if outcome == "finished":
-            return error_response(409, "job_finished", f"job {job_id} has already {view['state']}; nothing to cancel",
-                                  request.state.request_id)
+            raise ApiError(409, "job_finished", f"job {job_id} has already {view['state']}; nothing to cancel")
         # Stopped here: final. Running in another replica: it stops at that replica's next report.
         return JSONResponse(view, status_code=200 if view["state"] == "cancelled" else 202)
-
-    def _unknown(job_id: str, request: Request) -> JSONResponse:
-        return error_response(404, "job_not_found", f"no job {job_id} (unknown, or expired after its TTL)",
-                              request.state.request_id)
-

@@ -1,17 +1,22 @@
 """HTTP request/response models and the spec the ingress hands to the graph.
 
-Request models are built from :class:`serve.settings.ApiLimits`, so the caps in
-force are the ones the OpenAPI schema documents and the validator enforces.
+The request models are declared below with the bounds that never change; the bounds an
+operator configures (:class:`serve.settings.ApiLimits`) are marked :class:`Cap` and filled
+in by :func:`bind_limits`, so the caps in force are the ones the OpenAPI schema documents
+and the validator enforces. Images arrive as base64 strings and are decoded by
+``to_spec``, which turns a valid body into the :class:`GenerationSpec` the graph runs.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar, Literal
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
+import annotated_types
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from deployments.messages import SCHEDULERS
 from serve.http.images import decode_image, size_from_image
@@ -19,9 +24,10 @@ from serve.settings import ApiLimits
 
 MAX_SEED = 2**63 - 1
 OutputFormat = Literal["png", "jpeg", "webp"]
-
-
 SCHEDULER_NAMES = tuple(SCHEDULERS)
+
+
+# -- what the graph runs ----------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +76,96 @@ class SpecError(ValueError):
         self.message = message
 
 
+# -- configured bounds --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A bound read from :class:`ApiLimits` when the models are bound (:func:`bind_limits`):
+    ``Cap("le", "max_side")`` is ``le=limits.max_side``. A declared default above the cap
+    is lowered to it (pydantic does not validate defaults)."""
+
+    bound: Literal["le", "max_length"]
+    limit: str
+
+
+@dataclass(frozen=True)
+class DefaultFrom:
+    """The field's default is ``limits.<limit>`` when that is set."""
+
+    limit: str
+
+
+def bind_limits(model: type[BaseModel], limits: ApiLimits) -> type[BaseModel]:
+    """A subclass of ``model`` whose :class:`Cap` fields (in nested models, unions and list
+    items too) carry ``limits``; the subclass keeps the name, docs and methods."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if not _has_cap(info.annotation) and not any(isinstance(item, (Cap, DefaultFrom)) for item in info.metadata):
+            continue
+        default = info.default
+        for item in info.metadata:
+            if isinstance(item, DefaultFrom) and getattr(limits, item.limit) is not None:
+                default = getattr(limits, item.limit)
+            if isinstance(item, Cap) and item.bound == "le" and isinstance(default, (int, float)):
+                default = min(default, getattr(limits, item.limit))
+        metadata = [_bound(item, limits) for item in info.metadata if not isinstance(item, DefaultFrom)]
+        extra = {"default": default} if info.default_factory is None else {"default_factory": info.default_factory}
+        annotation = _bind_type(info.annotation, limits)
+        fields[name] = (Annotated[(annotation, *metadata)] if metadata else annotation,
+                        Field(description=info.description, **extra))
+    bound = create_model(model.__name__, __base__=model, __doc__=model.__doc__, __module__=model.__module__, **fields)
+    bound.limits = limits
+    return bound
+
+
+def _bound(item: Any, limits: ApiLimits) -> Any:
+    if not isinstance(item, Cap):
+        return item
+    value = getattr(limits, item.limit)
+    return annotated_types.Le(value) if item.bound == "le" else annotated_types.MaxLen(value)
+
+
+def _has_cap(annotation: Any) -> bool:
+    if isinstance(annotation, Cap):
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return any(_has_cap(info.annotation) or any(isinstance(m, Cap) for m in info.metadata)
+                   for info in annotation.model_fields.values())
+    return any(_has_cap(arg) for arg in get_args(annotation))
+
+
+def _bind_type(annotation: Any, limits: ApiLimits) -> Any:
+    """``annotation`` with its Caps filled in: through Annotated, unions, list items and nested models."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        base, *metadata = get_args(annotation)
+        return Annotated[(_bind_type(base, limits), *(_bound(item, limits) for item in metadata))]
+    if origin is list:
+        return list[_bind_type(get_args(annotation)[0], limits)]
+    if origin in (Union, UnionType):
+        return Union[tuple(_bind_type(arg, limits) for arg in get_args(annotation))]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and _has_cap(annotation):
+        return bind_limits(annotation, limits)
+    return annotation
+
+
+# -- request bodies -------------------------------------------------------------------------
+
+Side = Annotated[int, Field(ge=64, multiple_of=64, description="Pixels, a multiple of 64."), Cap("le", "max_side")]
+OptionalSide = Annotated[
+    int | None,
+    Field(ge=64, multiple_of=64, description="Pixels, a multiple of 64; default: the input image's, rounded to a multiple of 64."),
+    Cap("le", "max_side"),
+]
+Guidance = Annotated[float, Field(ge=0.0), Cap("le", "max_guidance_scale")]
+Text = Annotated[str, Cap("max_length", "max_prompt_chars")]
+Prompt = Annotated[str, Field(min_length=1, description="What to draw."), Cap("max_length", "max_prompt_chars")]
+Strength = Annotated[float, Field(ge=0.0, le=1.0)]
+Base64Image = Annotated[str, Cap("max_length", "max_body_bytes")]
+"""Base64 PNG, JPEG or WebP; decoded (at most ``max_image_pixels``) by ``to_spec``."""
+
+
 def _seeds(seed: int | None, count: int) -> tuple[int, ...]:
     """``seed + i`` for image i, or fresh random ones."""
     first = seed if seed is not None else secrets.randbelow(MAX_SEED - count + 1)
@@ -78,70 +174,70 @@ def _seeds(seed: int | None, count: int) -> tuple[int, ...]:
     return tuple(first + i for i in range(count))
 
 
-class _RequestBase(BaseModel):
+class GenerationRequest(BaseModel):
+    """The fields every generation mode shares."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
-    mode: ClassVar[str] = "text2img"
-    max_side: ClassVar[int] = 1024
-    max_output_pixels: ClassVar[int] = 1024 * 1024
+    mode: ClassVar[str]
+    limits: ClassVar[ApiLimits] = ApiLimits()
+
+    negative_prompt: Text | None = Field(default=None, description="What to steer away from.")
+    num_images: Annotated[int, Field(ge=1), Cap("le", "max_num_images")] = 1
+    # At least 2: the prior's UnCLIPScheduler divides by (steps - 1), in diffusers' pipeline too.
+    prior_steps: Annotated[int, Field(ge=2), Cap("le", "max_prior_steps")] = 25
+    prior_guidance_scale: Guidance = 4.0
+    steps: Annotated[int, Field(ge=1), Cap("le", "max_steps")] = 50
+    guidance_scale: Guidance = 4.0
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
+    output_format: OutputFormat = "png"
+    scheduler: Literal[SCHEDULER_NAMES] = Field(  # type: ignore[valid-type]
+        default="ddpm", description="The decoder's scheduler: ddpm (default), ddim, dpmsolver++ or unipc.")
 
     @field_validator("prompt", check_fields=False)
     @classmethod
     def _prompt_has_text(cls, value: str) -> str:
-        if not value.strip():
+        if value and not value.strip():
             raise ValueError("prompt must contain at least one non-whitespace character")
         return value
 
-    def _size(self, reference: np.ndarray | None) -> tuple[int, int]:
-        """The requested size, or the reference image's rounded to multiples of 64."""
-        width, height = getattr(self, "width", None), getattr(self, "height", None)
-        if reference is not None:
-            width = width or size_from_image(reference.shape[1], self.max_side)
-            height = height or size_from_image(reference.shape[0], self.max_side)
-        default = min(512, self.max_side)
-        return width or default, height or default
+    def to_spec(self) -> GenerationSpec:
+        """The spec the graph runs; raises :class:`SpecError` naming the field at fault."""
+        raise NotImplementedError
 
-    def _check_strength(self, steps: int, field: str = "steps") -> None:
-        strength = getattr(self, "strength", None)
-        if strength is not None and int(steps * strength) < 1:
+    def _decode(self, field: str, data: str, mode: str = "RGB") -> np.ndarray:
+        try:
+            return decode_image(data, self.limits.max_image_pixels, mode)
+        except ValueError as error:
+            raise SpecError(field, str(error)) from None
+
+    def _size(self, width: int | None, height: int | None, reference: np.ndarray | None = None) -> tuple[int, int]:
+        """The requested size, else the reference image's rounded to multiples of 64; within the pixel cap."""
+        if reference is not None:
+            width = width or size_from_image(reference.shape[1], self.limits.max_side)
+            height = height or size_from_image(reference.shape[0], self.limits.max_side)
+        default = min(self.limits.default_side or 512, self.limits.max_side)
+        width, height = width or default, height or default
+        cap = self.limits.max_output_pixels
+        if width * height > cap:
+            raise SpecError(
+                "width", f"width x height = {width}x{height} = {width * height} pixels exceeds the limit of "
+                f"{cap} pixels (max_output_pixels)"
+            )
+        return width, height
+
+    @staticmethod
+    def _check_strength(strength: float, steps: int, field: str) -> None:
+        if int(steps * strength) < 1:
             raise SpecError(
                 "strength", f"strength {strength} x {field} {steps} leaves no denoising step; raise strength or {field}"
             )
 
-    def to_spec(self) -> GenerationSpec:
-        image = getattr(self, "image", None)
-        hint = getattr(self, "hint", None)
-        mask = getattr(self, "mask", None)
-        width, height = self._size(hint if hint is not None else image)
-        if width * height > self.max_output_pixels:
-            raise SpecError(
-                "width", f"width x height = {width}x{height} = {width * height} pixels exceeds the limit of "
-                f"{self.max_output_pixels} pixels (max_output_pixels)"
-            )
-        if mask is not None:
-            if mask.shape != image.shape[:2]:
-                raise SpecError(
-                    "mask", f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {image.shape[1]}x{image.shape[0]}; "
-                    "they must be the same size"
-                )
-            if getattr(self, "invert_mask", False):
-                mask = 255 - mask
-        if self.mode in ("img2img", "controlnet") and image is not None:
-            self._check_strength(self.steps)
-        if self.mode == "variations":
-            self._check_strength(self.prior_steps, "prior_steps")
-        mix: tuple[MixItem, ...] = ()
-        if self.mode == "mix":
-            if len(self.weights) != len(self.items):
-                raise SpecError(
-                    "weights", f"one weight per item: {len(self.items)} items but {len(self.weights)} weights"
-                )
-            mix = tuple(MixItem(float(w), item.text, item.image) for item, w in zip(self.items, self.weights))
-        strength = getattr(self, "strength", None)
+    def _spec(self, prompt: str, size: tuple[int, int], **mode_fields: Any) -> GenerationSpec:
         return GenerationSpec(
-            prompt=getattr(self, "prompt", None) or "",
+            prompt=prompt,
             negative_prompt=self.negative_prompt,
-            width=width,
-            height=height,
+            width=size[0],
+            height=size[1],
             seeds=_seeds(self.seed, self.num_images),
             prior_steps=self.prior_steps,
             prior_guidance_scale=float(self.prior_guidance_scale),
@@ -150,166 +246,175 @@ class _RequestBase(BaseModel):
             output_format=self.output_format,
             mode=self.mode,
             scheduler=self.scheduler,
-            image=image,
-            mask=mask,
-            mask_blur=float(getattr(self, "mask_blur", 0.0)),
-            strength=None if strength is None or (self.mode == "controlnet" and image is None) else float(strength),
-            hint=hint,
-            mix=mix,
+            **mode_fields,
         )
 
 
-def _image_field(limits: ApiLimits, description: str, mode: str = "RGB"):
-    """A base64 image: validated and decoded (to a uint8 array) during request validation."""
+class Text2ImgRequest(GenerationRequest):
+    """Text to image."""
 
-    def decode(value: str) -> np.ndarray:
-        return decode_image(value, limits.max_image_pixels, mode)
+    mode: ClassVar[str] = "text2img"
+    prompt: Prompt
+    width: Annotated[Side, DefaultFrom("default_side")] = 512
+    height: Annotated[Side, DefaultFrom("default_side")] = 512
 
-    return Annotated[
-        str,
-        Field(
-            max_length=limits.max_body_bytes,
-            description=f"{description} Base64 PNG, JPEG or WebP, at most {limits.max_image_pixels} pixels.",
-        ),
-        AfterValidator(decode),
-    ]
+    def to_spec(self) -> GenerationSpec:
+        return self._spec(self.prompt, self._size(self.width, self.height))
 
 
-def request_models(limits: ApiLimits) -> dict[str, type[_RequestBase]]:
-    """Per mode, the request body model, with ``limits`` as its documented bounds."""
-    side = Annotated[
-        int,
-        Field(ge=64, le=limits.max_side, multiple_of=64, description=f"Pixels: a multiple of 64, 64 to {limits.max_side}."),
-    ]
-    optional_side = Annotated[
-        int | None,
-        Field(
-            ge=64, le=limits.max_side, multiple_of=64,
-            description="Pixels, a multiple of 64; default: the input image's, rounded to a multiple of 64.",
-        ),
-    ]
-    # Defaults must obey the caps too (pydantic does not validate defaults).
-    default_side = min(limits.default_side or 512, limits.max_side)
-    guidance = Annotated[float, Field(ge=0.0, le=limits.max_guidance_scale)]
-    text = Annotated[str, Field(max_length=limits.max_prompt_chars)]
-    prompt = Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars, description="What to draw.")]
-    strength = Annotated[float, Field(ge=0.0, le=1.0)]
-    common = dict(
-        negative_prompt=(text | None, Field(default=None, description="What to steer away from.")),
-        num_images=(Annotated[int, Field(ge=1, le=limits.max_num_images)], 1),
-        # At least 2: the prior's UnCLIPScheduler divides by (steps - 1), in diffusers' pipeline too.
-        prior_steps=(Annotated[int, Field(ge=2, le=limits.max_prior_steps)], min(25, limits.max_prior_steps)),
-        prior_guidance_scale=(guidance, min(4.0, limits.max_guidance_scale)),
-        steps=(Annotated[int, Field(ge=1, le=limits.max_steps)], min(50, limits.max_steps)),
-        guidance_scale=(guidance, min(4.0, limits.max_guidance_scale)),
-        seed=(
-            Annotated[int | None, Field(ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")],
-            None,
-        ),
-        output_format=(OutputFormat, "png"),
-        scheduler=(
-            Literal[SCHEDULER_NAMES],  # type: ignore[valid-type]
-            Field(default="ddpm", description="The decoder's scheduler: ddpm (default), ddim, dpmsolver++ or unipc."),
-        ),
-    )
+class Img2ImgRequest(GenerationRequest):
+    """Image to image: the input image, re-noised by strength and denoised toward the prompt."""
 
-    def model(name: str, mode: str, doc: str, **fields):
-        built = create_model(name, __base__=_RequestBase, __doc__=doc, **{**common, **fields})
-        built.mode = mode
-        built.max_side = limits.max_side
-        built.max_output_pixels = limits.max_output_pixels
-        return built
+    mode: ClassVar[str] = "img2img"
+    image: Base64Image = Field(description="The input image (base64 PNG, JPEG or WebP).")
+    prompt: Prompt
+    strength: Strength = Field(default=0.3, description="0 keeps the input, 1 ignores it.")
+    width: OptionalSide = None
+    height: OptionalSide = None
 
-    mix_item = create_model(
-        "MixItem",
-        __config__=ConfigDict(extra="forbid", strict=True),
-        __doc__="One item of a mix: exactly one of text or image.",
-        text=(text | None, None),
-        image=(_image_field(limits, "An image to mix.") | None, None),
-        __validators__={"_one_of": model_validator(mode="after")(_exactly_one_source)},
-    )
-    return {
-        "text2img": model(
-            "Text2ImgRequest", "text2img", "Text to image.",
-            prompt=(prompt, ...), width=(side, default_side), height=(side, default_side),
-        ),
-        "img2img": model(
-            "Img2ImgRequest", "img2img", "Image to image: the input image, re-noised by strength and denoised toward the prompt.",
-            image=(_image_field(limits, "The input image."), ...),
-            prompt=(prompt, ...),
-            strength=(strength, Field(default=0.3, description="0 keeps the input, 1 ignores it.")),
-            width=(optional_side, None), height=(optional_side, None),
-        ),
-        "inpaint": model(
-            "InpaintRequest", "inpaint",
-            "Inpainting: repaint where the mask is white, keep where it is black (the diffusers >= 0.19 convention).",
-            image=(_image_field(limits, "The image to edit."), ...),
-            mask=(_image_field(limits, "Same size as image: white = repaint, black = keep.", "L"), ...),
-            prompt=(prompt, ...),
-            invert_mask=(bool, Field(default=False, description="For masks where black = repaint.")),
-            mask_blur=(
-                Annotated[float, Field(ge=0.0, le=64.0)],
-                Field(default=0.0, description="Feather the result into the original by this many pixels; 0 = exactly diffusers' result."),
-            ),
-            width=(optional_side, None), height=(optional_side, None),
-        ),
-        "mix": model(
-            "MixRequest", "mix", "Image mixing: the weighted sum of the items' CLIP image embeddings, decoded.",
-            items=(Annotated[list[mix_item], Field(min_length=1, max_length=limits.max_mix_items)], ...),  # type: ignore[valid-type]
-            weights=(
-                Annotated[list[Annotated[float, Field(ge=-10.0, le=10.0)]], Field(min_length=1, max_length=limits.max_mix_items)],
-                Field(..., description="One weight per item, in order."),
-            ),
-            width=(side, default_side), height=(side, default_side),
-        ),
-        "variations": model(
-            "VariationsRequest", "variations", "New images near the input image's CLIP embedding (emb2emb prior).",
-            image=(_image_field(limits, "The input image."), ...),
-            prompt=(text, Field(default="", description="Optional text to steer the variations.")),
-            strength=(strength, Field(default=0.3, description="How far from the image's embedding: 0 keeps it, 1 ignores it.")),
-            width=(optional_side, None), height=(optional_side, None),
-        ),
-        "controlnet": model(
-            "ControlnetRequest", "controlnet", "ControlNet depth: a depth-map hint, and optionally an input image.",
-            hint=(_image_field(limits, "The depth map (grayscale or RGB); resized to the output size."), ...),
-            prompt=(prompt, ...),
-            image=(_image_field(limits, "Optional input image for ControlNet image-to-image.") | None, None),
-            strength=(strength, Field(default=0.3, description="With an input image: 0 keeps it, 1 ignores it.")),
-            width=(optional_side, None), height=(optional_side, None),
-        ),
-    }
+    def to_spec(self) -> GenerationSpec:
+        image = self._decode("image", self.image)
+        size = self._size(self.width, self.height, image)
+        self._check_strength(self.strength, self.steps, "steps")
+        return self._spec(self.prompt, size, image=image, strength=float(self.strength))
 
 
-def _exactly_one_source(item):
-    if (item.text is None) == (item.image is None):
-        raise ValueError("each item needs exactly one of text or image")
-    return item
+class InpaintRequest(GenerationRequest):
+    """Inpainting: repaint where the mask is white, keep where it is black (the diffusers >= 0.19 convention)."""
+
+    mode: ClassVar[str] = "inpaint"
+    image: Base64Image = Field(description="The image to edit (base64 PNG, JPEG or WebP).")
+    mask: Base64Image = Field(description="Same size as image: white = repaint, black = keep.")
+    prompt: Prompt
+    invert_mask: bool = Field(default=False, description="For masks where black = repaint.")
+    mask_blur: Annotated[float, Field(ge=0.0, le=64.0)] = Field(
+        default=0.0, description="Feather the result into the original by this many pixels; 0 = exactly diffusers' result.")
+    width: OptionalSide = None
+    height: OptionalSide = None
+
+    def to_spec(self) -> GenerationSpec:
+        image = self._decode("image", self.image)
+        mask = self._decode("mask", self.mask, "L")
+        if mask.shape != image.shape[:2]:
+            raise SpecError(
+                "mask", f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {image.shape[1]}x{image.shape[0]}; "
+                "they must be the same size"
+            )
+        size = self._size(self.width, self.height, image)
+        return self._spec(self.prompt, size, image=image, mask=255 - mask if self.invert_mask else mask,
+                          mask_blur=float(self.mask_blur))
 
 
-def embeddings_request_model(limits: ApiLimits) -> type[BaseModel]:
+class MixSource(BaseModel):
+    """One item of a mix: exactly one of text or image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: Text | None = None
+    image: Base64Image | None = Field(default=None, description="An image to mix (base64 PNG, JPEG or WebP).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MixSource:
+        if (self.text is None) == (self.image is None):
+            raise ValueError("each item needs exactly one of text or image")
+        return self
+
+
+class MixRequest(GenerationRequest):
+    """Image mixing: the weighted sum of the items' CLIP image embeddings, decoded."""
+
+    mode: ClassVar[str] = "mix"
+    items: Annotated[list[MixSource], Field(min_length=1), Cap("max_length", "max_mix_items")]
+    weights: Annotated[list[Annotated[float, Field(ge=-10.0, le=10.0)]], Field(min_length=1),
+                       Cap("max_length", "max_mix_items")] = Field(description="One weight per item, in order.")
+    width: Annotated[Side, DefaultFrom("default_side")] = 512
+    height: Annotated[Side, DefaultFrom("default_side")] = 512
+
+    def to_spec(self) -> GenerationSpec:
+        if len(self.weights) != len(self.items):
+            raise SpecError("weights", f"one weight per item: {len(self.items)} items but {len(self.weights)} weights")
+        mix = tuple(
+            MixItem(float(weight), item.text,
+                    None if item.image is None else self._decode(f"items.{index}.image", item.image))
+            for index, (item, weight) in enumerate(zip(self.items, self.weights))
+        )
+        return self._spec("", self._size(self.width, self.height), mix=mix)
+
+
+class VariationsRequest(GenerationRequest):
+    """New images near the input image's CLIP embedding (emb2emb prior)."""
+
+    mode: ClassVar[str] = "variations"
+    image: Base64Image = Field(description="The input image (base64 PNG, JPEG or WebP).")
+    prompt: Text = Field(default="", description="Optional text to steer the variations.")
+    strength: Strength = Field(default=0.3, description="How far from the image's embedding: 0 keeps it, 1 ignores it.")
+    width: OptionalSide = None
+    height: OptionalSide = None
+
+    def to_spec(self) -> GenerationSpec:
+        image = self._decode("image", self.image)
+        size = self._size(self.width, self.height, image)
+        self._check_strength(self.strength, self.prior_steps, "prior_steps")
+        return self._spec(self.prompt, size, image=image, strength=float(self.strength))
+
+
+class ControlnetRequest(GenerationRequest):
+    """ControlNet depth: a depth-map hint, and optionally an input image."""
+
+    mode: ClassVar[str] = "controlnet"
+    hint: Base64Image = Field(description="The depth map (grayscale or RGB); resized to the output size.")
+    prompt: Prompt
+    image: Base64Image | None = Field(default=None, description="Optional input image for ControlNet image-to-image.")
+    strength: Strength = Field(default=0.3, description="With an input image: 0 keeps it, 1 ignores it.")
+    width: OptionalSide = None
+    height: OptionalSide = None
+
+    def to_spec(self) -> GenerationSpec:
+        hint = self._decode("hint", self.hint)
+        image = None if self.image is None else self._decode("image", self.image)
+        size = self._size(self.width, self.height, hint)
+        if image is None:
+            return self._spec(self.prompt, size, hint=hint)
+        self._check_strength(self.strength, self.steps, "steps")
+        return self._spec(self.prompt, size, hint=hint, image=image, strength=float(self.strength))
+
+
+REQUEST_MODELS: dict[str, type[GenerationRequest]] = {
+    model.mode: model
+    for model in (Text2ImgRequest, Img2ImgRequest, InpaintRequest, MixRequest, VariationsRequest, ControlnetRequest)
+}
+
+
+def request_models(limits: ApiLimits) -> dict[str, type[GenerationRequest]]:
+    """Per mode, the request body model bound to ``limits``."""
+    return {mode: bind_limits(model, limits) for mode, model in REQUEST_MODELS.items()}
+
+
+class EmbeddingsRequest(BaseModel):
     """The ``POST /v1/embeddings`` body."""
-    text = Annotated[str, Field(max_length=limits.max_prompt_chars)]
-    cap = limits.max_embedding_items
 
-    def check(body):
-        if not body.texts and not body.images:
+    model_config = ConfigDict(extra="forbid", strict=True)
+    limits: ClassVar[ApiLimits] = ApiLimits()
+    texts: Annotated[list[Text], Cap("max_length", "max_embedding_items")] = []
+    images: Annotated[list[Base64Image], Cap("max_length", "max_embedding_items")] = []
+
+    @model_validator(mode="after")
+    def _some_and_not_too_many(self) -> EmbeddingsRequest:
+        if not self.texts and not self.images:
             raise ValueError("give at least one text or image")
-        if len(body.texts) + len(body.images) > cap:
-            raise ValueError(f"at most {cap} texts and images together, got {len(body.texts) + len(body.images)}")
-        return body
+        cap = self.limits.max_embedding_items
+        if len(self.texts) + len(self.images) > cap:
+            raise ValueError(f"at most {cap} texts and images together, got {len(self.texts) + len(self.images)}")
+        return self
 
-    return create_model(
-        "EmbeddingsRequest",
-        __config__=ConfigDict(extra="forbid", strict=True),
-        texts=(Annotated[list[text], Field(max_length=cap)], []),
-        images=(Annotated[list[_image_field(limits, "An image.")], Field(max_length=cap)], []),  # type: ignore[misc]
-        __validators__={"_check": model_validator(mode="after")(check)},
-    )
-
-
-def text2img_request_model(limits: ApiLimits) -> type[_RequestBase]:
-    """The ``POST /v1/text2img`` body."""
-    return request_models(limits)["text2img"]
+    def decoded_images(self) -> list[np.ndarray]:
+        """The images, decoded; raises :class:`SpecError` naming the one at fault."""
+        out = []
+        for index, data in enumerate(self.images):
+            try:
+                out.append(decode_image(data, self.limits.max_image_pixels))
+            except ValueError as error:
+                raise SpecError(f"images.{index}", str(error)) from None
+        return out
 
 
 class StageTimingOut(BaseModel):

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from serve.training.common import LossLog, batches, optimiser_step, optimizer_and_schedule
 from serve.training.data import IMAGE_SIZE, SceneSet, caption_words, described_matrix
+from serve.training.tokenizer import BUILT_IN_WORDS, build_tokenizer
 
+# Pooled text/image embedding size = the prior's embedding_dim = the text tower's hidden size
+# (PriorTransformer projects last_hidden_state with an embedding_dim input).
 CLIP_DIM = 128
-# pooled text/image embedding size = the prior's embedding_dim = the text hidden size (the prior projects last_hidden_state from embedding_dim)
-HIDDEN = CLIP_DIM  # must equal CLIP_DIM: PriorTransformer projects last_hidden_state with an embedding_dim input
 VISION_HIDDEN = 96
 VISION_LAYERS = 3
 PATCH_SIZE = 8
@@ -31,25 +32,27 @@ IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def build_trained_tokenizer():
     """CLIP BPE learned locally from the built-in word list plus the captions' words (en + ru)."""
-    from serve.training.tiny import _CORPUS, build_tokenizer
-
-    corpus = sorted(set(_CORPUS) | set(caption_words()))
+    corpus = tuple(sorted(set(BUILT_IN_WORDS) | set(caption_words())))
     return build_tokenizer(corpus, num_merges=NUM_MERGES, max_length=MAX_TOKENS)
 
 
-def build_clip(tokenizer, seed: int):
+def build_clip(
+    tokenizer, seed: int, clip_dim: int = CLIP_DIM, vision_hidden: int = VISION_HIDDEN,
+    vision_layers: int = VISION_LAYERS, patch_size: int = PATCH_SIZE,
+):
+    """(text_encoder, image_encoder) with ``clip_dim`` embeddings; the text context is the tokenizer's."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=HIDDEN,
-            projection_dim=CLIP_DIM,
-            intermediate_size=2 * HIDDEN,
+            hidden_size=clip_dim,
+            projection_dim=clip_dim,
+            intermediate_size=2 * clip_dim,
             num_attention_heads=4,
             num_hidden_layers=2,
-            max_position_embeddings=MAX_TOKENS,
+            max_position_embeddings=tokenizer.model_max_length,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -58,13 +61,13 @@ def build_clip(tokenizer, seed: int):
     torch.manual_seed(seed + 1)
     image_encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
-            hidden_size=VISION_HIDDEN,
-            projection_dim=CLIP_DIM,
-            intermediate_size=2 * VISION_HIDDEN,
+            hidden_size=vision_hidden,
+            projection_dim=clip_dim,
+            intermediate_size=2 * vision_hidden,
             num_attention_heads=4,
-            num_hidden_layers=VISION_LAYERS,
+            num_hidden_layers=vision_layers,
             image_size=IMAGE_SIZE,
-            patch_size=PATCH_SIZE,
+            patch_size=patch_size,
             num_channels=3,
         )
     )

@@ -19,15 +19,20 @@ from serve.training.common import LossLog, batches, optimiser_step, optimizer_an
 UNCOND_PROB = 0.15
 
 
-def build_unet(clip_dim: int, latent_channels: int, seed: int, channels: tuple[int, int] = (32, 64)):
+def build_unet(
+    clip_dim: int, latent_channels: int, seed: int, channels: tuple[int, int] = (32, 64), *, in_channels: int | None = None,
+    addition_embed_type: str = "image", head_dim: int = 16, norm_groups: int = 16, sample_size: int | None = 8,
+):
+    """The decoder's U-Net; ``in_channels`` (default ``latent_channels``) and ``addition_embed_type``
+    differ in the inpainting and ControlNet variants."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=latent_channels,
+        sample_size=sample_size,
+        in_channels=in_channels or latent_channels,
         out_channels=2 * latent_channels,  # mean and learned variance, as in the real decoder
-        addition_embed_type="image",
+        addition_embed_type=addition_embed_type,
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
@@ -36,10 +41,10 @@ def build_unet(clip_dim: int, latent_channels: int, seed: int, channels: tuple[i
         encoder_hid_dim=clip_dim,
         encoder_hid_dim_type="image_proj",
         cross_attention_dim=32,
-        attention_head_dim=16,
+        attention_head_dim=head_dim,
         resnet_time_scale_shift="scale_shift",
         class_embed_type=None,
-        norm_num_groups=16,
+        norm_num_groups=norm_groups,
     )
 
 

@@ -25,24 +25,24 @@ SCALE_PENALTY = 0.1
 VQ_WEIGHT = 0.1
 
 
-def build_movq(seed: int):
+def build_movq(seed: int, channels: tuple[int, ...] = (32, 32, 64, 64), codebook: int = 256, attention: bool = False):
+    """Four levels: a scale factor of 8, as in the real MOVQ (64 px -> 8 latent px). ``attention``:
+    attention at the lowest level, as in the real MOVQ (the recipe leaves it out: cheaper on a 2-core CPU)."""
     from diffusers import VQModel
 
     torch.manual_seed(seed)
-    # Four levels: a scale factor of 8, as in the real MOVQ (64 px -> 8 latent px). No
-    # attention blocks (the real MOVQ has some at the lowest level): cheaper on a 2-core CPU.
     return VQModel(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        mid_block_add_attention=False,
-        block_out_channels=(32, 32, 64, 64),  # SpatialNorm needs multiples of 32
+        down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D" if attention else "DownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D" if attention else "UpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
+        mid_block_add_attention=attention,
+        block_out_channels=channels,  # SpatialNorm needs multiples of 32
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
         norm_type="spatial",
-        num_vq_embeddings=256,
+        num_vq_embeddings=codebook,
         vq_embed_dim=LATENT_CHANNELS,
     )
 

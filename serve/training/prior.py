@@ -27,13 +27,13 @@ from serve.training.common import LossLog, optimiser_step, optimizer_and_schedul
 UNCOND_PROB = 0.1
 
 
-def build_prior(clip_dim: int, max_tokens: int, seed: int):
+def build_prior(clip_dim: int, max_tokens: int, seed: int, heads: int = 4):
     from diffusers import PriorTransformer
 
     torch.manual_seed(seed)
     return PriorTransformer(
-        num_attention_heads=4,
-        attention_head_dim=32,
+        num_attention_heads=heads,
+        attention_head_dim=clip_dim // heads,
         num_layers=2,
         embedding_dim=clip_dim,
         num_embeddings=max_tokens,

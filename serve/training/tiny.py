@@ -2,8 +2,9 @@
 
 Everything is made here and deterministic from a seed: the CLIP tokenizer's
 vocabulary and merges are learned from a built-in word list, and every model is
-built from a small config and saved with ``save_pretrained`` (safetensors), so
-the very same loading code serves tiny and full-size checkpoints.
+built by the training recipe's builders at tiny sizes and saved with
+``save_pretrained`` (safetensors), so the very same loading code serves tiny and
+full-size checkpoints.
 """
 
 from __future__ import annotations
@@ -11,163 +12,36 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections import Counter
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from deployments.loading import DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
+from serve.training.tokenizer import build_tokenizer
 
 CLIP_DIM = 32  # pooled text/image embedding size (1280 in the real model)
 MAX_TOKENS = 77  # CLIP's context length, as in the real tokenizer
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 400
-
-_CORPUS = """
-a an the of and with on in at to from by for is are this that photo picture painting drawing image render
-red green blue yellow orange purple pink black white gray grey brown cyan magenta gold silver colorful
-circle square triangle star heart cross ring dot line stripe shape shapes small big large tiny huge
-cat dog horse bird fish tree flower house car boat city mountain river sea sky sun moon cloud night day
-portrait landscape forest street beach snow rain fire water stone glass metal wood paper cartoon anime
-realistic detailed beautiful ugly bright dark soft sharp blurry quality high low best worst 4k hd
-left right top bottom center middle background foreground above below near far one two three many
-""".split()
-
-
-@lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-to-printable-unicode table (a fixed, public mapping)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
-def build_clip_vocab(
-    num_merges: int = NUM_MERGES, corpus: list[str] | None = None
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn a CLIP-style byte-level BPE vocabulary from a word list (default: the built-in one).
-
-    Words are learned in their byte-level form (UTF-8 bytes through the byte-to-unicode
-    table, as CLIP's tokenizer sees them), so non-Latin scripts merge like any other.
-    """
-    byte_chars = list(_bytes_to_unicode().values())
-    vocab_tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    table = _bytes_to_unicode()
-    byte_words = ["".join(table[b] for b in w.encode("utf-8")) for w in (corpus if corpus is not None else _CORPUS)]
-    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in byte_words)
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        # Ties broken lexicographically so the vocabulary never depends on dict order.
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        vocab_tokens.append(best[0] + best[1])
-        merged: Counter[tuple[str, ...]] = Counter()
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] += count
-        words = merged
-    vocab_tokens += [BOS, EOS]
-    return {token: index for index, token in enumerate(vocab_tokens)}, merges
-
-
-def build_tokenizer(corpus: list[str] | None = None, num_merges: int = NUM_MERGES, max_length: int = MAX_TOKENS):
-    """A ``CLIPTokenizer`` learned from ``corpus`` (default: the built-in word list)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = build_clip_vocab(num_merges, corpus)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def _prior_components(seed: int) -> dict:
-    from diffusers import PriorTransformer
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+    from serve.training.clip import build_clip, build_image_processor
+    from serve.training.prior import build_prior
 
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=CLIP_DIM,
-            projection_dim=CLIP_DIM,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    torch.manual_seed(seed + 1)
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=CLIP_DIM,
-            projection_dim=CLIP_DIM,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=64,
-            patch_size=16,
-            num_channels=3,
-        )
-    )
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 64},
-        crop_size={"height": 64, "width": 64},
-        do_center_crop=True,
-        do_normalize=True,
-        do_resize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        resample=3,
-    )
-    torch.manual_seed(seed + 2)
-    prior = PriorTransformer(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=2,
-        embedding_dim=CLIP_DIM,
-        num_embeddings=MAX_TOKENS,
-        additional_embeddings=4,
-    )
+    tokenizer = build_tokenizer(num_merges=NUM_MERGES, max_length=MAX_TOKENS)
+    text_encoder, image_encoder = build_clip(tokenizer, seed, CLIP_DIM, vision_hidden=CLIP_DIM, vision_layers=2, patch_size=16)
+    prior = build_prior(CLIP_DIM, MAX_TOKENS, seed + 2, heads=2)
     # Left at their zero init, clip_std would make post_process_latents return 0.
     prior.clip_mean = torch.nn.Parameter(torch.randn(1, CLIP_DIM) * 0.1)
     prior.clip_std = torch.nn.Parameter(torch.ones(1, CLIP_DIM))
-    scheduler = prior_scheduler()
     return {
         "prior": prior,
         "image_encoder": image_encoder,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
-        "scheduler": scheduler,
-        "image_processor": image_processor,
+        "scheduler": prior_scheduler(),
+        "image_processor": build_image_processor(),
     }
 
 
@@ -180,42 +54,16 @@ DECODER_VARIANTS = {
 
 
 def _decoder_components(seed: int, variant: str = "decoder") -> dict:
-    from diffusers import UNet2DConditionModel, VQModel
+    from serve.training.decoder import build_unet
+    from serve.training.movq import LATENT_CHANNELS, build_movq
 
     offset, in_channels, addition = DECODER_VARIANTS[variant]
-    torch.manual_seed(seed + offset)
-    unet = UNet2DConditionModel(
-        in_channels=in_channels,
-        out_channels=8,  # mean and learned variance, as in the real decoder
-        addition_embed_type=addition,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        encoder_hid_dim=CLIP_DIM,
-        encoder_hid_dim_type="image_proj",
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        resnet_time_scale_shift="scale_shift",
-        class_embed_type=None,
+    unet = build_unet(
+        CLIP_DIM, LATENT_CHANNELS, seed + offset, in_channels=in_channels, addition_embed_type=addition,
+        head_dim=4, norm_groups=32, sample_size=None,
     )
     # Every variant gets the same MOVQ, as the published 2.2 decoders share one.
-    torch.manual_seed(seed + 4)
-    # Four levels: a scale factor of 8, as in the real MOVQ (64 px -> 8 latent px).
-    movq = VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
-        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 32, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        norm_type="spatial",
-        num_vq_embeddings=64,
-        vq_embed_dim=4,
-    )
+    movq = build_movq(seed + 4, channels=(32, 32, 32, 64), codebook=64, attention=True)
     return {"unet": unet, "scheduler": decoder_scheduler(), "movq": movq}
 
 

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.http.schemas import GenerationSpec, MixItem, text2img_request_model
-from serve.settings import ApiLimits
+from serve.http.schemas import GenerationSpec, MixItem, Text2ImgRequest
 from serve.training.data import HELD_OUT, LANGUAGES, full_caption
 from tests.localgraph import BatchedCalls, LocalCalls
 
 PRIOR_STEPS = 10  # fewer than the service's defaults, for the checks that need many runs
 STEPS = 20
 
-_REQUEST_FIELDS = text2img_request_model(ApiLimits()).model_fields
+_REQUEST_FIELDS = Text2ImgRequest.model_fields
 SERVICE_PRIOR_STEPS = _REQUEST_FIELDS["prior_steps"].default  # the service's defaults: what a user gets
 SERVICE_STEPS = _REQUEST_FIELDS["steps"].default
 GUIDANCE = _REQUEST_FIELDS["guidance_scale"].default  # the service's default (prior and decoder alike)

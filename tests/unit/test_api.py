@@ -214,3 +214,36 @@ def test_metrics_route_serves_the_backend_exposition():
 
 async def _async(value):
     return value
+
+
+def test_configured_caps_reach_nested_fields_and_defaults():
+    from serve.http.schemas import MixRequest, Text2ImgRequest, bind_limits
+
+    limits = ApiLimits(max_side=128, default_side=64, max_prompt_chars=5, max_guidance_scale=2.0)
+    text2img = bind_limits(Text2ImgRequest, limits)
+    assert text2img.__name__ == "Text2ImgRequest" and text2img.__doc__ == Text2ImgRequest.__doc__
+    spec = text2img.model_validate({"prompt": "a"}).to_spec()
+    assert (spec.width, spec.height) == (64, 64)  # default_side
+    assert spec.guidance_scale == 2.0  # the declared 4.0, lowered to the cap
+    mix = bind_limits(MixRequest, limits)
+    with pytest.raises(Exception, match="at most 5 characters"):
+        mix.model_validate({"items": [{"text": "too long"}], "weights": [1.0]})
+    assert Text2ImgRequest.model_validate({"prompt": "a", "width": 1024}).width == 1024  # the declared class is unbound
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_envelope(client):
+    missing = client.get("/nope", headers={"X-Request-ID": "r9"})
+    assert missing.status_code == 404
+    assert missing.json() == {"error": {"type": "not_found", "message": "Not Found", "details": []}, "request_id": "r9"}
+    wrong = client.get("/v1/text2img")
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("fail, status", [(False, 200), (True, 500), (Overloaded("full"), 503)])
+def test_the_generation_slot_is_given_back_however_the_request_ends(fail, status):
+    app = create_app(ApiLimits(), FakeBackend(fail=fail))
+    client = TestClient(app)
+    for _ in range(3):
+        assert client.post("/v1/text2img", json=GOOD).status_code == status
+        assert client.post("/v1/text2img", json={**GOOD, "width": 100}).status_code == 422
+    assert app.state.admission_gate.inside == 0

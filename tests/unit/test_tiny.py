@@ -1,6 +1,7 @@
 import hashlib
 
-from serve.training.tiny import MAX_TOKENS, build_clip_vocab, build_tokenizer, make_tiny
+from serve.training.tiny import MAX_TOKENS, NUM_MERGES, make_tiny
+from serve.training.tokenizer import build_clip_vocab, build_tokenizer
 
 
 def _digest(root):
@@ -12,14 +13,14 @@ def _digest(root):
 
 
 def test_vocab_is_deterministic_and_clip_shaped():
-    vocab, merges = build_clip_vocab()
-    assert (vocab, merges) == build_clip_vocab()
+    vocab, merges = build_clip_vocab(NUM_MERGES)
+    assert (vocab, merges) == build_clip_vocab(NUM_MERGES)
     assert vocab["<|endoftext|>"] == len(vocab) - 1 and "<|startoftext|>" in vocab
     assert len(set(vocab.values())) == len(vocab)
 
 
 def test_tokenizer_round_trips_words_and_pads_to_context():
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(num_merges=NUM_MERGES, max_length=MAX_TOKENS)
     ids = tokenizer("a red circle", padding="max_length", max_length=MAX_TOKENS).input_ids
     assert len(ids) == MAX_TOKENS
     assert ids[0] == tokenizer.bos_token_id

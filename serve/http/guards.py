@@ -1,0 +1,116 @@
+"""What a request must pass before any model work, as FastAPI dependencies.
+
+* :meth:`Guards.api_key` (every route but the probes): a known, unrevoked key within its
+  request rate; the key's record is the dependency's value.
+* :meth:`Guards.accepting_work` (every route that starts model work): not draining.
+* :meth:`Guards.generation_slot` (synchronous generation): a place under the in-flight
+  bound, held until the answer is ready.
+* :meth:`Guards.deadline`: the request's time limit (a client's ``X-Request-Timeout``,
+  at most the configured one).
+
+Each raises :class:`~serve.http.errors.ApiError`; the body-size limit stays an ASGI
+middleware because it must act while the body is read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from serve.http.admission import AdmissionGate, RateLimiter, retry_after_header
+from serve.http.auth import ApiKey, KeyStore
+from serve.http.errors import ApiError
+from serve.settings import AdmissionSettings
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+"""A client's own deadline in seconds; the configured ``request_timeout_s`` is the most it can ask."""
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `kandinsky-serve keys new` (when keys are configured).")
+
+
+class Guards:
+    def __init__(self, keys: KeyStore | None, limiter: RateLimiter, gate: AdmissionGate, admission: AdmissionSettings) -> None:
+        self.keys = keys
+        self.limiter = limiter
+        self.gate = gate
+        self.admission = admission
+
+    async def api_key(self, request: Request,
+                      credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> ApiKey | None:
+        """The caller's key (None when the service runs without keys)."""
+        if self.keys is None:
+            request.state.api_key = None
+            return None
+        header = request.headers.get("authorization")
+        if not header:
+            raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <key>'", headers=CHALLENGE,
+                           reason="unauthenticated")
+        token = credentials.credentials.strip() if credentials is not None else ""
+        if not token or " " in token:
+            raise ApiError(401, "malformed_authorization", "the Authorization header must be 'Bearer <key>'",
+                           headers=CHALLENGE, reason="unauthenticated")
+        key = self.keys.lookup(token)
+        if key is None:
+            raise ApiError(401, "invalid_api_key", "unknown API key", headers=CHALLENGE, reason="unauthenticated")
+        if key.revoked:
+            raise ApiError(403, "api_key_revoked", f"API key {key.name!r} has been revoked", reason="forbidden")
+        refusal = self.limiter.admit_request(key.name, key.requests_per_s, key.images_per_min)
+        if refusal is not None:
+            raise ApiError(429, "rate_limited", f"{refusal.reason} for key {key.name!r}",
+                           headers={"Retry-After": retry_after_header(refusal.retry_after_s)}, reason="rate_limited")
+        request.state.api_key = key
+        return key
+
+    async def accepting_work(self) -> None:
+        if self.gate.draining:
+            raise ApiError(
+                503, "shutting_down", "this ingress replica is shutting down and takes no new work; retry (another "
+                "replica or the restarted service will answer)",
+                headers={"Retry-After": retry_after_header(self.gate.retry_after_s())}, reason="shutting_down",
+            )
+
+    async def generation_slot(self) -> AsyncIterator[None]:
+        """Held for the whole synchronous request; a success updates the gate's duration estimate."""
+        await self.accepting_work()
+        if not self.gate.try_enter():
+            raise ApiError(
+                503, "overloaded",
+                f"the service is at capacity ({self.gate.limit} requests in flight per ingress replica); retry later",
+                headers={"Retry-After": retry_after_header(self.gate.retry_after_s())}, reason="overloaded",
+            )
+        started = time.perf_counter()
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            self.gate.leave(time.perf_counter() - started if succeeded else None)
+
+    def admit_images(self, key: ApiKey | None, count: int) -> None:
+        """The key's image budget, once the request's image count is known."""
+        if key is None:
+            return
+        refusal = self.limiter.admit_images(key.name, count, key.requests_per_s, key.images_per_min)
+        if refusal is not None:
+            raise ApiError(429, "rate_limited", f"{refusal.reason} for key {key.name!r}",
+                           [{"field": "num_images", "message": refusal.reason}],
+                           headers={"Retry-After": retry_after_header(refusal.retry_after_s)}, reason="rate_limited")
+
+    async def deadline(self, request: Request) -> float:
+        """Seconds this request may take."""
+        limit = self.admission.request_timeout_s
+        asked = request.headers.get(TIMEOUT_HEADER)
+        if asked is None:
+            return limit
+        try:
+            seconds = float(asked)
+        except ValueError:
+            seconds = float("nan")
+        if not seconds > 0:
+            raise ApiError(422, "validation_error", f"{TIMEOUT_HEADER}: must be a number of seconds > 0",
+                           [{"field": TIMEOUT_HEADER, "message": f"seconds, > 0, at most {limit:g}"}], reason="validation")
+        return min(limit, seconds)

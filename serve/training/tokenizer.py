@@ -1,0 +1,82 @@
+"""A CLIP tokenizer learned here: byte-level BPE merges from a built-in word list (or a
+caption corpus), deterministic, so no tokenizer is ever downloaded."""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import lru_cache
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+BUILT_IN_WORDS = """
+a an the of and with on in at to from by for is are this that photo picture painting drawing image render
+red green blue yellow orange purple pink black white gray grey brown cyan magenta gold silver colorful
+circle square triangle star heart cross ring dot line stripe shape shapes small big large tiny huge
+cat dog horse bird fish tree flower house car boat city mountain river sea sky sun moon cloud night day
+portrait landscape forest street beach snow rain fire water stone glass metal wood paper cartoon anime
+realistic detailed beautiful ugly bright dark soft sharp blurry quality high low best worst 4k hd
+left right top bottom center middle background foreground above below near far one two three many
+""".split()
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-to-printable-unicode table (a fixed, public mapping)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def build_clip_vocab(
+    num_merges: int, corpus: tuple[str, ...] | None = None
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn a CLIP-style byte-level BPE vocabulary from a word list (default: the built-in one).
+
+    Words are learned in their byte-level form (UTF-8 bytes through the byte-to-unicode
+    table, as CLIP's tokenizer sees them), so non-Latin scripts merge like any other.
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab_tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    table = _bytes_to_unicode()
+    byte_words = ["".join(table[b] for b in w.encode("utf-8")) for w in (corpus if corpus is not None else BUILT_IN_WORDS)]
+    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in byte_words)
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        # Ties broken lexicographically so the vocabulary never depends on dict order.
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        vocab_tokens.append(best[0] + best[1])
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    vocab_tokens += [BOS, EOS]
+    return {token: index for index, token in enumerate(vocab_tokens)}, merges
+
+
+def build_tokenizer(corpus: tuple[str, ...] | None = None, *, num_merges: int, max_length: int):
+    """A ``CLIPTokenizer`` learned from ``corpus`` (default: the built-in word list)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_clip_vocab(num_merges, corpus)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
