@@ -84,7 +84,10 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 def _cmd_cluster_render(args: argparse.Namespace) -> int:
     from serve.tools.cluster import load_shape, render_rayservice
 
-    text = render_rayservice(load_config(args.config), load_shape(args.nodes), args.config, args.nodes, args.name)
+    text = render_rayservice(
+        load_config(args.config), load_shape(args.nodes), args.config, args.nodes, args.name,
+        allow_unpinned_image=args.allow_unpinned_image,
+    )
     if args.output == "-":
         sys.stdout.write(text)
     else:
@@ -344,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--nodes", default=DEFAULT_NODE_TYPES, help="node types file")
     render.add_argument("--name", default="kandinsky", help="RayService name")
     render.add_argument("-o", "--output", default="cluster/kuberay-rayservice.yaml", help="file to write, or - for stdout")
+    render.add_argument(
+        "--allow-unpinned-image", action="store_true",
+        help="render an image that is not pinned by digest (NAME@sha256:...), for a test cluster",
+    )
     render.set_defaults(func=_cmd_cluster_render)
     local = cluster_commands.add_parser("local", help="start a head and worker nodes on this machine and deploy a config to them")
     local.add_argument("--config", default=DEFAULT_CLUSTER_CONFIG)

@@ -3,23 +3,31 @@ proxy with the config's options, and the application."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from serve.graph.build import build_graph
+from serve.graph.local_ray import init_local_ray
 from serve.settings import LoadedConfig
 
 
 def start_service(config: LoadedConfig, host: str | None = None, port: int | None = None) -> str:
-    """Start Ray (localhost-only dashboard) unless connected already, and the application; return the base URL."""
+    """Start Ray (every port on 127.0.0.1) unless connected already, and the application; return the base URL."""
     import ray
     from ray import serve
 
+    for why in config.skipped_deployments.values():
+        logging.getLogger("kandinsky_serve").warning("%s", why)
     app_schema = config.raw["applications"][0]
     app = build_graph(app_schema.get("args"), config.deployment_options)
     host = host or config.http_host
     port = port or config.http_port
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
+        address = os.environ.get("RAY_ADDRESS", "local")
+        if address == "local":  # a fresh instance: every Ray port on 127.0.0.1
+            init_local_ray(logging_level="WARNING", configure_logging=True)
+        else:
+            ray.init(address=address, dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
     # The config's http_options (request_timeout_s, ...) and proxy_location, as `serve deploy` would apply them.
     http_options = {**config.raw.get("http_options", {}), "host": host, "port": port}
     serve.start(http_options=http_options, proxy_location=config.raw.get("proxy_location"))

@@ -288,13 +288,14 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
 
     from deployments.messages import DenoiseParams
     from serve.graph.build import resolve_model_paths
+    from serve.graph.local_ray import init_local_ray
     from serve.settings import load_config
 
     duration_s, capacity_s = duration, capacity_duration
     config = load_config(config)
     decoder_path = resolve_model_paths(config.service.models).decoder
     if not ray.is_initialized():
-        ray.init(address="local", dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+        init_local_ray(logging_level="WARNING", log_to_driver=False)
     dim = json.loads((Path(decoder_path) / "unet" / "config.json").read_text())["encoder_hid_dim"]
 
     def make_request(index: int):
@@ -413,6 +414,7 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
     from ray import serve
 
     from serve.tools.baselines import Monolith
+    from serve.graph.local_ray import init_local_ray
     from serve.graph.service import start_service
     from serve.graph.build import resolve_model_paths
     from serve.tools.loadtest import LoadTest, RequestMix, Scenario
@@ -490,7 +492,7 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
                 process.wait(timeout=30)
         elif name == "monolith":
             if not ray.is_initialized():
-                ray.init(address="local", dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+                init_local_ray(logging_level="WARNING", log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             app = Monolith.options(ray_actor_options={"num_cpus": graph_cpus}).bind(str(prior_path), str(decoder_path))
             serve.run(app, name="monolith", route_prefix="/")

@@ -72,7 +72,12 @@ def train_prior_ray(
         # RAY_ADDRESS names the cluster to use; without it, a fresh local Ray, never whatever
         # `ray start` cluster happens to run on this machine (ray.init()'s default would join it).
         address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, logging_level="WARNING", include_dashboard=False)
+        if address == "local":  # every Ray port on 127.0.0.1
+            from serve.graph.local_ray import init_local_ray
+
+            init_local_ray(logging_level="WARNING", include_dashboard=False)
+        else:
+            ray.init(address=address, logging_level="WARNING", include_dashboard=False)
     with tempfile.TemporaryDirectory(prefix="prior-ray-train-") as storage:
         trainer = TorchTrainer(
             _worker,

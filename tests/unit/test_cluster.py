@@ -33,7 +33,8 @@ def config():
 
 @pytest.fixture(scope="module")
 def manifest():
-    return yaml.safe_load(MANIFEST.read_text())
+    """The RayService (the file's first document; tests/security/test_manifest.py checks the rest)."""
+    return next(yaml.safe_load_all(MANIFEST.read_text()))
 
 
 def test_checked_in_manifest_is_what_render_writes(tmp_path):
@@ -42,13 +43,16 @@ def test_checked_in_manifest_is_what_render_writes(tmp_path):
     assert out.read_text() == MANIFEST.read_text(), "run `kandinsky-serve cluster render` and commit the result"
 
 
-def test_serve_config_is_the_cluster_config_listening_on_the_pod_network(manifest, config):
+def test_serve_config_is_the_cluster_config_listening_on_the_pod_network_with_api_keys(manifest, config, shape):
     from ray.serve.schema import ServeDeploySchema
 
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
     expected = copy.deepcopy(config.raw)
     expected["http_options"]["host"] = "0.0.0.0"
+    keys_file = f"{shape.kubernetes.api_keys_mount_path}/keys.yaml"
+    for app in expected["applications"]:
+        app["args"].setdefault("auth", {})["api_keys_file"] = keys_file
     assert serve_config == expected
 
 
