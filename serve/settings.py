@@ -52,6 +52,9 @@ class ModelSettings(BaseModel):
     """Weights and activations dtype. Half precision needs a GPU."""
     embedded_dir: Path | None = None
     """Where the embedded model's derived decoder variants are written; default ``$KANDINSKY_CACHE_DIR`` or ~/.cache."""
+    require_variants: bool = False
+    """Refuse to start when a decoder variant the config lists has no checkpoint. Default: that
+    variant is left out (one log line at start) and its endpoint answers 404 ``mode_not_configured``."""
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSettings":
@@ -177,6 +180,10 @@ class JobSettings(BaseModel):
     died) is failed with ``runner_lost``."""
     preview_max_side: int = Field(default=128, ge=16, le=512)
     """Longest side of a preview image, in pixels."""
+    public_base_url: str | None = Field(default=None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$", max_length=2000)
+    """The service's address as clients reach it (``https://images.example.com``), for absolute
+    image links in OpenAI ``url`` results. None: the links are relative (``/v1/jobs/…``). Never
+    taken from the request's Host header, which any client can set."""
 
 
 class ServiceSettings(BaseModel):
@@ -233,6 +240,8 @@ class LoadedConfig(BaseModel):
     service: ServiceSettings
     deployment_options: dict[str, dict[str, Any]]
     """Per deployment name, the options to apply (Ray's override semantics)."""
+    skipped_deployments: dict[str, str] = {}
+    """Listed deployments left out (a decoder variant without a checkpoint), each with why."""
     http_host: str
     http_port: int
     logging_config: dict[str, Any] | None = None
@@ -271,6 +280,7 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
         problems.append(str(error).replace(f"{source}: args", f"{source}: applications.{app_index}.args"))
 
     options: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     known = (*STAGE_NAMES, INGRESS_NAME)
     for index, deployment in enumerate(app.deployments):
         where = f"applications.{app_index}.deployments.{index}"
@@ -293,13 +303,15 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
                     f"{batch.max_batch_size}"
                 )
         stage = BY_NAME.get(deployment.name)
-        variant_field = stage.path_field if stage is not None and stage.optional else None
         models = service.models
-        if variant_field and models.prior_path is not None and getattr(models, variant_field) is None:
-            problems.append(
-                f"{source}: {where}.name: {deployment.name} is configured but args.models.{variant_field} is null; "
-                f"set it to a checkpoint directory or remove this deployment"
-            )
+        if stage is not None and stage.optional and models.prior_path is not None and getattr(models, stage.path_field) is None:
+            unset = f"{deployment.name} is listed but args.models.{stage.path_field} (${stage.path_env}) is not set"
+            if models.require_variants:
+                problems.append(f"{source}: {where}.name: {unset}; set it to a checkpoint directory, remove this "
+                                "deployment, or set args.models.require_variants: false to leave it out")
+            else:
+                skipped[deployment.name] = f"{unset}: not deployed; {', '.join(stage.modes)} answer 404 mode_not_configured"
+            continue
         options[deployment.name] = opts
     if problems:
         raise ConfigError("\n".join(problems))
@@ -309,6 +321,7 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
         raw=raw,
         service=service,
         deployment_options=options,
+        skipped_deployments=skipped,
         http_host=http.host,
         http_port=http.port,
         logging_config=app.logging_config.model_dump(exclude_unset=True) if app.logging_config else None,

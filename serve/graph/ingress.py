@@ -297,8 +297,9 @@ class Ingress:
                 stages[name] = "not deployed"
             elif deployment.replica_states.get("RUNNING", 0) > 0:
                 stages[name] = "ready"
-            else:
-                stages[name] = f"{deployment.status}: {deployment.message or 'no running replica'}"
+            else:  # Serve's message can carry tracebacks and paths: the log has it, /readyz (open) does not
+                logger.warning("stage %s not running: %s %s", name, deployment.status, deployment.message)
+                stages[name] = f"{deployment.status}: no running replica"
         # A running replica whose model failed to load says so itself (it stays up, reporting
         # the reason, rather than crash-looping).
         running = [name for name in names if stages[name] == "ready"]
@@ -309,5 +310,6 @@ class Ingress:
             if isinstance(state, BaseException):
                 stages[name] = f"not responding: {type(state).__name__}"
             elif state != "ready":
-                stages[name] = state
+                logger.warning("stage %s not ready: %s", name, state)
+                stages[name] = "model failed to load (details in the stage's log)"
         return stages

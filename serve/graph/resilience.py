@@ -16,12 +16,15 @@ attempt would have. A death that reaches this module has used those retries up.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from serve.errors import Overloaded, RequestTimedOut, StageUnavailable
 
 T = TypeVar("T")
+
+logger = logging.getLogger("kandinsky_serve.graph")
 
 
 async def run_resilient(
@@ -39,10 +42,14 @@ async def run_resilient(
                 return await attempt()
             except Exception as error:  # noqa: BLE001 - classified below, never swallowed
                 kind = classify(error)
+                # Clients get a generic reason; the details (queue sizes, checkpoint paths, load
+                # errors) go to the log, where the operator looks.
                 if kind == "overloaded":
-                    raise Overloaded(f"a stage is at capacity: {error}") from error
+                    logger.warning("stage call refused: %s", error)
+                    raise Overloaded("a stage is at capacity (its queue is full); retry later") from error
                 if kind == "unavailable":
-                    raise StageUnavailable(str(error)) from error
+                    logger.warning("stage call failed: %s", error)
+                    raise StageUnavailable("a stage is not ready (its model is not loaded); retry later") from error
                 if kind == "replica_died":
                     raise StageUnavailable(f"a stage replica died and its retries failed: {type(error).__name__}") from error
                 raise

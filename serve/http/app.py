@@ -123,20 +123,28 @@ class BodySizeLimit:
             await self._reject(scope, receive, send)
             return
         received = 0
+        refused = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
+                    # Answer here: a body parser that catches the error would turn it into a 400.
+                    refused = True
+                    await self._reject(scope, receive, send)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def send_unless_refused(message: Message) -> None:
+            if not refused:
+                await send(message)
 
         try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:
-            await self._reject(scope, receive, send)
+            await self.app(scope, counting_receive, send_unless_refused)
+        except Exception:
+            if not refused:
+                raise
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.rejection("payload_too_large")
@@ -146,10 +154,6 @@ class BodySizeLimit:
             [{"field": "body", "message": f"at most {self.max_bytes} bytes"}],
         )
         await response(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 DESCRIPTION = """Kandinsky 2.2, served as a stage-split Ray Serve graph: text-to-image, image-to-image,

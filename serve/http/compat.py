@@ -138,13 +138,28 @@ def _strip_data_url(value: Any) -> Any:
     return _DATA_URL.sub("", value, count=1) if isinstance(value, str) else value
 
 
-def _number(body: dict, name: str, kind: type) -> Any:
-    value = body[name]
+def _number(body: dict, name: str, kind: type, default: Any = None) -> Any:
+    """``body[name]`` as ``kind``: whole floats pass as int, ints as float; anything else is
+    left for the native model to refuse (naming the field), except where ``default`` is given:
+    then a non-number is refused here."""
+    value = body.get(name, default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
+    if default is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise CompatError(name, f"must be a number, got {value!r:.40}")
     return value
+
+
+def _flag(body: dict, name: str) -> bool:
+    """A1111 flags are booleans or 0/1; a string like "false" is refused, never read as true."""
+    value = body.get(name, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise CompatError(name, f"must be true, false, 0 or 1, got {value!r:.40}")
 
 
 def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str]]:
@@ -187,13 +202,13 @@ def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str]]:
         if body.get("mask"):
             mode = "inpaint"
             native["mask"] = _strip_data_url(body["mask"])
-            native["invert_mask"] = bool(body.get("inpainting_mask_invert", 0))
-            native["mask_blur"] = float(body.get("mask_blur", A1111_DEFAULT_MASK_BLUR))
+            native["invert_mask"] = _flag(body, "inpainting_mask_invert")
+            native["mask_blur"] = _number(body, "mask_blur", float, A1111_DEFAULT_MASK_BLUR)
             if "denoising_strength" in body:  # the inpainting decoder repaints fully
                 unsupported.append("denoising_strength")
         else:
             mode = "img2img"
-            native["strength"] = float(body.get("denoising_strength", A1111_DEFAULT_STRENGTH))
+            native["strength"] = _number(body, "denoising_strength", float, A1111_DEFAULT_STRENGTH)
             unsupported.extend(name for name in ("inpainting_mask_invert", "mask_blur") if name in body)
     return mode, native, sorted(set(unsupported))
 
@@ -303,7 +318,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         if body.response_format == "b64_json":
             data = [{"b64_json": base64.b64encode(image).decode("ascii")} for image in await images_of(final)]
         else:
-            base = str(request.base_url).rstrip("/")
+            base = (jobs.settings.public_base_url or "").rstrip("/")
             data = [{"url": base + image["url"]} for image in final["images"]]
         return {"created": int(final["created_at"]), "data": data, "output_format": spec.output_format,
                 "size": f"{spec.width}x{spec.height}"}
@@ -311,8 +326,8 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     async def a1111(request: Request, img2img: bool):
         try:
             body = await request.json()
-        except ValueError:
-            raise ApiError(422, "validation_error", "body: not valid JSON", reason="validation") from None
+        except (ValueError, RecursionError):
+            raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
         mode, native, unsupported = translated(a1111_to_native, body, img2img)
         spec = native_spec(mode, native, a1111_native_field)
         final = await run(mode, spec, request, "sdapi")

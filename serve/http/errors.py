@@ -117,6 +117,9 @@ def install_error_handlers(app: FastAPI, metrics: Any, retry_after_s: Callable[[
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         """Starlette's own (unknown route 404, 405): in the same envelope."""
-        kinds = {404: "not_found", 405: "method_not_allowed"}
+        kinds = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
+        # FastAPI's 400 is a body it could not parse (nested too deep, a number too long, ...).
+        details = [{"field": "body", "message": str(error.detail)}] if error.status_code == 400 else None
         return answer(request, ApiError(error.status_code, kinds.get(error.status_code, "http_error"), str(error.detail),
-                                        headers=getattr(error, "headers", None)))
+                                        details, headers=getattr(error, "headers", None),
+                                        reason="validation" if error.status_code == 400 else None))

@@ -143,6 +143,19 @@ class JobOut(BaseModel):
     urls: dict[str, str]
 
 
+MAX_EVENT_ID_DIGITS = 18
+"""Event ids are this stream's sequence numbers; no job sends 10^18 events."""
+
+
+def last_event_id(header: str | None) -> int:
+    """The ``Last-Event-ID`` a reconnecting client sends back: 0 when absent, else one of our ids."""
+    if header is None or header == "":
+        return 0
+    if not (header.isascii() and header.isdigit() and len(header) <= MAX_EVENT_ID_DIGITS):
+        raise ApiError.invalid("Last-Event-ID", f"an event id this stream sent: ASCII digits, at most {MAX_EVENT_ID_DIGITS}")
+    return int(header)
+
+
 def sse_event(event: dict) -> str:
     return f"id: {event['seq']}\nevent: {event['event']}\ndata: {json.dumps(event['data'], separators=(',', ':'))}\n\n"
 
@@ -191,8 +204,7 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
                 response_class=StreamingResponse,
                 summary="Server-Sent Events: state changes, per-step progress and previews, ending with the terminal event.")
     async def job_events(job_id: str, request: Request):
-        last = request.headers.get("last-event-id", "0")
-        after = int(last) if last.isdigit() else 0
+        after = last_event_id(request.headers.get("last-event-id"))
         if await from_store(store.wait_events(job_id, after, 0.0)) is None:
             raise unknown_job(job_id)
         return StreamingResponse(_stream(job_id, after), media_type="text/event-stream",

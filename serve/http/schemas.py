@@ -161,7 +161,8 @@ OptionalSide = Annotated[
 Guidance = Annotated[float, Field(ge=0.0), Cap("le", "max_guidance_scale")]
 Text = Annotated[str, Cap("max_length", "max_prompt_chars")]
 Prompt = Annotated[str, Field(min_length=1, description="What to draw."), Cap("max_length", "max_prompt_chars")]
-Strength = Annotated[float, Field(ge=0.0, le=1.0)]
+Strength = Annotated[float, Field(gt=0.0, le=1.0)]
+"""(0, 1], and strength x steps must leave at least one denoising step (as in diffusers)."""
 Base64Image = Annotated[str, Cap("max_length", "max_body_bytes")]
 """Base64 PNG, JPEG or WebP; decoded (at most ``max_image_pixels``) by ``to_spec``."""
 
@@ -268,7 +269,7 @@ class Img2ImgRequest(GenerationRequest):
     mode: ClassVar[str] = "img2img"
     image: Base64Image = Field(description="The input image (base64 PNG, JPEG or WebP).")
     prompt: Prompt
-    strength: Strength = Field(default=0.3, description="0 keeps the input, 1 ignores it.")
+    strength: Strength = Field(default=0.3, description="Near 0 keeps the input, 1 ignores it; strength x steps must be at least 1.")
     width: OptionalSide = None
     height: OptionalSide = None
 
@@ -346,7 +347,7 @@ class VariationsRequest(GenerationRequest):
     mode: ClassVar[str] = "variations"
     image: Base64Image = Field(description="The input image (base64 PNG, JPEG or WebP).")
     prompt: Text = Field(default="", description="Optional text to steer the variations.")
-    strength: Strength = Field(default=0.3, description="How far from the image's embedding: 0 keeps it, 1 ignores it.")
+    strength: Strength = Field(default=0.3, description="How far from the image's embedding: near 0 keeps it, 1 ignores it; strength x prior_steps must be at least 1.")
     width: OptionalSide = None
     height: OptionalSide = None
 
@@ -364,7 +365,7 @@ class ControlnetRequest(GenerationRequest):
     hint: Base64Image = Field(description="The depth map (grayscale or RGB); resized to the output size.")
     prompt: Prompt
     image: Base64Image | None = Field(default=None, description="Optional input image for ControlNet image-to-image.")
-    strength: Strength = Field(default=0.3, description="With an input image: 0 keeps it, 1 ignores it.")
+    strength: Strength = Field(default=0.3, description="With an input image: near 0 keeps it, 1 ignores it; strength x steps must be at least 1.")
     width: OptionalSide = None
     height: OptionalSide = None
 

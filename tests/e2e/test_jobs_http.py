@@ -156,7 +156,7 @@ def test_openai_client_and_a1111_payloads_draw_the_native_images(served_app, cli
     assert json.loads(a1111.json()["info"])["unsupported_fields"] == ["restore_faces"]
     drawn = {
         "openai b64_json": [pixels(base64.b64decode(d.b64_json)) for d in inline.data],
-        "openai url": [pixels(httpx.get(d.url, timeout=60).content) for d in linked.data],
+        "openai url": [pixels(client.get(d.url).content) for d in linked.data],  # relative to the service
         "a1111": [pixels(base64.b64decode(image)) for image in a1111.json()["images"]],
     }
     for source, images in drawn.items():

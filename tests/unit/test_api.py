@@ -247,3 +247,22 @@ def test_the_generation_slot_is_given_back_however_the_request_ends(fail, status
         assert client.post("/v1/text2img", json=GOOD).status_code == status
         assert client.post("/v1/text2img", json={**GOOD, "width": 100}).status_code == 422
     assert app.state.admission_gate.inside == 0
+
+
+def test_a_chunked_body_over_the_cap_is_413_in_the_envelope(client, backend):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 100  # 10 kB against a 4 kB cap, with no Content-Length
+        yield b'"}'
+
+    response = client.post("/v1/text2img", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("body", ['{"prompt": "a", "seed": ' + "9" * 5000 + "}", '{"prompt": ' + "[" * 3000 + "]" * 3000 + "}"])
+def test_a_body_json_cannot_parse_is_400_naming_the_body(backend, body):
+    client = TestClient(create_app(ApiLimits(), backend))
+    response = client.post("/v1/text2img", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["details"][0]["field"] == "body"

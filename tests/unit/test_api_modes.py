@@ -111,7 +111,7 @@ BAD = [
     ("mix", {"items": [{"text": "a", "image": IMAGE}], "weights": [1.0]}, "items.0", "exactly one of text or image"),
     ("mix", {"items": [{"text": "a"}] * 9, "weights": [0.1] * 9}, "items", "at most 8"),
     ("img2img", {"strength": 1.5}, "strength", "less than or equal to 1"),
-    ("variations", {"strength": -0.1}, "strength", "greater than or equal to 0"),
+    ("variations", {"strength": -0.1}, "strength", "greater than 0"),
     ("img2img", {"strength": 0.01}, "strength", "leaves no denoising step"),
     ("img2img", {"scheduler": "euler"}, "scheduler", "ddpm"),
     ("controlnet", {"hint": None}, "hint", ""),

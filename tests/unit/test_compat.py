@@ -11,6 +11,7 @@ import pytest
 
 from serve.http.compat import CompatError, OpenAIImageRequest, a1111_to_native, openai_to_native, scheduler_for_sampler
 from tests.jobfakes import FakeJobBackend
+from tests.unit.test_api_modes import encode
 from tests.unit.test_jobs_api import make_client
 
 PNG_B64 = base64.b64encode(b"not decoded by the translation").decode()
@@ -77,9 +78,10 @@ def test_openai_route_returns_b64_or_job_urls(client):
     body = inline.json()
     assert isinstance(body["created"], int)
     assert [base64.b64decode(d["b64_json"]) for d in body["data"]] == [b"img0", b"img1"]
-    linked = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "steps": 3}).json()
-    url = linked["data"][0]["url"]
-    assert url.startswith("http") and "/v1/jobs/" in url
+    linked = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "steps": 3},
+                         headers={"Host": "evil.example:1"})
+    url = linked.json()["data"][0]["url"]
+    assert url.startswith("/v1/jobs/") and "evil" not in linked.text  # relative: never the client's Host
     assert client.get(url).content == b"img0"
 
 
@@ -143,3 +145,45 @@ def test_sdapi_progress_and_interrupt():
     assert response.status_code == 200
     assert response.json()["images"] == [] and json.loads(response.json()["info"])["interrupted"] is True
     assert backend.steps_run[job] < 25 + 150
+
+
+def test_openai_links_use_the_configured_public_base_url():
+    client, _ = make_client(FakeJobBackend(step_s=0.002), public_base_url="https://images.example.com/k/")
+    with client:
+        linked = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64", "steps": 3},
+                             headers={"Host": "evil.example:1"}).json()
+    assert linked["data"][0]["url"].startswith("https://images.example.com/k/v1/jobs/")
+
+
+def png_b64() -> str:
+    from PIL import Image
+
+    return encode(Image.new("RGB", (64, 64)))
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"inpainting_mask_invert": "false"}, "inpainting_mask_invert"),
+    ({"inpainting_mask_invert": 2}, "inpainting_mask_invert"),
+    ({"mask_blur": "abc"}, "mask_blur"),
+    ({"mask_blur": []}, "mask_blur"),
+])
+def test_a1111_inpaint_flags_and_numbers_are_parsed_strictly(client, patch, field):
+    body = {"prompt": "a cat", "init_images": [png_b64()], "mask": png_b64(), **patch}
+    response = client.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == field
+
+
+@pytest.mark.parametrize("strength", ["abc", {}, None, True])
+def test_a1111_denoising_strength_must_be_a_number(client, strength):
+    body = {"prompt": "a cat", "init_images": [png_b64()], "denoising_strength": strength}
+    response = client.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 422 and "denoising_strength" in response.json()["error"]["message"]
+
+
+def test_deeply_nested_bodies_are_4xx_on_every_route_family(client):
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for path in ("/sdapi/v1/txt2img", "/v1/images/generations", "/v1/text2img", "/v1/jobs"):
+        response = client.post(path, content=deep, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (path, response.status_code, response.text[:200])
+        assert "error" in response.json()

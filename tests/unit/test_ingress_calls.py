@@ -100,3 +100,17 @@ def test_stage_errors_become_explicit_503s(error, expected):
 
     with pytest.raises(expected):
         asyncio.run(run_resilient(attempt, timeout_s=5, classify=classify_stage_error))
+
+
+@pytest.mark.parametrize("error, secret", [
+    (BackPressureError(num_queued_requests=8, max_queued_requests=8), "8"),
+    (StageNotReady("stage denoiser: model not loaded: OSError: /secret/ckpt/unet missing"), "/secret"),
+])
+def test_clients_get_a_generic_reason_and_the_log_gets_the_details(error, secret, caplog):
+    async def attempt():
+        raise error
+
+    with pytest.raises((Overloaded, StageUnavailable)) as raised:
+        asyncio.run(run_resilient(attempt, timeout_s=5, classify=classify_stage_error))
+    assert secret not in str(raised.value) and "retry later" in str(raised.value)
+    assert secret in caplog.text

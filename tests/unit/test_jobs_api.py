@@ -149,3 +149,10 @@ def test_previews_are_events_when_asked():
         events = read_events(client, job["id"])
     previews = [e["data"] for e in events if e["event"] == "preview"]
     assert previews and all(p["media_type"] == "image/jpeg" and p["image"] for p in previews)
+
+
+@pytest.mark.parametrize("header", ["²".encode(), "9" * 5000, "-1", "abc"])
+def test_a_bad_last_event_id_is_422_naming_the_header(client, header):
+    job = client.post("/v1/jobs", json={"mode": "text2img", "params": {"prompt": "a", "width": 64, "height": 64, "steps": 2}}).json()
+    response = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": header})
+    assert response.status_code == 422 and response.json()["error"]["details"][0]["field"] == "Last-Event-ID"

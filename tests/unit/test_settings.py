@@ -128,7 +128,8 @@ def test_logging_config_is_read(tmp_path):
     assert load_config(path).logging_config == {"encoding": "JSON"}
 
 
-def test_a_variant_deployment_without_its_checkpoint_is_refused(tmp_path):
+@pytest.mark.parametrize("require", [False, True])
+def test_a_variant_deployment_without_its_checkpoint_is_left_out_unless_required(tmp_path, require):
     import yaml
 
     from serve.settings import ConfigError, load_config
@@ -136,14 +137,20 @@ def test_a_variant_deployment_without_its_checkpoint_is_refused(tmp_path):
     config = {
         "applications": [{
             "name": "k", "import_path": "serve.graph.build:build_app",
-            "args": {"models": {"prior_path": "/p", "decoder_path": "/d"}},
-            "deployments": [{"name": "InpaintDenoiser", "num_replicas": 1}],
+            "args": {"models": {"prior_path": "/p", "decoder_path": "/d", "require_variants": require}},
+            "deployments": [{"name": "InpaintDenoiser", "num_replicas": 1}, {"name": "Denoiser", "num_replicas": 2}],
         }]
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError, match="InpaintDenoiser is configured but args.models.inpaint_decoder_path is null"):
-        load_config(path)
+    if require:
+        with pytest.raises(ConfigError, match="InpaintDenoiser is listed but args.models.inpaint_decoder_path"):
+            load_config(path)
+        return
+    loaded = load_config(path)
+    assert set(loaded.deployment_options) == {"Denoiser"}
+    assert "inpaint_decoder_path" in loaded.skipped_deployments["InpaintDenoiser"]
+    assert "404 mode_not_configured" in loaded.skipped_deployments["InpaintDenoiser"]
 
 
 def test_variant_paths_need_the_main_checkpoints():
@@ -196,3 +203,22 @@ def test_default_image_side_is_the_models_own(tmp_path):
         parse_service_settings({"limits": {"default_side": 256, "max_side": 128}})
     text2img = request_models(embedded.limits)["text2img"].model_validate({"prompt": "a red circle"})
     assert (text2img.width, text2img.height) == (64, 64)
+
+
+def test_the_shipped_local_config_starts_with_only_the_two_base_checkpoints(tiny_checkpoint, monkeypatch):
+    """The README's "real checkpoints" path: set the prior and decoder, nothing else."""
+    from deployments.registry import STAGES
+    from serve.graph.build import build_graph
+    from serve.graph.ingress import unavailable_modes
+
+    for stage in STAGES:
+        monkeypatch.delenv(stage.path_env, raising=False)
+    monkeypatch.setenv("KANDINSKY_PRIOR_PATH", str(tiny_checkpoint.prior))
+    monkeypatch.setenv("KANDINSKY_DECODER_PATH", str(tiny_checkpoint.decoder))
+    config = load_config(Path(__file__).parents[2] / "configs" / "local.yaml")
+    assert set(config.skipped_deployments) == {"InpaintDenoiser", "ControlnetDenoiser"}
+    ingress = build_graph(config.raw["applications"][0].get("args"), config.deployment_options)._bound_deployment
+    deployed = {name for name, handle in ingress.init_kwargs.items() if handle is not None}
+    assert deployed == {"TextEncoder", "ImageEncoder", "Prior", "Denoiser", "MovqDecoder"}
+    missing = unavailable_modes(deployed)
+    assert set(missing) == {"inpaint", "controlnet"} and "inpaint_decoder_path" in missing["inpaint"]
