@@ -310,7 +310,7 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
                 problems.append(f"{source}: {where}.name: {unset}; set it to a checkpoint directory, remove this "
                                 "deployment, or set args.models.require_variants: false to leave it out")
             else:
-                skipped[deployment.name] = f"{unset}: not deployed; {', '.join(stage.modes)} answer 404 mode_not_configured"
+                skipped[deployment.name] = f"{unset}: not deployed; /v1/{' and /v1/'.join(stage.modes)} will answer 404 mode_not_configured"
             continue
         options[deployment.name] = opts
     if problems:
