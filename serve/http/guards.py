@@ -43,7 +43,6 @@ class Guards:
                       credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> ApiKey | None:
         """The caller's key (None when the service runs without keys)."""
         if self.keys is None:
-            request.state.api_key = None
             return None
         header = request.headers.get("authorization")
         if not header:
@@ -62,7 +61,6 @@ class Guards:
         if refusal is not None:
             raise ApiError(429, "rate_limited", f"{refusal.reason} for key {key.name!r}",
                            headers={"Retry-After": retry_after_header(refusal.retry_after_s)}, reason="rate_limited")
-        request.state.api_key = key
         return key
 
     async def accepting_work(self) -> None:
