@@ -223,7 +223,9 @@ class LoopReplica(StageReplica):
         self.stats = StepStats()
         self.progress = ProgressBoard()
         self.observer = Observers(self.stats, self.progress, LoopMetrics(self.stage))
-        self.scheduler: StepScheduler = StepScheduler(self._step_on_model_thread, max_batch=1, observer=self.observer)
+        self.scheduler: StepScheduler = StepScheduler(
+            self._step, max_batch=1, observer=self.observer, offload=lambda fn, *args: self.thread.run(fn, *args)
+        )
         self._states_of: dict[str, list] = {}
         """Per request id in flight on the scheduler, its images' states (read for previews only)."""
 
@@ -239,8 +241,8 @@ class LoopReplica(StageReplica):
         """``step`` and ``request-when-idle`` run on the scheduler; ``request`` on ``@serve.batch``."""
         return self.batch_settings.batching != "request"
 
-    async def _step_on_model_thread(self, states: list) -> None:
-        await self.thread.run(self.model.step, states)
+    def _step(self, states: list) -> None:
+        self.model.step(states)
 
     def make_output(self, inputs: tuple, output: Any, timing: StageTiming) -> Any:
         """The stage's message for one request, from its call's arguments and the model's ``finish_all`` output."""

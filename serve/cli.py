@@ -378,10 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--rounds", type=int, default=10)
     latency.add_argument("--breakdown", action="store_true",
                          help="also split the served latency into its hops (proxy, each stage call, the ingress)")
+    latency.add_argument("--url", default=None,
+                         help="measure the service running at this URL (on --config's checkpoints) instead of starting one")
     batching = bench_kind("batching", "step vs request batching under open-loop Poisson load")
     batching.add_argument("--max-batch", type=int, default=8)
     batching.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per load point")
     batching.add_argument("--capacity-duration", type=float, default=10.0)
+    batching.epilog = "RAY_ADDRESS=<address> runs it on that Ray cluster (its apps are removed after); unset, on a fresh local one."
     compare = bench_kind("compare", "the graph against in-process diffusers and a monolith deployment")
     compare.add_argument("--prior-steps", type=int, default=25)
     compare.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per rate step")

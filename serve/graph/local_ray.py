@@ -90,3 +90,16 @@ def init_local_ray(**options):
     context = ray.init(address="local", dashboard_host=LOOPBACK, runtime_env=runtime_env, **options)
     check_loopback()
     return context
+
+
+def connect_ray(**options):
+    """Join the Ray cluster ``RAY_ADDRESS`` names, or start a fresh loopback-only instance
+    when it is unset or ``local``; returns Ray's context."""
+    import os
+
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "local")
+    if address == "local":
+        return init_local_ray(**options)
+    return ray.init(address=address, **options)

@@ -4,10 +4,9 @@ proxy with the config's options, and the application."""
 from __future__ import annotations
 
 import logging
-import os
 
 from serve.graph.build import build_graph
-from serve.graph.local_ray import init_local_ray
+from serve.graph.local_ray import connect_ray
 from serve.settings import LoadedConfig
 
 
@@ -23,11 +22,7 @@ def start_service(config: LoadedConfig, host: str | None = None, port: int | Non
     host = host or config.http_host
     port = port or config.http_port
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS", "local")
-        if address == "local":  # a fresh instance: every Ray port on 127.0.0.1
-            init_local_ray(logging_level="WARNING", configure_logging=True)
-        else:
-            ray.init(address=address, dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
+        connect_ray(logging_level="WARNING", configure_logging=True)
     # The config's http_options (request_timeout_s, ...) and proxy_location, as `serve deploy` would apply them.
     http_options = {**config.raw.get("http_options", {}), "host": host, "port": port}
     serve.start(http_options=http_options, proxy_location=config.raw.get("proxy_location"))

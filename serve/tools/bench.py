@@ -25,7 +25,9 @@ def write_result(result: dict, out: Path) -> None:
 
 
 def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: int, out: Path,
-                  breakdown: bool = False) -> dict:
+                  breakdown: bool = False, url: str | None = None) -> dict:
+    """``url``: measure a service already running there (on the config's checkpoints) instead of
+    starting one."""
     import httpx
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
@@ -61,7 +63,9 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
         )
         return time.perf_counter() - started
 
-    url = start_service(config)
+    started_here = url is None
+    if started_here:
+        url = start_service(config)
     body = {"prompt": prompt, "width": size, "height": size, "steps": steps, "prior_steps": prior_steps, "seed": seed}
     client = httpx.Client(base_url=url, timeout=120.0)
 
@@ -84,9 +88,10 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
         samples["in_process"].append(in_process())
         samples["served"].append(served())
     client.close()
-    from ray import serve
+    if started_here:
+        from ray import serve
 
-    serve.shutdown()
+        serve.shutdown()
 
     rows = {
         name: {
@@ -104,6 +109,7 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
         "steps": steps,
         "prior_steps": prior_steps,
         "rounds": rounds,
+        "service": "started by the bench" if started_here else url,
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "results": rows,
@@ -288,14 +294,14 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
 
     from deployments.messages import DenoiseParams
     from serve.graph.build import resolve_model_paths
-    from serve.graph.local_ray import init_local_ray
+    from serve.graph.local_ray import connect_ray
     from serve.settings import load_config
 
     duration_s, capacity_s = duration, capacity_duration
     config = load_config(config)
     decoder_path = resolve_model_paths(config.service.models).decoder
-    if not ray.is_initialized():
-        init_local_ray(logging_level="WARNING", log_to_driver=False)
+    if not ray.is_initialized():  # RAY_ADDRESS: measure on a running cluster (only this bench's apps are removed)
+        connect_ray(logging_level="WARNING", log_to_driver=False)
     dim = json.loads((Path(decoder_path) / "unet" / "config.json").read_text())["encoder_hid_dim"]
 
     def make_request(index: int):

@@ -1,8 +1,11 @@
 """Every ``kandinsky-serve bench`` subcommand and ``loadtest``, run as a user runs them.
 
-Smallest settings that still take the real path: the CLI starts what it measures
-(its own Ray instance, beside the session's), exits 0 and writes JSON whose
-documented keys hold finite numbers, with provenance.
+Smallest settings that still take the real path: the CLI exits 0 and writes JSON
+whose documented keys hold finite numbers, with provenance. To stay within the
+session's one Ray instance where the command allows it, ``bench latency`` measures
+the session's running service (``--url``) and ``bench batching`` deploys its
+replicas on the session's cluster (``RAY_ADDRESS``); ``bench compare`` starts and
+shuts down a Serve instance of its own, so it runs on its own Ray.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ def tiny_config(tiny_checkpoint, tmp_path_factory) -> Path:
     return path
 
 
-def _run(args: list[str], cwd: Path, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+def _run(args: list[str], cwd: Path, timeout_s: float = 240, ray_address: str = "local") -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-m", "serve.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
     )
@@ -76,25 +79,32 @@ def _check_provenance(document: dict) -> None:
     assert provenance["versions"]["torch"] and provenance["versions"]["ray"]
 
 
-def test_bench_latency_runs_and_writes_its_json(tiny_config, tmp_path):
+def test_bench_latency_runs_and_writes_its_json(served_app, tiny_config, tmp_path):
+    url, _ = served_app
     out = tmp_path / "latency.json"
     done = _run(["bench", "latency", "--config", str(tiny_config), "--steps", "2", "--prior-steps", "2",
-                 "--rounds", "1", "--breakdown", "--out", str(out)], tmp_path)
+                 "--rounds", "1", "--breakdown", "--url", url, "--out", str(out)], tmp_path)
     assert "served / in-process" in done.stdout and "where a served request's time goes" in done.stdout
     result = json.loads(out.read_text())
     for key in ("ratio_p50", "results.served.p50_ms", "results.in_process.p50_ms", "results.served.p90_ms",
                 "breakdown.client_ms", "breakdown.ingress_total_ms", "breakdown.compute_ms"):
         assert _finite(result, key) > 0
+    assert result["service"] == url
     assert set(result["breakdown"]["stages"]) == {"text_encoder", "prior", "denoiser", "movq"}
     for stage in result["breakdown"]["stages"]:
         assert _finite(result, f"breakdown.stages.{stage}.call_ms") >= _finite(result, f"breakdown.stages.{stage}.compute_ms")
     _check_provenance(result)
 
 
-def test_bench_batching_runs_and_writes_its_json(tiny_config, tmp_path):
+def test_bench_batching_runs_and_writes_its_json(served_app, tiny_config, tmp_path):
+    import ray
+    from ray import serve
+
     out = tmp_path / "batching.json"
     _run(["bench", "batching", "--config", str(tiny_config), "--steps", "2", "--max-batch", "2",
-          "--duration", "1", "--capacity-duration", "1", "--out", str(out)], tmp_path)
+          "--duration", "1", "--capacity-duration", "1", "--out", str(out)], tmp_path,
+         ray_address=ray.get_runtime_context().gcs_address)
+    assert not [name for name in serve.status().applications if name.startswith("bench-")], "the bench left its apps"
     result = json.loads(out.read_text())
     for key in ("capacity_rps", "p99_step_over_request_at_70", "throughput_step_over_request_at_100",
                 "p99_step_over_request_when_idle_at_70", "throughput_step_over_request_when_idle_at_100"):

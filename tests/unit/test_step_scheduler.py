@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -247,3 +249,128 @@ def test_admit_when_idle_only_runs_whole_batches():
         return model.batches
 
     assert run(scenario()) == [["a"], ["a"], ["a"], ["b", "c"], ["b"]]
+
+
+class ThreadModel:
+    """A plain (blocking) model stepped on a worker thread, as a replica's model thread does;
+    ``hold_at`` blocks the step with that number until ``release`` is set."""
+
+    def __init__(self, hold_at: int | None = None, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.hold_at, self.fail_on = hold_at, fail_on
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def step(self, states: list[FakeState]) -> None:
+        self.batches.append([state.name for state in states])
+        if self.fail_on in self.batches[-1]:
+            raise RuntimeError("boom")
+        for state in states:
+            assert not state.finished, f"{state.name} stepped after finishing"
+            state.done += 1
+        if len(self.batches) == self.hold_at:
+            self.held.set()
+            assert self.release.wait(10), "the test never released the held step"
+
+
+def offloaded(model: ThreadModel, **options) -> tuple[StepScheduler, ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(max_workers=1)
+
+    def offload(fn, *args):
+        return asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    return StepScheduler(model.step, offload=offload, **options), executor
+
+
+async def until_held(model: ThreadModel) -> None:
+    assert await asyncio.get_running_loop().run_in_executor(None, model.held.wait, 10), "the step was never reached"
+
+
+def test_offloaded_steps_run_as_one_burst_and_each_step_is_reported_in_order():
+    progress = []
+
+    class Recorder(StepStats):
+        def on_progress(self, key, step, total):
+            progress.append((key, step, total))
+
+    async def scenario():
+        model, recorder = ThreadModel(), Recorder()
+        scheduler, _ = offloaded(model, max_batch=4, observer=recorder)
+        item = await submit(scheduler, FakeState("a", 5), key="req")
+        return item, scheduler.bursts, recorder, model.batches
+
+    item, bursts, stats, batches = run(scenario())
+    assert bursts == 1, "a lone request needs no step boundary on the event loop"
+    assert item.steps_done == 5 and batches == [["a"]] * 5
+    assert stats.steps == 5 and progress == [("req", step, 5) for step in range(1, 6)]
+
+
+def test_an_arrival_during_a_burst_joins_at_the_next_step_boundary():
+    async def scenario():
+        model = ThreadModel(hold_at=2)
+        scheduler, _ = offloaded(model, max_batch=8)
+        first = submit(scheduler, FakeState("a", 5))
+        await until_held(model)  # step 2 of the burst is running
+        late = submit(scheduler, FakeState("b", 2))
+        await asyncio.sleep(0)  # let submit() queue it (and pause the burst)
+        model.release.set()
+        await asyncio.gather(first, late)
+        return model.batches
+
+    assert run(scenario()) == [["a"], ["a"], ["a", "b"], ["a", "b"], ["a"]]
+
+
+def test_cancelling_during_a_burst_stops_it_after_the_step_in_progress():
+    async def scenario():
+        model = ThreadModel(hold_at=3)
+        scheduler, _ = offloaded(model, max_batch=1)
+        doomed = submit(scheduler, FakeState("doomed", 100))
+        await until_held(model)
+        doomed.cancel()
+        model.release.set()
+        nxt = await submit(scheduler, FakeState("next", 2))
+        return model.batches, nxt, (scheduler.active, scheduler.waiting)
+
+    batches, nxt, counts = run(scenario())
+    assert batches == [["doomed"]] * 3 + [["next"]] * 2
+    assert nxt.steps_done == 2 and counts == (0, 0)
+
+
+def test_offloaded_buckets_still_take_turns_step_by_step():
+    async def scenario():
+        model = ThreadModel()
+        scheduler, _ = offloaded(model, max_batch=8)
+        tasks = [submit(scheduler, FakeState("a1", 3), bucket="64x64"), submit(scheduler, FakeState("b1", 2), bucket="128x128")]
+        await asyncio.gather(*tasks)
+        return model.batches
+
+    assert run(scenario()) == [["a1"], ["b1"], ["a1"], ["b1"], ["a1"]]
+
+
+def test_a_step_failing_inside_a_burst_fails_its_items_only():
+    async def scenario():
+        model = ThreadModel(fail_on="bad")
+        scheduler, _ = offloaded(model, max_batch=1)
+        bad, good = submit(scheduler, FakeState("bad", 3)), submit(scheduler, FakeState("good", 3))
+        with pytest.raises(RuntimeError, match="boom"):
+            await bad
+        return (await good).steps_done, model.batches
+
+    steps, batches = run(scenario())
+    assert steps == 3 and batches == [["bad"]] + [["good"]] * 3
+
+
+def test_waiting_requests_do_not_break_a_whole_batch_burst_when_admitting_only_when_idle():
+    async def scenario():
+        model = ThreadModel(hold_at=1)
+        scheduler, _ = offloaded(model, max_batch=8, admit_when_idle_only=True)
+        first = submit(scheduler, FakeState("a", 4))
+        await until_held(model)
+        late = submit(scheduler, FakeState("b", 2))
+        await asyncio.sleep(0)
+        model.release.set()
+        await asyncio.gather(first, late)
+        return model.batches, scheduler.bursts
+
+    batches, bursts = run(scenario())
+    assert batches == [["a"]] * 4 + [["b"]] * 2
+    assert bursts == 2, "b cannot join a's batch, so its arrival need not stop a's burst"
