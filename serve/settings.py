@@ -123,6 +123,13 @@ class AdmissionSettings(BaseModel):
     max_inflight_requests: int = Field(default=64, ge=1, le=100_000)
     """Generation requests one ingress replica runs at once; more get 503 with Retry-After at
     once (no queue here: the stages' own queues are bounded by ``max_queued_requests``)."""
+    max_inflight_per_client: int | None = Field(default=None, ge=1, le=100_000)
+    """Of those, the most one client (an API key; without keys, an address) may hold; more get
+    429 ``too_many_inflight``. None: half of ``max_inflight_requests`` (at least 1), so that no
+    one client can hold the whole gate."""
+    body_read_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """Time allowed to receive a request's whole body; a slower one gets 408 ``body_timeout``
+    (a client trickling its body must not hold a place in the service)."""
     request_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     """End-to-end limit per request; past it the client gets 504 and every stage drops the work."""
     retry_after_s: float | None = Field(default=None, gt=0)
@@ -140,6 +147,10 @@ class AuthSettings(BaseModel):
     api_keys_file: Path | None = None
     """YAML file of hashed keys (``kandinsky-serve keys new``); ``$KANDINSKY_API_KEYS_FILE`` wins.
     When set, every route but /healthz and /readyz needs ``Authorization: Bearer <key>``."""
+    client_address_header: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
+    """Without keys, a client is its address: the peer's, or, when this names a header that a
+    trusted proxy in front sets (e.g. ``X-Forwarded-For``), that header's last entry. Only set
+    it when every request comes through that proxy: a client could write the header itself."""
     requests_per_s: float = Field(default=5.0, gt=0)
     """Default per-key request rate (a key's own entry may override it)."""
     burst_requests: int = Field(default=10, ge=1)

@@ -122,7 +122,8 @@ def guarded_app(served_app, tiny_checkpoint, tmp_path_factory):
         "models": {"prior_path": str(tiny_checkpoint.prior), "decoder_path": str(tiny_checkpoint.decoder)},
         "limits": {"max_side": 64, "max_steps": 8, "max_prior_steps": 4, "max_num_images": 2, "max_mix_items": 2,
                    "max_embedding_items": 4, "max_image_pixels": 256 * 256},
-        "admission": {"max_inflight_requests": 2, "request_timeout_s": 30},
+        "admission": {"max_inflight_requests": 2, "max_inflight_per_client": 2, "request_timeout_s": 30,
+                      "body_read_timeout_s": 2},
         "auth": {"api_keys_file": str(keys_path)},
     }
     options = {

@@ -86,27 +86,45 @@ class RateLimiter:
 
 
 class AdmissionGate:
-    """At most ``limit`` requests inside at once; the rest are refused at once.
+    """At most ``limit`` requests inside at once, and at most ``per_client`` of one client;
+    the rest are refused at once.
 
     ``draining``: set when the service is stopping; from then on no new work is
     admitted (the API answers 503 ``shutting_down``) while what is inside finishes.
     """
 
-    def __init__(self, limit: int, retry_after_s: float | None = None) -> None:
+    def __init__(self, limit: int, retry_after_s: float | None = None, per_client: int | None = None) -> None:
         self.limit = limit
+        self.per_client = per_client if per_client is not None else max(1, limit // 2)
         self.fixed_retry_after_s = retry_after_s
         self.inside = 0
+        self.of_client: dict[str, int] = {}
         self.draining = False
         self._mean_s = 1.0  # running estimate of a request's duration
 
-    def try_enter(self) -> bool:
-        if self.draining or self.inside >= self.limit:
-            return False
+    def enter(self, client: str = "") -> str | None:
+        """Take a place for ``client``; None when taken, else why not (``full``,
+        ``client_full``, ``draining``)."""
+        if self.draining:
+            return "draining"
+        if self.inside >= self.limit:
+            return "full"
+        if self.of_client.get(client, 0) >= self.per_client:
+            return "client_full"
         self.inside += 1
-        return True
+        self.of_client[client] = self.of_client.get(client, 0) + 1
+        return None
 
-    def leave(self, seconds: float | None = None) -> None:
+    def try_enter(self, client: str = "") -> bool:
+        return self.enter(client) is None
+
+    def leave(self, seconds: float | None = None, client: str = "") -> None:
         self.inside -= 1
+        left = self.of_client.get(client, 0) - 1
+        if left > 0:
+            self.of_client[client] = left
+        else:
+            self.of_client.pop(client, None)
         if seconds is not None:
             self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
 

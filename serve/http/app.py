@@ -7,6 +7,7 @@ touches tensors.
 """
 
 
+import asyncio
 import base64
 import logging
 import re
@@ -29,6 +30,7 @@ from serve.http.compat import add_compat_routes
 from serve.http.errors import ApiError, error_response, from_backend, install_error_handlers
 from serve.http.guards import Guards
 from serve.http.job_routes import add_job_routes
+from serve.http.readiness import ReadinessCache, is_ready
 from serve.http.schemas import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -88,7 +90,8 @@ class NoMetrics:
         pass
 
 
-KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in MODES), "/v1/embeddings", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in MODES), "/v1/embeddings", "/healthz", "/readyz", "/v1/status", "/metrics",
+                "/docs", "/openapi.json")
 
 
 def _app_path(scope: Scope) -> str:
@@ -106,13 +109,17 @@ def _route_label(scope: Scope) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
 
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, counting what is actually received."""
+class BodyLimits:
+    """Refuse request bodies over ``max_bytes`` (413, counting what is actually received) or
+    not received in full within ``read_timeout_s`` (408): a client trickling its body must not
+    hold a place in the ingress. Only the body's arrival is timed; once it is in, the app may
+    wait on ``receive`` (for a disconnect) as long as it likes."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ApiMetrics) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ApiMetrics, read_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,39 +127,66 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
+            await self._too_large(scope, receive, send)
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
         received = 0
+        body_done = False
         refused = False
+        response_started = False
 
-        async def counting_receive() -> Message:
-            nonlocal received, refused
-            message = await receive()
-            if message["type"] == "http.request" and not refused:
+        async def limited_receive() -> Message:
+            nonlocal received, refused, body_done
+            if refused:
+                return {"type": "http.disconnect"}
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                refused = True
+                if not response_started:
+                    await self._too_slow(scope, receive, send)
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     # Answer here: a body parser that catches the error would turn it into a 400.
                     refused = True
-                    await self._reject(scope, receive, send)
-            return {"type": "http.disconnect"} if refused else message
+                    if not response_started:
+                        await self._too_large(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
 
         async def send_unless_refused(message: Message) -> None:
+            nonlocal response_started
             if not refused:
+                response_started = True
                 await send(message)
 
         try:
-            await self.app(scope, counting_receive, send_unless_refused)
+            await self.app(scope, limited_receive, send_unless_refused)
         except Exception:
             if not refused:
                 raise
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.metrics.rejection("payload_too_large")
-        self.metrics.http_request(_route_label(scope), 413, 0, 0)
-        response = error_response(
-            413, "payload_too_large", f"request body exceeds the limit of {self.max_bytes} bytes", None,
-            [{"field": "body", "message": f"at most {self.max_bytes} bytes"}],
-        )
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._refuse(scope, receive, send, 413, "payload_too_large",
+                           f"request body exceeds the limit of {self.max_bytes} bytes", f"at most {self.max_bytes} bytes")
+
+    async def _too_slow(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._refuse(scope, receive, send, 408, "body_timeout",
+                           f"the request body did not arrive in full within {self.read_timeout_s:g} s",
+                           f"sent in full within {self.read_timeout_s:g} s")
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, kind: str, message: str,
+                      limit: str) -> None:
+        self.metrics.rejection(kind)
+        self.metrics.http_request(_route_label(scope), status, 0, 0)
+        response = error_response(status, kind, message, None, [{"field": "body", "message": limit}],
+                                  headers={"Connection": "close"} if status == 408 else None)
         await response(scope, receive, send)
 
 
@@ -206,11 +240,11 @@ def create_app(
     admission = admission or AdmissionSettings()
     auth = auth or AuthSettings()
     keys_file = auth.keys_file()
-    gate = AdmissionGate(admission.max_inflight_requests, admission.retry_after_s)
+    gate = AdmissionGate(admission.max_inflight_requests, admission.retry_after_s, admission.max_inflight_per_client)
     guards = Guards(
         KeyStore(keys_file) if keys_file is not None else None,
         RateLimiter(auth.requests_per_s, auth.burst_requests, auth.images_per_min),
-        gate, admission,
+        gate, admission, auth,
     )
     models = request_models(limits)
     embeddings_request = bind_limits(EmbeddingsRequest, limits)
@@ -311,13 +345,23 @@ def create_app(
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    readiness = ReadinessCache(backend.readiness)
+
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        """Open to probes, so it says only whether to send traffic here (stage detail: ``/v1/status``)."""
         if gate.draining:  # load balancers stop sending here; the stages need no asking
-            return JSONResponse({"ready": False, "draining": True, "stages": {}}, status_code=503)
-        stages = await backend.readiness()
-        ready = bool(stages) and all(state == "ready" for state in stages.values())
-        return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
+            return JSONResponse({"ready": False, "draining": True}, status_code=503)
+        ready = is_ready(await readiness.stages())
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @keyed.get("/v1/status")
+    async def status() -> JSONResponse:
+        """Readiness with each stage's state (behind the API key: it shows the topology)."""
+        stages = await readiness.stages()
+        ready = is_ready(stages) and not gate.draining
+        return JSONResponse({"ready": ready, "draining": gate.draining, "stages": stages},
+                            status_code=200 if ready else 503)
 
     @keyed.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> PlainTextResponse:
@@ -338,6 +382,7 @@ def create_app(
     app.include_router(keyed)
 
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, metrics=metrics)
+    app.add_middleware(BodyLimits, max_bytes=limits.max_body_bytes, metrics=metrics,
+                       read_timeout_s=admission.body_read_timeout_s)
     app.state.admission_gate = gate  # the ingress drains through it
     return app

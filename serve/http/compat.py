@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.http.errors import ApiError
 from serve.http.guards import Guards
-from serve.http.job_routes import build_spec, client_key, from_store, job_limit_error, mode_not_configured
+from serve.http.job_routes import build_spec, from_store, job_limit_error, mode_not_configured
 from serve.http.schemas import SCHEDULER_NAMES, ErrorResponse
 from serve.jobs.runner import JobRunner, Submission
 
@@ -275,7 +275,8 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     """Register the OpenAI and A1111 routes on ``router``."""
     errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
               429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
-    submits = [Depends(guards.accepting_work)]
+    # Synchronous for the client: each holds a place in the gate like /v1/{mode}, as well as a job.
+    submits = [Depends(guards.generation_slot)]
 
     def native_spec(mode: str, native: dict, rename_field) -> Any:
         try:
@@ -283,10 +284,10 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         except ApiError as error:
             raise error.renamed(rename_field) from None
 
-    async def run(mode: str, spec: Any, request: Request, origin: str) -> dict:
+    async def run(mode: str, spec: Any, client: str, origin: str) -> dict:
         """Run a job to its end: its final view (succeeded or cancelled)."""
         mode_not_configured(mode, unavailable)
-        view = await from_store(jobs.submit(Submission(spec, mode, client_key(request), origin)))
+        view = await from_store(jobs.submit(Submission(spec, mode, client, origin)))
         if "limit" in view:
             raise job_limit_error(view)
         started = time.perf_counter()
@@ -310,9 +311,9 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     @router.post(OPENAI_GENERATIONS_PATH, responses=errors, dependencies=submits,
                  summary="OpenAI Images API: text to image. Extensions: seed, negative_prompt, steps, prior_steps, "
                          "guidance_scale, prior_guidance_scale, scheduler.")
-    async def openai_generations(body: OpenAIImageRequest, request: Request):
+    async def openai_generations(body: OpenAIImageRequest, client: str = Depends(guards.caller)):
         spec = native_spec("text2img", translated(openai_to_native, body), openai_field)
-        final = await run("text2img", spec, request, "openai")
+        final = await run("text2img", spec, client, "openai")
         if final["state"] == "cancelled":
             raise ApiError(409, "job_cancelled", f"job {final['id']} was cancelled")
         if body.response_format == "b64_json":
@@ -323,14 +324,14 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         return {"created": int(final["created_at"]), "data": data, "output_format": spec.output_format,
                 "size": f"{spec.width}x{spec.height}"}
 
-    async def a1111(request: Request, img2img: bool):
+    async def a1111(request: Request, client: str, img2img: bool):
         try:
             body = await request.json()
         except (ValueError, RecursionError):
             raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
         mode, native, unsupported = translated(a1111_to_native, body, img2img)
         spec = native_spec(mode, native, a1111_native_field)
-        final = await run(mode, spec, request, "sdapi")
+        final = await run(mode, spec, client, "sdapi")
         interrupted = final["state"] == "cancelled"
         images = [] if interrupted else await images_of(final)
         parameters = dict(body)
@@ -344,17 +345,17 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         }
 
     @router.post(A1111_TXT2IMG_PATH, responses=errors, dependencies=submits, summary="AUTOMATIC1111-style text to image.")
-    async def sdapi_txt2img(request: Request):
-        return await a1111(request, img2img=False)
+    async def sdapi_txt2img(request: Request, client: str = Depends(guards.caller)):
+        return await a1111(request, client, img2img=False)
 
     @router.post(A1111_IMG2IMG_PATH, responses=errors, dependencies=submits,
                  summary="AUTOMATIC1111-style image to image; with a mask, inpainting.")
-    async def sdapi_img2img(request: Request):
-        return await a1111(request, img2img=True)
+    async def sdapi_img2img(request: Request, client: str = Depends(guards.caller)):
+        return await a1111(request, client, img2img=True)
 
     @router.get("/sdapi/v1/progress", summary="AUTOMATIC1111-style progress of this client's current generation.")
-    async def sdapi_progress(request: Request):
-        active = await jobs.store.active(client_key(request), "sdapi")
+    async def sdapi_progress(client: str = Depends(guards.caller)):
+        active = await jobs.store.active(client, "sdapi")
         running = [view for view in active if view["state"] == "running"] or active
         if not running:
             return {"progress": 0.0, "eta_relative": 0.0, "textinfo": None, "current_image": None,
@@ -373,8 +374,8 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         }
 
     @router.post("/sdapi/v1/interrupt", summary="AUTOMATIC1111-style interrupt: cancel this client's generations.")
-    async def sdapi_interrupt(request: Request):
-        active = await jobs.store.active(client_key(request), "sdapi")
+    async def sdapi_interrupt(client: str = Depends(guards.caller)):
+        active = await jobs.store.active(client, "sdapi")
         for view in active:
             await jobs.cancel(view["id"])
         return {"interrupted": [view["id"] for view in active]}

@@ -3,8 +3,10 @@
 * :meth:`Guards.api_key` (every route but the probes): a known, unrevoked key within its
   request rate; the key's record is the dependency's value.
 * :meth:`Guards.accepting_work` (every route that starts model work): not draining.
-* :meth:`Guards.generation_slot` (synchronous generation): a place under the in-flight
-  bound, held until the answer is ready.
+* :attr:`Guards.caller`: who is asking, for per-client accounting: ``key:<name>`` with API
+  keys, else ``addr:<address>`` (the peer's, or a trusted proxy's header).
+* :attr:`Guards.generation_slot` (synchronous generation): a place under the in-flight
+  bound and under the caller's share of it, held until the answer is ready.
 * :meth:`Guards.deadline`: the request's time limit (a client's ``X-Request-Timeout``,
   at most the configured one).
 
@@ -23,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from serve.http.admission import AdmissionGate, RateLimiter, retry_after_header
 from serve.http.auth import ApiKey, KeyStore
 from serve.http.errors import ApiError
-from serve.settings import AdmissionSettings
+from serve.settings import AdmissionSettings, AuthSettings
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 """A client's own deadline in seconds; the configured ``request_timeout_s`` is the most it can ask."""
@@ -33,11 +35,36 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from `kandinsky-s
 
 
 class Guards:
-    def __init__(self, keys: KeyStore | None, limiter: RateLimiter, gate: AdmissionGate, admission: AdmissionSettings) -> None:
+    def __init__(self, keys: KeyStore | None, limiter: RateLimiter, gate: AdmissionGate, admission: AdmissionSettings,
+                 auth: AuthSettings | None = None) -> None:
         self.keys = keys
         self.limiter = limiter
         self.gate = gate
         self.admission = admission
+        self.address_header = (auth or AuthSettings()).client_address_header
+
+        # Built here so that they can depend on this instance's api_key (FastAPI runs a
+        # dependency once per request however many others depend on it).
+        async def caller(request: Request, key: ApiKey | None = Depends(self.api_key)) -> str:
+            return self.identity(request, key)
+
+        async def generation_slot(client: str = Depends(caller)) -> AsyncIterator[None]:
+            async for _ in self._slot(client):
+                yield
+
+        self.caller = caller
+        self.generation_slot = generation_slot
+
+    def identity(self, request: Request, key: ApiKey | None) -> str:
+        if key is not None:
+            return f"key:{key.name}"
+        address = None
+        if self.address_header:
+            entries = [entry.strip() for entry in request.headers.get(self.address_header, "").split(",")]
+            address = next((entry for entry in reversed(entries) if entry), None)
+        if address is None:
+            address = request.client.host if request.client else "unknown"
+        return f"addr:{address[:64]}"
 
     async def api_key(self, request: Request,
                       credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> ApiKey | None:
@@ -71,14 +98,22 @@ class Guards:
                 headers={"Retry-After": retry_after_header(self.gate.retry_after_s())}, reason="shutting_down",
             )
 
-    async def generation_slot(self) -> AsyncIterator[None]:
+    async def _slot(self, client: str) -> AsyncIterator[None]:
         """Held for the whole synchronous request; a success updates the gate's duration estimate."""
         await self.accepting_work()
-        if not self.gate.try_enter():
+        refused = self.gate.enter(client)
+        retry = {"Retry-After": retry_after_header(self.gate.retry_after_s())}
+        if refused == "client_full":
+            raise ApiError(
+                429, "too_many_inflight",
+                f"this client already has {self.gate.per_client} requests in flight (the most one client may have "
+                "per ingress replica); wait for one to finish", headers=retry, reason="too_many_inflight",
+            )
+        if refused is not None:
             raise ApiError(
                 503, "overloaded",
                 f"the service is at capacity ({self.gate.limit} requests in flight per ingress replica); retry later",
-                headers={"Retry-After": retry_after_header(self.gate.retry_after_s())}, reason="overloaded",
+                headers=retry, reason="overloaded",
             )
         started = time.perf_counter()
         succeeded = False
@@ -86,7 +121,7 @@ class Guards:
             yield
             succeeded = True
         finally:
-            self.gate.leave(time.perf_counter() - started if succeeded else None)
+            self.gate.leave(time.perf_counter() - started if succeeded else None, client)
 
     def admit_images(self, key: ApiKey | None, count: int) -> None:
         """The key's image budget, once the request's image count is known."""

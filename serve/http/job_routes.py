@@ -11,7 +11,6 @@ jobs to a :class:`serve.jobs.JobRunner`.
 * ``DELETE /v1/jobs/{id}`` -> cancel (409 once finished).
 """
 
-import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
@@ -34,16 +33,6 @@ SSE_KEEPALIVE_S = 15.0
 """A comment line goes out this often on an idle event stream, so proxies keep it open."""
 STORE_UNAVAILABLE = "the job store is unavailable; retry shortly"
 T = TypeVar("T")
-
-
-def client_key(request: Request) -> str:
-    """Who a job belongs to, for the per-client cap: the bearer token (hashed) if one is
-    sent, else the peer address. Forwarded-for headers are not trusted (a client could
-    name itself anyone)."""
-    authorization = request.headers.get("authorization", "")
-    if authorization.lower().startswith("bearer ") and authorization[7:].strip():
-        return "key:" + hashlib.sha256(authorization[7:].strip().encode()).hexdigest()[:16]
-    return "addr:" + (request.client.host if request.client else "unknown")
 
 
 JOB_SUBMIT_PATH = "/v1/jobs"
@@ -171,10 +160,10 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
     @router.post(JOB_SUBMIT_PATH, status_code=202, response_model=JobOut, responses=errors,
                  dependencies=[Depends(guards.accepting_work)],
                  summary="Submit a generation job; poll it, stream its events, or cancel it.")
-    async def submit_job(body: job_request, request: Request):  # type: ignore[valid-type]
+    async def submit_job(body: job_request, client: str = Depends(guards.caller)):  # type: ignore[valid-type]
         mode_not_configured(body.mode, unavailable)
         spec = build_spec(models, body.mode, body.params, "params")
-        submission = Submission(spec, body.mode, client_key(request), "jobs", body.preview_every)
+        submission = Submission(spec, body.mode, client, "jobs", body.preview_every)
         view = await from_store(jobs.submit(submission))
         if "limit" in view:
             raise job_limit_error(view)

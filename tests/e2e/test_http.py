@@ -66,8 +66,9 @@ def test_bad_input_is_422_naming_the_field(client, patch, field):
 def test_health_readiness_and_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200, ready.text
-    assert ready.json()["stages"] == {name: "ready" for name in STAGE_NAMES}
+    assert ready.status_code == 200 and ready.json() == {"ready": True}, ready.text
+    status = client.get("/v1/status")
+    assert status.status_code == 200 and status.json()["stages"] == {name: "ready" for name in STAGE_NAMES}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {f"/v1/{mode}" for mode in MODES} | {"/v1/embeddings"} <= set(paths)

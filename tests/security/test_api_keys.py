@@ -17,8 +17,10 @@ class SlowBackend(FakeBackend):
     def __init__(self, release: asyncio.Event | None = None, **kwargs):
         super().__init__(**kwargs)
         self.release = release
+        self.entered = 0
 
     async def generate(self, spec, request_id, timeout_s=None):
+        self.entered += 1
         if self.release is not None:
             await self.release.wait()
         return await super().generate(spec, request_id, timeout_s)
@@ -59,7 +61,8 @@ def bearer(key):
     ({"Authorization": "Bearer ks-not-a-real-key"}, 401, "invalid_api_key"),
 ])
 def test_requests_without_a_valid_key_are_refused_before_anything_runs(client, backend, headers, status, kind):
-    for path, method in (("/v1/text2img", "post"), ("/metrics", "get"), ("/openapi.json", "get"), ("/v1/embeddings", "post")):
+    for path, method in (("/v1/text2img", "post"), ("/metrics", "get"), ("/openapi.json", "get"), ("/v1/embeddings", "post"),
+                         ("/v1/status", "get")):
         response = getattr(client, method)(path, json=GOOD, headers=headers) if method == "post" else client.get(path, headers=headers)
         assert response.status_code == status, (path, response.text)
         assert response.json()["error"]["type"] == kind
@@ -101,13 +104,42 @@ def test_per_key_image_budget_counts_num_images(client, keys, backend):
     assert len(backend.calls) == 1
 
 
+def test_one_client_gets_429_past_its_share_of_the_gate_while_another_still_gets_in():
+    import httpx
+
+    async def scenario():
+        release = asyncio.Event()
+        backend = SlowBackend(release)
+        app = create_app(ApiLimits(), backend, admission=AdmissionSettings(max_inflight_requests=4, retry_after_s=3))
+
+        def client_at(address: str) -> httpx.AsyncClient:
+            return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(address, 1234)), base_url="http://test")
+
+        async with client_at("10.0.0.1") as hog, client_at("10.0.0.2") as other:
+            held = [asyncio.create_task(hog.post("/v1/text2img", json=GOOD)) for _ in range(2)]
+            while backend.entered < 2:
+                await asyncio.sleep(0)
+            refused = await hog.post("/v1/text2img", json=GOOD)
+            served = asyncio.create_task(other.post("/v1/text2img", json=GOOD))
+            while backend.entered < 3:
+                await asyncio.sleep(0)
+            release.set()
+            return refused, await served, await asyncio.gather(*held)
+
+    refused, served, held = asyncio.run(scenario())
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "3"
+    assert refused.json()["error"]["type"] == "too_many_inflight"
+    assert served.status_code == 200 and [r.status_code for r in held] == [200, 200]
+
+
 def test_over_the_inflight_limit_is_503_at_once_with_retry_after():
     import httpx
 
     async def scenario():
         release = asyncio.Event()
         backend = SlowBackend(release)
-        app = create_app(ApiLimits(), backend, admission=AdmissionSettings(max_inflight_requests=2, retry_after_s=3))
+        app = create_app(ApiLimits(), backend,
+                         admission=AdmissionSettings(max_inflight_requests=2, max_inflight_per_client=2, retry_after_s=3))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             held = [asyncio.create_task(client.post("/v1/text2img", json=GOOD)) for _ in range(2)]
@@ -180,5 +212,6 @@ def test_no_code_path_trusts_remote_code_and_local_configs_stay_on_localhost():
     for name in ("local.yaml", "gpu.yaml"):
         http = yaml.safe_load((root / "configs" / name).read_text())["http_options"]
         assert http["host"] == "127.0.0.1", name
-    # The service starts Ray with its dashboard on localhost only.
-    assert 'dashboard_host="127.0.0.1"' in (root / "serve" / "graph" / "service.py").read_text()
+    # The service starts Ray (when not joining a cluster RAY_ADDRESS names) with its dashboard on localhost only.
+    assert "connect_ray(" in (root / "serve" / "graph" / "service.py").read_text()
+    assert "dashboard_host=LOOPBACK" in (root / "serve" / "graph" / "local_ray.py").read_text()

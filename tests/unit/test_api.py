@@ -1,6 +1,7 @@
 """The HTTP layer with a fake backend: validation, errors, ids, readiness. No Ray, no models."""
 
 import base64
+import json
 
 import pytest
 from fastapi.testclient import TestClient
@@ -8,7 +9,7 @@ from fastapi.testclient import TestClient
 from deployments.messages import EncodedImages, StageTiming
 from serve.http.app import create_app
 from serve.errors import Overloaded
-from serve.settings import ApiLimits
+from serve.settings import AdmissionSettings, ApiLimits
 
 GOOD = {"prompt": "a red circle", "width": 64, "height": 64}
 
@@ -153,14 +154,18 @@ def test_stage_failure_is_explicit_500_without_internals():
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert ready.status_code == 200 and ready.json() == {"ready": True}, "probes learn nothing of the topology"
+    status = client.get("/v1/status")
+    assert status.status_code == 200 and status.json()["stages"] and status.json()["ready"] is True
 
 
 def test_not_ready_while_a_stage_has_no_replica():
     stages = {"TextEncoder": "ready", "Denoiser": "UPDATING: no running replica"}
-    response = TestClient(create_app(ApiLimits(), FakeBackend(stages=stages))).get("/readyz")
-    assert response.status_code == 503
-    assert response.json()["stages"]["Denoiser"].startswith("UPDATING")
+    client = TestClient(create_app(ApiLimits(), FakeBackend(stages=stages)))
+    response = client.get("/readyz")
+    assert response.status_code == 503 and response.json() == {"ready": False}
+    status = client.get("/v1/status")
+    assert status.status_code == 503 and status.json()["stages"]["Denoiser"].startswith("UPDATING")
 
 
 def test_limits_are_configurable_and_documented():
@@ -266,3 +271,55 @@ def test_a_body_json_cannot_parse_is_400_naming_the_body(backend, body):
     client = TestClient(create_app(ApiLimits(), backend))
     response = client.post("/v1/text2img", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["details"][0]["field"] == "body"
+
+
+def _asgi_post(app, chunks, gaps_s):
+    """POST /v1/text2img straight through the ASGI app, the body in ``chunks`` with a pause
+    before each; then the client waits (never disconnects). Returns (status, body, seconds)."""
+    import asyncio
+    import time
+
+    async def scenario():
+        queue = [({"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1}, gap)
+                 for index, (chunk, gap) in enumerate(zip(chunks, gaps_s))]
+
+        async def receive():
+            if queue:
+                message, gap = queue.pop(0)
+                await asyncio.sleep(gap)
+                return message
+            await asyncio.Event().wait()  # a client that neither sends nor leaves
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/text2img", "raw_path": b"/v1/text2img", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"100000")],
+                 "client": ("10.0.0.9", 1), "server": ("test", 80)}
+        started = time.perf_counter()
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return status, json.loads(body), time.perf_counter() - started
+
+    return asyncio.run(scenario())
+
+
+def test_a_body_trickled_past_the_read_deadline_is_408_without_reaching_a_route():
+    backend = FakeBackend()
+    app = create_app(ApiLimits(), backend, admission=AdmissionSettings(body_read_timeout_s=0.3))
+    status, body, seconds = _asgi_post(app, [b"{", b'"prompt"'], [0.0, 5.0])
+    assert status == 408 and body["error"]["type"] == "body_timeout"
+    assert body["error"]["details"][0]["field"] == "body" and "0.3 s" in body["error"]["message"]
+    assert seconds < 2.0 and backend.calls == [] and app.state.admission_gate.inside == 0
+
+
+def test_a_body_that_arrives_in_pieces_within_the_deadline_is_served():
+    backend = FakeBackend()
+    app = create_app(ApiLimits(), backend, admission=AdmissionSettings(body_read_timeout_s=2.0))
+    text = json.dumps(GOOD).encode()
+    status, body, _ = _asgi_post(app, [text[:10], text[10:20], text[20:]], [0.0, 0.05, 0.05])
+    assert status == 200 and body["images"] and len(backend.calls) == 1

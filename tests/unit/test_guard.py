@@ -36,11 +36,27 @@ def test_rate_limiter_keeps_keys_apart_and_honours_overrides():
 
 def test_admission_gate_bounds_what_is_inside_and_estimates_retry_after():
     gate = AdmissionGate(limit=2)
-    assert gate.try_enter() and gate.try_enter() and not gate.try_enter()
-    gate.leave(seconds=5.0)
-    assert gate.try_enter() and gate.retry_after_s() > 1.0
+    assert gate.try_enter("a") and gate.try_enter("b") and gate.enter("c") == "full"
+    gate.leave(seconds=5.0, client="a")
+    assert gate.try_enter("c") and gate.retry_after_s() > 1.0
     assert AdmissionGate(1, retry_after_s=7).retry_after_s() == 7
     assert retry_after_header(0.01) == "1" and retry_after_header(2.2) == "3"
+
+
+def test_one_client_never_holds_the_whole_gate():
+    gate = AdmissionGate(limit=4)
+    assert gate.per_client == 2, "by default half the gate"
+    assert gate.enter("hog") is None and gate.enter("hog") is None
+    assert gate.enter("hog") == "client_full" and gate.inside == 2
+    assert gate.enter("other") is None and gate.enter("other") is None, "the rest stays for everyone else"
+    assert gate.enter("third") == "full"
+    gate.leave(client="hog")
+    assert gate.of_client == {"hog": 1, "other": 2}
+    assert gate.enter("hog") is None
+    for client in ("hog", "hog", "other", "other"):
+        gate.leave(client=client)
+    assert gate.of_client == {} and gate.inside == 0, "nothing is kept for clients with nothing inside"
+    assert AdmissionGate(limit=1).per_client == 1 and AdmissionGate(limit=8, per_client=8).per_client == 8
 
 
 def test_keys_are_stored_hashed_looked_up_and_revoked(tmp_path):
@@ -121,3 +137,28 @@ def test_timeout_cancels_the_attempt():
         return cancelled.is_set()
 
     assert asyncio.run(main())
+
+
+def _request(headers: dict[str, str], peer: str = "10.0.0.1"):
+    from starlette.requests import Request
+
+    return Request({"type": "http", "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                    "client": (peer, 1234)})
+
+
+def test_a_client_is_its_key_else_its_address_and_a_forwarded_header_only_when_trusted():
+    from serve.http.auth import ApiKey
+    from serve.http.guards import Guards
+    from serve.settings import AdmissionSettings, AuthSettings
+
+    def guards(**auth) -> Guards:
+        return Guards(None, RateLimiter(1, 1, 1), AdmissionGate(4), AdmissionSettings(), AuthSettings(**auth))
+
+    forwarded = {"X-Forwarded-For": "203.0.113.9, 198.51.100.7", "Authorization": "Bearer anything"}
+    plain = guards()
+    assert plain.identity(_request(forwarded), None) == "addr:10.0.0.1", "headers a client writes are not trusted"
+    trusted = guards(client_address_header="X-Forwarded-For")
+    assert trusted.identity(_request(forwarded), None) == "addr:198.51.100.7", "the entry the trusted proxy added"
+    assert trusted.identity(_request({}), None) == "addr:10.0.0.1"
+    key = ApiKey(name="team-a", digest=b"x" * 32)
+    assert trusted.identity(_request(forwarded), key) == "key:team-a"

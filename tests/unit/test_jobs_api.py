@@ -137,7 +137,11 @@ def test_caps_give_429_with_retry_after():
         second = client.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS})
         assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
         assert "max_active_jobs_per_client=1" in second.json()["error"]["message"]
-        other = client.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS}, headers={"Authorization": "Bearer k2"})
+        # Without keys a client is its address: a made-up bearer token is no new allowance.
+        posing = client.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS}, headers={"Authorization": "Bearer k2"})
+        assert posing.status_code == 429
+        with TestClient(client.app, client=("10.0.0.2", 50000)) as elsewhere:
+            other = elsewhere.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS})
         assert other.status_code == 202  # another client has its own allowance
         client.delete(f"/v1/jobs/{first.json()['id']}")
 

@@ -154,7 +154,7 @@ def test_gate_refuses_every_entry_while_draining(inside):
     from serve.http.admission import AdmissionGate
 
     gate = AdmissionGate(limit=4)
-    for _ in range(inside):
-        assert gate.try_enter()
+    for client in range(inside):
+        assert gate.try_enter(str(client))
     gate.draining = True
     assert not gate.try_enter() and gate.inside == inside
