@@ -196,7 +196,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
         if args.action == "new":
-            key = add_key(path, args.name, args.requests_per_s, args.images_per_min)
+            key = add_key(path, args.name, args.requests_per_s, args.images_per_min, args.admin)
             print(key)
             print(f"(stored only as a hash in {path}; this is the only time the key is shown)", file=sys.stderr)
         else:
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("name")
     new.add_argument("--file", required=True, help="the keys file (args.auth.api_keys_file)")
     new.add_argument("--requests-per-s", type=float, default=None)
+    new.add_argument("--admin", action="store_true", help="this key sees and cancels every client's jobs")
     new.add_argument("--images-per-min", type=float, default=None)
     new.set_defaults(func=_cmd_keys)
     revoke = keys_actions.add_parser("revoke", help="revoke NAME's key (403 from then on)")

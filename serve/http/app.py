@@ -109,6 +109,13 @@ def _route_label(scope: Scope) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
 
+def internal_id(request_id: str) -> str:
+    """The id the stages key a request's progress and previews by: the client's label (kept
+    in every stage log line, for correlation) plus a part the server draws, so that two
+    requests sending the same ``X-Request-ID`` never share state."""
+    return f"{request_id}.{uuid.uuid4().hex[:12]}"
+
+
 class BodyLimits:
     """Refuse request bodies over ``max_bytes`` (413, counting what is actually received) or
     not received in full within ``read_timeout_s`` (408): a client trickling its body must not
@@ -284,7 +291,7 @@ def create_app(
         spec = body.to_spec()
         guards.admit_images(key, len(spec.seeds))
         started = time.perf_counter()
-        result = await from_backend(backend.generate(spec, request_id, timeout_s), request_id)
+        result = await from_backend(backend.generate(spec, internal_id(request_id), timeout_s), request_id)
         metrics.generation(body.mode, spec.width, spec.height, time.perf_counter() - started)
         total_ms = (time.perf_counter() - started) * 1000.0
         response.headers["Server-Timing"] = server_timing(result, total_ms)
@@ -332,7 +339,9 @@ def create_app(
     async def embeddings(body: embeddings_request, request: Request) -> EmbeddingsResponse:  # type: ignore[valid-type]
         request_id = request.state.request_id
         images = body.decoded_images()
-        texts, image_embeddings = await from_backend(backend.embeddings(list(body.texts), images, request_id), request_id)
+        texts, image_embeddings = await from_backend(
+            backend.embeddings(list(body.texts), images, internal_id(request_id)), request_id
+        )
         similarity = None
         if len(texts) and len(image_embeddings):
             a = texts / np.linalg.norm(texts, axis=1, keepdims=True)

@@ -36,6 +36,8 @@ class ApiKey:
     revoked: bool = False
     requests_per_s: float | None = None
     images_per_min: float | None = None
+    admin: bool = False
+    """Sees and cancels every client's jobs (others see only their own)."""
 
 
 def digest(key: str) -> bytes:
@@ -67,7 +69,7 @@ def load_keys(path: Path) -> list[ApiKey]:
             raise ValueError(f"{where}.sha256: must be 64 hex digits")
         keys.append(ApiKey(
             str(entry["name"]), raw, bool(entry.get("revoked", False)),
-            entry.get("requests_per_s"), entry.get("images_per_min"),
+            entry.get("requests_per_s"), entry.get("images_per_min"), entry.get("admin", False) is True,
         ))
     names = [key.name for key in keys]
     if len(set(names)) != len(names):
@@ -75,7 +77,8 @@ def load_keys(path: Path) -> list[ApiKey]:
     return keys
 
 
-def add_key(path: Path, name: str, requests_per_s: float | None = None, images_per_min: float | None = None) -> str:
+def add_key(path: Path, name: str, requests_per_s: float | None = None, images_per_min: float | None = None,
+            admin: bool = False) -> str:
     """Append a new key's hash to ``path``; return the key (shown once, never stored)."""
     data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
     entries = data.setdefault("keys", [])
@@ -87,6 +90,8 @@ def add_key(path: Path, name: str, requests_per_s: float | None = None, images_p
         entry["requests_per_s"] = requests_per_s
     if images_per_min is not None:
         entry["images_per_min"] = images_per_min
+    if admin:
+        entry["admin"] = True
     entries.append(entry)
     _write(path, data)
     return key

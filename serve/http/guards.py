@@ -5,6 +5,7 @@
 * :meth:`Guards.accepting_work` (every route that starts model work): not draining.
 * :attr:`Guards.caller`: who is asking, for per-client accounting: ``key:<name>`` with API
   keys, else ``addr:<address>`` (the peer's, or a trusted proxy's header).
+* :attr:`Guards.job_scope`: whose jobs the caller may see (its own; an admin key, all).
 * :attr:`Guards.generation_slot` (synchronous generation): a place under the in-flight
   bound and under the caller's share of it, held until the answer is ready.
 * :meth:`Guards.deadline`: the request's time limit (a client's ``X-Request-Timeout``,
@@ -52,8 +53,13 @@ class Guards:
             async for _ in self._slot(client):
                 yield
 
+        async def job_scope(request: Request, key: ApiKey | None = Depends(self.api_key)) -> str | None:
+            """Whose jobs the caller may see and cancel: its own, or (an admin key) everyone's (None)."""
+            return None if key is not None and key.admin else self.identity(request, key)
+
         self.caller = caller
         self.generation_slot = generation_slot
+        self.job_scope = job_scope
 
     def identity(self, request: Request, key: ApiKey | None) -> str:
         if key is not None:

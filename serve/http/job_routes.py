@@ -73,7 +73,7 @@ async def from_store(call: Awaitable[T]) -> T:
 
 
 def unknown_job(job_id: str) -> ApiError:
-    return ApiError(404, "job_not_found", f"no job {job_id} (unknown, or expired after its TTL)")
+    return ApiError(404, "job_not_found", f"no job {job_id} (unknown, expired after its TTL, or submitted by another client)")
 
 
 def mode_not_configured(mode: str, unavailable: dict[str, str]) -> None:
@@ -170,18 +170,18 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["self"]})
 
     @router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors, summary="A job's state and progress.")
-    async def get_job(job_id: str):
-        view = await from_store(store.view(job_id))
+    async def get_job(job_id: str, scope: str | None = Depends(guards.job_scope)):
+        view = await from_store(store.view(job_id, scope))
         if view is None:
             raise unknown_job(job_id)
         return JSONResponse(view)
 
     @router.get("/v1/jobs/{job_id}/images/{index}", responses={**errors, 200: {"content": {"image/png": {}}}},
                 response_class=Response, summary="One result image of a finished job, raw.")
-    async def job_image(job_id: str, index: int):
-        found = await from_store(store.image(job_id, index))
+    async def job_image(job_id: str, index: int, scope: str | None = Depends(guards.job_scope)):
+        found = await from_store(store.image(job_id, index, scope))
         if found is None:
-            view = await from_store(store.view(job_id))
+            view = await from_store(store.view(job_id, scope))
             if view is None:
                 raise unknown_job(job_id)
             raise ApiError(404, "image_not_found",
@@ -192,16 +192,16 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
     @router.get("/v1/jobs/{job_id}/events", responses={**errors, 200: {"content": {"text/event-stream": {}}}},
                 response_class=StreamingResponse,
                 summary="Server-Sent Events: state changes, per-step progress and previews, ending with the terminal event.")
-    async def job_events(job_id: str, request: Request):
+    async def job_events(job_id: str, request: Request, scope: str | None = Depends(guards.job_scope)):
         after = last_event_id(request.headers.get("last-event-id"))
-        if await from_store(store.wait_events(job_id, after, 0.0)) is None:
+        if await from_store(store.wait_events(job_id, after, 0.0, scope)) is None:
             raise unknown_job(job_id)
-        return StreamingResponse(_stream(job_id, after), media_type="text/event-stream",
+        return StreamingResponse(_stream(job_id, after, scope), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _stream(job_id: str, after: int) -> AsyncIterator[str]:
+    async def _stream(job_id: str, after: int, scope: str | None) -> AsyncIterator[str]:
         while True:
-            found = await store.wait_events(job_id, after, SSE_KEEPALIVE_S)
+            found = await store.wait_events(job_id, after, SSE_KEEPALIVE_S, scope)
             if found is None:  # expired while streaming
                 yield f"event: gone\ndata: {json.dumps({'id': job_id})}\n\n"
                 return
@@ -216,8 +216,8 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
 
     @router.delete("/v1/jobs/{job_id}", response_model=JobOut, responses={**errors, 202: {"model": JobOut}},
                    summary="Cancel a job: a queued one never starts, a running one leaves its batch at the next step.")
-    async def cancel_job(job_id: str):
-        outcome, view = await from_store(jobs.cancel(job_id))
+    async def cancel_job(job_id: str, scope: str | None = Depends(guards.job_scope)):
+        outcome, view = await from_store(jobs.cancel(job_id, client=scope))
         if outcome == "unknown":
             raise unknown_job(job_id)
         if outcome == "finished":

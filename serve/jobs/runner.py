@@ -97,14 +97,14 @@ class JobRunner:
     def is_local(self, job_id: str) -> bool:
         return job_id in self._tasks
 
-    async def cancel(self, job_id: str, wait_s: float = 10.0) -> tuple[str, dict | None]:
+    async def cancel(self, job_id: str, wait_s: float = 10.0, client: str | None = None) -> tuple[str, dict | None]:
         """Cancel a job: the store's outcome (see :meth:`JobStore.cancel`) and the job's view.
 
         A job running here is stopped at once and its final view returned; one running
         in another replica stops at that runner's next report (state still ``running``,
-        ``cancel_requested`` true).
+        ``cancel_requested`` true). ``client``: only if it is that client's job.
         """
-        outcome, view = await self.store.cancel(job_id)
+        outcome, view = await self.store.cancel(job_id, client)
         task = self._tasks.get(job_id)
         if task is not None and outcome in ("cancelled", "cancelling"):
             task.cancel()

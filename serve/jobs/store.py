@@ -170,21 +170,29 @@ class JobStore:
         etas = [job.eta_s for job in jobs if job.eta_s is not None]
         return _whole_seconds(min(etas)) if etas else 1
 
-    def view(self, job_id: str) -> dict | None:
-        self.sweep()
+    def _job(self, job_id: str, client: str | None) -> Job | None:
+        """The job, if ``client`` may see it: ``None`` is everyone (the service itself, an admin);
+        a client's request for another client's job finds nothing, exactly as for an unknown id."""
         job = self._jobs.get(job_id)
+        if job is None or (client is not None and job.client != client):
+            return None
+        return job
+
+    def view(self, job_id: str, client: str | None = None) -> dict | None:
+        self.sweep()
+        job = self._job(job_id, client)
         return None if job is None else job_view(job)
 
-    def image(self, job_id: str, index: int) -> tuple[bytes, str] | None:
-        job = self._jobs.get(job_id)
+    def image(self, job_id: str, index: int, client: str | None = None) -> tuple[bytes, str] | None:
+        job = self._job(job_id, client)
         if job is None or not 0 <= index < len(job.images):
             return None
         return job.images[index], job.media_type or "application/octet-stream"
 
-    def events_after(self, job_id: str, seq: int) -> tuple[list[dict], bool] | None:
+    def events_after(self, job_id: str, seq: int, client: str | None = None) -> tuple[list[dict], bool] | None:
         """Events numbered after ``seq``, and whether the job has finished; None if unknown."""
         self.sweep()
-        job = self._jobs.get(job_id)
+        job = self._job(job_id, client)
         if job is None:
             return None
         return [event for event in job.events if event["seq"] > seq], job.finished
@@ -268,12 +276,12 @@ class JobStore:
         job.cancel_requested = True
         self._finish(job, "cancelled")
 
-    def cancel(self, job_id: str) -> tuple[str, dict | None]:
+    def cancel(self, job_id: str, client: str | None = None) -> tuple[str, dict | None]:
         """A client's cancel: ``("unknown", None)``, ``("finished", view)``, ``("cancelled", view)``
         (a queued job, which now never starts) or ``("cancelling", view)`` (a running one:
         its runner stops it at its next report, or at once if it is local)."""
         self.sweep()
-        job = self._jobs.get(job_id)
+        job = self._job(job_id, client)
         if job is None:
             return "unknown", None
         if job.finished:
@@ -354,11 +362,11 @@ class AsyncJobStore:
         await self._notify()
         return view
 
-    async def view(self, job_id: str) -> dict | None:
-        return self.store.view(job_id)
+    async def view(self, job_id: str, client: str | None = None) -> dict | None:
+        return self.store.view(job_id, client)
 
-    async def image(self, job_id: str, index: int) -> tuple[bytes, str] | None:
-        return self.store.image(job_id, index)
+    async def image(self, job_id: str, index: int, client: str | None = None) -> tuple[bytes, str] | None:
+        return self.store.image(job_id, index, client)
 
     async def active(self, client: str | None = None, origin: str | None = None) -> list[dict]:
         return self.store.active(client, origin)
@@ -395,18 +403,19 @@ class AsyncJobStore:
         await self._notify()
         return self.store.view(job_id)
 
-    async def cancel(self, job_id: str) -> tuple[str, dict | None]:
-        outcome = self.store.cancel(job_id)
+    async def cancel(self, job_id: str, client: str | None = None) -> tuple[str, dict | None]:
+        outcome = self.store.cancel(job_id, client)
         await self._notify()
         return outcome
 
-    async def wait_events(self, job_id: str, after: int, timeout_s: float) -> tuple[list[dict], bool] | None:
+    async def wait_events(self, job_id: str, after: int, timeout_s: float,
+                          client: str | None = None) -> tuple[list[dict], bool] | None:
         """Events after ``after`` as soon as there are any (or the job has finished), waiting
         at most ``timeout_s``; ``(events, finished)``, or None for an unknown job."""
         deadline = time.monotonic() + timeout_s
         condition = self._condition()
         while True:
-            found = self.store.events_after(job_id, after)
+            found = self.store.events_after(job_id, after, client)
             if found is None or found[0] or found[1]:
                 return found
             remaining = deadline - time.monotonic()

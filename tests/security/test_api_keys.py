@@ -215,3 +215,24 @@ def test_no_code_path_trusts_remote_code_and_local_configs_stay_on_localhost():
     # The service starts Ray (when not joining a cluster RAY_ADDRESS names) with its dashboard on localhost only.
     assert "connect_ray(" in (root / "serve" / "graph" / "service.py").read_text()
     assert "dashboard_host=LOOPBACK" in (root / "serve" / "graph" / "local_ray.py").read_text()
+
+
+def test_jobs_are_seen_only_by_their_key_and_an_admin_key(tmp_path):
+    from serve.jobs.runner import JobRunner
+    from serve.jobs.store import AsyncJobStore
+    from serve.settings import JobSettings
+    from tests.jobfakes import FakeJobBackend
+
+    path = tmp_path / "keys.yaml"
+    owner, other, admin = add_key(path, "owner"), add_key(path, "other"), add_key(path, "root", admin=True)
+    settings = JobSettings(progress_interval_s=0.005)
+    runner = JobRunner(AsyncJobStore(settings), FakeJobBackend(step_s=0.001), settings)
+    app = create_app(ApiLimits(), SlowBackend(), auth=AuthSettings(api_keys_file=path), jobs=runner)
+    with TestClient(app) as client:
+        job = client.post("/v1/jobs", json={"mode": "text2img", "params": GOOD}, headers=bearer(owner))
+        assert job.status_code == 202, job.text
+        url = f"/v1/jobs/{job.json()['id']}"
+        assert client.get(url, headers=bearer(owner)).status_code == 200
+        assert client.get(url, headers=bearer(other)).status_code == 404
+        assert client.get(url, headers=bearer(admin)).status_code == 200, "an admin key sees every job"
+        assert client.get(url).status_code == 401

@@ -74,7 +74,12 @@ def test_random_seeds_when_none_given(client):
 def test_request_id_header_is_echoed(client, backend):
     response = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "abc-123"})
     assert response.headers["X-Request-ID"] == "abc-123" and response.json()["request_id"] == "abc-123"
-    assert backend.calls[0][1] == "abc-123"
+    again = client.post("/v1/text2img", json=GOOD, headers={"X-Request-ID": "abc-123"})
+    assert again.status_code == 200
+    internal = [request_id for _, request_id in backend.calls]
+    # The client's id labels the stages' work (their logs carry it) but never keys it: two
+    # requests with one X-Request-ID must not share progress or previews in a stage.
+    assert all(request_id.startswith("abc-123.") for request_id in internal) and len(set(internal)) == 2
 
 
 @pytest.mark.parametrize(

@@ -160,3 +160,21 @@ def test_a_bad_last_event_id_is_422_naming_the_header(client, header):
     job = client.post("/v1/jobs", json={"mode": "text2img", "params": {"prompt": "a", "width": 64, "height": 64, "steps": 2}}).json()
     response = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": header})
     assert response.status_code == 422 and response.json()["error"]["details"][0]["field"] == "Last-Event-ID"
+
+
+def test_a_job_is_its_submitters_alone():
+    """Without keys a client is its address: another address finds nothing under the same id."""
+    client, _ = make_client(FakeJobBackend(step_s=0.001))
+    with client, TestClient(client.app, client=("10.0.0.2", 50000)) as stranger:
+        job = client.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS}).json()
+        assert wait_for(client, job["id"], {"succeeded"})["state"] == "succeeded"
+        for method, path in (("get", f"/v1/jobs/{job['id']}"), ("get", f"/v1/jobs/{job['id']}/images/0"),
+                             ("get", f"/v1/jobs/{job['id']}/events"), ("delete", f"/v1/jobs/{job['id']}")):
+            refused = getattr(stranger, method)(path)
+            assert refused.status_code == 404 and refused.json()["error"]["type"] == "job_not_found", (method, path)
+            mine = getattr(client, method)(path)
+            assert mine.status_code == (409 if method == "delete" else 200), (method, path, mine.text)
+        running = client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 150}}).json()
+        assert stranger.delete(f"/v1/jobs/{running['id']}").status_code == 404
+        assert client.get(f"/v1/jobs/{running['id']}").json()["cancel_requested"] is False, "a stranger cannot cancel it"
+        client.delete(f"/v1/jobs/{running['id']}")
