@@ -182,6 +182,12 @@ class JobSettings(BaseModel):
     max_stored_image_bytes: int = Field(default=1024**3, ge=1)
     """Result images held at once, in bytes (they live in the store actor's memory); past it,
     new jobs get 429 until finished jobs expire."""
+    max_streams: int = Field(default=64, ge=1, le=10_000)
+    """Event streams (``/v1/jobs/{id}/events``) one ingress replica holds open at once; more get
+    503 with Retry-After. With ``admission.max_inflight_requests`` it must stay below the
+    Ingress's ``max_ongoing_requests``, so that health checks, reads and cancels always answer."""
+    max_streams_per_client: int = Field(default=8, ge=1, le=10_000)
+    """Of those, the most one client may hold; more get 429 ``too_many_streams``."""
     max_running_jobs: int = Field(default=16, ge=1)
     """Jobs one ingress replica runs at once; the others wait in state ``queued``."""
     progress_interval_s: float = Field(default=0.2, gt=0, le=5.0)
@@ -264,6 +270,24 @@ class LoadedConfig(BaseModel):
         return self.raw["applications"][0].get("name", "kandinsky")
 
 
+INGRESS_HEADROOM = 16
+"""Ingress places kept free of generations and event streams: probes, job reads and cancels."""
+
+
+def _ingress_headroom(source: str, where: str, ongoing: int | None, service: ServiceSettings) -> list[str]:
+    """The Ingress's ``max_ongoing_requests`` must hold every generation and stream this
+    replica admits and still leave room, or a flood of them would shut out health checks."""
+    if ongoing is None:
+        return []
+    admitted = service.admission.max_inflight_requests + service.jobs.max_streams
+    if ongoing >= admitted + INGRESS_HEADROOM:
+        return []
+    return [f"{source}: {where}.max_ongoing_requests: {ongoing} leaves no room for probes, job reads and cancels "
+            f"beside args.admission.max_inflight_requests ({service.admission.max_inflight_requests}) and "
+            f"args.jobs.max_streams ({service.jobs.max_streams}); raise it to at least {admitted + INGRESS_HEADROOM} "
+            "or lower those"]
+
+
 def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
     """Read and validate a config file; raise :class:`ConfigError` listing every problem."""
     from ray.serve.schema import ServeDeploySchema
@@ -313,6 +337,8 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
                     f"{batch.max_batch_size}; batches could never fill — raise max_ongoing_requests to at least "
                     f"{batch.max_batch_size}"
                 )
+        if deployment.name == INGRESS_NAME:
+            problems.extend(_ingress_headroom(source, where, opts.get("max_ongoing_requests"), service))
         stage = BY_NAME.get(deployment.name)
         models = service.models
         if stage is not None and stage.optional and models.prior_path is not None and getattr(models, stage.path_field) is None:

@@ -13,7 +13,7 @@ jobs to a :class:`serve.jobs.JobRunner`.
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.registry import MODES
+from serve.http.admission import AdmissionGate
 from serve.http.errors import ApiError
 from serve.http.guards import Guards
 from serve.http.schemas import Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
@@ -70,6 +71,23 @@ async def from_store(call: Awaitable[T]) -> T:
     except Exception as error:
         logger.exception("job store call failed")
         raise ApiError(503, "job_store_unavailable", STORE_UNAVAILABLE, headers={"Retry-After": "1"}) from error
+
+
+class HeldStream(StreamingResponse):
+    """A streaming response that gives its place back however it ends (finished, client gone,
+    cancelled): the release runs once, when the response itself is done."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release: Callable[[], None] | None = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
 
 def unknown_job(job_id: str) -> ApiError:
@@ -154,6 +172,9 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
     """Register ``/v1/jobs`` on ``router``."""
     job_request = bind_limits(JobRequest, limits)
     store = jobs.store
+    # Streams hold an ingress place for as long as they last: their own budget, so that
+    # they cannot crowd out generations, probes, reads and cancels.
+    streams = AdmissionGate(jobs.settings.max_streams, per_client=jobs.settings.max_streams_per_client)
     errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
               429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
@@ -192,12 +213,22 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
     @router.get("/v1/jobs/{job_id}/events", responses={**errors, 200: {"content": {"text/event-stream": {}}}},
                 response_class=StreamingResponse,
                 summary="Server-Sent Events: state changes, per-step progress and previews, ending with the terminal event.")
-    async def job_events(job_id: str, request: Request, scope: str | None = Depends(guards.job_scope)):
+    async def job_events(job_id: str, request: Request, scope: str | None = Depends(guards.job_scope),
+                         client: str = Depends(guards.caller)):
         after = last_event_id(request.headers.get("last-event-id"))
         if await from_store(store.wait_events(job_id, after, 0.0, scope)) is None:
             raise unknown_job(job_id)
-        return StreamingResponse(_stream(job_id, after, scope), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        refused = streams.enter(client)
+        retry = {"Retry-After": str(int(SSE_KEEPALIVE_S))}
+        if refused == "client_full":
+            raise ApiError(429, "too_many_streams", f"this client already has {streams.per_client} event streams open "
+                           "(args.jobs.max_streams_per_client); close one or poll GET /v1/jobs/{id}",
+                           headers=retry, reason="too_many_streams")
+        if refused is not None:
+            raise ApiError(503, "too_many_streams", "this replica holds as many event streams as it may; retry, or "
+                           "poll GET /v1/jobs/{id}", headers=retry, reason="too_many_streams")
+        return HeldStream(_stream(job_id, after, scope), lambda: streams.leave(client=client),
+                          media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _stream(job_id: str, after: int, scope: str | None) -> AsyncIterator[str]:
         while True:

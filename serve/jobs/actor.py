@@ -16,6 +16,11 @@ from serve.jobs.store import AsyncJobStore
 from serve.settings import JobSettings
 
 NAMESPACE = "kandinsky-serve"
+RUNNER_GROUP = "runners"
+RUNNER_METHODS = frozenset({"start", "report", "heartbeat", "add_preview", "succeed", "fail", "mark_cancelled"})
+"""What the runners call: a concurrency group of its own, so that clients' long-polls for
+events (which wait in the default group) can never starve a runner's heartbeat into a
+``runner_lost``."""
 
 
 class JobStoreActor(AsyncJobStore):
@@ -26,18 +31,18 @@ class JobStoreActor(AsyncJobStore):
         self.store.settings = JobSettings.model_validate(settings)
 
 
-def job_store_actor(settings: JobSettings):
+def job_store_actor(settings: JobSettings, max_concurrency: int = 1000):
     """The named store actor, created on first use; every caller gets the same one."""
     import ray
 
-    actor_class = ray.remote(JobStoreActor)
+    actor_class = ray.remote(concurrency_groups={RUNNER_GROUP: 64})(JobStoreActor)
     actor = actor_class.options(
         name=settings.store_name,
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         num_cpus=0,
-        max_concurrency=1000,  # long-polls for events wait here concurrently
+        max_concurrency=max_concurrency,  # the default group: long-polls for events wait here concurrently
     ).remote(settings.model_dump())
     return actor
 
@@ -57,6 +62,8 @@ class ActorJobStore:
         if name not in self.METHODS:
             raise AttributeError(name)
         method = getattr(self.actor, name)
+        if name in RUNNER_METHODS:
+            method = method.options(concurrency_group=RUNNER_GROUP)
 
         async def call(*args, **kwargs):
             return await method.remote(*args, **kwargs)

@@ -293,7 +293,7 @@ def test_actor_proxy_forwards_exactly_the_stores_calls():
     """ActorJobStore is an AsyncJobStore over Ray: every coroutine of the store, nothing else."""
     import inspect
 
-    from serve.jobs.actor import ActorJobStore, JobStoreActor
+    from serve.jobs.actor import RUNNER_METHODS, ActorJobStore, JobStoreActor
 
     class Method:
         def __init__(self, function):
@@ -311,6 +311,7 @@ def test_actor_proxy_forwards_exactly_the_stores_calls():
 
     public = {name for name, _ in inspect.getmembers(AsyncJobStore, inspect.iscoroutinefunction) if not name.startswith("_")}
     assert public <= ActorJobStore.METHODS and "configure" in ActorJobStore.METHODS
+    assert RUNNER_METHODS <= public, "every runner call named for its concurrency group exists"
 
     async def scenario():
         actor = JobStoreActor()

@@ -178,3 +178,29 @@ def test_a_job_is_its_submitters_alone():
         assert stranger.delete(f"/v1/jobs/{running['id']}").status_code == 404
         assert client.get(f"/v1/jobs/{running['id']}").json()["cancel_requested"] is False, "a stranger cannot cancel it"
         client.delete(f"/v1/jobs/{running['id']}")
+
+
+def test_event_streams_are_capped_per_client_and_given_back_when_they_end():
+    client, _ = make_client(FakeJobBackend(step_s=0.01), max_streams_per_client=1, max_streams=2)
+    with client, TestClient(client.app, client=("10.0.0.2", 50000)) as other, \
+            TestClient(client.app, client=("10.0.0.3", 50000)) as third:
+        long = client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 150}}).json()
+        events = f"/v1/jobs/{long['id']}/events"
+        with client.stream("GET", events) as held:
+            assert held.status_code == 200
+            second = client.get(events)
+            assert second.status_code == 429 and second.json()["error"]["type"] == "too_many_streams"
+            assert int(second.headers["Retry-After"]) >= 1
+            mine = other.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 150}}).json()
+            with other.stream("GET", f"/v1/jobs/{mine['id']}/events") as also_held:
+                assert also_held.status_code == 200, "another client has its own share"
+                late = third.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS}).json()
+                full = third.get(f"/v1/jobs/{late['id']}/events")
+                assert full.status_code == 503 and full.json()["error"]["type"] == "too_many_streams"
+                assert client.get(f"/v1/jobs/{long['id']}").status_code == 200, "reads still answer"
+            other.delete(f"/v1/jobs/{mine['id']}")
+        client.delete(f"/v1/jobs/{long['id']}")
+        deadline = time.monotonic() + 10
+        while (again := client.get(events)).status_code != 200:  # the closed stream's place comes back
+            assert again.status_code == 429 and time.monotonic() < deadline, again.text
+            time.sleep(0.01)  # polling interval

@@ -78,6 +78,10 @@ def _write(tmp_path, mutate):
         (lambda r: r["applications"][0]["deployments"][3]["user_config"].update(max_batch_size=0), "user_config.max_batch_size"),
         (lambda r: r["applications"][0]["deployments"][3].update(name="Denoizer"), "unknown deployment 'Denoizer'"),
         (lambda r: r.update(http_options={"port": "eighty"}), "http_options.port"),
+        (lambda r: r["applications"][0]["deployments"][0].update(max_ongoing_requests=140),
+         "max_ongoing_requests: 140 leaves no room for probes, job reads and cancels"),
+        (lambda r: r["applications"][0]["args"].setdefault("jobs", {}).update(max_streams=300),
+         "raise it to at least 380 or lower those"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, mutate, expected):
