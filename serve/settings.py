@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
 from deployments.registry import BY_NAME, INGRESS_NAME, STAGE_NAMES, STAGES
@@ -179,9 +179,19 @@ class JobSettings(BaseModel):
     """Queued plus running jobs of all clients; more get 429 with Retry-After."""
     max_stored_jobs: int = Field(default=1024, ge=1)
     """Jobs held at once, finished ones included; more get 429."""
-    max_stored_image_bytes: int = Field(default=1024**3, ge=1)
-    """Result images held at once, in bytes (they live in the store actor's memory); past it,
-    new jobs get 429 until finished jobs expire."""
+    max_stored_bytes: int = Field(default=1024**3, ge=1,
+                                  validation_alias=AliasChoices("max_stored_bytes", "max_stored_image_bytes"))
+    """Bytes held at once (result images, preview images and events; in the store actor's
+    memory); past it, new jobs get 429 until finished jobs expire. (Was ``max_stored_image_bytes``.)"""
+    max_stored_jobs_per_client: int = Field(default=128, ge=1)
+    """Jobs one client may have stored, finished ones included. A new job over this (or over
+    the client's bytes) first drops that client's own oldest finished jobs; only if that is
+    not enough is it refused (429)."""
+    max_stored_bytes_per_client: int = Field(default=256 * 1024**2, ge=1)
+    """Bytes one client may have stored (as ``max_stored_bytes`` counts them)."""
+    fetched_ttl_s: float = Field(default=300.0, gt=0)
+    """A finished job whose images were fetched is forgotten this long after the first fetch,
+    if that comes before ``ttl_s`` runs out."""
     max_streams: int = Field(default=64, ge=1, le=10_000)
     """Event streams (``/v1/jobs/{id}/events``) one ingress replica holds open at once; more get
     503 with Retry-After. With ``admission.max_inflight_requests`` it must stay below the
@@ -201,6 +211,14 @@ class JobSettings(BaseModel):
     """The service's address as clients reach it (``https://images.example.com``), for absolute
     image links in OpenAI ``url`` results. None: the links are relative (``/v1/jobs/…``). Never
     taken from the request's Host header, which any client can set."""
+
+    @model_validator(mode="after")
+    def _stored_holds_active(self) -> "JobSettings":
+        if self.max_stored_jobs_per_client < self.max_active_jobs_per_client:
+            raise ValueError(f"max_stored_jobs_per_client ({self.max_stored_jobs_per_client}) must be at least "
+                             f"max_active_jobs_per_client ({self.max_active_jobs_per_client}): a client's active jobs "
+                             "are stored jobs too")
+        return self
 
 
 class ServiceSettings(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from serve.settings import JobSettings
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 MAX_EVENTS_PER_JOB = 5000
+EVENT_OVERHEAD_BYTES = 64
+"""Counted per stored event beyond its JSON (the dict and its numbering)."""
 """Events kept per job; past it, progress events stop being recorded (state changes always are)."""
 
 
@@ -64,6 +67,10 @@ class Job:
     events: list[dict] = field(default_factory=list, repr=False)
     next_seq: int = 1
     preview: dict | None = field(default=None, repr=False)
+    stored_bytes: int = 0
+    """What this job holds in memory: result images, the preview image, events (as JSON)."""
+    fetched_at: float | None = None
+    """When one of its images was first read (after that, ``fetched_ttl_s`` applies)."""
 
     @property
     def finished(self) -> bool:
@@ -151,19 +158,49 @@ class JobStore:
                 f"{len(active)} jobs are queued or running, the most allowed (max_active_jobs={s.max_active_jobs})",
                 self._retry_after(active),
             )
-        stored_bytes = sum(len(image) for job in self._jobs.values() for image in job.images)
-        if len(self._jobs) >= s.max_stored_jobs or stored_bytes >= s.max_stored_image_bytes:
-            finished = [job.finished_at for job in self._jobs.values() if job.finished_at is not None]
-            wait = min(finished) + s.ttl_s - now if finished else None
-            what = (f"{len(self._jobs)} jobs are stored, the most allowed (max_stored_jobs={s.max_stored_jobs})"
-                    if len(self._jobs) >= s.max_stored_jobs else
-                    f"{stored_bytes} bytes of images are stored, the most allowed "
-                    f"(max_stored_image_bytes={s.max_stored_image_bytes})")
-            raise JobLimitError(what, _whole_seconds(wait) if wait is not None else self._retry_after(active))
+        self._make_room(client, now)
         job = Job(job_id, client, mode, origin, width, height, list(seeds), created_at=now, heartbeat_at=now, owner=owner)
         self._jobs[job_id] = job
         self._emit(job, "state")
         return job_view(job)
+
+    def _over_a_storage_cap(self, client: str) -> str | None:
+        """Which storage cap a new job of ``client`` would exceed, if any (a message naming it)."""
+        s = self.settings
+        mine = [job for job in self._jobs.values() if job.client == client]
+        mine_bytes = sum(job.stored_bytes for job in mine)
+        all_bytes = sum(job.stored_bytes for job in self._jobs.values())
+        if len(mine) >= s.max_stored_jobs_per_client:
+            return (f"this client has {len(mine)} jobs stored, the most allowed "
+                    f"(max_stored_jobs_per_client={s.max_stored_jobs_per_client})")
+        if mine_bytes >= s.max_stored_bytes_per_client:
+            return (f"this client's jobs hold {mine_bytes} bytes, the most allowed "
+                    f"(max_stored_bytes_per_client={s.max_stored_bytes_per_client})")
+        if len(self._jobs) >= s.max_stored_jobs:
+            return f"{len(self._jobs)} jobs are stored, the most allowed (max_stored_jobs={s.max_stored_jobs})"
+        if all_bytes >= s.max_stored_bytes:
+            return f"{all_bytes} bytes are stored, the most allowed (max_stored_bytes={s.max_stored_bytes})"
+        return None
+
+    def _make_room(self, client: str, now: float) -> None:
+        """Drop ``client``'s own oldest finished jobs while a storage cap is in the way; raise
+        :class:`JobLimitError` if that is not enough. Other clients' jobs are never dropped."""
+        while (over := self._over_a_storage_cap(client)) is not None:
+            own_finished = [job for job in self._jobs.values() if job.client == client and job.finished]
+            if not own_finished:
+                expiries = [self._expires_at(job) for job in self._jobs.values() if job.finished]
+                active = [job for job in self._jobs.values() if not job.finished]
+                wait = _whole_seconds(min(expiries) - now) if expiries else self._retry_after(active)
+                raise JobLimitError(over, wait)
+            oldest = min(own_finished, key=lambda job: job.finished_at or 0.0)
+            del self._jobs[oldest.id]
+
+    def _expires_at(self, job: Job) -> float:
+        """When a finished job is forgotten: ``ttl_s`` after it finished, or ``fetched_ttl_s``
+        after its images were first read, whichever comes first."""
+        s = self.settings
+        end = (job.finished_at or self.clock()) + s.ttl_s
+        return end if job.fetched_at is None else min(end, job.fetched_at + s.fetched_ttl_s)
 
     def _retry_after(self, jobs: list[Job]) -> int:
         """Seconds until the soonest of ``jobs`` should finish (its ETA), at least 1."""
@@ -187,6 +224,8 @@ class JobStore:
         job = self._job(job_id, client)
         if job is None or not 0 <= index < len(job.images):
             return None
+        if job.fetched_at is None:
+            job.fetched_at = self.clock()
         return job.images[index], job.media_type or "application/octet-stream"
 
     def events_after(self, job_id: str, seq: int, client: str | None = None) -> tuple[list[dict], bool] | None:
@@ -246,6 +285,13 @@ class JobStore:
         job = self._jobs.get(job_id)
         if job is None or job.finished:
             return
+        # Only the latest preview keeps its image: earlier preview events stay in the
+        # stream (numbering, resumption) without it.
+        for event in reversed(job.events):
+            if event["event"] == "preview" and event["data"].get("image") is not None:
+                job.stored_bytes -= len(event["data"]["image"])
+                event["data"] = {**event["data"], "image": None}
+                break
         job.preview = {"step": step, "steps": steps, "media_type": media_type,
                        "image": base64.b64encode(image).decode("ascii")}
         if len(job.events) < MAX_EVENTS_PER_JOB:
@@ -256,6 +302,7 @@ class JobStore:
         if job is None or job.finished:
             return
         job.images, job.media_type, job.seeds, job.stage_timings = list(images), media_type, list(seeds), stage_timings
+        job.stored_bytes += sum(len(image) for image in images)
         job.progress, job.eta_s = 1.0, 0.0
         if job.steps:
             job.step = job.steps
@@ -298,10 +345,10 @@ class JobStore:
     def sweep(self) -> None:
         """Forget finished jobs past their TTL; fail jobs whose replica stopped reporting."""
         now = self.clock()
-        ttl, lease = self.settings.ttl_s, self.settings.lease_s
+        lease = self.settings.lease_s
         for job_id, job in list(self._jobs.items()):
             if job.finished:
-                if job.finished_at is not None and now - job.finished_at > ttl:
+                if job.finished_at is not None and now > self._expires_at(job):
                     del self._jobs[job_id]
             elif now - job.heartbeat_at > lease:
                 job.error = {
@@ -322,7 +369,9 @@ class JobStore:
         self._emit(job, "state")
 
     def _emit(self, job: Job, kind: str, data: dict | None = None) -> None:
-        job.events.append({"seq": job.next_seq, "event": kind, "data": data if data is not None else job_view(job)})
+        event = {"seq": job.next_seq, "event": kind, "data": data if data is not None else job_view(job)}
+        job.events.append(event)
+        job.stored_bytes += len(json.dumps(event["data"], separators=(",", ":"))) + EVENT_OVERHEAD_BYTES
         job.next_seq += 1
 
 

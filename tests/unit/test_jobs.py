@@ -71,7 +71,8 @@ def test_cancel_outcomes():
 
 def test_caps_per_client_in_total_and_stored_with_retry_after():
     clock = Clock()
-    store = new_store(clock, max_active_jobs_per_client=2, max_active_jobs=3, max_stored_jobs=4, ttl_s=60)
+    store = new_store(clock, max_active_jobs_per_client=2, max_active_jobs=3, max_stored_jobs=4, ttl_s=60,
+                      max_stored_jobs_per_client=4)
     store.create("a", "c1", "text2img", 64, 64, [1])
     store.create("b", "c1", "text2img", 64, 64, [1])
     with pytest.raises(JobLimitError, match="max_active_jobs_per_client=2") as error:
@@ -93,13 +94,73 @@ def test_caps_per_client_in_total_and_stored_with_retry_after():
     assert store.view("a") is None and store.view("d") is not None
 
 
-def test_stored_image_bytes_are_capped():
-    store = new_store(max_stored_image_bytes=10)
+def _finished(store, job_id, client, image=b"x"):
+    store.create(job_id, client, "text2img", 64, 64, [1])
+    store.start(job_id, "r")
+    store.succeed(job_id, [image], "image/png", [1], {})
+
+
+def test_stored_bytes_are_capped_and_a_client_makes_room_from_its_own_finished_jobs():
+    store = new_store(max_stored_bytes=6000, max_stored_bytes_per_client=100_000)
+    _finished(store, "a", "c1", b"0" * 5000)
+    with pytest.raises(JobLimitError, match="max_stored_bytes=6000"):
+        store.create("b", "c2", "text2img", 64, 64, [1])  # c2 cannot make room from c1's jobs
+    store.create("b", "c1", "text2img", 64, 64, [1])  # c1 can: its own oldest finished job goes
+    assert store.view("a") is None and store.view("b")["state"] == "queued"
+
+
+def test_one_client_cannot_fill_the_store_for_everyone():
+    clock = Clock()
+    store = new_store(clock, max_stored_jobs=10, max_stored_jobs_per_client=4, max_active_jobs_per_client=2, ttl_s=3600)
+    for index in range(40):  # a flood of tiny jobs from one client
+        clock.now += 1
+        _finished(store, f"flood-{index}", "hog")
+    held = [job_id for job_id in (f"flood-{i}" for i in range(40)) if store.view(job_id) is not None]
+    assert held == [f"flood-{i}" for i in range(36, 40)], "the hog keeps only its newest jobs"
+    for index in range(6):
+        _finished(store, f"other-{index}", f"client-{index}")  # everyone else still gets in
+    assert len(store) == 10
+    with pytest.raises(JobLimitError, match="max_stored_jobs=10") as error:
+        store.create("late", "client-new", "text2img", 64, 64, [1])
+    assert error.value.retry_after_s == 3600 - 3  # when the oldest stored job (flood-36, finished 3 s ago) expires
+    store.create("mine", "client-0", "text2img", 64, 64, [1])  # a client with a finished job makes room
+    assert store.view("other-0") is None
+
+
+def test_a_clients_bytes_are_capped_and_events_and_previews_count():
+    store = new_store(max_stored_bytes_per_client=20_000)
     store.create("a", "c", "text2img", 64, 64, [1])
     store.start("a", "r")
-    store.succeed("a", [b"0123456789"], "image/png", [1], {})
-    with pytest.raises(JobLimitError, match="max_stored_image_bytes=10"):
-        store.create("b", "c", "text2img", 64, 64, [1])
+    empty = store._jobs["a"].stored_bytes
+    assert empty > 0, "its events count"
+    for step in range(1, 11):
+        store.report("a", "denoise", step, 10, step / 10)
+        store.add_preview("a", step, 10, b"p" * 3000, "image/jpeg")
+    previews = [event for event in store.events_after("a", 0)[0] if event["event"] == "preview"]
+    assert len(previews) == 10 and [p["data"]["image"] is not None for p in previews] == [False] * 9 + [True]
+    held = store._jobs["a"].stored_bytes
+    assert 4000 < held - empty < 20_000, "one preview image is held, and the events"
+    store.succeed("a", [b"0" * 20_000], "image/png", [1], {})
+    store.create("b", "c", "text2img", 64, 64, [1])  # over its bytes: its finished job made room
+    assert store.view("a") is None
+
+
+def test_a_fetched_job_is_kept_for_the_shorter_ttl():
+    clock = Clock()
+    store = new_store(clock, ttl_s=3600, fetched_ttl_s=300)
+    _finished(store, "read", "c")
+    _finished(store, "unread", "c")
+    assert store.image("read", 0) is not None
+    clock.now += 301
+    assert store.view("read") is None and store.view("unread") is not None
+    clock.now += 3300
+    assert store.view("unread") is None
+
+
+def test_stored_jobs_per_client_must_hold_its_active_jobs():
+    with pytest.raises(ValueError, match="max_stored_jobs_per_client"):
+        JobSettings(max_stored_jobs_per_client=2, max_active_jobs_per_client=8)
+    assert JobSettings(max_stored_image_bytes=5).max_stored_bytes == 5, "the old name still reads"
 
 
 def test_job_settings_come_from_the_application_args():

@@ -83,7 +83,7 @@ def test_native_and_job_routes_take_each_bound_and_refuse_just_past_it(jobs, mod
 def jobs():
     # Many jobs from one client in a row: caps high enough that none is refused for load.
     client, _ = make_client(FakeJobBackend(step_s=0.0), max_active_jobs_per_client=1000, max_active_jobs=1000,
-                            max_stored_jobs=10_000)
+                            max_stored_jobs=10_000, max_stored_jobs_per_client=10_000)
     with client:
         yield client
 
