@@ -105,14 +105,30 @@ class ApiLimits(BaseModel):
     """Largest guidance scale for either stage."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest request body in bytes; larger ones get 413."""
-    max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64, le=16384 * 16384)
-    """Largest input image (width x height) any endpoint decodes; larger ones get 422 unread."""
+    max_image_pixels: int | None = Field(default=None, ge=64 * 64, le=16384 * 16384)
+    """Largest input image (width x height) any endpoint decodes; larger ones get 422 unread.
+    None: (2 x max_side)², i.e. 2048² at the default max_side (inputs are resized to the
+    output size, so more only costs memory)."""
+    max_request_pixels: int | None = Field(default=None, ge=64 * 64, le=4 * 16384 * 16384)
+    """Pixels one request may decode in all images together (a mix, an embeddings batch, an
+    inpainting image and its mask). None: twice ``max_image_pixels``."""
     max_mix_items: int = Field(default=8, ge=1, le=64)
     """Most items (texts and images) in one ``/v1/mix`` request."""
     max_embedding_items: int = Field(default=16, ge=1, le=256)
     """Most texts plus images in one ``/v1/embeddings`` request."""
     max_output_pixels: int = Field(default=1024 * 1024, ge=64 * 64, le=4096 * 4096)
     """Largest width x height of an output image (with ``max_side`` bounding each side)."""
+
+    @model_validator(mode="after")
+    def _pixel_defaults(self) -> "ApiLimits":
+        if self.max_image_pixels is None:
+            self.max_image_pixels = min((2 * self.max_side) ** 2, 16384 * 16384)
+        if self.max_request_pixels is None:
+            self.max_request_pixels = 2 * self.max_image_pixels
+        elif self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(f"max_request_pixels ({self.max_request_pixels}) must be at least max_image_pixels "
+                             f"({self.max_image_pixels}): one image at the cap must fit")
+        return self
 
 
 class AdmissionSettings(BaseModel):
@@ -127,6 +143,8 @@ class AdmissionSettings(BaseModel):
     """Of those, the most one client (an API key; without keys, an address) may hold; more get
     429 ``too_many_inflight``. None: half of ``max_inflight_requests`` (at least 1), so that no
     one client can hold the whole gate."""
+    decode_threads: int = Field(default=2, ge=1, le=64)
+    """Input images one ingress replica decodes at once (off its event loop); more wait."""
     body_read_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     """Time allowed to receive a request's whole body; a slower one gets 408 ``body_timeout``
     (a client trickling its body must not hold a place in the service)."""

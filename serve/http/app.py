@@ -29,6 +29,7 @@ from serve.http.auth import ApiKey, KeyStore
 from serve.http.compat import add_compat_routes
 from serve.http.errors import ApiError, error_response, from_backend, install_error_handlers
 from serve.http.guards import Guards
+from serve.http.images import DecodePool
 from serve.http.job_routes import add_job_routes
 from serve.http.readiness import ReadinessCache, is_ready
 from serve.http.schemas import (
@@ -253,6 +254,7 @@ def create_app(
         RateLimiter(auth.requests_per_s, auth.burst_requests, auth.images_per_min),
         gate, admission, auth,
     )
+    decode = DecodePool(admission.decode_threads)
     models = request_models(limits)
     embeddings_request = bind_limits(EmbeddingsRequest, limits)
     unavailable = unavailable or {}
@@ -288,7 +290,7 @@ def create_app(
     async def run_generation(body: GenerationRequest, request: Request, response: Response,
                              key: ApiKey | None, timeout_s: float) -> ImagesResponse:
         request_id = request.state.request_id
-        spec = body.to_spec()
+        spec = await decode.run(body.to_spec)
         guards.admit_images(key, len(spec.seeds))
         started = time.perf_counter()
         result = await from_backend(backend.generate(spec, internal_id(request_id), timeout_s), request_id)
@@ -338,7 +340,7 @@ def create_app(
     )
     async def embeddings(body: embeddings_request, request: Request) -> EmbeddingsResponse:  # type: ignore[valid-type]
         request_id = request.state.request_id
-        images = body.decoded_images()
+        images = await decode.run(body.decoded_images)
         texts, image_embeddings = await from_backend(
             backend.embeddings(list(body.texts), images, internal_id(request_id)), request_id
         )
@@ -386,8 +388,8 @@ def create_app(
         return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title=app.title)
 
     if jobs is not None:
-        add_job_routes(keyed, limits, models, jobs, unavailable, guards)
-        add_compat_routes(keyed, models, jobs, unavailable, guards, metrics)
+        add_job_routes(keyed, limits, models, jobs, unavailable, guards, decode)
+        add_compat_routes(keyed, models, jobs, unavailable, guards, metrics, decode)
     app.include_router(keyed)
 
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.http.errors import ApiError
 from serve.http.guards import Guards
+from serve.http.images import DecodePool
 from serve.http.job_routes import build_spec, from_store, job_limit_error, mode_not_configured
 from serve.http.schemas import SCHEDULER_NAMES, ErrorResponse
 from serve.jobs.runner import JobRunner, Submission
@@ -271,16 +272,16 @@ A1111_IMG2IMG_PATH = "/sdapi/v1/img2img"
 
 
 def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavailable: dict[str, str],
-                      guards: Guards, metrics: Any) -> None:
+                      guards: Guards, metrics: Any, decode: DecodePool) -> None:
     """Register the OpenAI and A1111 routes on ``router``."""
     errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
               429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
     # Synchronous for the client: each holds a place in the gate like /v1/{mode}, as well as a job.
     submits = [Depends(guards.generation_slot)]
 
-    def native_spec(mode: str, native: dict, rename_field) -> Any:
+    async def native_spec(mode: str, native: dict, rename_field) -> Any:
         try:
-            return build_spec(models, mode, native, "")
+            return await decode.run(build_spec, models, mode, native, "")
         except ApiError as error:
             raise error.renamed(rename_field) from None
 
@@ -312,7 +313,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
                  summary="OpenAI Images API: text to image. Extensions: seed, negative_prompt, steps, prior_steps, "
                          "guidance_scale, prior_guidance_scale, scheduler.")
     async def openai_generations(body: OpenAIImageRequest, client: str = Depends(guards.caller)):
-        spec = native_spec("text2img", translated(openai_to_native, body), openai_field)
+        spec = await native_spec("text2img", translated(openai_to_native, body), openai_field)
         final = await run("text2img", spec, client, "openai")
         if final["state"] == "cancelled":
             raise ApiError(409, "job_cancelled", f"job {final['id']} was cancelled")
@@ -330,7 +331,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         except (ValueError, RecursionError):
             raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
         mode, native, unsupported = translated(a1111_to_native, body, img2img)
-        spec = native_spec(mode, native, a1111_native_field)
+        spec = await native_spec(mode, native, a1111_native_field)
         final = await run(mode, spec, client, "sdapi")
         interrupted = final["state"] == "cancelled"
         images = [] if interrupted else await images_of(final)

@@ -15,11 +15,43 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 _KNOWN_OTHER = {b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x00\x00\x01\x00": "ICO"}
 
 
-def decode_image(data: str, max_pixels: int, mode: str = "RGB") -> np.ndarray:
+class PixelBudget:
+    """What one request may decode in all (``max_request_pixels``): each image takes its share
+    before it is decoded, so a request of many large images is refused before the one that
+    would go over is read."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.left = total
+
+    def take(self, pixels: int) -> None:
+        if pixels > self.left:
+            raise ValueError(f"this request's images come to more than {self.total} pixels in all "
+                             f"(max_request_pixels); this one has {pixels}, {self.left} were left")
+        self.left -= pixels
+
+
+class DecodePool:
+    """Image decoding off the event loop, at most ``threads`` at once per ingress replica: a
+    burst of large images queues here instead of stalling every other request's I/O, and the
+    memory decoding takes is bounded by ``threads`` x the per-request budget."""
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+    async def run(self, fn, *args):
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def decode_image(data: str, max_pixels: int, mode: str = "RGB", budget: PixelBudget | None = None) -> np.ndarray:
     """Base64 PNG/JPEG/WebP -> (H, W, 3) uint8 (mode ``RGB``) or (H, W) uint8 (mode ``L``).
 
     Raises ``ValueError`` with a message for the client; nothing is decoded past the
-    header when the image is too large.
+    header when the image is too large for ``max_pixels`` or for what is left of ``budget``.
     """
     try:
         raw = base64.b64decode(data, validate=True)
@@ -35,6 +67,8 @@ def decode_image(data: str, max_pixels: int, mode: str = "RGB") -> np.ndarray:
             width, height = image.size
             if width * height > max_pixels:
                 raise ValueError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels")
+            if budget is not None:
+                budget.take(width * height)
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         if isinstance(error, UnidentifiedImageError):

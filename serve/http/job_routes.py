@@ -24,6 +24,7 @@ from deployments.registry import MODES
 from serve.http.admission import AdmissionGate
 from serve.http.errors import ApiError
 from serve.http.guards import Guards
+from serve.http.images import DecodePool
 from serve.http.schemas import Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
 from serve.jobs.runner import JobRunner, Submission
 from serve.settings import ApiLimits
@@ -168,7 +169,7 @@ def sse_event(event: dict) -> str:
 
 
 def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: JobRunner,
-                   unavailable: dict[str, str], guards: Guards) -> None:
+                   unavailable: dict[str, str], guards: Guards, decode: DecodePool) -> None:
     """Register ``/v1/jobs`` on ``router``."""
     job_request = bind_limits(JobRequest, limits)
     store = jobs.store
@@ -183,7 +184,7 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
                  summary="Submit a generation job; poll it, stream its events, or cancel it.")
     async def submit_job(body: job_request, client: str = Depends(guards.caller)):  # type: ignore[valid-type]
         mode_not_configured(body.mode, unavailable)
-        spec = build_spec(models, body.mode, body.params, "params")
+        spec = await decode.run(build_spec, models, body.mode, body.params, "params")
         submission = Submission(spec, body.mode, client, "jobs", body.preview_every)
         view = await from_store(jobs.submit(submission))
         if "limit" in view:

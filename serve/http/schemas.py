@@ -16,10 +16,10 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origi
 
 import annotated_types
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
 from deployments.messages import SCHEDULERS
-from serve.http.images import decode_image, size_from_image
+from serve.http.images import PixelBudget, decode_image, size_from_image
 from serve.settings import ApiLimits
 
 MAX_SEED = 2**63 - 1
@@ -181,6 +181,7 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     mode: ClassVar[str]
     limits: ClassVar[ApiLimits] = ApiLimits()
+    _pixels: PixelBudget | None = PrivateAttr(default=None)
 
     negative_prompt: Text | None = Field(default=None, description="What to steer away from.")
     num_images: Annotated[int, Field(ge=1), Cap("le", "max_num_images")] = 1
@@ -206,8 +207,10 @@ class GenerationRequest(BaseModel):
         raise NotImplementedError
 
     def _decode(self, field: str, data: str, mode: str = "RGB") -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = PixelBudget(self.limits.max_request_pixels)
         try:
-            return decode_image(data, self.limits.max_image_pixels, mode)
+            return decode_image(data, self.limits.max_image_pixels, mode, self._pixels)
         except ValueError as error:
             raise SpecError(field, str(error)) from None
 
@@ -410,9 +413,10 @@ class EmbeddingsRequest(BaseModel):
     def decoded_images(self) -> list[np.ndarray]:
         """The images, decoded; raises :class:`SpecError` naming the one at fault."""
         out = []
+        budget = PixelBudget(self.limits.max_request_pixels)
         for index, data in enumerate(self.images):
             try:
-                out.append(decode_image(data, self.limits.max_image_pixels))
+                out.append(decode_image(data, self.limits.max_image_pixels, budget=budget))
             except ValueError as error:
                 raise SpecError(f"images.{index}", str(error)) from None
         return out

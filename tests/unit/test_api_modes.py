@@ -159,3 +159,53 @@ def test_defaults_obey_tight_caps(backend):
     assert client.post("/v1/mix", json={"items": [{"text": "a"}], "weights": [1.0]}).status_code == 200
     for spec, _ in backend.calls:
         assert (spec.width, spec.height, spec.steps, spec.prior_steps) == (64, 64, 8, 4)
+
+
+def test_the_pixel_caps_follow_max_side_unless_set():
+    assert ApiLimits().max_image_pixels == 2048 * 2048 and ApiLimits().max_request_pixels == 2 * 2048 * 2048
+    small = ApiLimits(max_side=256)
+    assert small.max_image_pixels == 512 * 512 and small.max_request_pixels == 2 * 512 * 512
+    assert ApiLimits(max_image_pixels=100 * 100, max_request_pixels=300 * 100).max_request_pixels == 30_000
+    with pytest.raises(ValueError, match="max_request_pixels"):
+        ApiLimits(max_image_pixels=200 * 200, max_request_pixels=100 * 100)
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/mix", lambda image: {"items": [{"image": image}] * 3, "weights": [1.0, 1.0, 1.0], "width": 64, "height": 64},
+     "items.2.image"),
+    ("/v1/embeddings", lambda image: {"images": [image] * 3}, "images.2"),
+])
+def test_a_requests_images_share_one_pixel_budget(backend, route, body, field):
+    limits = ApiLimits(max_image_pixels=128 * 128, max_request_pixels=2 * 128 * 128, max_mix_items=4)
+    client = TestClient(create_app(limits, backend))
+    response = client.post(route, json=body(encode(picture(128, 128))))
+    assert response.status_code == 422, response.text
+    detail = response.json()["error"]["details"][0]
+    assert detail["field"] == field and "max_request_pixels" in detail["message"]
+    assert backend.calls == []
+    two = body(encode(picture(128, 128)))
+    if route == "/v1/mix":
+        two.update(items=two["items"][:2], weights=[1.0, 1.0])
+    else:
+        two.update(images=two["images"][:2])
+    assert client.post(route, json=two).status_code == 200, "two at the cap fit the budget"
+
+
+def test_images_are_decoded_off_the_event_loop(backend, monkeypatch):
+    import threading
+
+    import serve.http.schemas as schemas
+
+    threads = []
+    real = schemas.decode_image
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(schemas, "decode_image", recording)
+    client = TestClient(create_app(ApiLimits(), backend))
+    response = client.post("/v1/img2img", json={"prompt": "a cat", "image": encode(picture()), "strength": 0.5,
+                                                "steps": 4, "prior_steps": 2})
+    assert response.status_code == 200, response.text
+    assert threads and all(name.startswith("decode") for name in threads), threads
