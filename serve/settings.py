@@ -174,7 +174,9 @@ class AuthSettings(BaseModel):
     burst_requests: int = Field(default=10, ge=1)
     """Requests a key may send at once before the rate applies."""
     images_per_min: float = Field(default=120.0, gt=0)
-    """Default per-key image budget per minute (num_images counts)."""
+    """Default per-key generation budget per minute, in standard images: one 512x512 image at
+    50 decoder + 25 prior steps costs 1; others cost in proportion to images x pixels x (decoder
+    steps + prior steps / 4) (a key's own entry may override it)."""
 
     def keys_file(self) -> Path | None:
         env = os.environ.get(API_KEYS_FILE_ENV)

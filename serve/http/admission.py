@@ -4,7 +4,8 @@
   a request over the bound is refused at once (503) rather than queued, with a Retry-After
   estimated from how long recent requests took.
 * :class:`RateLimiter` keeps two token buckets per API key: requests per second (with a
-  burst) and images per minute. A refusal says how long until it would pass (429).
+  burst) and generation cost per minute, in standard images (:func:`generation_cost`).
+  A refusal says how long until it would pass (429).
 
 Limits are per ingress replica: with N ingress replicas a key may get up to N times its
 rate. (A shared store would make every request pay a round trip; see the README.)
@@ -36,6 +37,20 @@ class TokenBucket:
         if amount > self.capacity:
             return math.inf
         return (amount - self.tokens) / self.rate
+
+
+STANDARD_IMAGE = (512, 512, 50, 25)
+"""(width, height, decoder steps, prior steps) of one standard image: cost 1."""
+PRIOR_STEP_WEIGHT = 0.25
+"""A prior step's work next to a U-Net step's (as job progress weighs them)."""
+
+
+def generation_cost(num_images: int, width: int, height: int, steps: int, prior_steps: int) -> float:
+    """What a request costs, in standard images: images x pixels x (decoder steps + a quarter
+    of the prior steps), relative to one 512x512 image at 50 + 25 steps. Nominal steps are
+    charged (an img2img strength below 1 runs fewer): the cost is known before any model runs."""
+    w, h, s, p = STANDARD_IMAGE
+    return num_images * (width * height) * (steps + PRIOR_STEP_WEIGHT * prior_steps) / (w * h * (s + PRIOR_STEP_WEIGHT * p))
 
 
 @dataclass(frozen=True)
@@ -73,16 +88,18 @@ class RateLimiter:
         wait = self._for(key, requests_per_s, images_per_min, now)[0].take(1, now)
         return None if wait == 0 else Refusal("rate_limited: requests per second", wait)
 
-    def admit_images(self, key: str, count: int, requests_per_s: float | None = None,
-                     images_per_min: float | None = None, now: float | None = None) -> Refusal | None:
+    def admit_cost(self, key: str, cost: float, requests_per_s: float | None = None,
+                   images_per_min: float | None = None, now: float | None = None) -> Refusal | None:
+        """Charge ``cost`` standard images (:func:`generation_cost`) to the key's minute budget."""
         now = time.monotonic() if now is None else now
         bucket = self._for(key, requests_per_s, images_per_min, now)[1]
-        wait = bucket.take(count, now)
+        wait = bucket.take(cost, now)
         if wait == 0:
             return None
         if math.isinf(wait):
-            return Refusal(f"rate_limited: {count} images exceed this key's {bucket.capacity:g} images per minute", 60.0)
-        return Refusal("rate_limited: images per minute", wait)
+            return Refusal(f"rate_limited: this request costs {cost:.4g} standard images, more than this key's "
+                           f"{bucket.capacity:g} per minute can ever hold", 60.0)
+        return Refusal(f"rate_limited: standard images per minute (this request costs {cost:.4g})", wait)
 
 
 class AdmissionGate:

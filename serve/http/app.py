@@ -291,7 +291,7 @@ def create_app(
                              key: ApiKey | None, timeout_s: float) -> ImagesResponse:
         request_id = request.state.request_id
         spec = await decode.run(body.to_spec)
-        guards.admit_images(key, len(spec.seeds))
+        guards.admit_cost(key, spec)
         started = time.perf_counter()
         result = await from_backend(backend.generate(spec, internal_id(request_id), timeout_s), request_id)
         metrics.generation(body.mode, spec.width, spec.height, time.perf_counter() - started)

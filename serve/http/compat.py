@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.http.errors import ApiError
+from serve.http.auth import ApiKey
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.job_routes import build_spec, from_store, job_limit_error, mode_not_configured
@@ -279,11 +280,13 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     # Synchronous for the client: each holds a place in the gate like /v1/{mode}, as well as a job.
     submits = [Depends(guards.generation_slot)]
 
-    async def native_spec(mode: str, native: dict, rename_field) -> Any:
+    async def native_spec(mode: str, native: dict, rename_field, key: ApiKey | None) -> Any:
         try:
-            return await decode.run(build_spec, models, mode, native, "")
+            spec = await decode.run(build_spec, models, mode, native, "")
         except ApiError as error:
             raise error.renamed(rename_field) from None
+        guards.admit_cost(key, spec)
+        return spec
 
     async def run(mode: str, spec: Any, client: str, origin: str) -> dict:
         """Run a job to its end: its final view (succeeded or cancelled)."""
@@ -312,8 +315,9 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     @router.post(OPENAI_GENERATIONS_PATH, responses=errors, dependencies=submits,
                  summary="OpenAI Images API: text to image. Extensions: seed, negative_prompt, steps, prior_steps, "
                          "guidance_scale, prior_guidance_scale, scheduler.")
-    async def openai_generations(body: OpenAIImageRequest, client: str = Depends(guards.caller)):
-        spec = await native_spec("text2img", translated(openai_to_native, body), openai_field)
+    async def openai_generations(body: OpenAIImageRequest, client: str = Depends(guards.caller),
+                                 key: ApiKey | None = Depends(guards.api_key)):
+        spec = await native_spec("text2img", translated(openai_to_native, body), openai_field, key)
         final = await run("text2img", spec, client, "openai")
         if final["state"] == "cancelled":
             raise ApiError(409, "job_cancelled", f"job {final['id']} was cancelled")
@@ -325,13 +329,13 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         return {"created": int(final["created_at"]), "data": data, "output_format": spec.output_format,
                 "size": f"{spec.width}x{spec.height}"}
 
-    async def a1111(request: Request, client: str, img2img: bool):
+    async def a1111(request: Request, client: str, key: ApiKey | None, img2img: bool):
         try:
             body = await request.json()
         except (ValueError, RecursionError):
             raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
         mode, native, unsupported = translated(a1111_to_native, body, img2img)
-        spec = await native_spec(mode, native, a1111_native_field)
+        spec = await native_spec(mode, native, a1111_native_field, key)
         final = await run(mode, spec, client, "sdapi")
         interrupted = final["state"] == "cancelled"
         images = [] if interrupted else await images_of(final)
@@ -346,13 +350,15 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         }
 
     @router.post(A1111_TXT2IMG_PATH, responses=errors, dependencies=submits, summary="AUTOMATIC1111-style text to image.")
-    async def sdapi_txt2img(request: Request, client: str = Depends(guards.caller)):
-        return await a1111(request, client, img2img=False)
+    async def sdapi_txt2img(request: Request, client: str = Depends(guards.caller),
+                            key: ApiKey | None = Depends(guards.api_key)):
+        return await a1111(request, client, key, img2img=False)
 
     @router.post(A1111_IMG2IMG_PATH, responses=errors, dependencies=submits,
                  summary="AUTOMATIC1111-style image to image; with a mask, inpainting.")
-    async def sdapi_img2img(request: Request, client: str = Depends(guards.caller)):
-        return await a1111(request, client, img2img=True)
+    async def sdapi_img2img(request: Request, client: str = Depends(guards.caller),
+                            key: ApiKey | None = Depends(guards.api_key)):
+        return await a1111(request, client, key, img2img=True)
 
     @router.get("/sdapi/v1/progress", summary="AUTOMATIC1111-style progress of this client's current generation.")
     async def sdapi_progress(client: str = Depends(guards.caller)):

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from serve.http.admission import AdmissionGate, RateLimiter, retry_after_header
+from serve.http.admission import AdmissionGate, RateLimiter, generation_cost, retry_after_header
 from serve.http.auth import ApiKey, KeyStore
 from serve.http.errors import ApiError
 from serve.settings import AdmissionSettings, AuthSettings
@@ -129,11 +129,13 @@ class Guards:
         finally:
             self.gate.leave(time.perf_counter() - started if succeeded else None, client)
 
-    def admit_images(self, key: ApiKey | None, count: int) -> None:
-        """The key's image budget, once the request's image count is known."""
+    def admit_cost(self, key: ApiKey | None, spec) -> None:
+        """Charge the request's cost (images x pixels x steps, in standard images) to the key's
+        budget, once the request is known to be valid."""
         if key is None:
             return
-        refusal = self.limiter.admit_images(key.name, count, key.requests_per_s, key.images_per_min)
+        cost = generation_cost(len(spec.seeds), spec.width, spec.height, spec.steps, spec.prior_steps)
+        refusal = self.limiter.admit_cost(key.name, cost, key.requests_per_s, key.images_per_min)
         if refusal is not None:
             raise ApiError(429, "rate_limited", f"{refusal.reason} for key {key.name!r}",
                            [{"field": "num_images", "message": refusal.reason}],

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from deployments.registry import MODES
 from serve.http.admission import AdmissionGate
 from serve.http.errors import ApiError
+from serve.http.auth import ApiKey
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.schemas import Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
@@ -182,9 +183,11 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
     @router.post(JOB_SUBMIT_PATH, status_code=202, response_model=JobOut, responses=errors,
                  dependencies=[Depends(guards.accepting_work)],
                  summary="Submit a generation job; poll it, stream its events, or cancel it.")
-    async def submit_job(body: job_request, client: str = Depends(guards.caller)):  # type: ignore[valid-type]
+    async def submit_job(body: job_request, client: str = Depends(guards.caller),  # type: ignore[valid-type]
+                         key: ApiKey | None = Depends(guards.api_key)):
         mode_not_configured(body.mode, unavailable)
         spec = await decode.run(build_spec, models, body.mode, body.params, "params")
+        guards.admit_cost(key, spec)
         submission = Submission(spec, body.mode, client, "jobs", body.preview_every)
         view = await from_store(jobs.submit(submission))
         if "limit" in view:

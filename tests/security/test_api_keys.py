@@ -96,12 +96,52 @@ def test_per_key_request_rate_gives_429_with_retry_after_and_spares_other_keys(c
     assert client.post("/v1/text2img", json=GOOD, headers=bearer(found["b"])).status_code == 200
 
 
-def test_per_key_image_budget_counts_num_images(client, keys, backend):
+def test_per_key_budget_charges_the_requests_cost(client, keys, backend):
+    """few-images: 3 standard images (512x512, 50 + 25 steps) per minute."""
     _, found = keys
-    assert client.post("/v1/text2img", json={**GOOD, "num_images": 3}, headers=bearer(found["few-images"])).status_code == 200
-    refused = client.post("/v1/text2img", json={**GOOD, "num_images": 1}, headers=bearer(found["few-images"]))
-    assert refused.status_code == 429 and "images per minute" in refused.json()["error"]["message"]
+    standard = {"prompt": "a red circle", "width": 512, "height": 512, "steps": 50, "prior_steps": 25}
+    assert client.post("/v1/text2img", json={**standard, "num_images": 3}, headers=bearer(found["few-images"])).status_code == 200
+    refused = client.post("/v1/text2img", json={**standard, "num_images": 1}, headers=bearer(found["few-images"]))
+    assert refused.status_code == 429 and "standard images per minute" in refused.json()["error"]["message"]
     assert len(backend.calls) == 1
+
+
+def test_small_requests_cost_little_and_big_ones_much(keys, backend):
+    path, found = keys
+    client = TestClient(create_app(ApiLimits(max_side=1024), backend,
+                                   auth=AuthSettings(api_keys_file=path, requests_per_s=1000, burst_requests=1000)))
+    tiny = {"prompt": "a dot", "width": 64, "height": 64, "steps": 1, "prior_steps": 2}
+    for _ in range(100):  # 100 tiny images fit a budget of 3 standard images
+        assert client.post("/v1/text2img", json=tiny, headers=bearer(found["few-images"])).status_code == 200
+    big = {"prompt": "a dot", "width": 1024, "height": 1024, "steps": 150, "prior_steps": 25, "num_images": 8}
+    refused = client.post("/v1/text2img", json=big, headers=bearer(found["few-images"]))
+    assert refused.status_code == 429 and "can ever hold" in refused.json()["error"]["message"]
+
+
+def test_the_budget_is_charged_on_jobs_and_compat_routes_too(keys, backend):
+    from serve.jobs.runner import JobRunner
+    from serve.jobs.store import AsyncJobStore
+    from serve.settings import JobSettings
+    from tests.jobfakes import FakeJobBackend
+
+    path, found = keys
+    settings = JobSettings(progress_interval_s=0.005)
+    runner = JobRunner(AsyncJobStore(settings), FakeJobBackend(step_s=0.0), settings)
+    app = create_app(ApiLimits(), backend, jobs=runner,
+                     auth=AuthSettings(api_keys_file=path, requests_per_s=1000, burst_requests=1000))
+    standard = {"prompt": "a red circle", "width": 512, "height": 512, "steps": 50, "prior_steps": 25}
+    with TestClient(app) as client:
+        headers = bearer(found["few-images"])
+        assert client.post("/v1/jobs", json={"mode": "text2img", "params": {**standard, "num_images": 2}},
+                           headers=headers).status_code == 202
+        openai = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "512x512", "n": 1,
+                                                              "steps": 50, "prior_steps": 25}, headers=headers)
+        assert openai.status_code == 200, openai.text
+        for path_, body in (("/v1/jobs", {"mode": "text2img", "params": standard}),
+                            ("/v1/images/generations", {"prompt": "a cat", "size": "512x512", "steps": 50, "prior_steps": 25}),
+                            ("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 512, "height": 512, "steps": 50})):
+            refused = client.post(path_, json=body, headers=headers)
+            assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limited", (path_, refused.text)
 
 
 def test_one_client_gets_429_past_its_share_of_the_gate_while_another_still_gets_in():

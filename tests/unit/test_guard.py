@@ -29,9 +29,19 @@ def test_rate_limiter_keeps_keys_apart_and_honours_overrides():
     assert limiter.admit_request("b", now=0.1) is None  # another key is unaffected
     assert limiter.admit_request("fast", requests_per_s=100, now=0.0) is None
     assert all(limiter.admit_request("fast", requests_per_s=100, now=0.0) is None for _ in range(50))
-    assert limiter.admit_images("a", 6, now=0.0) is None
-    assert limiter.admit_images("a", 1, now=0.0).retry_after_s == pytest.approx(10.0)
-    assert "exceed" in limiter.admit_images("a", 7, now=100.0).reason
+    assert limiter.admit_cost("a", 6, now=0.0) is None
+    assert limiter.admit_cost("a", 1, now=0.0).retry_after_s == pytest.approx(10.0)
+    assert "can ever hold" in limiter.admit_cost("a", 7, now=100.0).reason
+
+
+def test_cost_is_images_times_pixels_times_steps_in_standard_images():
+    from serve.http.admission import generation_cost
+
+    assert generation_cost(1, 512, 512, 50, 25) == pytest.approx(1.0)
+    assert generation_cost(8, 1024, 1024, 150, 100) == pytest.approx(8 * 4 * (150 + 25) / 56.25)
+    tiny = generation_cost(1, 64, 64, 1, 2)
+    assert tiny == pytest.approx((64 * 64 * 1.5) / (512 * 512 * 56.25))
+    assert generation_cost(8, 1024, 1024, 150, 100) / tiny > 100_000, "a big request is no longer one tiny image"
 
 
 def test_admission_gate_bounds_what_is_inside_and_estimates_retry_after():
