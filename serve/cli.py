@@ -393,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--port", type=int, default=8010)
     compare.add_argument("--rates", default=None,
                          help="comma-separated rising requests/s to sweep (default: 0.5,1,2,3,4,5,6,8,10,12)")
+    hostile = kinds.add_parser("hostile", help="one key attacking (slow bodies, streams, store flood, decode bombs) "
+                                               "while another works: the other's success rate and p99 against no attack")
+    hostile.add_argument("--url", required=True, help="the service to measure (API keys on)")
+    hostile.add_argument("--victim-key", required=True)
+    hostile.add_argument("--attacker-key", required=True)
+    hostile.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
+    hostile.add_argument("--scale", type=int, default=4, help="attack size: 8x slow bodies, 32x streams, x decode clients")
+    hostile.add_argument("--attacks", default=None, help="comma-separated subset of slow_bodies,streams,store_flood,decode_bombs")
+    hostile.add_argument("--timeout", type=float, default=60.0, help="a victim request unanswered this long counts as lost")
+    hostile.add_argument("--out", default="bench-results/hostile.json")
+    hostile.set_defaults(func=_bench("hostile"))
     return parser
 
 

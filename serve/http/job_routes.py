@@ -220,8 +220,7 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
     async def job_events(job_id: str, request: Request, scope: str | None = Depends(guards.job_scope),
                          client: str = Depends(guards.caller)):
         after = last_event_id(request.headers.get("last-event-id"))
-        if await from_store(store.wait_events(job_id, after, 0.0, scope)) is None:
-            raise unknown_job(job_id)
+        # The cap first: refusing a flood of streams must cost no store round trip.
         refused = streams.enter(client)
         retry = {"Retry-After": str(int(SSE_KEEPALIVE_S))}
         if refused == "client_full":
@@ -231,6 +230,12 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
         if refused is not None:
             raise ApiError(503, "too_many_streams", "this replica holds as many event streams as it may; retry, or "
                            "poll GET /v1/jobs/{id}", headers=retry, reason="too_many_streams")
+        try:
+            if await from_store(store.wait_events(job_id, after, 0.0, scope)) is None:
+                raise unknown_job(job_id)
+        except BaseException:
+            streams.leave(client=client)
+            raise
         return HeldStream(_stream(job_id, after, scope), lambda: streams.leave(client=client),
                           media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

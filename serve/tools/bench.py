@@ -131,6 +131,13 @@ def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: 
     return result
 
 
+def bench_hostile(**options) -> dict:
+    """``bench hostile`` lives in :mod:`serve.tools.hostile`."""
+    from serve.tools.hostile import bench_hostile as run
+
+    return run(**options)
+
+
 def parse_server_timing(header: str) -> dict[str, float]:
     """``name;dur=ms, ...`` (the ingress's ``Server-Timing``) as ``{name: ms}``."""
     found = {}

@@ -138,3 +138,17 @@ def test_loadtest_runs_and_writes_its_summary(served_app, tmp_path):
     assert step["sent"] >= 1 and step["succeeded"] == step["sent"], step
     assert math.isfinite(step["p99_s"]) and step["p99_s"] > 0
     _check_provenance(summary)
+
+
+def test_bench_hostile_runs_and_writes_its_json(guarded_app, tmp_path):
+    url, keys = guarded_app
+    out = tmp_path / "hostile.json"
+    done = _run(["bench", "hostile", "--url", url, "--victim-key", keys["normal"], "--attacker-key", keys["load"],
+                 "--duration", "1", "--scale", "1", "--timeout", "30", "--out", str(out)], tmp_path)
+    assert "one key attacking" in done.stdout
+    result = json.loads(out.read_text())
+    assert [phase["attack"] for phase in result["phases"]] == ["none", "slow_bodies", "streams", "store_flood", "decode_bombs"]
+    for index, phase in enumerate(result["phases"]):
+        assert _finite(result["phases"][index], "victim.p99_s") > 0, phase
+        assert phase["victim"]["lost"] == 0, f"{phase['attack']}: a victim request got no answer at all"
+    _check_provenance(result)
