@@ -31,6 +31,42 @@ class PixelBudget:
         self.left -= pixels
 
 
+HEADER_PREFIX_CHARS = 256 * 1024
+"""How much of an image's base64 :func:`header_pixels` reads: enough for a PNG's IHDR or a
+JPEG's SOF after EXIF and ICC segments in all but odd files."""
+
+
+def header_pixels(data: str) -> int | None:
+    """An image's width x height from its header alone (None when that cannot be read from
+    the first :data:`HEADER_PREFIX_CHARS` characters; the full decode checks it then)."""
+    prefix = data[: HEADER_PREFIX_CHARS - HEADER_PREFIX_CHARS % 4]
+    try:
+        raw = base64.b64decode(prefix, validate=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            width, height = Image.open(io.BytesIO(raw), formats=ACCEPTED_FORMATS).size
+    except Exception:
+        return None
+    return width * height
+
+
+def check_total(images: list[tuple[str, str]], budget: PixelBudget) -> None:
+    """Refuse a request whose images' headers already add up to more than ``budget``, before
+    any of them is decoded; raises ``(field, message)`` as :class:`TotalTooLarge`."""
+    total = 0
+    for field, data in images:
+        total += header_pixels(data) or 0
+        if total > budget.total:
+            raise TotalTooLarge(field, f"this request's images come to more than {budget.total} pixels in all "
+                                       f"(max_request_pixels), by their headers; nothing was decoded")
+
+
+class TotalTooLarge(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class DecodePool:
     """Image decoding off the event loop, at most ``threads`` at once per ingress replica: a
     burst of large images queues here instead of stalling every other request's I/O, and the

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
 from deployments.messages import SCHEDULERS
-from serve.http.images import PixelBudget, decode_image, size_from_image
+from serve.http.images import PixelBudget, TotalTooLarge, check_total, decode_image, size_from_image
 from serve.settings import ApiLimits
 
 MAX_SEED = 2**63 - 1
@@ -206,6 +206,13 @@ class GenerationRequest(BaseModel):
         """The spec the graph runs; raises :class:`SpecError` naming the field at fault."""
         raise NotImplementedError
 
+    def _check_total(self, images: list[tuple[str, str]]) -> None:
+        """Several images: their headers' total against the request's budget, before decoding any."""
+        try:
+            check_total(images, PixelBudget(self.limits.max_request_pixels))
+        except TotalTooLarge as error:
+            raise SpecError(error.field, str(error)) from None
+
     def _decode(self, field: str, data: str, mode: str = "RGB") -> np.ndarray:
         if self._pixels is None:
             self._pixels = PixelBudget(self.limits.max_request_pixels)
@@ -336,6 +343,7 @@ class MixRequest(GenerationRequest):
     def to_spec(self) -> GenerationSpec:
         if len(self.weights) != len(self.items):
             raise SpecError("weights", f"one weight per item: {len(self.items)} items but {len(self.weights)} weights")
+        self._check_total([(f"items.{i}.image", item.image) for i, item in enumerate(self.items) if item.image is not None])
         mix = tuple(
             MixItem(float(weight), item.text,
                     None if item.image is None else self._decode(f"items.{index}.image", item.image))
@@ -414,6 +422,10 @@ class EmbeddingsRequest(BaseModel):
         """The images, decoded; raises :class:`SpecError` naming the one at fault."""
         out = []
         budget = PixelBudget(self.limits.max_request_pixels)
+        try:
+            check_total([(f"images.{index}", data) for index, data in enumerate(self.images)], budget)
+        except TotalTooLarge as error:
+            raise SpecError(error.field, str(error)) from None
         for index, data in enumerate(self.images):
             try:
                 out.append(decode_image(data, self.limits.max_image_pixels, budget=budget))

@@ -209,3 +209,19 @@ def test_images_are_decoded_off_the_event_loop(backend, monkeypatch):
                                                 "steps": 4, "prior_steps": 2})
     assert response.status_code == 200, response.text
     assert threads and all(name.startswith("decode") for name in threads), threads
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/embeddings", lambda image: {"images": [image] * 4}),
+    ("/v1/mix", lambda image: {"items": [{"image": image}] * 4, "weights": [1.0] * 4, "width": 64, "height": 64}),
+])
+def test_a_request_over_its_pixel_budget_by_headers_decodes_nothing(backend, monkeypatch, route, body):
+    import serve.http.schemas as schemas
+
+    decoded = []
+    real = schemas.decode_image
+    monkeypatch.setattr(schemas, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    limits = ApiLimits(max_image_pixels=128 * 128, max_request_pixels=2 * 128 * 128, max_mix_items=4)
+    response = TestClient(create_app(limits, backend)).post(route, json=body(encode(picture(128, 128))))
+    assert response.status_code == 422 and "nothing was decoded" in response.text
+    assert decoded == [], "refused from the headers, before any image was decoded"
