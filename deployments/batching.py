@@ -410,11 +410,17 @@ class StepScheduler(Generic[S]):
             self._bursting = None
 
     def _after_step(self, batch: list[StepItem[S]], seconds: float, finished: list[bool]) -> None:
-        self._observer.on_step(len(batch), seconds)
+        # Results first and observers guarded: run as a loop callback during a burst, an
+        # exception here would be logged and lost, leaving a finished item's caller waiting.
         for item, done in zip(batch, finished, strict=True):
             item.steps_done += 1
             item.batch_size_sum += len(batch)
             item.max_batch_size = max(item.max_batch_size, len(batch))
-            self._observer.on_progress(item.key, item.steps_done, item.total_steps)
             if done and not item.future.done():
                 item.future.set_result(item)
+        try:
+            self._observer.on_step(len(batch), seconds)
+            for item in batch:
+                self._observer.on_progress(item.key, item.steps_done, item.total_steps)
+        except Exception:
+            logger.exception("a step observer failed (the step's results are delivered regardless)")

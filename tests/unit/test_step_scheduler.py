@@ -374,3 +374,16 @@ def test_waiting_requests_do_not_break_a_whole_batch_burst_when_admitting_only_w
     batches, bursts = run(scenario())
     assert batches == [["a"]] * 4 + [["b"]] * 2
     assert bursts == 2, "b cannot join a's batch, so its arrival need not stop a's burst"
+
+
+def test_a_failing_observer_never_leaves_a_caller_waiting():
+    class Broken(StepStats):
+        def on_progress(self, key, step, total):
+            raise RuntimeError("metrics backend down")
+
+    async def scenario():
+        model = ThreadModel()
+        scheduler, _ = offloaded(model, max_batch=4, observer=Broken())
+        return await submit(scheduler, FakeState("a", 3))
+
+    assert run(scenario()).steps_done == 3
