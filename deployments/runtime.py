@@ -223,9 +223,7 @@ class LoopReplica(StageReplica):
         self.stats = StepStats()
         self.progress = ProgressBoard()
         self.observer = Observers(self.stats, self.progress, LoopMetrics(self.stage))
-        self.scheduler: StepScheduler = StepScheduler(
-            self._step, max_batch=1, observer=self.observer, offload=lambda fn, *args: self.thread.run(fn, *args)
-        )
+        self.scheduler: StepScheduler = StepScheduler(self._step, max_batch=1, observer=self.observer, offload=self.thread.run)
         self._states_of: dict[str, list] = {}
         """Per request id in flight on the scheduler, its images' states (read for previews only)."""
 

@@ -175,6 +175,15 @@ def _seeds(seed: int | None, count: int) -> tuple[int, ...]:
     return tuple(first + i for i in range(count))
 
 
+def _check_total(images: list[tuple[str, str]], limits: ApiLimits) -> None:
+    """Several images (field, base64): their headers' total against the request's pixel budget,
+    before any is decoded; :class:`SpecError` naming the image that goes over."""
+    try:
+        check_total(images, PixelBudget(limits.max_request_pixels))
+    except TotalTooLarge as error:
+        raise SpecError(error.field, str(error)) from None
+
+
 class GenerationRequest(BaseModel):
     """The fields every generation mode shares."""
 
@@ -205,13 +214,6 @@ class GenerationRequest(BaseModel):
     def to_spec(self) -> GenerationSpec:
         """The spec the graph runs; raises :class:`SpecError` naming the field at fault."""
         raise NotImplementedError
-
-    def _check_total(self, images: list[tuple[str, str]]) -> None:
-        """Several images: their headers' total against the request's budget, before decoding any."""
-        try:
-            check_total(images, PixelBudget(self.limits.max_request_pixels))
-        except TotalTooLarge as error:
-            raise SpecError(error.field, str(error)) from None
 
     def _decode(self, field: str, data: str, mode: str = "RGB") -> np.ndarray:
         if self._pixels is None:
@@ -343,7 +345,8 @@ class MixRequest(GenerationRequest):
     def to_spec(self) -> GenerationSpec:
         if len(self.weights) != len(self.items):
             raise SpecError("weights", f"one weight per item: {len(self.items)} items but {len(self.weights)} weights")
-        self._check_total([(f"items.{i}.image", item.image) for i, item in enumerate(self.items) if item.image is not None])
+        _check_total([(f"items.{i}.image", item.image) for i, item in enumerate(self.items) if item.image is not None],
+                     self.limits)
         mix = tuple(
             MixItem(float(weight), item.text,
                     None if item.image is None else self._decode(f"items.{index}.image", item.image))
@@ -421,11 +424,8 @@ class EmbeddingsRequest(BaseModel):
     def decoded_images(self) -> list[np.ndarray]:
         """The images, decoded; raises :class:`SpecError` naming the one at fault."""
         out = []
+        _check_total([(f"images.{index}", data) for index, data in enumerate(self.images)], self.limits)
         budget = PixelBudget(self.limits.max_request_pixels)
-        try:
-            check_total([(f"images.{index}", data) for index, data in enumerate(self.images)], budget)
-        except TotalTooLarge as error:
-            raise SpecError(error.field, str(error)) from None
         for index, data in enumerate(self.images):
             try:
                 out.append(decode_image(data, self.limits.max_image_pixels, budget=budget))

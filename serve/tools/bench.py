@@ -13,15 +13,9 @@ import time
 from pathlib import Path
 
 from serve.tools.loadtest import arrival_times, percentile
-from serve.tools.provenance import provenance
+from serve.tools.provenance import write_result
 
 TARGET_RATIO = 1.05  # #30: served / in-process at 64², 50 steps, 2 CPU cores
-
-
-def write_result(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "provenance": provenance()}, indent=2, default=str))
-    print(f"written: {out}")
 
 
 def bench_latency(config: str, size: int, steps: int, prior_steps: int, rounds: int, out: Path,

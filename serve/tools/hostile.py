@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.tools.loadtest import percentile
+from serve.tools.provenance import write_result
 
 ATTACKS = ("slow_bodies", "streams", "store_flood", "decode_bombs")
 TINY = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "prior_steps": 2}
@@ -212,8 +213,6 @@ async def _phase(url: str, victim_key: str, attacker_key: str, attack: str | Non
 def bench_hostile(url: str, victim_key: str, attacker_key: str, duration: float, scale: int, out: Path,
                   attacks: str | None = None, timeout: float = 60.0) -> dict:
     """Run the phases against the service at ``url`` (API keys on); write the JSON; print the table."""
-    from serve.tools.bench import write_result
-
     chosen = tuple(a.strip() for a in attacks.split(",")) if attacks else ATTACKS
     unknown = [a for a in chosen if a not in ATTACKS]
     if unknown:

@@ -51,3 +51,12 @@ def provenance() -> dict:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def write_result(result: dict, out: Path) -> None:
+    """A benchmark's result as JSON at ``out``, with its :func:`provenance`."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**result, "provenance": provenance()}, indent=2, default=str))
+    print(f"written: {out}")
