@@ -27,7 +27,7 @@ from deployments.registry import MODES
 from serve.http.admission import AdmissionGate, RateLimiter
 from serve.http.auth import ApiKey, KeyStore
 from serve.http.compat import add_compat_routes
-from serve.http.errors import ApiError, error_response, from_backend, install_error_handlers
+from serve.http.errors import ApiError, answer_error, error_response, from_backend, install_error_handlers
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.job_routes import add_job_routes
@@ -280,7 +280,12 @@ def create_app(
             )
         else:
             request.state.request_id = supplied or uuid.uuid4().hex
-            response = await call_next(request)
+            try:
+                guards.check_before_body(request)
+            except ApiError as refused:
+                response = answer_error(request, refused, metrics)
+            else:
+                response = await call_next(request)
             if echo_request_id:
                 response.headers[REQUEST_ID_HEADER] = request.state.request_id
         sent = response.headers.get("content-length", "")

@@ -81,14 +81,19 @@ async def from_backend(call: Awaitable[T], request_id: str) -> T:
         raise ApiError(500, "generation_failed", f"generation failed: {type(error).__name__}") from error
 
 
+def answer_error(request: Request, error: ApiError, metrics: Any) -> JSONResponse:
+    """``error`` as its response, counted as a rejection when it refuses work."""
+    if error.reason is not None:
+        metrics.rejection(error.reason)
+    return error_response(error.status, error.kind, error.message, getattr(request.state, "request_id", None),
+                          error.details, error.headers)
+
+
 def install_error_handlers(app: FastAPI, metrics: Any, retry_after_s: Callable[[], float]) -> None:
     """``retry_after_s``: the Retry-After for 503s (the admission gate's estimate)."""
 
     def answer(request: Request, error: ApiError) -> JSONResponse:
-        if error.reason is not None:
-            metrics.rejection(error.reason)
-        return error_response(error.status, error.kind, error.message, getattr(request.state, "request_id", None),
-                              error.details, error.headers)
+        return answer_error(request, error, metrics)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -12,7 +12,8 @@
   at most the configured one).
 
 Each raises :class:`~serve.http.errors.ApiError`; the body-size limit stays an ASGI
-middleware because it must act while the body is read.
+middleware because it must act while the body is read, and requests with a body have their
+key checked before it (:meth:`Guards.check_before_body`, called by the HTTP layer).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from serve.settings import AdmissionSettings, AuthSettings
 TIMEOUT_HEADER = "X-Request-Timeout"
 """A client's own deadline in seconds; the configured ``request_timeout_s`` is the most it can ask."""
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `kandinsky-serve keys new` (when keys are configured).")
 
@@ -74,15 +76,30 @@ class Guards:
 
     async def api_key(self, request: Request,
                       credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> ApiKey | None:
-        """The caller's key (None when the service runs without keys)."""
+        """The caller's key (None when the service runs without keys). A request with a body
+        was checked already, before its body was read (:meth:`check_before_body`)."""
         if self.keys is None:
             return None
-        header = request.headers.get("authorization")
+        checked = getattr(request.state, "api_key", None)
+        if checked is not None:
+            return checked
+        return self.check_key(request.headers.get("authorization"))
+
+    def check_before_body(self, request: Request) -> None:
+        """The key and rate check for a request that carries a body, run by the HTTP layer
+        before the body is read: a refused request (a rate-limited flood above all) then costs
+        no body transfer and no parse. Every route that takes a body is keyed."""
+        if self.keys is not None and request.method in BODY_METHODS:
+            request.state.api_key = self.check_key(request.headers.get("authorization"))
+
+    def check_key(self, header: str | None) -> ApiKey:
+        assert self.keys is not None
         if not header:
             raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <key>'", headers=CHALLENGE,
                            reason="unauthenticated")
-        token = credentials.credentials.strip() if credentials is not None else ""
-        if not token or " " in token:
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or " " in token:
             raise ApiError(401, "malformed_authorization", "the Authorization header must be 'Bearer <key>'",
                            headers=CHALLENGE, reason="unauthenticated")
         key = self.keys.lookup(token)

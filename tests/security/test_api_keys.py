@@ -96,6 +96,49 @@ def test_per_key_request_rate_gives_429_with_retry_after_and_spares_other_keys(c
     assert client.post("/v1/text2img", json=GOOD, headers=bearer(found["b"])).status_code == 200
 
 
+def _raw_post(app, path: str, headers: dict, body: bytes) -> tuple[int, int]:
+    """POST through the app's ASGI interface: (status, how many times the body was asked for)."""
+    asked = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal asked
+        asked += 1
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in
+                         {**headers, "content-type": "application/json", "content-length": str(len(body))}.items()],
+             "client": ("127.0.0.1", 1234), "server": ("testserver", 80)}
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start"), asked
+
+
+def test_refused_keys_and_rate_limited_requests_are_answered_before_the_body_is_read(keys):
+    """A flood of rate-limited requests with large bodies costs no body transfer or parse."""
+    import json
+
+    path, found = keys
+    app = create_app(ApiLimits(), SlowBackend(), auth=AuthSettings(api_keys_file=path))
+    body = json.dumps(GOOD).encode()
+    for headers, status in (({}, 401), (bearer("ks-not-a-real-key"), 401), (bearer(found["gone"]), 403)):
+        assert _raw_post(app, "/v1/text2img", headers, body) == (status, 0)
+    assert _raw_post(app, "/v1/text2img", bearer(found["slow"]), body)[0] == 200  # read, and charged once
+    assert _raw_post(app, "/v1/embeddings", bearer(found["slow"]), body) == (429, 0)
+
+
+def test_a_request_with_a_body_is_charged_to_the_rate_once(tmp_path):
+    path = tmp_path / "keys.yaml"
+    key = add_key(path, "two-per-s", requests_per_s=2)
+    client = TestClient(create_app(ApiLimits(), SlowBackend(), auth=AuthSettings(api_keys_file=path, burst_requests=2)))
+    statuses = [client.post("/v1/text2img", json=GOOD, headers=bearer(key)).status_code for _ in range(2)]
+    assert statuses == [200, 200]
+
+
 def test_per_key_budget_charges_the_requests_cost(client, keys, backend):
     """few-images: 3 standard images (512x512, 50 + 25 steps) per minute."""
     _, found = keys
