@@ -112,6 +112,11 @@ class ApiLimits(BaseModel):
     max_request_pixels: int | None = Field(default=None, ge=64 * 64, le=4 * 16384 * 16384)
     """Pixels one request may decode in all images together (a mix, an embeddings batch, an
     inpainting image and its mask). None: twice ``max_image_pixels``."""
+    jpeg_draft: bool = False
+    """Decode a JPEG input at a reduced scale (libjpeg's 1/2, 1/4, 1/8, never below the output
+    size) when its output size is known at decode time: much less memory and CPU for large
+    photos, but pixels then differ slightly from diffusers', which resizes the full decode.
+    Off by default, so that results match the reference pipelines."""
     max_mix_items: int = Field(default=8, ge=1, le=64)
     """Most items (texts and images) in one ``/v1/mix`` request."""
     max_embedding_items: int = Field(default=16, ge=1, le=256)
@@ -148,6 +153,13 @@ class AdmissionSettings(BaseModel):
     body_read_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     """Time allowed to receive a request's whole body; a slower one gets 408 ``body_timeout``
     (a client trickling its body must not hold a place in the service)."""
+    refusal_pace_s: float = Field(default=1.0, ge=0, le=60)
+    """A rate-limit 429 is answered when a retry could succeed (the key's bucket refills), at
+    most this many seconds after it arrived: a client that waits for its answers (most floods)
+    is held to its rate instead of costing the proxy and the ingress a refusal every few
+    milliseconds. 0: answer at once."""
+    max_paced_refusals: int = Field(default=64, ge=0, le=10_000)
+    """Refusals one ingress replica holds back at once; beyond it they are answered at once."""
     request_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     """End-to-end limit per request; past it the client gets 504 and every stage drops the work."""
     retry_after_s: float | None = Field(default=None, gt=0)

@@ -281,7 +281,7 @@ def create_app(
         else:
             request.state.request_id = supplied or uuid.uuid4().hex
             try:
-                guards.check_before_body(request)
+                await guards.check_before_body(request)
             except ApiError as refused:
                 response = answer_error(request, refused, metrics)
             else:

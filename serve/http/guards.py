@@ -18,6 +18,7 @@ key checked before it (:meth:`Guards.check_before_body`, called by the HTTP laye
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -45,6 +46,7 @@ class Guards:
         self.gate = gate
         self.admission = admission
         self.address_header = (auth or AuthSettings()).client_address_header
+        self._paced = 0
 
         # Built here so that they can depend on this instance's api_key (FastAPI runs a
         # dependency once per request however many others depend on it).
@@ -83,16 +85,16 @@ class Guards:
         checked = getattr(request.state, "api_key", None)
         if checked is not None:
             return checked
-        return self.check_key(request.headers.get("authorization"))
+        return await self.check_key(request.headers.get("authorization"))
 
-    def check_before_body(self, request: Request) -> None:
+    async def check_before_body(self, request: Request) -> None:
         """The key and rate check for a request that carries a body, run by the HTTP layer
         before the body is read: a refused request (a rate-limited flood above all) then costs
         no body transfer and no parse. Every route that takes a body is keyed."""
         if self.keys is not None and request.method in BODY_METHODS:
-            request.state.api_key = self.check_key(request.headers.get("authorization"))
+            request.state.api_key = await self.check_key(request.headers.get("authorization"))
 
-    def check_key(self, header: str | None) -> ApiKey:
+    async def check_key(self, header: str | None) -> ApiKey:
         assert self.keys is not None
         if not header:
             raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <key>'", headers=CHALLENGE,
@@ -109,9 +111,23 @@ class Guards:
             raise ApiError(403, "api_key_revoked", f"API key {key.name!r} has been revoked", reason="forbidden")
         refusal = self.limiter.admit_request(key.name, key.requests_per_s, key.images_per_min)
         if refusal is not None:
+            held = await self._pace(refusal.retry_after_s)
             raise ApiError(429, "rate_limited", f"{refusal.reason} for key {key.name!r}",
-                           headers={"Retry-After": retry_after_header(refusal.retry_after_s)}, reason="rate_limited")
+                           headers={"Retry-After": retry_after_header(refusal.retry_after_s - held)}, reason="rate_limited")
         return key
+
+    async def _pace(self, retry_after_s: float) -> float:
+        """Hold a rate-limit refusal until a retry could succeed (at most ``refusal_pace_s``,
+        and only while fewer than ``max_paced_refusals`` are held); the seconds held."""
+        hold = min(retry_after_s, self.admission.refusal_pace_s)
+        if hold <= 0 or self._paced >= self.admission.max_paced_refusals:
+            return 0.0
+        self._paced += 1
+        try:
+            await asyncio.sleep(hold)  # the pacing itself, not a wait for a condition
+        finally:
+            self._paced -= 1
+        return hold
 
     async def accepting_work(self) -> None:
         if self.gate.draining:

@@ -83,11 +83,14 @@ class DecodePool:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
-def decode_image(data: str, max_pixels: int, mode: str = "RGB", budget: PixelBudget | None = None) -> np.ndarray:
+def decode_image(data: str, max_pixels: int, mode: str = "RGB", budget: PixelBudget | None = None,
+                 draft_to: tuple[int, int] | None = None) -> np.ndarray:
     """Base64 PNG/JPEG/WebP -> (H, W, 3) uint8 (mode ``RGB``) or (H, W) uint8 (mode ``L``).
 
     Raises ``ValueError`` with a message for the client; nothing is decoded past the
     header when the image is too large for ``max_pixels`` or for what is left of ``budget``.
+    ``draft_to`` (width, height): a JPEG is decoded at the smallest of libjpeg's scales that
+    is still at least that large (``limits.jpeg_draft``).
     """
     try:
         raw = base64.b64decode(data, validate=True)
@@ -105,6 +108,8 @@ def decode_image(data: str, max_pixels: int, mode: str = "RGB", budget: PixelBud
                 raise ValueError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels")
             if budget is not None:
                 budget.take(width * height)
+            if draft_to is not None and image.format == "JPEG":
+                image.draft(mode, draft_to)
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         if isinstance(error, UnidentifiedImageError):
@@ -117,6 +122,17 @@ def decode_image(data: str, max_pixels: int, mode: str = "RGB", budget: PixelBud
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return np.asarray(image.convert(mode)).copy()
+
+
+def fit_to_output(pixels: np.ndarray, width: int, height: int, reducing_gap: float | None = None) -> np.ndarray:
+    """``pixels`` resized to the output size at once, as the stage would (bicubic; the
+    reference pipelines' ``reducing_gap``), so that the full decode is not kept or shipped:
+    the stage's own resize is then to the same size, which Pillow makes a copy, so the
+    result is the same to the bit."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    resized = Image.fromarray(pixels).resize((width, height), resample=Image.BICUBIC, reducing_gap=reducing_gap)
+    return np.asarray(resized).copy()
 
 
 def size_from_image(side: int, max_side: int) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
 from deployments.messages import SCHEDULERS
-from serve.http.images import PixelBudget, TotalTooLarge, check_total, decode_image, size_from_image
+from serve.http.images import PixelBudget, TotalTooLarge, check_total, decode_image, fit_to_output, size_from_image
 from serve.settings import ApiLimits
 
 MAX_SEED = 2**63 - 1
@@ -215,11 +215,13 @@ class GenerationRequest(BaseModel):
         """The spec the graph runs; raises :class:`SpecError` naming the field at fault."""
         raise NotImplementedError
 
-    def _decode(self, field: str, data: str, mode: str = "RGB") -> np.ndarray:
+    def _decode(self, field: str, data: str, mode: str = "RGB", output: tuple[int | None, int | None] = (None, None)) -> np.ndarray:
+        """``output``: the requested (width, height), when known before decoding (``jpeg_draft``)."""
         if self._pixels is None:
             self._pixels = PixelBudget(self.limits.max_request_pixels)
+        draft_to = output if self.limits.jpeg_draft and None not in output else None
         try:
-            return decode_image(data, self.limits.max_image_pixels, mode, self._pixels)
+            return decode_image(data, self.limits.max_image_pixels, mode, self._pixels, draft_to)
         except ValueError as error:
             raise SpecError(field, str(error)) from None
 
@@ -286,10 +288,12 @@ class Img2ImgRequest(GenerationRequest):
     height: OptionalSide = None
 
     def to_spec(self) -> GenerationSpec:
-        image = self._decode("image", self.image)
+        image = self._decode("image", self.image, output=(self.width, self.height))
         size = self._size(self.width, self.height, image)
         self._check_strength(self.strength, self.steps, "steps")
-        return self._spec(self.prompt, size, image=image, strength=float(self.strength))
+        # The MOVQ stage's preprocessing resizes it so (diffusers' VaeImageProcessor: bicubic, reducing_gap 1).
+        return self._spec(self.prompt, size, image=fit_to_output(image, *size, reducing_gap=1),
+                          strength=float(self.strength))
 
 
 class InpaintRequest(GenerationRequest):
@@ -306,6 +310,7 @@ class InpaintRequest(GenerationRequest):
     height: OptionalSide = None
 
     def to_spec(self) -> GenerationSpec:
+        # No JPEG draft here: the image and its mask must keep the same size.
         image = self._decode("image", self.image)
         mask = self._decode("mask", self.mask, "L")
         if mask.shape != image.shape[:2]:
@@ -384,13 +389,16 @@ class ControlnetRequest(GenerationRequest):
     height: OptionalSide = None
 
     def to_spec(self) -> GenerationSpec:
-        hint = self._decode("hint", self.hint)
-        image = None if self.image is None else self._decode("image", self.image)
+        output = (self.width, self.height)
+        hint = self._decode("hint", self.hint, output=output)
+        image = None if self.image is None else self._decode("image", self.image, output=output)
         size = self._size(self.width, self.height, hint)
+        hint = fit_to_output(hint, *size)  # as the denoiser resizes it (bicubic)
         if image is None:
             return self._spec(self.prompt, size, hint=hint)
         self._check_strength(self.strength, self.steps, "steps")
-        return self._spec(self.prompt, size, hint=hint, image=image, strength=float(self.strength))
+        return self._spec(self.prompt, size, hint=hint, image=fit_to_output(image, *size, reducing_gap=1),
+                          strength=float(self.strength))
 
 
 REQUEST_MODELS: dict[str, type[GenerationRequest]] = {

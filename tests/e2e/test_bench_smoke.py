@@ -151,4 +151,6 @@ def test_bench_hostile_runs_and_writes_its_json(guarded_app, tmp_path):
     for index, phase in enumerate(result["phases"]):
         assert _finite(result["phases"][index], "victim.p99_s") > 0, phase
         assert phase["victim"]["lost"] == 0, f"{phase['attack']}: a victim request got no answer at all"
+        assert phase["victim"]["ingress_rss_after_mb"] > 0, "the Ingress runs on this machine: its memory is read"
+        assert math.isfinite(phase["victim"]["ingress_rss_over_baseline_mb"])
     _check_provenance(result)

@@ -139,6 +139,51 @@ def test_a_request_with_a_body_is_charged_to_the_rate_once(tmp_path):
     assert statuses == [200, 200]
 
 
+def test_a_rate_limit_refusal_is_held_until_a_retry_could_succeed(tmp_path):
+    """A client looping on 429s is held to its key's rate: the refusal comes when the bucket
+    refills (0.5 s at 2 requests/s), with a Retry-After for what is left."""
+    import time
+
+    path = tmp_path / "keys.yaml"
+    key = add_key(path, "two-per-s")
+    client = TestClient(create_app(ApiLimits(), SlowBackend(),
+                                   auth=AuthSettings(api_keys_file=path, requests_per_s=2, burst_requests=1)))
+    assert client.post("/v1/text2img", json=GOOD, headers=bearer(key)).status_code == 200
+    started = time.perf_counter()
+    refused = client.post("/v1/text2img", json=GOOD, headers=bearer(key))
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert time.perf_counter() - started >= 0.45
+
+
+def test_refusals_held_at_once_are_capped_and_the_rest_answered_at_once():
+    from serve.http.admission import AdmissionGate, RateLimiter
+    from serve.http.errors import ApiError
+    from serve.http.guards import Guards
+
+    class OneKey:
+        def lookup(self, token):
+            from serve.http.auth import ApiKey
+            return ApiKey(name="k", digest=b"")
+
+    async def scenario():
+        guards = Guards(OneKey(), RateLimiter(0.1, 1, 60.0), AdmissionGate(4),
+                        AdmissionSettings(refusal_pace_s=30.0, max_paced_refusals=1))
+        await guards.check_key("Bearer any")  # the burst
+        held = asyncio.ensure_future(guards.check_key("Bearer any"))
+        for _ in range(100):  # let it reach its hold
+            await asyncio.sleep(0)
+        assert guards._paced == 1 and not held.done()
+        with pytest.raises(ApiError) as at_once:
+            await asyncio.wait_for(guards.check_key("Bearer any"), 5.0)  # not held 30 s: the cap is taken
+        assert at_once.value.status == 429
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert guards._paced == 0
+
+    asyncio.run(scenario())
+
+
 def test_per_key_budget_charges_the_requests_cost(client, keys, backend):
     """few-images: 3 standard images (512x512, 50 + 25 steps) per minute."""
     _, found = keys

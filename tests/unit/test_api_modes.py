@@ -225,3 +225,48 @@ def test_a_request_over_its_pixel_budget_by_headers_decodes_nothing(backend, mon
     response = TestClient(create_app(limits, backend)).post(route, json=body(encode(picture(128, 128))))
     assert response.status_code == 422 and "nothing was decoded" in response.text
     assert decoded == [], "refused from the headers, before any image was decoded"
+
+
+def test_input_images_are_fitted_to_the_output_size_with_the_stages_own_resize(client, backend):
+    """img2img images and ControlNet hints are resized right after decoding, exactly as the
+    MOVQ stage's preprocessor and the denoiser would: what the stages compute is unchanged."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    big = picture(200, 90)
+    client.post("/v1/img2img", json={"image": encode(big), "prompt": "x", "width": 128, "height": 64})
+    client.post("/v1/controlnet", json={"hint": encode(big), "image": encode(big), "prompt": "x", "width": 128, "height": 64})
+    img2img, controlnet = (call[0] for call in backend.calls)
+    assert img2img.image.shape == controlnet.image.shape == controlnet.hint.shape == (64, 128, 3)
+    processor = VaeImageProcessor(vae_scale_factor=4, vae_latent_channels=4, resample="bicubic", reducing_gap=1)
+    for fitted in (img2img.image, controlnet.image):
+        assert torch.equal(processor.preprocess(Image.fromarray(fitted), height=64, width=128),
+                           processor.preprocess(big, height=64, width=128))
+    as_denoiser = np.asarray(big.resize((128, 64), resample=Image.BICUBIC))
+    assert np.array_equal(controlnet.hint, as_denoiser)
+
+
+def test_jpeg_draft_decodes_large_jpegs_at_a_reduced_scale_only_when_enabled(backend, monkeypatch):
+    import serve.http.schemas as schemas
+
+    photo = encode(picture(512, 512), "JPEG")
+    seen: list[tuple] = []
+    original = schemas.decode_image
+
+    def spy(*args, **kwargs):
+        decoded = original(*args, **kwargs)
+        seen.append(decoded.shape)
+        return decoded
+
+    monkeypatch.setattr(schemas, "decode_image", spy)
+    sizes = {}
+    for draft in (False, True):
+        client = TestClient(create_app(ApiLimits(max_body_bytes=4 * 1024 * 1024, jpeg_draft=draft), backend))
+        seen.clear()
+        assert client.post("/v1/img2img", json={"image": photo, "prompt": "x", "width": 128, "height": 128}).status_code == 200
+        assert client.post("/v1/img2img", json={"image": photo, "prompt": "x"}).status_code == 200
+        sizes[draft] = list(seen)
+    assert sizes[False] == [(512, 512, 3), (512, 512, 3)]
+    # 1/4 scale is the smallest still >= 128x128; without a requested size the output size is
+    # the image's own, so nothing is reduced.
+    assert sizes[True] == [(128, 128, 3), (512, 512, 3)]
