@@ -3,8 +3,10 @@ Pillow's decompression-bomb guard, truncated files refused."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import ctypes
 import io
 import warnings
 
@@ -67,20 +69,51 @@ class TotalTooLarge(ValueError):
         self.field = field
 
 
+def release_freed_memory() -> None:
+    """Hand the heap that freed decodes leave behind back to the system: glibc keeps it in
+    its per-thread arenas otherwise, and a burst of large images would stay resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class DecodePool:
     """Image decoding off the event loop, at most ``threads`` at once per ingress replica: a
     burst of large images queues here instead of stalling every other request's I/O, and the
-    memory decoding takes is bounded by ``threads`` x the per-request budget."""
+    memory decoding takes is bounded by ``threads`` x the per-request budget. Once no image
+    has been decoded for ``trim_after_s`` (the requests that used them are done by then, as
+    a rule), the freed memory is handed back (:func:`release_freed_memory`)."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, trim_after_s: float = 2.0, trim=release_freed_memory) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self.trim_after_s = trim_after_s
+        self._trim = trim
+        self._active = 0
+        self._last_done = 0.0
+        self._trim_pending = False
 
     async def run(self, fn, *args):
-        import asyncio
+        loop = asyncio.get_running_loop()
+        self._active += 1
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        finally:
+            self._active -= 1
+            self._last_done = loop.time()
+            if not self._trim_pending:
+                self._trim_pending = True
+                loop.call_later(self.trim_after_s, self._trim_when_idle, loop)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _trim_when_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        idle_for = loop.time() - self._last_done
+        if self._active or idle_for < self.trim_after_s:  # still busy: look again later
+            loop.call_later(self.trim_after_s, self._trim_when_idle, loop)
+            return
+        self._trim_pending = False
+        loop.run_in_executor(self._executor, self._trim)
 
 
 def decode_image(data: str, max_pixels: int, mode: str = "RGB", budget: PixelBudget | None = None,

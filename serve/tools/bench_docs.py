@@ -82,7 +82,31 @@ def render_batching(result: dict) -> str:
     return "\n".join(lines + ["", provenance_line(result)])
 
 
-RENDERERS = {"latency": render_latency, "batching": render_batching}
+def render_hostile(result: dict) -> str:
+    def mb(value) -> str:
+        return "–" if value is None else f"{value:+.0f}"
+
+    lines = [
+        f"One key attacking while another works, {result['duration_s']:g} s per phase, scale {result['scale']}:",
+        "",
+        "| attack | victim requests | ok | lost | p50 s | p99 s | p99 / no attack | slowest /healthz s "
+        "| Ingress MB after, vs. before | attacker got |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for phase in result["phases"]:
+        v = phase["victim"]
+        got = ", ".join(f"{count} × {status}" for status, count in sorted(phase["attacker"].items())) or "–"
+        lines.append(f"| {phase['attack']} | {v['sent']} | {v['success_rate']:.0%} | {v['lost']} | {v['p50_s']:.2f} | "
+                     f"{v['p99_s']:.2f} | {v['p99_over_baseline']:.2f} | {v['healthz_max_s']:.3f} | "
+                     f"{mb(v.get('ingress_rss_over_baseline_mb'))} | {got} |")
+    targets = result["targets"]
+    lines += ["", f"Targets: nothing lost, every victim request successful, p99 ≤ {targets['p99_over_baseline_max']:g}× "
+              f"the no-attack phase, `/healthz` < {targets['healthz_max_s']:g} s, the Ingress's memory back within "
+              f"{targets.get('ingress_rss_over_baseline_mb_max', 300)} MB: **{'met' if result['met'] else 'missed'}**."]
+    return "\n".join(lines + ["", provenance_line(result)])
+
+
+RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile}
 
 
 def render_docs(text: str, results: Path = RESULTS) -> str:

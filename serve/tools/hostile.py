@@ -35,8 +35,10 @@ INGRESS_PROCESS = re.compile(r"ServeReplica:[^ :]+:Ingress\b")
 
 
 def ingress_rss_mb() -> float | None:
-    """The resident memory of the Ingress replicas on this machine, in MB, all applications'
-    together (None when the service runs elsewhere, or off Linux: read from ``/proc``)."""
+    """The private resident memory of the Ingress replicas on this machine, in MB, all
+    applications' together (None when the service runs elsewhere, or off Linux: read from
+    ``/proc``). Private: the pages of Ray's shared object store that the process has touched
+    (its ``RssShmem``, bounded by the store's own size and reused) are the store's, not its own."""
     total_kb, found = 0, False
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -46,7 +48,7 @@ def ingress_rss_mb() -> float | None:
         except OSError:  # gone meanwhile, or not ours to read
             continue
         for line in status.splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(("RssAnon:", "RssFile:")):
                 total_kb += int(line.split()[1])
                 found = True
     return total_kb / 1024 if found else None

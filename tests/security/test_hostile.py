@@ -62,3 +62,20 @@ def test_slow_bodies_get_408_and_never_shut_out_another_key(guarded_app):
     assert served.status_code == 200, served.text
     assert all(" 408 " in status for status in statuses), statuses
     assert time.perf_counter() - started < 20, "each trickled body is cut off at its deadline"
+
+
+def test_another_keys_job_is_404_on_every_route_and_its_owner_sees_it(guarded_app):
+    url, keys = guarded_app
+    owner, other = ({"Authorization": f"Bearer {keys[name]}"} for name in ("load", "normal"))
+    with httpx.Client(base_url=url, timeout=60) as client:
+        submitted = client.post("/v1/jobs", json={"mode": "text2img", "params": BODY}, headers=owner)
+        assert submitted.status_code == 202, submitted.text
+        job = f"/v1/jobs/{submitted.json()['id']}"
+        for method, path in (("GET", job), ("GET", f"{job}/events"), ("GET", f"{job}/images/0"), ("DELETE", job)):
+            refused = client.request(method, path, headers=other)
+            assert refused.status_code == 404, (method, path, refused.text)
+        deadline = time.monotonic() + 60
+        while (view := client.get(job, headers=owner).json())["state"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, view
+            time.sleep(0.05)  # polling interval
+        assert view["state"] == "succeeded", view

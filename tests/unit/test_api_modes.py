@@ -270,3 +270,34 @@ def test_jpeg_draft_decodes_large_jpegs_at_a_reduced_scale_only_when_enabled(bac
     # 1/4 scale is the smallest still >= 128x128; without a requested size the output size is
     # the image's own, so nothing is reduced.
     assert sizes[True] == [(128, 128, 3), (512, 512, 3)]
+
+
+def test_the_decode_pool_hands_freed_memory_back_once_idle():
+    import asyncio
+    import threading
+
+    from serve.http.images import DecodePool, release_freed_memory
+
+    trimmed = threading.Event()
+    calls = []
+
+    def trim():
+        calls.append(threading.current_thread().name)
+        trimmed.set()
+
+    async def scenario():
+        pool = DecodePool(2, trim_after_s=0.05, trim=trim)
+        assert await asyncio.gather(*(pool.run(pow, 2, n) for n in range(3))) == [1, 2, 4]
+        assert calls == []  # not while the burst's requests may still hold their images
+        for _ in range(200):  # poll, up to about 2 s
+            if trimmed.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert len(calls) == 1 and calls[0].startswith("decode"), calls
+        trimmed.clear()
+        await pool.run(pow, 2, 3)
+        await asyncio.get_running_loop().run_in_executor(None, trimmed.wait, 5.0)
+        assert len(calls) == 2
+
+    asyncio.run(scenario())
+    release_freed_memory()  # on this platform: no error either way
