@@ -42,7 +42,7 @@ def provenance() -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "dirty": dirty,
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": redacted_command([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "versions": {name: version(name) for name in ("torch", "ray", "diffusers", "transformers")},
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -60,3 +60,25 @@ def write_result(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**result, "provenance": provenance()}, indent=2, default=str))
     print(f"written: {out}")
+
+
+SECRET_OPTIONS = ("-key", "-token", "-password")
+
+
+def redacted_command(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret options (``--victim-key K``, ``--api-key=K``) hidden:
+    results are committed."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append("<redacted>")
+            hide_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if name.startswith("--") and name.endswith(SECRET_OPTIONS):
+            if eq:
+                out.append(f"{name}=<redacted>")
+                continue
+            hide_next = True
+        out.append(arg)
+    return out

@@ -28,3 +28,14 @@ def test_a_changed_result_changes_the_table(tmp_path):
     rendered = render_docs(DOC.read_text(), tmp_path)
     assert "9.87" in rendered and "12345.6" in rendered
     assert rendered != DOC.read_text()
+
+
+def test_secrets_on_the_command_line_never_reach_a_committed_result():
+    from serve.tools.provenance import redacted_command
+
+    argv = ["kandinsky-serve", "bench", "hostile", "--victim-key", "ks-aaa", "--attacker-key=ks-bbb", "--scale", "4"]
+    assert redacted_command(argv) == ["kandinsky-serve", "bench", "hostile", "--victim-key", "<redacted>",
+                                      "--attacker-key=<redacted>", "--scale", "4"]
+    for kind in RENDERERS:
+        command = " ".join(json.loads((RESULTS / f"{kind}.json").read_text())["provenance"]["command"])
+        assert "ks-" not in command, kind
