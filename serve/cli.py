@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--port", type=int, default=8010)
     compare.add_argument("--rates", default=None,
                          help="comma-separated rising requests/s to sweep (default: 0.5,1,2,3,4,5,6,8,10,12)")
+    compare.add_argument("--url", default=None,
+                         help="measure the graph already served at this URL (on --config's checkpoints) and deploy "
+                              "the monolith beside it on that Ray cluster (RAY_ADDRESS), instead of starting both")
     hostile = kinds.add_parser("hostile", help="one key attacking (slow bodies, streams, store flood, decode bombs) "
                                                "while another works: the other's success rate and p99 against no attack")
     hostile.add_argument("--url", required=True, help="the service to measure (API keys on)")
@@ -402,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     hostile.add_argument("--scale", type=int, default=4, help="attack size: 8x slow bodies, 32x streams, x decode clients")
     hostile.add_argument("--attacks", default=None, help="comma-separated subset of slow_bodies,streams,store_flood,decode_bombs")
     hostile.add_argument("--timeout", type=float, default=60.0, help="a victim request unanswered this long counts as lost")
+    hostile.add_argument("--settle", type=float, default=10.0,
+                         help="seconds to wait after a phase for the Ingress's memory to come back down")
     hostile.add_argument("--out", default="bench-results/hostile.json")
     hostile.set_defaults(func=_bench("hostile"))
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import urllib.parse
 from pathlib import Path
 
 from serve.tools.loadtest import arrival_times, percentile
@@ -202,11 +203,8 @@ BATCHING_LOADS = (0.3, 0.7, 1.0)
 BATCHING_MODES = ("request", "request-when-idle", "step")
 
 
-def deploy_denoiser(decoder_path, mode: str, max_batch: int, app_name: str, torch_threads: int = 1,
-                    num_cpus: float = 1.0):
-    """One Denoiser replica as an application of its own; returns its handle."""
-    from ray import serve
-
+def denoiser_app(decoder_path, mode: str, max_batch: int, torch_threads: int = 1, num_cpus: float = 1.0):
+    """One Denoiser replica with loop policy ``mode``, as an application to run."""
     from deployments.denoiser import Denoiser
 
     deployment = Denoiser.options(
@@ -215,7 +213,16 @@ def deploy_denoiser(decoder_path, mode: str, max_batch: int, app_name: str, torc
         ray_actor_options={"num_cpus": num_cpus},
         user_config={"batching": mode, "max_batch_size": max_batch, "batch_wait_timeout_s": 0.002, "torch_threads": torch_threads},
     )
-    return serve.run(deployment.bind(str(decoder_path)), name=app_name, route_prefix=None)
+    return deployment.bind(str(decoder_path))
+
+
+def deploy_denoiser(decoder_path, mode: str, max_batch: int, app_name: str, torch_threads: int = 1,
+                    num_cpus: float = 1.0):
+    """One Denoiser replica as an application of its own; returns its handle."""
+    from ray import serve
+
+    return serve.run(denoiser_app(decoder_path, mode, max_batch, torch_threads, num_cpus), name=app_name,
+                     route_prefix=None)
 
 
 def _embeddings(dim: int, seed: int):
@@ -330,8 +337,9 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
         # One replica per mode, all deployed at once (each measured alone; the idle ones wait
         # on an event). Capacity: the best mode's saturation throughput, measured first, so
         # every mode is offered exactly the same rates.
-        handles = {mode: deploy_denoiser(decoder_path, mode, max_batch, f"bench-{mode}",
-                                         num_cpus=1 / len(BATCHING_MODES)) for mode in BATCHING_MODES}
+        targets = [serve.RunTarget(denoiser_app(decoder_path, mode, max_batch, num_cpus=1 / len(BATCHING_MODES)),
+                                   name=f"bench-{mode}", route_prefix=None) for mode in BATCHING_MODES]
+        handles = dict(zip(BATCHING_MODES, serve.run_many(targets)))  # started together, not one by one
         try:
             capacities = {mode: await capacity_of(handle) for mode, handle in handles.items()}
             capacity = max(capacities.values())
@@ -340,7 +348,9 @@ def bench_batching(config: str, size: int, steps: int, max_batch: int, duration:
                      for mode, handle in handles.items()}
         finally:
             for mode in handles:
-                serve.delete(f"bench-{mode}")
+                serve.delete(f"bench-{mode}", _blocking=False)
+            while any(f"bench-{mode}" in serve.status().applications for mode in handles):
+                await asyncio.sleep(0.2)  # polling until Serve has removed them
         return {"capacities_rps": capacities, "capacity_rps": capacity, "modes": modes}
 
     measured = asyncio.run(main())
@@ -410,9 +420,17 @@ def _wait_for_http(url: str, timeout_s: float = 180.0) -> None:
     raise RuntimeError(f"{url} did not come up within {timeout_s:.0f} s")
 
 
+JOINED_MONOLITH_ROUTE = "/bench-monolith"
+
+
 def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration: float,
-                  slo: float, port: int, out: Path, rates: str | None = None) -> dict:
-    """Drive the same Poisson scenario at rising rates against each system in turn."""
+                  slo: float, port: int, out: Path, rates: str | None = None, url: str | None = None) -> dict:
+    """Drive the same Poisson scenario at rising rates against each system in turn.
+
+    ``url``: the graph is the one already served there, and the monolith is deployed beside
+    it (route ``/bench-monolith`` on the same proxy, cluster from ``RAY_ADDRESS``) and removed
+    after; nothing else of that Serve instance is touched. Without it, a local Ray and Serve
+    are started on ``port`` and shut down after."""
     import asyncio
     import subprocess
     import sys
@@ -421,7 +439,7 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
     from ray import serve
 
     from serve.tools.baselines import Monolith
-    from serve.graph.local_ray import init_local_ray
+    from serve.graph.local_ray import connect_ray, init_local_ray
     from serve.graph.service import start_service
     from serve.graph.build import resolve_model_paths
     from serve.tools.loadtest import LoadTest, RequestMix, Scenario
@@ -437,6 +455,9 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
     # The in-process server gets its own port: Ray Serve's proxy keeps `port` after an app is deleted.
     targets = {"in-process": f"http://127.0.0.1:{port + 1}", "monolith": f"http://127.0.0.1:{port}",
                "graph": f"http://127.0.0.1:{port}"}
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        targets.update(graph=url.rstrip("/"), monolith=f"{parts.scheme}://{parts.netloc}{JOINED_MONOLITH_ROUTE}")
     graph_cpus = sum(
         (opts.get("ray_actor_options") or {}).get("num_cpus", 0) * (opts.get("num_replicas") or 1)
         for opts in config.deployment_options.values()
@@ -498,15 +519,25 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
                 process.terminate()
                 process.wait(timeout=30)
         elif name == "monolith":
-            if not ray.is_initialized():
-                init_local_ray(logging_level="WARNING", log_to_driver=False)
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            app = Monolith.options(ray_actor_options={"num_cpus": graph_cpus}).bind(str(prior_path), str(decoder_path))
-            serve.run(app, name="monolith", route_prefix="/")
+            cpus = graph_cpus
+            if url is not None:
+                connect_ray(logging_level="WARNING", log_to_driver=False)
+                app_name, route = JOINED_MONOLITH_ROUTE.strip("/"), JOINED_MONOLITH_ROUTE
+                # Logical CPUs only place it; on a shared cluster take what is free.
+                cpus = min(graph_cpus, ray.available_resources().get("CPU", 0.0))
+            else:
+                if not ray.is_initialized():
+                    init_local_ray(logging_level="WARNING", log_to_driver=False)
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                app_name, route = "monolith", "/"
+            app = Monolith.options(ray_actor_options={"num_cpus": cpus}).bind(str(prior_path), str(decoder_path))
+            serve.run(app, name=app_name, route_prefix=route)
             try:
                 action(name)
             finally:
-                serve.delete("monolith")
+                serve.delete(app_name)
+        elif url is not None:
+            action(name)  # the graph already served there
         else:
             start_service(config, host="127.0.0.1", port=port)
             try:
@@ -518,13 +549,14 @@ def bench_compare(config: str, size: int, steps: int, prior_steps: int, duration
     for name in sorted(COMPARE_SYSTEMS, key=lambda n: n != "monolith"):
         with_system(name, measure)
     at_load = load_at_70()
-    serve.shutdown()
+    if url is None:
+        serve.shutdown()
 
     graph = results["graph"]
     report = {
         "benchmark": "compare", "size": size, "steps": steps, "prior_steps": prior_steps, "slo_s": slo_s,
         "step_duration_s": step_duration_s, "cpus_per_system": graph_cpus, "load_at_70pct_monolith_rps": at_load,
-        "systems": results,
+        "systems": results, "graph_service": url or "started by the bench",
         "throughput_graph_over_monolith": (
             graph["max_sustainable_rps"] / results["monolith"]["max_sustainable_rps"]
             if results["monolith"]["max_sustainable_rps"] else None

@@ -240,13 +240,11 @@ def _attack_process(*args) -> dict:
     return asyncio.run(_attack(*args))
 
 
-async def _phase(url: str, victim_key: str, attacker_key: str, attack: str | None, duration_s: float,
-                 scale: int, timeout_s: float) -> dict:
-    """The victim's mix for ``duration_s``, while ``attack`` runs in a process of its own (as
-    an attacker would: its request building must not slow the victim's client)."""
+async def _phase(pool, url: str, victim_key: str, attacker_key: str, attack: str | None, duration_s: float,
+                 scale: int, timeout_s: float, settle_s: float) -> dict:
+    """The victim's mix for ``duration_s``, while ``attack`` runs in ``pool``'s process (as an
+    attacker would: its request building must not slow the victim's client)."""
     import httpx
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     victim = {"Authorization": f"Bearer {victim_key}"}
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
@@ -254,21 +252,20 @@ async def _phase(url: str, victim_key: str, attacker_key: str, attack: str | Non
     log = VictimLog()
     start_rss = ingress_rss_mb()
     lead_s = min(2.0, duration_s / 4)  # the attack takes hold first
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        attacking = None
-        if attack is not None:
-            attacking = asyncio.get_running_loop().run_in_executor(
-                pool, _attack_process, url, attacker_key, attack, lead_s + duration_s, scale, timeout_s)
-            await asyncio.sleep(lead_s)
-        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-            tasks = [asyncio.ensure_future(_victim(client, victim, stop, log, timeout_s)),
-                     asyncio.ensure_future(_health(client, stop, log))]
-            await asyncio.sleep(duration_s)
-            stop.set()
-            await asyncio.gather(*tasks)
-        tally = await attacking if attacking is not None else {}
+    attacking = None
+    if attack is not None:
+        attacking = asyncio.get_running_loop().run_in_executor(
+            pool, _attack_process, url, attacker_key, attack, lead_s + duration_s, scale, timeout_s)
+        await asyncio.sleep(lead_s)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+        tasks = [asyncio.ensure_future(_victim(client, victim, stop, log, timeout_s)),
+                 asyncio.ensure_future(_health(client, stop, log))]
+        await asyncio.sleep(duration_s)
+        stop.set()
+        await asyncio.gather(*tasks)
+    tally = await attacking if attacking is not None else {}
     summary = log.summary()
-    summary["ingress_rss_after_mb"] = await _settled_rss(start_rss)
+    summary["ingress_rss_after_mb"] = await _settled_rss(start_rss, settle_s)
     return {"attack": attack or "none", "victim": summary, "attacker": tally}
 
 
@@ -287,16 +284,22 @@ async def _settled_rss(start_mb: float | None, settle_s: float = 10.0) -> float 
 
 
 def bench_hostile(url: str, victim_key: str, attacker_key: str, duration: float, scale: int, out: Path,
-                  attacks: str | None = None, timeout: float = 60.0) -> dict:
+                  attacks: str | None = None, timeout: float = 60.0, settle: float = 10.0) -> dict:
     """Run the phases against the service at ``url`` (API keys on); write the JSON; print the table."""
     chosen = tuple(a.strip() for a in attacks.split(",")) if attacks else ATTACKS
     unknown = [a for a in chosen if a not in ATTACKS]
     if unknown:
         raise SystemExit(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
-    # A warm-up phase first, not reported: the first requests after a start pay for lazy set-up.
-    asyncio.run(_phase(url, victim_key, attacker_key, None, min(duration, 5.0), scale, timeout))
-    phases = [asyncio.run(_phase(url, victim_key, attacker_key, attack, duration, scale, timeout))
-              for attack in (None, *chosen)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # The attacker's process is started once (started during the warm-up phase, which is not
+    # reported: the first requests after a start pay for lazy set-up).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(int).result()
+        asyncio.run(_phase(pool, url, victim_key, attacker_key, None, min(duration, 5.0), scale, timeout, settle))
+        phases = [asyncio.run(_phase(pool, url, victim_key, attacker_key, attack, duration, scale, timeout, settle))
+                  for attack in (None, *chosen)]
     baseline = phases[0]["victim"]["p99_s"]
     rss_baseline = phases[0]["victim"]["ingress_rss_after_mb"]
     for phase in phases:

@@ -4,8 +4,8 @@ Smallest settings that still take the real path: the CLI exits 0 and writes JSON
 whose documented keys hold finite numbers, with provenance. To stay within the
 session's one Ray instance where the command allows it, ``bench latency`` measures
 the session's running service (``--url``) and ``bench batching`` deploys its
-replicas on the session's cluster (``RAY_ADDRESS``); ``bench compare`` starts and
-shuts down a Serve instance of its own, so it runs on its own Ray.
+replicas on the session's cluster (``RAY_ADDRESS``), and ``bench compare`` measures the
+session's graph (``--url``) and deploys its monolith beside it.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_bench_batching_runs_and_writes_its_json(served_app, tiny_config, tmp_pa
 
     out = tmp_path / "batching.json"
     _run(["bench", "batching", "--config", str(tiny_config), "--steps", "2", "--max-batch", "2",
-          "--duration", "1", "--capacity-duration", "1", "--out", str(out)], tmp_path,
+          "--duration", "0.5", "--capacity-duration", "0.5", "--out", str(out)], tmp_path,
          ray_address=ray.get_runtime_context().gcs_address)
     assert not [name for name in serve.status().applications if name.startswith("bench-")], "the bench left its apps"
     result = json.loads(out.read_text())
@@ -114,12 +114,22 @@ def test_bench_batching_runs_and_writes_its_json(served_app, tiny_config, tmp_pa
     _check_provenance(result)
 
 
-def test_bench_compare_runs_and_writes_its_json(tiny_config, tmp_path):
+def test_bench_compare_runs_and_writes_its_json(served_app, tiny_config, tmp_path):
+    """On the session's graph (--url), with the monolith deployed beside it and removed after;
+    the bench's own start of Ray and the graph is what ``make bench`` runs (no --url)."""
+    import ray
+    from ray import serve
+
+    url, _ = served_app
     out = tmp_path / "compare.json"
     port = _free_port_pair()
     _run(["bench", "compare", "--config", str(tiny_config), "--steps", "2", "--prior-steps", "2",
-          "--duration", "1.5", "--rates", "2", "--slo", "30", "--port", str(port), "--out", str(out)], tmp_path)
+          "--duration", "1", "--rates", "2", "--slo", "30", "--port", str(port), "--url", url, "--out", str(out)],
+         tmp_path, ray_address=ray.get_runtime_context().gcs_address)
+    assert "bench-monolith" not in serve.status().applications, "the bench left its monolith"
+    assert serve.status().applications, "the session's own applications are still there"
     result = json.loads(out.read_text())
+    assert result["graph_service"] == url
     for system in ("in-process", "monolith", "graph"):
         assert _finite(result, f"systems.{system}.max_sustainable_rps") > 0, system
         assert _finite(result, f"systems.{system}.at_load.p99_s") > 0, system
@@ -144,7 +154,7 @@ def test_bench_hostile_runs_and_writes_its_json(guarded_app, tmp_path):
     url, keys = guarded_app
     out = tmp_path / "hostile.json"
     done = _run(["bench", "hostile", "--url", url, "--victim-key", keys["normal"], "--attacker-key", keys["load"],
-                 "--duration", "1", "--scale", "1", "--timeout", "30", "--out", str(out)], tmp_path)
+                 "--duration", "1", "--scale", "1", "--timeout", "30", "--settle", "1", "--out", str(out)], tmp_path)
     assert "one key attacking" in done.stdout
     result = json.loads(out.read_text())
     assert [phase["attack"] for phase in result["phases"]] == ["none", "slow_bodies", "streams", "store_flood", "decode_bombs"]
