@@ -239,6 +239,9 @@ class JobSettings(BaseModel):
     died) is failed with ``runner_lost``."""
     preview_max_side: int = Field(default=128, ge=16, le=512)
     """Longest side of a preview image, in pixels."""
+    a1111_preview_every: int = Field(default=10, ge=0, le=1000)
+    """An AUTOMATIC1111 generation makes a preview every this many denoising steps, for
+    ``/sdapi/v1/progress``'s ``current_image`` (A1111's "show progress every N steps"); 0: none."""
     public_base_url: str | None = Field(default=None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$", max_length=2000)
     """The service's address as clients reach it (``https://images.example.com``), for absolute
     image links in OpenAI ``url`` results. None: the links are relative (``/v1/jobs/…``). Never

@@ -2,7 +2,7 @@
 
 * **OpenAI Images**: ``POST /v1/images/generations``;
 * **AUTOMATIC1111 / SD.Next** (``/sdapi/v1``): ``txt2img``, ``img2img``, ``progress``,
-  ``interrupt``, ``samplers``, ``sd-models``.
+  ``interrupt``, ``skip``, ``samplers``, ``sd-models``, ``options``, ``scripts``.
 
 The translations are pure functions from a foreign body to the body of one of our
 request models (:func:`openai_to_native`, :func:`a1111_to_native`), so the same
@@ -126,14 +126,32 @@ A1111_DEFAULT_MASK_BLUR = 4
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")
 
 
-def scheduler_for_sampler(name: str) -> str:
-    """Our scheduler for an A1111 sampler name (or an alias), case-insensitive."""
-    wanted = name.strip().lower()
+# A1111's other samplers, run as the nearest scheduler served (the substitution is reported
+# in ``info``): ancestral and SDE samplers add fresh noise at every step, as DDPM does; the
+# deterministic ODE solvers are nearest to DPM-Solver++ (multistep, order 2); PLMS is a
+# linear multistep method, as UniPC's predictor is; LCM and DDIM CFG++ are DDIM-like.
+A1111_NEAREST: dict[str, str] = {
+    **dict.fromkeys(("euler a", "dpm2 a", "dpm++ 2s a", "dpm++ sde", "dpm++ 2m sde", "dpm++ 2m sde heun",
+                     "dpm++ 3m sde", "restart"), "ddpm"),
+    **dict.fromkeys(("euler", "lms", "heun", "dpm2", "dpm fast", "dpm adaptive"), "dpmsolver++"),
+    "plms": "unipc",
+    **dict.fromkeys(("lcm", "ddim cfg++"), "ddim"),
+}
+_NOISE_SCHEDULE_SUFFIX = re.compile(r"\s+(karras|exponential|sgm uniform|polyexponential|uniform|automatic)$")
+
+
+def scheduler_for_sampler(name: str) -> tuple[str, bool]:
+    """(our scheduler, whether it stands in for another) for an A1111 sampler name or alias,
+    case-insensitive; a noise-schedule suffix (" Karras", ...) is ignored."""
+    wanted = _NOISE_SCHEDULE_SUFFIX.sub("", name.strip().lower())
     for scheduler, (title, aliases) in SAMPLERS.items():
         if wanted == title.lower() or wanted in aliases:
-            return scheduler
+            return scheduler, wanted != name.strip().lower()
+    if wanted in A1111_NEAREST:
+        return A1111_NEAREST[wanted], True
     names = ", ".join(title for title, _ in SAMPLERS.values())
-    raise CompatError("sampler_name", f"unknown sampler {name!r}; available: {names} (GET /sdapi/v1/samplers)")
+    raise CompatError("sampler_name", f"unknown sampler {name!r}; available: {names} (GET /sdapi/v1/samplers), "
+                                      "or any AUTOMATIC1111 sampler, run as the nearest of those")
 
 
 def _strip_data_url(value: Any) -> Any:
@@ -164,12 +182,15 @@ def _flag(body: dict, name: str) -> bool:
     raise CompatError(name, f"must be true, false, 0 or 1, got {value!r:.40}")
 
 
-def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str]]:
-    """(mode, native body, unsupported fields) for an A1111 ``txt2img``/``img2img`` body.
+def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str], dict[str, dict]]:
+    """(mode, native body, unsupported fields, substitutions) for an A1111
+    ``txt2img``/``img2img`` body.
 
     Every field of ``body`` that is not translated is listed in the third item (and so
-    in the response's ``info``), whatever its value: nothing is dropped silently.
+    in the response's ``info``), whatever its value: nothing is dropped silently. A value
+    run as the nearest one served (a sampler) is in the fourth: field -> {asked, used}.
     """
+    substitutions: dict[str, dict] = {}
     if not isinstance(body, dict):
         raise CompatError("body", "must be a JSON object")
     known = A1111_COMMON | (A1111_IMG2IMG if img2img else set())
@@ -192,7 +213,9 @@ def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str]]:
     native["num_images"] = batch_size * n_iter
     sampler = body.get("sampler_name") or body.get("sampler_index")
     if sampler:
-        native["scheduler"] = scheduler_for_sampler(str(sampler))
+        native["scheduler"], substituted = scheduler_for_sampler(str(sampler))
+        if substituted:
+            substitutions["sampler_name"] = {"asked": str(sampler), "used": SAMPLERS[native["scheduler"]][0]}
     if body.get("sampler_name") and body.get("sampler_index") and "sampler_index" not in unsupported:
         unsupported.append("sampler_index")  # sampler_name wins, as in A1111
     mode = "text2img"
@@ -212,7 +235,7 @@ def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str]]:
             mode = "img2img"
             native["strength"] = _number(body, "denoising_strength", float, A1111_DEFAULT_STRENGTH)
             unsupported.extend(name for name in ("inpainting_mask_invert", "mask_blur") if name in body)
-    return mode, native, sorted(set(unsupported))
+    return mode, native, sorted(set(unsupported)), substitutions
 
 
 def translated(translate, *args):
@@ -229,15 +252,19 @@ def a1111_native_field(field: str) -> str:
             "image": "init_images", "strength": "denoising_strength", "invert_mask": "inpainting_mask_invert"}.get(field, field)
 
 
-def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, interrupted: bool) -> str:
+def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, interrupted: bool,
+               substitutions: dict[str, dict] | None = None) -> str:
     """A1111's ``info``: a JSON string describing what was generated."""
     sampler = SAMPLERS[spec.scheduler][0]
     seeds = list(spec.seeds)
     negative = spec.negative_prompt or ""
+    substitutions = substitutions or {}
     line = (f"Steps: {spec.steps}, Sampler: {sampler}, CFG scale: {spec.guidance_scale:g}, Seed: {{seed}}, "
             f"Size: {spec.width}x{spec.height}, Model: {MODEL_NAME}")
     if spec.strength is not None and spec.mode == "img2img":
         line += f", Denoising strength: {spec.strength:g}"
+    if "sampler_name" in substitutions:
+        line += f", Sampler substitution: {substitutions['sampler_name']['asked']} -> {sampler}"
     infotexts = [f"{spec.prompt}\nNegative prompt: {negative}\n" + line.format(seed=seed) for seed in seeds]
     return json.dumps({
         "prompt": spec.prompt,
@@ -258,6 +285,7 @@ def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, inter
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "job_timestamp": datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"),
+        "substitutions": substitutions,
         "interrupted": interrupted,
         "unsupported_fields": unsupported,
         "job_id": job_id,
@@ -291,7 +319,8 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     async def run(mode: str, spec: Any, client: str, origin: str) -> dict:
         """Run a job to its end: its final view (succeeded or cancelled)."""
         mode_not_configured(mode, unavailable)
-        view = await from_store(jobs.submit(Submission(spec, mode, client, origin)))
+        preview_every = jobs.settings.a1111_preview_every if origin == "sdapi" else 0
+        view = await from_store(jobs.submit(Submission(spec, mode, client, origin, preview_every)))
         if "limit" in view:
             raise job_limit_error(view)
         started = time.perf_counter()
@@ -334,7 +363,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
             body = await request.json()
         except (ValueError, RecursionError):
             raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
-        mode, native, unsupported = translated(a1111_to_native, body, img2img)
+        mode, native, unsupported, substitutions = translated(a1111_to_native, body, img2img)
         spec = await native_spec(mode, native, a1111_native_field, key)
         final = await run(mode, spec, client, "sdapi")
         interrupted = final["state"] == "cancelled"
@@ -346,7 +375,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         return {
             "images": [base64.b64encode(image).decode("ascii") for image in images],
             "parameters": parameters,
-            "info": a1111_info(spec, body, unsupported, final["id"], interrupted),
+            "info": a1111_info(spec, body, unsupported, final["id"], interrupted, substitutions),
         }
 
     @router.post(A1111_TXT2IMG_PATH, responses=errors, dependencies=submits, summary="AUTOMATIC1111-style text to image.")
@@ -370,11 +399,12 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
                               "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
         view = running[0]
         stamp = datetime.fromtimestamp(view["created_at"], timezone.utc).strftime("%Y%m%d%H%M%S")
+        preview = await jobs.store.preview(view["id"], client)
         return {
             "progress": view["progress"],
             "eta_relative": view["eta_s"] or 0.0,
             "textinfo": view["stage"],
-            "current_image": None,
+            "current_image": preview["image"] if preview else None,
             "state": {"skipped": False, "interrupted": view["cancel_requested"], "job": view["id"],
                       "job_count": len(active), "job_timestamp": stamp, "job_no": 0,
                       "sampling_step": view["step"], "sampling_steps": view["steps"]},
@@ -387,18 +417,62 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
             await jobs.cancel(view["id"])
         return {"interrupted": [view["id"] for view in active]}
 
+    @router.post("/sdapi/v1/skip", summary="AUTOMATIC1111-style skip. A request's images are made together "
+                                           "(one batch), so skipping ends the generation, as interrupt does.")
+    async def sdapi_skip(client: str = Depends(guards.caller)):
+        return await sdapi_interrupt(client)
+
+    @router.get("/sdapi/v1/scripts", summary="AUTOMATIC1111-style script list: none (clients probe it for extensions).")
+    async def sdapi_scripts():
+        return {"txt2img": [], "img2img": []}
+
+    def served_models() -> list[tuple[str, str]]:
+        """(decoder variant, model name) of each decoder served."""
+        variants = [("text2img", "kandinsky-2-2-decoder")]
+        if "inpaint" not in unavailable:
+            variants.append(("inpaint", "kandinsky-2-2-decoder-inpaint"))
+        if "controlnet" not in unavailable:
+            variants.append(("controlnet", "kandinsky-2-2-controlnet-depth"))
+        return variants
+
+    def model_title(variant: str, name: str) -> str:
+        return f"{name} [{variant}]"
+
+    @router.get("/sdapi/v1/options", summary="AUTOMATIC1111-style options: the checkpoint served and the defaults.")
+    async def sdapi_options():
+        variant, name = served_models()[0]
+        return {"sd_model_checkpoint": model_title(variant, name), "sd_checkpoint_hash": None,
+                "samples_format": "png", "sampler_name": SAMPLERS["ddpm"][0],
+                "show_progress_every_n_steps": jobs.settings.a1111_preview_every}
+
+    @router.post("/sdapi/v1/options", responses=errors,
+                 summary="AUTOMATIC1111-style options: sd_model_checkpoint may name any model of "
+                         "/sdapi/v1/sd-models (the decoder variant follows the mode); other keys are "
+                         "listed as unsupported.")
+    async def sdapi_set_options(request: Request):
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):
+            raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
+        if not isinstance(body, dict):
+            raise ApiError.invalid("body", "must be a JSON object of option names and values")
+        titles = [model_title(variant, name) for variant, name in served_models()]
+        names = [name for _, name in served_models()]
+        if "sd_model_checkpoint" in body and body["sd_model_checkpoint"] not in (*titles, *names):
+            raise ApiError.invalid("sd_model_checkpoint", f"unknown model {str(body['sd_model_checkpoint'])[:80]!r}; "
+                                                          f"served: {', '.join(titles)} (GET /sdapi/v1/sd-models)")
+        current = await sdapi_options()
+        unchanged = {"sd_model_checkpoint", *(key for key, value in body.items() if current.get(key) == value)}
+        return {"applied": sorted(key for key in body if key in unchanged),
+                "unsupported": sorted(key for key in body if key not in unchanged)}
+
     @router.get("/sdapi/v1/samplers", summary="AUTOMATIC1111-style sampler list (our decoder schedulers).")
     async def sdapi_samplers():
         return [{"name": title, "aliases": list(aliases), "options": {}} for title, aliases in SAMPLERS.values()]
 
     @router.get("/sdapi/v1/sd-models", summary="AUTOMATIC1111-style model list: the decoder variants served.")
     async def sdapi_models():
-        variants = [("text2img", "kandinsky-2-2-decoder")]
-        if "inpaint" not in unavailable:
-            variants.append(("inpaint", "kandinsky-2-2-decoder-inpaint"))
-        if "controlnet" not in unavailable:
-            variants.append(("controlnet", "kandinsky-2-2-controlnet-depth"))
-        return [{"title": f"{name} [{variant}]", "model_name": name, "hash": None, "sha256": None,
-                 "filename": name, "config": None} for variant, name in variants]
+        return [{"title": model_title(variant, name), "model_name": name, "hash": None, "sha256": None,
+                 "filename": name, "config": None} for variant, name in served_models()]
 
 

@@ -19,6 +19,8 @@ key checked before it (:meth:`Guards.check_before_body`, called by the HTTP laye
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import time
 from collections.abc import AsyncIterator
 
@@ -36,6 +38,16 @@ CHALLENGE = {"WWW-Authenticate": "Bearer"}
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `kandinsky-serve keys new` (when keys are configured).")
+
+
+def basic_password(credentials: str) -> str:
+    """The password of HTTP Basic ``credentials`` (base64 ``user:password``); the user name
+    when there is no password (some clients put the key there); "" when unreadable."""
+    try:
+        user, _, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, ValueError):
+        return ""
+    return (password or user).strip()
 
 
 class Guards:
@@ -101,8 +113,13 @@ class Guards:
                            reason="unauthenticated")
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
-            raise ApiError(401, "malformed_authorization", "the Authorization header must be 'Bearer <key>'",
+        if scheme.lower() == "basic":  # A1111 clients (webuiapi, Open WebUI): the key as the password
+            token = basic_password(token)
+        elif scheme.lower() != "bearer":
+            token = ""
+        if not token or " " in token:
+            raise ApiError(401, "malformed_authorization",
+                           "the Authorization header must be 'Bearer <key>' (or HTTP Basic with the key as the password)",
                            headers=CHALLENGE, reason="unauthenticated")
         key = self.keys.lookup(token)
         if key is None:

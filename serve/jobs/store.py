@@ -228,6 +228,11 @@ class JobStore:
             job.fetched_at = self.clock()
         return job.images[index], job.media_type or "application/octet-stream"
 
+    def preview(self, job_id: str, client: str | None = None) -> dict | None:
+        """The job's latest preview ``{step, steps, media_type, image (base64)}``, if any."""
+        job = self._job(job_id, client)
+        return None if job is None or job.preview is None else dict(job.preview)
+
     def events_after(self, job_id: str, seq: int, client: str | None = None) -> tuple[list[dict], bool] | None:
         """Events numbered after ``seq``, and whether the job has finished; None if unknown."""
         self.sweep()
@@ -419,6 +424,9 @@ class AsyncJobStore:
 
     async def active(self, client: str | None = None, origin: str | None = None) -> list[dict]:
         return self.store.active(client, origin)
+
+    async def preview(self, job_id: str, client: str | None = None) -> dict | None:
+        return self.store.preview(job_id, client)
 
     async def start(self, job_id: str, owner: str) -> bool:
         started = self.store.start(job_id, owner)

@@ -70,6 +70,22 @@ def test_requests_without_a_valid_key_are_refused_before_anything_runs(client, b
     assert backend.calls == []
 
 
+def test_http_basic_with_the_key_as_password_is_the_same_key(client, keys, backend):
+    """A1111 clients (webuiapi, Open WebUI) send HTTP Basic: the key is the password."""
+    import base64
+
+    _, found = keys
+
+    def basic(user: str, password: str) -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    assert client.post("/v1/text2img", json=GOOD, headers=basic("anyone", found["a"])).status_code == 200
+    assert client.post("/v1/text2img", json=GOOD, headers=basic(found["a"], "")).status_code == 200
+    assert client.post("/v1/text2img", json=GOOD, headers=basic("anyone", "ks-wrong")).status_code == 401
+    assert client.post("/v1/text2img", json=GOOD, headers=basic("anyone", found["gone"])).status_code == 403
+    assert client.get("/v1/status", headers=basic("x", found["b"])).status_code == 200
+
+
 def test_a_revoked_key_is_403_and_revocation_needs_no_restart(client, keys, backend):
     path, found = keys
     assert client.post("/v1/text2img", json=GOOD, headers=bearer(found["gone"])).status_code == 403

@@ -32,23 +32,23 @@ def test_a1111_txt2img_maps_fields_and_lists_what_it_does_not_use():
     body = {"prompt": "a cat", "negative_prompt": "blur", "steps": 9, "cfg_scale": 7, "width": 64, "height": 128,
             "seed": 11, "batch_size": 2, "n_iter": 3, "sampler_name": "DPM++ 2M", "restore_faces": False,
             "enable_hr": True, "styles": []}
-    mode, native, unsupported = a1111_to_native(body, img2img=False)
+    mode, native, unsupported, _ = a1111_to_native(body, img2img=False)
     assert mode == "text2img"
     assert native == {"prompt": "a cat", "negative_prompt": "blur", "steps": 9, "guidance_scale": 7.0, "width": 64,
                       "height": 128, "seed": 11, "num_images": 6, "scheduler": "dpmsolver++"}
     assert unsupported == ["enable_hr", "restore_faces", "styles"]
-    _, random_seed, _ = a1111_to_native({"prompt": "a", "seed": -1}, img2img=False)
+    _, random_seed, _, _ = a1111_to_native({"prompt": "a", "seed": -1}, img2img=False)
     assert "seed" not in random_seed
 
 
 def test_a1111_img2img_and_inpainting():
-    mode, native, unsupported = a1111_to_native(
+    mode, native, unsupported, _ = a1111_to_native(
         {"prompt": "a", "init_images": ["data:image/png;base64," + PNG_B64], "denoising_strength": 0.5, "mask_blur": 4},
         img2img=True,
     )
     assert mode == "img2img" and native["image"] == PNG_B64 and native["strength"] == 0.5
     assert unsupported == ["mask_blur"]  # no mask: nothing to blur
-    mode, native, unsupported = a1111_to_native(
+    mode, native, unsupported, _ = a1111_to_native(
         {"prompt": "a", "init_images": [PNG_B64], "mask": PNG_B64, "inpainting_mask_invert": 1, "denoising_strength": 0.75},
         img2img=True,
     )
@@ -58,10 +58,16 @@ def test_a1111_img2img_and_inpainting():
         a1111_to_native({"prompt": "a", "init_images": [PNG_B64, PNG_B64]}, img2img=True)
 
 
-def test_samplers_map_by_name_or_alias():
-    assert scheduler_for_sampler("DDIM") == "ddim" and scheduler_for_sampler("unipc") == "unipc"
-    with pytest.raises(CompatError, match="Euler a"):
-        scheduler_for_sampler("Euler a")
+def test_samplers_map_by_name_or_alias_and_other_a1111_samplers_to_the_nearest():
+    assert scheduler_for_sampler("DDIM") == ("ddim", False) and scheduler_for_sampler("unipc") == ("unipc", False)
+    assert scheduler_for_sampler("Euler a") == ("ddpm", True)  # webuiapi's default
+    assert scheduler_for_sampler("DPM++ 2M Karras") == ("dpmsolver++", True)
+    assert scheduler_for_sampler("euler") == ("dpmsolver++", True)
+    with pytest.raises(CompatError, match="Warp drive"):
+        scheduler_for_sampler("Warp drive")
+    _, native, _, substitutions = a1111_to_native({"prompt": "a", "sampler_name": "Euler a", "sampler_index": "Euler a"},
+                                                  img2img=False)
+    assert native["scheduler"] == "ddpm" and substitutions == {"sampler_name": {"asked": "Euler a", "used": "DDPM"}}
 
 
 @pytest.fixture
@@ -108,8 +114,18 @@ def test_sdapi_txt2img_returns_images_parameters_and_info(client):
 def test_sdapi_errors_use_its_field_names(client):
     response = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "cfg_scale": 500})
     assert response.status_code == 422 and "cfg_scale" in response.json()["error"]["message"]
-    unknown = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "sampler_name": "Euler a"})
+    unknown = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "sampler_name": "Warp drive"})
     assert unknown.status_code == 422 and "sampler_name" in unknown.json()["error"]["message"]
+
+
+def test_an_a1111_sampler_we_do_not_run_is_substituted_and_says_so(client):
+    result = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2, "width": 64, "height": 64,
+                                                    "sampler_name": "Euler a", "scheduler": "automatic"})
+    assert result.status_code == 200, result.text
+    info = json.loads(result.json()["info"])
+    assert info["sampler_name"] == "DDPM" and info["substitutions"] == {"sampler_name": {"asked": "Euler a", "used": "DDPM"}}
+    assert "Sampler substitution: Euler a -> DDPM" in info["infotexts"][0]
+    assert "scheduler" in info["unsupported_fields"]
 
 
 def test_sdapi_lists_samplers_and_models():
@@ -139,12 +155,34 @@ def test_sdapi_progress_and_interrupt():
             time.sleep(0.01)  # polling interval
         assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
         job = progress["state"]["job"]
+        while (progress := client.get("/sdapi/v1/progress").json())["current_image"] is None:
+            assert time.monotonic() < deadline, progress  # a preview every 10 steps (jobs.a1111_preview_every)
+            time.sleep(0.01)  # polling interval
+        assert base64.b64decode(progress["current_image"]) == b"\xff\xd8preview"
         assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": [job]}
         worker.join(timeout=20)
     response = result["response"]
     assert response.status_code == 200
     assert response.json()["images"] == [] and json.loads(response.json()["info"])["interrupted"] is True
     assert backend.steps_run[job] < 25 + 150
+
+
+def test_sdapi_options_scripts_and_skip_as_open_webui_and_webuiapi_call_them():
+    client, _ = make_client(FakeJobBackend(step_s=0.002), unavailable={"controlnet": "not configured"})
+    with client:
+        options = client.get("/sdapi/v1/options", headers={"authorization": ""}).json()  # Open WebUI, no auth
+        titles = [model["title"] for model in client.get("/sdapi/v1/sd-models").json()]
+        assert options["sd_model_checkpoint"] == titles[0]
+        # Open WebUI sets a model by posting the whole options object back, changed.
+        chosen = client.post("/sdapi/v1/options", json={**options, "sd_model_checkpoint": titles[1],
+                                                          "CLIP_stop_at_last_layers": 2})
+        assert chosen.status_code == 200, chosen.text
+        assert chosen.json() == {"applied": sorted(options), "unsupported": ["CLIP_stop_at_last_layers"]}
+        unknown = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl.safetensors"})
+        assert unknown.status_code == 422 and "sd_model_checkpoint" in unknown.json()["error"]["message"]
+        assert titles[0] in unknown.json()["error"]["message"]
+        assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+        assert client.post("/sdapi/v1/skip").json() == {"interrupted": []}
 
 
 def test_openai_links_use_the_configured_public_base_url():

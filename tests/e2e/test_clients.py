@@ -1,0 +1,82 @@
+"""The AUTOMATIC1111 clients people run, unmodified, against the live service: ``webuiapi``
+(PyPI) as its users call it, and Open WebUI's call sequence replayed from its source
+(``backend/open_webui/routers/images.py``: verify, list models, read and set the model,
+generate)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+import webuiapi  # the dev extra installs it
+from PIL import Image
+
+TINY = {"width": 64, "height": 64, "steps": 3, "cfg_scale": 4.0, "seed": 7}
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def native_image(url: str, headers: dict | None = None, **overrides) -> np.ndarray:
+    body = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3, "guidance_scale": 4.0, "seed": 7,
+            "scheduler": "ddpm", **overrides}
+    response = httpx.post(f"{url}/v1/text2img", json=body, headers=headers, timeout=120)
+    assert response.status_code == 200, response.text
+    return pixels(base64.b64decode(response.json()["images"][0]))
+
+
+def test_webuiapi_unmodified_draws_the_native_image_with_its_default_sampler(served_app):
+    url, _ = served_app
+    api = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1")  # default sampler "Euler a", scheduler "automatic"
+    result = api.txt2img(prompt="a red circle", **TINY)
+    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    assert result.info["substitutions"] == {"sampler_name": {"asked": "Euler a", "used": "DDPM"}}
+    assert {"alwayson_scripts", "enable_hr", "scheduler"} <= set(result.info["unsupported_fields"])
+    assert np.array_equal(np.asarray(result.images[0].convert("RGB")), native_image(url))
+    current = api.util_get_current_model()
+    assert current in api.util_get_model_names()
+    api.util_set_model(current)  # posts {"sd_model_checkpoint": ...}
+    assert api.get_progress()["state"]["job_count"] == 0
+    assert api.interrupt() == {"interrupted": []}
+
+
+def test_webuiapi_with_http_basic_auth_uses_the_key_as_password(guarded_app):
+    url, keys = guarded_app
+    api = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1", username="webui", password=keys["normal"])
+    result = api.txt2img(prompt="a red circle", **{**TINY, "steps": 2})
+    assert result.images[0].size == (64, 64)
+    refused = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1", username="webui", password="ks-not-a-key")
+    with pytest.raises(RuntimeError) as error:
+        refused.txt2img(prompt="a red circle", **{**TINY, "steps": 2})
+    assert error.value.args[0] == 401
+
+
+def test_open_webui_a1111_call_sequence(guarded_app):
+    """What Open WebUI sends, in its order: each GET/POST of /sdapi/v1/options carries its
+    ``authorization`` header (HTTP Basic of its AUTOMATIC1111_API_AUTH ``user:password``)."""
+    url, keys = guarded_app
+    base = url.rstrip("/")
+    auth = {"authorization": "Basic " + base64.b64encode(f"openwebui:{keys['normal']}".encode()).decode()}
+    with httpx.Client(timeout=120) as client:
+        client.get(f"{base}/sdapi/v1/options", headers=auth).raise_for_status()  # "verify URL"
+        models = [{"id": m["title"], "name": m["model_name"]}
+                  for m in client.get(f"{base}/sdapi/v1/sd-models", headers=auth).json()]
+        options = client.get(f"{base}/sdapi/v1/options", headers=auth).json()
+        assert options["sd_model_checkpoint"] in [m["id"] for m in models]
+        chosen = models[-1]["id"]
+        if chosen != options["sd_model_checkpoint"]:  # set_image_model: the whole options object back
+            options["sd_model_checkpoint"] = chosen
+            client.post(f"{base}/sdapi/v1/options", json=options, headers=auth).raise_for_status()
+        data = {"prompt": "a red circle", "batch_size": 2, "width": 64, "height": 64, "steps": 2,
+                "negative_prompt": "blue"}
+        res = client.post(f"{base}/sdapi/v1/txt2img", json=data, headers=auth).json()
+        assert len(res["images"]) == 2
+        assert all(pixels(base64.b64decode(image)).shape == (64, 64, 3) for image in res["images"])
+        assert json.loads(res["info"])["negative_prompt"] == "blue"
+        # Without the key (Open WebUI sends an empty header when no auth is set): the 401 it shows.
+        assert client.get(f"{base}/sdapi/v1/options", headers={"authorization": ""}).status_code == 401
