@@ -256,6 +256,18 @@ class JobSettings(BaseModel):
         return self
 
 
+class OutputSettings(BaseModel):
+    """What the returned images carry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embed_parameters: bool = True
+    """Write each image's generation parameters (prompt, negative prompt, seed, steps,
+    sampler, guidance, size, model, mode, version) into it, as AUTOMATIC1111 does (a PNG
+    ``parameters`` chunk, EXIF UserComment in JPEG and WebP). False keeps prompts out of
+    the files (privacy)."""
+
+
 class ServiceSettings(BaseModel):
     """The application's ``args``: everything the graph builder needs."""
 
@@ -266,6 +278,7 @@ class ServiceSettings(BaseModel):
     admission: AdmissionSettings = AdmissionSettings()
     auth: AuthSettings = AuthSettings()
     jobs: JobSettings = JobSettings()
+    outputs: OutputSettings = OutputSettings()
 
 
 class ConfigError(ValueError):

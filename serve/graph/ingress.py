@@ -21,6 +21,8 @@ import numpy as np
 from deployments.messages import EncodedImages
 from deployments.metrics import merge_exposition
 from serve.http.app import create_app
+from serve.http.compat import MODEL_NAME, SAMPLERS
+from serve.http.metadata import stamped
 from serve.http.admission import AdmissionGate
 from serve.jobs.actor import ActorJobStore, job_store_actor
 from serve.jobs.runner import JobRunner
@@ -193,7 +195,13 @@ class Ingress:
         logger.info("job %s: %s %dx%d, %d image(s)", job_id, spec.mode, spec.width, spec.height, len(spec.seeds))
         # A job runs outside any HTTP request, so Ray Serve has no parent request whose
         # cancellation would reach its stage calls: _run_plan cancels each one itself.
-        return await self._run_plan(spec, job_id)
+        return self._stamped(spec, await self._run_plan(spec, job_id))
+
+    def _stamped(self, spec: GenerationSpec, result: EncodedImages) -> EncodedImages:
+        """The images with their generation parameters in them (``outputs.embed_parameters``)."""
+        if not self.settings.outputs.embed_parameters:
+            return result
+        return stamped(result, spec, MODEL_NAME, SAMPLERS[spec.scheduler][0])
 
     async def _run_plan(self, spec: GenerationSpec, request_id: str) -> EncodedImages:
         """Every stage call of ``spec``; if this is cancelled or fails (a timeout, a client that
@@ -255,7 +263,7 @@ class Ingress:
             "request %s: %s %dx%d, %d image(s)", request_id, spec.mode, spec.width, spec.height, len(spec.seeds)
         )
 
-        return await self._resilient(lambda: self._run_plan(spec, request_id), timeout_s)
+        return self._stamped(spec, await self._resilient(lambda: self._run_plan(spec, request_id), timeout_s))
 
     async def embeddings(self, texts: list[str], images: list, request_id: str = "") -> tuple[np.ndarray, np.ndarray]:
         async def attempt() -> tuple[np.ndarray, np.ndarray]:

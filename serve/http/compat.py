@@ -26,6 +26,7 @@ from serve.http.errors import ApiError
 from serve.http.auth import ApiKey
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
+from serve.http.metadata import package_version, parameters_text, parse_parameters, read_parameters
 from serve.http.job_routes import build_spec, from_store, job_limit_error, mode_not_configured
 from serve.http.schemas import SCHEDULER_NAMES, ErrorResponse
 from serve.jobs.runner import JobRunner, Submission
@@ -259,13 +260,11 @@ def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, inter
     seeds = list(spec.seeds)
     negative = spec.negative_prompt or ""
     substitutions = substitutions or {}
-    line = (f"Steps: {spec.steps}, Sampler: {sampler}, CFG scale: {spec.guidance_scale:g}, Seed: {{seed}}, "
-            f"Size: {spec.width}x{spec.height}, Model: {MODEL_NAME}")
-    if spec.strength is not None and spec.mode == "img2img":
-        line += f", Denoising strength: {spec.strength:g}"
+    extra = ""
     if "sampler_name" in substitutions:
-        line += f", Sampler substitution: {substitutions['sampler_name']['asked']} -> {sampler}"
-    infotexts = [f"{spec.prompt}\nNegative prompt: {negative}\n" + line.format(seed=seed) for seed in seeds]
+        extra = f", Sampler substitution: {substitutions['sampler_name']['asked']} -> {sampler}"
+    version = package_version()
+    infotexts = [parameters_text(spec, seed, MODEL_NAME, version, sampler) + extra for seed in seeds]
     return json.dumps({
         "prompt": spec.prompt,
         "all_prompts": [spec.prompt] * len(seeds),
@@ -421,6 +420,24 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
                                            "(one batch), so skipping ends the generation, as interrupt does.")
     async def sdapi_skip(client: str = Depends(guards.caller)):
         return await sdapi_interrupt(client)
+
+    @router.post("/sdapi/v1/png-info", responses=errors,
+                 summary="AUTOMATIC1111-style png-info: the generation parameters an image carries "
+                         "(PNG 'parameters' chunk, or EXIF UserComment in JPEG/WebP); nothing is decoded.")
+    async def sdapi_png_info(request: Request):
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):
+            raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
+        image = body.get("image") if isinstance(body, dict) else None
+        if not isinstance(image, str) or not image:
+            raise ApiError.invalid("image", "give the image as base64 (a data: URL is accepted)")
+        try:
+            text = read_parameters(base64.b64decode(_strip_data_url(image), validate=True))
+        except Exception:
+            raise ApiError.invalid("image", "not a readable base64 PNG, JPEG or WebP image") from None
+        return {"info": text or "", "items": {"parameters": text} if text else {},
+                "parameters": parse_parameters(text) if text else {}}
 
     @router.get("/sdapi/v1/scripts", summary="AUTOMATIC1111-style script list: none (clients probe it for extensions).")
     async def sdapi_scripts():

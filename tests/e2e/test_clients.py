@@ -38,6 +38,10 @@ def test_webuiapi_unmodified_draws_the_native_image_with_its_default_sampler(ser
     assert result.info["substitutions"] == {"sampler_name": {"asked": "Euler a", "used": "DDPM"}}
     assert {"alwayson_scripts", "enable_hr", "scheduler"} <= set(result.info["unsupported_fields"])
     assert np.array_equal(np.asarray(result.images[0].convert("RGB")), native_image(url))
+    # The image carries its parameters (a PNG chunk Pillow reads), and png-info reads them back.
+    carried = result.images[0].info["parameters"]
+    assert carried.startswith("a red circle\nNegative prompt: \n") and "Seed: 7" in carried and "Steps: 3" in carried
+    assert api.png_info(result.images[0]).info == carried
     current = api.util_get_current_model()
     assert current in api.util_get_model_names()
     api.util_set_model(current)  # posts {"sd_model_checkpoint": ...}
