@@ -36,8 +36,9 @@ MODEL_NAME = "kandinsky-2-2"
 # -- OpenAI Images ----------------------------------------------------------------------
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-OPENAI_NO_EFFECT = ("quality", "style", "user", "safety_identifier")
-"""Accepted for compatibility; they change nothing here (there is no such knob)."""
+OPENAI_NO_EFFECT = ("quality", "style", "background", "moderation", "output_compression", "input_fidelity")
+"""Accepted for compatibility and reported as unsupported: there is no such knob here (``user``
+and ``safety_identifier`` are accepted too: they identify, they change nothing anywhere)."""
 # Our fields a client may pass through (openai-python: ``extra_body={...}``).
 OPENAI_EXTENSIONS = ("negative_prompt", "seed", "steps", "prior_steps", "guidance_scale", "prior_guidance_scale", "scheduler")
 
@@ -51,6 +52,19 @@ class CompatError(ValueError):
         self.message = message
 
 
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx).")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str = Field(description="This service's error type (validation_error, rate_limited, ...).")
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error shape, on the OpenAI routes (400 for invalid input)."""
+
+    error: OpenAIErrorBody
+
+
 class OpenAIImageRequest(BaseModel):
     """``POST /v1/images/generations`` (the OpenAI Images API)."""
 
@@ -62,10 +76,16 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] | None = Field(
         default="url", description="url: the job's image URL (valid for the job TTL); b64_json: inline.")
     output_format: Literal["png", "jpeg", "webp"] | None = None
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
-    safety_identifier: str | None = None
+    # The SDK's other fields: accepted, and listed in the response's unsupported_fields
+    # where they change nothing here.
+    quality: str | None = Field(default=None, max_length=32)
+    style: str | None = Field(default=None, max_length=32)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    input_fidelity: Literal["high", "low"] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
     # Extensions (ours): pass with openai-python's extra_body.
     negative_prompt: str | None = None
     seed: int | None = None
@@ -340,7 +360,9 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
                 out.append(found[0])
         return out
 
-    @router.post(OPENAI_GENERATIONS_PATH, responses=errors, dependencies=submits,
+    openai_errors = {status: {"model": OpenAIError} for status in (400, 401, 403, 404, 409, 429, 500, 503)}
+
+    @router.post(OPENAI_GENERATIONS_PATH, responses=openai_errors, dependencies=submits,
                  summary="OpenAI Images API: text to image. Extensions: seed, negative_prompt, steps, prior_steps, "
                          "guidance_scale, prior_guidance_scale, scheduler.")
     async def openai_generations(body: OpenAIImageRequest, client: str = Depends(guards.caller),
@@ -354,8 +376,9 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         else:
             base = (jobs.settings.public_base_url or "").rstrip("/")
             data = [{"url": base + image["url"]} for image in final["images"]]
+        unsupported = [name for name in OPENAI_NO_EFFECT if getattr(body, name) is not None]
         return {"created": int(final["created_at"]), "data": data, "output_format": spec.output_format,
-                "size": f"{spec.width}x{spec.height}"}
+                "size": f"{spec.width}x{spec.height}", "unsupported_fields": unsupported}
 
     async def a1111(request: Request, client: str, key: ApiKey | None, img2img: bool):
         try:

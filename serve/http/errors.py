@@ -81,12 +81,33 @@ async def from_backend(call: Awaitable[T], request_id: str) -> T:
         raise ApiError(500, "generation_failed", f"generation failed: {type(error).__name__}") from error
 
 
+OPENAI_PREFIX = "/v1/images/"
+"""The OpenAI Images routes answer errors in OpenAI's shape (the SDK reads it)."""
+
+
 def answer_error(request: Request, error: ApiError, metrics: Any) -> JSONResponse:
     """``error`` as its response, counted as a rejection when it refuses work."""
     if error.reason is not None:
         metrics.rejection(error.reason)
+    if _app_path(request).startswith(OPENAI_PREFIX):
+        return openai_error_response(error)
     return error_response(error.status, error.kind, error.message, getattr(request.state, "request_id", None),
                           error.details, error.headers)
+
+
+def openai_error_response(error: ApiError) -> JSONResponse:
+    """OpenAI's error: ``{"error": {message, type, param, code}}``, 400 for invalid input
+    (our 422); ``code`` is our error type, ``param`` the first field at fault."""
+    status = 400 if error.status == 422 else error.status
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    param = error.details[0]["field"] if error.details else None
+    return JSONResponse({"error": {"message": error.message, "type": kind, "param": param, "code": error.kind}},
+                        status_code=status, headers=error.headers)
+
+
+def _app_path(request: Request) -> str:
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def install_error_handlers(app: FastAPI, metrics: Any, retry_after_s: Callable[[], float]) -> None:

@@ -84,3 +84,16 @@ def test_open_webui_a1111_call_sequence(guarded_app):
         assert json.loads(res["info"])["negative_prompt"] == "blue"
         # Without the key (Open WebUI sends an empty header when no auth is set): the 401 it shows.
         assert client.get(f"{base}/sdapi/v1/options", headers={"authorization": ""}).status_code == 401
+
+
+def test_the_openai_sdk_raises_its_own_errors_and_accepts_its_own_fields(served_app):
+    from openai import BadRequestError, OpenAI
+
+    url, _ = served_app
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120.0)
+    with pytest.raises(BadRequestError) as refused:
+        client.images.generate(prompt="a red circle", size="100x64")
+    assert refused.value.status_code == 400 and refused.value.body["param"] == "size"
+    result = client.images.generate(prompt="a red circle", size="64x64", response_format="b64_json", quality="high",
+                                    background="opaque", extra_body={"steps": 2, "prior_steps": 2})
+    assert len(result.data) == 1 and result.model_extra["unsupported_fields"] == ["quality", "background"]

@@ -92,10 +92,21 @@ def test_openai_route_returns_b64_or_job_urls(client):
 
 
 @pytest.mark.parametrize("patch,field", [({"size": "100x64"}, "size"), ({"n": 9}, "n"), ({"colour": "red"}, "colour"),
-                                         ({"size": "huge"}, "size")])
-def test_openai_bad_input_is_422_in_its_own_field_names(client, patch, field):
+                                         ({"size": "huge"}, "size"), ({"output_compression": 101}, "output_compression")])
+def test_openai_bad_input_is_400_in_openais_error_shape_and_field_names(client, patch, field):
     response = client.post("/v1/images/generations", json={"prompt": "a cat", **patch})
-    assert response.status_code == 422 and field in response.json()["error"]["message"]
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == field and field in error["message"] and error["code"] == "validation_error"
+
+
+def test_the_sdks_other_fields_are_accepted_and_reported(client):
+    response = client.post("/v1/images/generations", json={
+        "prompt": "a cat", "size": "64x64", "steps": 3, "response_format": "b64_json", "quality": "high",
+        "background": "opaque", "moderation": "low", "output_compression": 80, "user": "u-1"})
+    assert response.status_code == 200, response.text
+    assert response.json()["unsupported_fields"] == ["quality", "background", "moderation", "output_compression"]
 
 
 def test_sdapi_txt2img_returns_images_parameters_and_info(client):
