@@ -393,8 +393,8 @@ def create_app(
         return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title=app.title)
 
     if jobs is not None:
-        add_job_routes(keyed, limits, models, jobs, unavailable, guards, decode)
-        add_compat_routes(keyed, models, jobs, unavailable, guards, metrics, decode)
+        streams = add_job_routes(keyed, limits, models, jobs, unavailable, guards, decode)
+        add_compat_routes(keyed, models, jobs, unavailable, guards, metrics, decode, streams)
     app.include_router(keyed)
 
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.

@@ -17,9 +17,11 @@ import json
 import re
 import time
 from datetime import datetime, timezone
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.http.errors import ApiError
@@ -27,7 +29,16 @@ from serve.http.auth import ApiKey
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.metadata import package_version, parameters_text, parse_parameters, read_parameters
-from serve.http.job_routes import build_spec, from_store, job_limit_error, mode_not_configured
+from serve.http.admission import AdmissionGate
+from serve.http.job_routes import (
+    SSE_KEEPALIVE_S,
+    HeldStream,
+    build_spec,
+    enter_stream,
+    from_store,
+    job_limit_error,
+    mode_not_configured,
+)
 from serve.http.schemas import SCHEDULER_NAMES, ErrorResponse
 from serve.jobs.runner import JobRunner, Submission
 
@@ -76,6 +87,9 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] | None = Field(
         default="url", description="url: the job's image URL (valid for the job TTL); b64_json: inline.")
     output_format: Literal["png", "jpeg", "webp"] | None = None
+    stream: bool = Field(default=False, description="Server-Sent Events: partial images, then the images.")
+    partial_images: int | None = Field(default=None, ge=0, le=3,
+                                       description="With stream: previews sent before the images (0-3).")
     # The SDK's other fields: accepted, and listed in the response's unsupported_fields
     # where they change nothing here.
     quality: str | None = Field(default=None, max_length=32)
@@ -320,8 +334,9 @@ A1111_IMG2IMG_PATH = "/sdapi/v1/img2img"
 
 
 def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavailable: dict[str, str],
-                      guards: Guards, metrics: Any, decode: DecodePool) -> None:
-    """Register the OpenAI and A1111 routes on ``router``."""
+                      guards: Guards, metrics: Any, decode: DecodePool, streams: AdmissionGate) -> None:
+    """Register the OpenAI and A1111 routes on ``router``; OpenAI streams take their place in
+    ``streams`` (the job event streams' gate)."""
     errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
               429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
     # Synchronous for the client: each holds a place in the gate like /v1/{mode}, as well as a job.
@@ -368,6 +383,8 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     async def openai_generations(body: OpenAIImageRequest, client: str = Depends(guards.caller),
                                  key: ApiKey | None = Depends(guards.api_key)):
         spec = await native_spec("text2img", translated(openai_to_native, body), openai_field, key)
+        if body.stream:
+            return await openai_stream(spec, body, client)
         final = await run("text2img", spec, client, "openai")
         if final["state"] == "cancelled":
             raise ApiError(409, "job_cancelled", f"job {final['id']} was cancelled")
@@ -379,6 +396,62 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         unsupported = [name for name in OPENAI_NO_EFFECT if getattr(body, name) is not None]
         return {"created": int(final["created_at"]), "data": data, "output_format": spec.output_format,
                 "size": f"{spec.width}x{spec.height}", "unsupported_fields": unsupported}
+
+    async def openai_stream(spec: Any, body: OpenAIImageRequest, client: str) -> StreamingResponse:
+        """The generation as OpenAI's image stream: up to ``partial_images`` partial images (the
+        job's previews, spread over the denoising steps), then one completed event per image."""
+        mode_not_configured("text2img", unavailable)
+        partial = body.partial_images or 0
+        every = max(1, spec.steps // (partial + 1)) if partial else 0
+        enter_stream(streams, client)
+        try:
+            view = await from_store(jobs.submit(Submission(spec, "text2img", client, "openai", every)))
+            if "limit" in view:
+                raise job_limit_error(view)
+        except BaseException:
+            streams.leave(client=client)
+            raise
+        common = {"background": body.background or "auto", "quality": body.quality or "auto",
+                  "size": f"{spec.width}x{spec.height}"}
+
+        def event(payload: dict) -> str:
+            return f"event: {payload['type']}\ndata: {json.dumps({**common, **payload})}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            job_id, after, sent, finished = view["id"], 0, 0, False
+            try:
+                while not finished:
+                    found = await jobs.store.wait_events(job_id, after, SSE_KEEPALIVE_S, client)
+                    if found is None:
+                        yield f"data: {json.dumps({'error': {'message': 'the job expired', 'type': 'server_error', 'param': None, 'code': 'gone'}})}\n\n"
+                        return
+                    found_events, finished = found
+                    for item in found_events:
+                        after = item["seq"]
+                        image = item["data"].get("image") if item["event"] == "preview" else None
+                        if image and sent < partial:
+                            yield event({"type": "image_generation.partial_image", "b64_json": image,
+                                         "partial_image_index": sent, "created_at": int(time.time()),
+                                         "output_format": item["data"]["media_type"].split("/")[-1]})
+                            sent += 1
+                    if not found_events and not finished:
+                        yield ": keep-alive\n\n"
+                final = await jobs.store.view(job_id, client)
+                if final is None or final["state"] != "succeeded":
+                    message = ((final or {}).get("error") or {}).get("message") or f"the job {final and final['state']}"
+                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': 'generation_failed'}})}\n\n"
+                    return
+                for image in await images_of(final):
+                    yield event({"type": "image_generation.completed", "b64_json": base64.b64encode(image).decode("ascii"),
+                                 "created_at": int(final["created_at"]), "output_format": spec.output_format,
+                                 "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                                           "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}})
+            finally:
+                if not finished:  # the client went away: nobody waits for this job any more
+                    await jobs.cancel(job_id)
+
+        return HeldStream(events(), lambda: streams.leave(client=client), media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def a1111(request: Request, client: str, key: ApiKey | None, img2img: bool):
         try:

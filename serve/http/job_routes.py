@@ -170,8 +170,9 @@ def sse_event(event: dict) -> str:
 
 
 def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: JobRunner,
-                   unavailable: dict[str, str], guards: Guards, decode: DecodePool) -> None:
-    """Register ``/v1/jobs`` on ``router``."""
+                   unavailable: dict[str, str], guards: Guards, decode: DecodePool) -> AdmissionGate:
+    """Register ``/v1/jobs`` on ``router``; returns the event streams' gate (the OpenAI
+    streams count in it too)."""
     job_request = bind_limits(JobRequest, limits)
     store = jobs.store
     # Streams hold an ingress place for as long as they last: their own budget, so that
@@ -221,15 +222,7 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
                          client: str = Depends(guards.caller)):
         after = last_event_id(request.headers.get("last-event-id"))
         # The cap first: refusing a flood of streams must cost no store round trip.
-        refused = streams.enter(client)
-        retry = {"Retry-After": str(int(SSE_KEEPALIVE_S))}
-        if refused == "client_full":
-            raise ApiError(429, "too_many_streams", f"this client already has {streams.per_client} event streams open "
-                           "(args.jobs.max_streams_per_client); close one or poll GET /v1/jobs/{id}",
-                           headers=retry, reason="too_many_streams")
-        if refused is not None:
-            raise ApiError(503, "too_many_streams", "this replica holds as many event streams as it may; retry, or "
-                           "poll GET /v1/jobs/{id}", headers=retry, reason="too_many_streams")
+        enter_stream(streams, client)
         try:
             if await from_store(store.wait_events(job_id, after, 0.0, scope)) is None:
                 raise unknown_job(job_id)
@@ -264,3 +257,18 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
             raise ApiError(409, "job_finished", f"job {job_id} has already {view['state']}; nothing to cancel")
         # Stopped here: final. Running in another replica: it stops at that replica's next report.
         return JSONResponse(view, status_code=200 if view["state"] == "cancelled" else 202)
+
+    return streams
+
+
+def enter_stream(streams: AdmissionGate, client: str) -> None:
+    """A place for one more event stream of ``client``, or the 429/503 that says why not."""
+    refused = streams.enter(client)
+    retry = {"Retry-After": str(int(SSE_KEEPALIVE_S))}
+    if refused == "client_full":
+        raise ApiError(429, "too_many_streams", f"this client already has {streams.per_client} event streams open "
+                       "(args.jobs.max_streams_per_client); close one or poll GET /v1/jobs/{id}",
+                       headers=retry, reason="too_many_streams")
+    if refused is not None:
+        raise ApiError(503, "too_many_streams", "this replica holds as many event streams as it may; retry, or "
+                       "poll GET /v1/jobs/{id}", headers=retry, reason="too_many_streams")

@@ -97,3 +97,16 @@ def test_the_openai_sdk_raises_its_own_errors_and_accepts_its_own_fields(served_
     result = client.images.generate(prompt="a red circle", size="64x64", response_format="b64_json", quality="high",
                                     background="opaque", extra_body={"steps": 2, "prior_steps": 2})
     assert len(result.data) == 1 and result.model_extra["unsupported_fields"] == ["quality", "background"]
+
+
+def test_the_openai_sdk_streams_partial_images_then_the_image(served_app):
+    from openai import OpenAI
+
+    url, _ = served_app
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120.0)
+    stream = client.images.generate(prompt="a red circle", size="64x64", stream=True, partial_images=1,
+                                    extra_body={"steps": 8, "prior_steps": 2, "seed": 3})
+    events = list(stream)
+    assert [event.type for event in events] == ["image_generation.partial_image", "image_generation.completed"]
+    final = pixels(base64.b64decode(events[-1].b64_json))
+    assert np.array_equal(final, native_image(url, steps=8, prior_steps=2, seed=3))

@@ -236,3 +236,35 @@ def test_deeply_nested_bodies_are_4xx_on_every_route_family(client):
         response = client.post(path, content=deep, headers={"content-type": "application/json"})
         assert 400 <= response.status_code < 500, (path, response.status_code, response.text[:200])
         assert "error" in response.json()
+
+
+def sse_payloads(text: str) -> list[tuple[str | None, dict]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if "data" in lines:
+            out.append((lines.get("event"), json.loads(lines["data"])))
+    return out
+
+
+def test_openai_stream_sends_partial_images_then_each_image():
+    client, _ = make_client(FakeJobBackend(step_s=0.002))
+    with client:
+        response = client.post("/v1/images/generations", json={
+            "prompt": "a cat", "size": "64x64", "n": 2, "steps": 30, "stream": True, "partial_images": 2})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_payloads(response.text)
+    kinds = [payload["type"] for _, payload in events]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"] * 2, kinds
+    assert all(event == payload["type"] for event, payload in events)
+    assert [payload["partial_image_index"] for _, payload in events[:2]] == [0, 1]
+    assert base64.b64decode(events[0][1]["b64_json"]) == b"\xff\xd8preview"
+    assert [base64.b64decode(payload["b64_json"]) for _, payload in events[2:]] == [b"img0", b"img1"]
+    assert events[2][1]["size"] == "64x64" and events[2][1]["output_format"] == "png"
+
+
+def test_openai_stream_refusals_come_before_the_stream():
+    client, _ = make_client(FakeJobBackend(step_s=0.002))
+    with client:
+        refused = client.post("/v1/images/generations", json={"prompt": "a cat", "stream": True, "partial_images": 4})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "partial_images"
