@@ -21,9 +21,12 @@ class FakeJobBackend:
         self.gate: asyncio.Event | None = None
         """When set, every step waits for it (so a test can hold jobs running)."""
         self.previews = 0
+        self.specs: list = []
+        """Every spec run, in order."""
 
     async def generate_job(self, spec, job_id):
         self.started.append(job_id)
+        self.specs.append(spec)
         self.steps_run[job_id] = 0
         try:
             for stage, count in (("prior", spec.prior_steps), ("denoise", spec.steps)):

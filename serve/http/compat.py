@@ -110,6 +110,55 @@ class OpenAIImageRequest(BaseModel):
     scheduler: str | None = None
 
 
+class OpenAIEditRequest(OpenAIImageRequest):
+    """``POST /v1/images/edits`` (multipart): the form's fields; ``image`` (one) and ``mask``
+    are its files. With a mask, inpainting; without, image-to-image."""
+
+    strength: float | None = Field(default=None, description="Extension: without a mask, how far from the image "
+                                                             "(0 keeps it, 1 ignores it; default 0.75).")
+
+
+class OpenAIVariationRequest(BaseModel):
+    """``POST /v1/images/variations`` (multipart): the form's fields; ``image`` is its file."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    n: int | None = 1
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = "url"
+    user: str | None = Field(default=None, max_length=256)
+    # Extensions (ours).
+    seed: int | None = None
+    steps: int | None = None
+    prior_steps: int | None = None
+    guidance_scale: float | None = None
+    prior_guidance_scale: float | None = None
+    strength: float | None = None
+    scheduler: str | None = None
+
+
+OPENAI_EDIT_DEFAULT_STRENGTH = 0.75
+
+
+def openai_mask(data: bytes, max_pixels: int) -> str:
+    """OpenAI's edit mask (transparent = edit there) as ours (white = repaint): base64 PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data), formats=("PNG", "WEBP"))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise CompatError("mask", f"mask is {width}x{height}; the limit is {max_pixels} pixels")
+    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+        raise CompatError("mask", "needs an alpha channel: fully transparent pixels mark where to edit (as OpenAI's)")
+    alpha = np.asarray(image.convert("RGBA"))[..., 3]
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def parse_size(size: str | None, field: str = "size") -> tuple[int, int] | None:
     """``"WxH"`` -> (width, height); None for the native default ("auto" or none). Range and
     multiple-of-64 checks are the native model's."""
@@ -329,6 +378,8 @@ def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, inter
 
 
 OPENAI_GENERATIONS_PATH = "/v1/images/generations"
+OPENAI_EDITS_PATH = "/v1/images/edits"
+OPENAI_VARIATIONS_PATH = "/v1/images/variations"
 A1111_TXT2IMG_PATH = "/sdapi/v1/txt2img"
 A1111_IMG2IMG_PATH = "/sdapi/v1/img2img"
 
@@ -383,9 +434,77 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     async def openai_generations(body: OpenAIImageRequest, client: str = Depends(guards.caller),
                                  key: ApiKey | None = Depends(guards.api_key)):
         spec = await native_spec("text2img", translated(openai_to_native, body), openai_field, key)
-        if body.stream:
-            return await openai_stream(spec, body, client)
-        final = await run("text2img", spec, client, "openai")
+        return await openai_answer("text2img", spec, body, client, "image_generation")
+
+    @router.post(OPENAI_EDITS_PATH, responses=openai_errors, dependencies=submits,
+                 summary="OpenAI Images API: edits (multipart). One image; with a mask (transparent = edit), "
+                         "inpainting, else image-to-image (extension: strength, default 0.75).")
+    async def openai_edits(request: Request, client: str = Depends(guards.caller),
+                           key: ApiKey | None = Depends(guards.api_key)):
+        fields, files = await openai_form(request, ("image", "image[]", "mask"))
+        body = validated(OpenAIEditRequest, fields)
+        images = files.get("image", []) + files.get("image[]", [])
+        if len(images) != 1:
+            raise ApiError.invalid("image", f"give exactly one image (got {len(images)}); several are not supported")
+        native = translated(openai_to_native, body)
+        native["image"] = base64.b64encode(images[0]).decode("ascii")
+        mode = "img2img"
+        if files.get("mask"):
+            mode = "inpaint"
+            native["mask"] = await decode.run(translated, openai_mask, files["mask"][0], models[mode].limits.max_image_pixels)
+        else:
+            native["strength"] = body.strength if body.strength is not None else OPENAI_EDIT_DEFAULT_STRENGTH
+        spec = await native_spec(mode, native, openai_field, key)
+        return await openai_answer(mode, spec, body, client, "image_edit")
+
+    @router.post(OPENAI_VARIATIONS_PATH, responses=openai_errors, dependencies=submits,
+                 summary="OpenAI Images API: variations of one image (multipart; Kandinsky's image-embedding prior).")
+    async def openai_variations(request: Request, client: str = Depends(guards.caller),
+                                key: ApiKey | None = Depends(guards.api_key)):
+        fields, files = await openai_form(request, ("image",))
+        body = validated(OpenAIVariationRequest, fields)
+        if len(files.get("image", [])) != 1:
+            raise ApiError.invalid("image", "give exactly one image")
+        native: dict[str, Any] = {"image": base64.b64encode(files["image"][0]).decode("ascii"), "num_images": body.n or 1}
+        size = translated(parse_size, body.size)
+        if size is not None:
+            native["width"], native["height"] = size
+        native.update({name: getattr(body, name) for name in (*OPENAI_EXTENSIONS, "strength")
+                       if hasattr(body, name) and getattr(body, name) is not None})
+        spec = await native_spec("variations", native, openai_field, key)
+        return await openai_answer("variations", spec, body, client, "image_variation")
+
+    async def openai_form(request: Request, file_fields: tuple[str, ...]) -> tuple[dict, dict[str, list[bytes]]]:
+        """A multipart form's plain fields and its files (bytes) by field name."""
+        try:
+            form = await request.form(max_files=4, max_fields=64)
+        except Exception as error:  # not multipart, or over the form's limits
+            raise ApiError.invalid("body", f"must be multipart/form-data, as the OpenAI SDK sends it ({error})") from None
+        fields: dict[str, Any] = {}
+        files: dict[str, list[bytes]] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields[name] = value
+            elif name in file_fields:
+                files.setdefault(name, []).append(await value.read())
+            else:
+                raise ApiError.invalid(name, "unexpected file")
+        return fields, files
+
+    def validated(model: type[BaseModel], fields: dict) -> Any:
+        from pydantic import ValidationError
+
+        try:
+            return model.model_validate(fields)
+        except ValidationError as error:
+            raise ApiError.from_details([{"field": ".".join(str(p) for p in item["loc"]) or "body", "message": item["msg"]}
+                                         for item in error.errors()]) from None
+
+    async def openai_answer(mode: str, spec: Any, body: Any, client: str, event_prefix: str):
+        """The OpenAI response for ``spec``: a stream when asked, else the images or their URLs."""
+        if getattr(body, "stream", False):
+            return await openai_stream(mode, spec, body, client, event_prefix)
+        final = await run(mode, spec, client, "openai")
         if final["state"] == "cancelled":
             raise ApiError(409, "job_cancelled", f"job {final['id']} was cancelled")
         if body.response_format == "b64_json":
@@ -393,25 +512,25 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         else:
             base = (jobs.settings.public_base_url or "").rstrip("/")
             data = [{"url": base + image["url"]} for image in final["images"]]
-        unsupported = [name for name in OPENAI_NO_EFFECT if getattr(body, name) is not None]
+        unsupported = [name for name in OPENAI_NO_EFFECT if getattr(body, name, None) is not None]
         return {"created": int(final["created_at"]), "data": data, "output_format": spec.output_format,
                 "size": f"{spec.width}x{spec.height}", "unsupported_fields": unsupported}
 
-    async def openai_stream(spec: Any, body: OpenAIImageRequest, client: str) -> StreamingResponse:
+    async def openai_stream(mode: str, spec: Any, body: Any, client: str, event_prefix: str) -> StreamingResponse:
         """The generation as OpenAI's image stream: up to ``partial_images`` partial images (the
         job's previews, spread over the denoising steps), then one completed event per image."""
-        mode_not_configured("text2img", unavailable)
-        partial = body.partial_images or 0
+        mode_not_configured(mode, unavailable)
+        partial = getattr(body, "partial_images", None) or 0
         every = max(1, spec.steps // (partial + 1)) if partial else 0
         enter_stream(streams, client)
         try:
-            view = await from_store(jobs.submit(Submission(spec, "text2img", client, "openai", every)))
+            view = await from_store(jobs.submit(Submission(spec, mode, client, "openai", every)))
             if "limit" in view:
                 raise job_limit_error(view)
         except BaseException:
             streams.leave(client=client)
             raise
-        common = {"background": body.background or "auto", "quality": body.quality or "auto",
+        common = {"background": getattr(body, "background", None) or "auto", "quality": getattr(body, "quality", None) or "auto",
                   "size": f"{spec.width}x{spec.height}"}
 
         def event(payload: dict) -> str:
@@ -430,7 +549,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
                         after = item["seq"]
                         image = item["data"].get("image") if item["event"] == "preview" else None
                         if image and sent < partial:
-                            yield event({"type": "image_generation.partial_image", "b64_json": image,
+                            yield event({"type": f"{event_prefix}.partial_image", "b64_json": image,
                                          "partial_image_index": sent, "created_at": int(time.time()),
                                          "output_format": item["data"]["media_type"].split("/")[-1]})
                             sent += 1
@@ -442,7 +561,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
                     yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': 'generation_failed'}})}\n\n"
                     return
                 for image in await images_of(final):
-                    yield event({"type": "image_generation.completed", "b64_json": base64.b64encode(image).decode("ascii"),
+                    yield event({"type": f"{event_prefix}.completed", "b64_json": base64.b64encode(image).decode("ascii"),
                                  "created_at": int(final["created_at"]), "output_format": spec.output_format,
                                  "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                                            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}})

@@ -110,3 +110,36 @@ def test_the_openai_sdk_streams_partial_images_then_the_image(served_app):
     assert [event.type for event in events] == ["image_generation.partial_image", "image_generation.completed"]
     final = pixels(base64.b64decode(events[-1].b64_json))
     assert np.array_equal(final, native_image(url, steps=8, prior_steps=2, seed=3))
+
+
+def test_the_openai_sdk_edits_with_and_without_a_mask_and_makes_variations(served_app):
+    from openai import OpenAI
+
+    url, _ = served_app
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120.0)
+    buffer = io.BytesIO()
+    Image.fromarray(native_image(url)).save(buffer, format="PNG")
+    picture = ("picture.png", buffer.getvalue(), "image/png")
+    mask = np.full((64, 64, 4), 255, np.uint8)
+    mask[16:48, 16:48, 3] = 0  # transparent: edit here
+    buffer = io.BytesIO()
+    Image.fromarray(mask, "RGBA").save(buffer, format="PNG")
+    extra = {"steps": 3, "prior_steps": 2, "seed": 5}
+    inpainted = client.images.edit(image=picture, mask=("mask.png", buffer.getvalue(), "image/png"), prompt="a blue square",
+                                   size="64x64", response_format="b64_json", extra_body=extra)
+    edited = client.images.edit(image=picture, prompt="a blue square", size="64x64", response_format="b64_json",
+                                extra_body={**extra, "strength": 0.5})
+    varied = client.images.create_variation(image=picture, size="64x64", n=2, response_format="b64_json", extra_body=extra)
+    modes = {}
+    for name, result, count in (("inpaint", inpainted, 1), ("img2img", edited, 1), ("variations", varied, 2)):
+        images = [pixels(base64.b64decode(item.b64_json)) for item in result.data]
+        assert len(images) == count and all(image.shape == (64, 64, 3) for image in images)
+        modes[name] = parse_mode(base64.b64decode(result.data[0].b64_json))
+    assert modes == {"inpaint": "inpaint", "img2img": "img2img", "variations": "variations"}
+
+
+def parse_mode(png: bytes) -> str:
+    """The mode an image says it was made in (its embedded parameters)."""
+    from serve.http.metadata import parse_parameters, read_parameters
+
+    return parse_parameters(read_parameters(png))["Mode"]

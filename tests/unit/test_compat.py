@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from serve.http.compat import CompatError, OpenAIImageRequest, a1111_to_native, openai_to_native, scheduler_for_sampler
@@ -268,3 +270,52 @@ def test_openai_stream_refusals_come_before_the_stream():
     with client:
         refused = client.post("/v1/images/generations", json={"prompt": "a cat", "stream": True, "partial_images": 4})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "partial_images"
+
+
+def rgba_png(alpha) -> bytes:
+    from PIL import Image
+
+    pixels = np.zeros((64, 64, 4), np.uint8)
+    pixels[..., 3] = alpha
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_openai_edits_with_a_mask_inpaint_where_it_is_transparent_and_without_one_img2img():
+    backend = FakeJobBackend(step_s=0.002)
+    client, _ = make_client(backend)
+    picture = base64.b64decode(png_b64())
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[16:48, 16:48] = 0  # edit the middle
+    with client:
+        inpainted = client.post("/v1/images/edits", data={"prompt": "a cat", "size": "64x64", "steps": "3",
+                                                          "response_format": "b64_json"},
+                                files={"image": ("a.png", picture, "image/png"), "mask": ("m.png", rgba_png(alpha), "image/png")})
+        edited = client.post("/v1/images/edits", data={"prompt": "a cat", "size": "64x64", "steps": "4", "n": "2"},
+                             files={"image[]": ("a.png", picture, "image/png")})
+        no_alpha = client.post("/v1/images/edits", data={"prompt": "a cat"},
+                               files={"image": ("a.png", picture, "image/png"), "mask": ("m.png", picture, "image/png")})
+        two = client.post("/v1/images/edits", data={"prompt": "a cat"},
+                          files=[("image[]", ("a.png", picture, "image/png")), ("image[]", ("b.png", picture, "image/png"))])
+    assert inpainted.status_code == 200, inpainted.text
+    assert edited.status_code == 200 and len(edited.json()["data"]) == 2, edited.text
+    specs = [spec for spec in backend.specs if spec.mode in ("inpaint", "img2img")]
+    inpaint, img2img = specs[-2:]
+    assert inpaint.mode == "inpaint" and inpaint.mask[32, 32] == 255 and inpaint.mask[0, 0] == 0
+    assert img2img.mode == "img2img" and img2img.strength == 0.75
+    assert no_alpha.status_code == 400 and no_alpha.json()["error"]["param"] == "mask"
+    assert two.status_code == 400 and two.json()["error"]["param"] == "image"
+
+
+def test_openai_variations_run_the_image_embedding_prior():
+    backend = FakeJobBackend(step_s=0.002)
+    client, _ = make_client(backend)
+    with client:
+        varied = client.post("/v1/images/variations", data={"size": "64x64", "n": "2", "steps": "3",
+                                                             "response_format": "b64_json"},
+                             files={"image": ("a.png", base64.b64decode(png_b64()), "image/png")})
+        missing = client.post("/v1/images/variations", data={"size": "64x64"})
+    assert varied.status_code == 200, varied.text
+    assert len(varied.json()["data"]) == 2 and backend.specs[-1].mode == "variations"
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"
