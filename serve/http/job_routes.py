@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -150,6 +150,17 @@ class JobOut(BaseModel):
     images: list[JobImageOut]
     error: dict[str, str] | None
     urls: dict[str, str]
+    position: int | None = Field(default=None, description="While queued: how many jobs are ahead of it (0: next).")
+
+
+MAX_PAGE = 100
+
+
+class JobPage(BaseModel):
+    """``GET /v1/jobs``: a page of the caller's jobs, newest first."""
+
+    jobs: list[JobOut]
+    next: str | None = Field(description="Pass as ?before= for the next (older) page; null on the last.")
 
 
 MAX_EVENT_ID_DIGITS = 18
@@ -194,6 +205,18 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
         if "limit" in view:
             raise job_limit_error(view)
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["self"]})
+
+    @router.get(JOB_SUBMIT_PATH, response_model=JobPage, responses=errors,
+                summary="The caller's jobs, newest first (an admin key: everyone's); page with ?before=<next>.")
+    async def list_jobs(scope: str | None = Depends(guards.job_scope),
+                        state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+                        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+                        before: Annotated[str | None, Query(max_length=64, description="The previous page's next.")] = None):
+        page = await from_store(store.list_jobs(scope, state, limit, before))
+        if page is None:
+            raise ApiError(404, "cursor_not_found", f"before: no job {before!r} of yours (it may have expired); "
+                           "start again without it", [{"field": "before", "message": "a job id from a page's next"}])
+        return JSONResponse(page)
 
     @router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors, summary="A job's state and progress.")
     async def get_job(job_id: str, scope: str | None = Depends(guards.job_scope)):

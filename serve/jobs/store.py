@@ -96,6 +96,7 @@ def job_view(job: Job) -> dict:
     ]
     return {
         "id": job.id,
+        "position": None,  # the store fills it in for a queued job's GET and list (it changes as others start)
         "mode": job.mode,
         "origin": job.origin,
         "state": job.state,
@@ -218,7 +219,35 @@ class JobStore:
     def view(self, job_id: str, client: str | None = None) -> dict | None:
         self.sweep()
         job = self._job(job_id, client)
-        return None if job is None else job_view(job)
+        return None if job is None else self._with_position(job)
+
+    def _with_position(self, job: Job) -> dict:
+        """The job's view and, while it waits, how many jobs are ahead of it in the queue
+        (queued earlier, by anyone): 0 is next."""
+        view = job_view(job)
+        view["position"] = (sum(1 for other in self._jobs.values()
+                                if other.state == "queued" and (other.created_at, other.id) < (job.created_at, job.id))
+                            if job.state == "queued" else None)
+        return view
+
+    def list_jobs(self, client: str | None, state: str | None = None, limit: int = 20,
+                  before: str | None = None) -> dict | None:
+        """``client``'s jobs (None: everyone's), newest first, ``limit`` at most, optionally in
+        one ``state``, and older than job ``before`` (the previous page's ``next``). None when
+        ``before`` is no job of theirs (any more)."""
+        self.sweep()
+        mine = sorted((job for job in self._jobs.values() if client is None or job.client == client),
+                      key=lambda job: (job.created_at, job.id), reverse=True)
+        if before is not None:
+            cursor = self._job(before, client)
+            if cursor is None:
+                return None
+            mine = [job for job in mine if (job.created_at, job.id) < (cursor.created_at, cursor.id)]
+        if state is not None:
+            mine = [job for job in mine if job.state == state]
+        page = mine[:limit]
+        return {"jobs": [self._with_position(job) for job in page],
+                "next": page[-1].id if len(mine) > limit else None}
 
     def image(self, job_id: str, index: int, client: str | None = None) -> tuple[bytes, str] | None:
         job = self._job(job_id, client)
@@ -427,6 +456,10 @@ class AsyncJobStore:
 
     async def preview(self, job_id: str, client: str | None = None) -> dict | None:
         return self.store.preview(job_id, client)
+
+    async def list_jobs(self, client: str | None, state: str | None = None, limit: int = 20,
+                        before: str | None = None) -> dict | None:
+        return self.store.list_jobs(client, state, limit, before)
 
     async def start(self, job_id: str, owner: str) -> bool:
         started = self.store.start(job_id, owner)

@@ -204,3 +204,38 @@ def test_event_streams_are_capped_per_client_and_given_back_when_they_end():
         while (again := client.get(events)).status_code != 200:  # the closed stream's place comes back
             assert again.status_code == 429 and time.monotonic() < deadline, again.text
             time.sleep(0.01)  # polling interval
+
+
+def test_the_job_list_is_the_callers_own_newest_first_in_pages_and_filtered_by_state():
+    client, backend = make_client(FakeJobBackend(step_s=0.001))
+    with client, TestClient(client.app, client=("10.0.0.2", 50000)) as other:
+        mine = [client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "seed": i}}).json()["id"]
+                for i in range(5)]
+        theirs = other.post("/v1/jobs", json={"mode": "text2img", "params": PARAMS}).json()["id"]
+        for job in mine:
+            wait_for(client, job, {"succeeded"})
+        first = client.get("/v1/jobs", params={"limit": 2}).json()
+        assert [job["id"] for job in first["jobs"]] == mine[::-1][:2] and first["next"] == mine[3]
+        rest = client.get("/v1/jobs", params={"limit": 10, "before": first["next"]}).json()
+        assert [job["id"] for job in rest["jobs"]] == mine[::-1][2:] and rest["next"] is None
+        assert [job["id"] for job in other.get("/v1/jobs").json()["jobs"]] == [theirs]
+        assert client.get("/v1/jobs", params={"state": "failed"}).json() == {"jobs": [], "next": None}
+        assert len(client.get("/v1/jobs", params={"state": "succeeded"}).json()["jobs"]) == 5
+        stale = client.get("/v1/jobs", params={"before": theirs})  # not ours: as if it did not exist
+        assert stale.status_code == 404 and stale.json()["error"]["type"] == "cursor_not_found"
+        assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_a_queued_job_says_how_many_are_ahead_of_it():
+    client, _ = make_client(FakeJobBackend(step_s=0.01), max_running_jobs=1)  # a job takes over a second
+    with client:
+        ids = [client.post("/v1/jobs", json={"mode": "text2img", "params": {**PARAMS, "steps": 150}}).json()["id"]
+               for _ in range(3)]
+        wait_for(client, ids[0], {"running"})
+        positions = [client.get(f"/v1/jobs/{job}").json()["position"] for job in ids]
+        listed = {job["id"]: job["position"] for job in client.get("/v1/jobs").json()["jobs"]}
+        for job in ids:
+            client.delete(f"/v1/jobs/{job}")
+        after = client.get(f"/v1/jobs/{ids[2]}").json()
+    assert positions == [None, 0, 1] and listed == dict(zip(ids, positions))
+    assert after["state"] == "cancelled" and after["position"] is None
