@@ -436,7 +436,9 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         spec = await native_spec("text2img", translated(openai_to_native, body), openai_field, key)
         return await openai_answer("text2img", spec, body, client, "image_generation")
 
-    @router.post(OPENAI_EDITS_PATH, responses=openai_errors, dependencies=submits,
+    # The multipart routes read their form themselves, so they take their place in the gate
+    # after it, as FastAPI does for a JSON body: a slow form must not hold one.
+    @router.post(OPENAI_EDITS_PATH, responses=openai_errors, dependencies=[Depends(guards.accepting_work)],
                  summary="OpenAI Images API: edits (multipart). One image; with a mask (transparent = edit), "
                          "inpainting, else image-to-image (extension: strength, default 0.75).")
     async def openai_edits(request: Request, client: str = Depends(guards.caller),
@@ -455,9 +457,10 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         else:
             native["strength"] = body.strength if body.strength is not None else OPENAI_EDIT_DEFAULT_STRENGTH
         spec = await native_spec(mode, native, openai_field, key)
-        return await openai_answer(mode, spec, body, client, "image_edit")
+        async with guards.holding_slot(client):
+            return await openai_answer(mode, spec, body, client, "image_edit")
 
-    @router.post(OPENAI_VARIATIONS_PATH, responses=openai_errors, dependencies=submits,
+    @router.post(OPENAI_VARIATIONS_PATH, responses=openai_errors, dependencies=[Depends(guards.accepting_work)],
                  summary="OpenAI Images API: variations of one image (multipart; Kandinsky's image-embedding prior).")
     async def openai_variations(request: Request, client: str = Depends(guards.caller),
                                 key: ApiKey | None = Depends(guards.api_key)):
@@ -472,7 +475,8 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         native.update({name: getattr(body, name) for name in (*OPENAI_EXTENSIONS, "strength")
                        if hasattr(body, name) and getattr(body, name) is not None})
         spec = await native_spec("variations", native, openai_field, key)
-        return await openai_answer("variations", spec, body, client, "image_variation")
+        async with guards.holding_slot(client):
+            return await openai_answer("variations", spec, body, client, "image_variation")
 
     async def openai_form(request: Request, file_fields: tuple[str, ...]) -> tuple[dict, dict[str, list[bytes]]]:
         """A multipart form's plain fields and its files (bytes) by field name."""

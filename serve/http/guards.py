@@ -7,7 +7,8 @@
   keys, else ``addr:<address>`` (the peer's, or a trusted proxy's header).
 * :attr:`Guards.job_scope`: whose jobs the caller may see (its own; an admin key, all).
 * :attr:`Guards.generation_slot` (synchronous generation): a place under the in-flight
-  bound and under the caller's share of it, held until the answer is ready.
+  bound and under the caller's share of it, held until the answer is ready
+  (:meth:`Guards.holding_slot` for a route that reads its own body first).
 * :meth:`Guards.deadline`: the request's time limit (a client's ``X-Request-Timeout``,
   at most the configured one).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import binascii
 import time
 from collections.abc import AsyncIterator
@@ -153,6 +155,11 @@ class Guards:
                 "replica or the restarted service will answer)",
                 headers={"Retry-After": retry_after_header(self.gate.retry_after_s())}, reason="shutting_down",
             )
+
+    def holding_slot(self, client: str):
+        """:attr:`generation_slot` as a context manager, for a route that must read its body
+        itself (a multipart form) before it takes a place: admission after the body."""
+        return contextlib.asynccontextmanager(self._slot)(client)
 
     async def _slot(self, client: str) -> AsyncIterator[None]:
         """Held for the whole synchronous request; a success updates the gate's duration estimate."""

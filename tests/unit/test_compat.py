@@ -319,3 +319,29 @@ def test_openai_variations_run_the_image_embedding_prior():
     assert varied.status_code == 200, varied.text
     assert len(varied.json()["data"]) == 2 and backend.specs[-1].mode == "variations"
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"
+
+
+def test_openai_edits_still_take_a_place_in_the_gate_once_the_form_is_read():
+    from fastapi.testclient import TestClient
+
+    from serve.http.app import create_app
+    from serve.jobs.runner import JobRunner
+    from serve.jobs.store import AsyncJobStore
+    from serve.settings import AdmissionSettings, ApiLimits, JobSettings
+    from tests.unit.test_api import FakeBackend
+
+    settings = JobSettings(progress_interval_s=0.005)
+    runner = JobRunner(AsyncJobStore(settings), FakeJobBackend(step_s=0.002), settings)
+    app = create_app(ApiLimits(), FakeBackend(), jobs=runner,
+                     admission=AdmissionSettings(max_inflight_requests=4, max_inflight_per_client=1))
+    form = {"data": {"prompt": "a cat", "size": "64x64", "steps": "3"},
+            "files": {"image": ("a.png", base64.b64decode(png_b64()), "image/png")}}
+    with TestClient(app) as client:
+        gate = app.state.admission_gate
+        assert gate.enter("addr:testclient") is None  # this client's one place, taken
+        refused = client.post("/v1/images/edits", **form)
+        gate.leave(None, "addr:testclient")
+        served = client.post("/v1/images/edits", **form)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_inflight", refused.text
+    assert served.status_code == 200, served.text
+    assert gate.inside == 0
