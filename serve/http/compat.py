@@ -50,8 +50,6 @@ _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 OPENAI_NO_EFFECT = ("quality", "style", "background", "moderation", "output_compression", "input_fidelity")
 """Accepted for compatibility and reported as unsupported: there is no such knob here (``user``
 and ``safety_identifier`` are accepted too: they identify, they change nothing anywhere)."""
-# Our fields a client may pass through (openai-python: ``extra_body={...}``).
-OPENAI_EXTENSIONS = ("negative_prompt", "seed", "steps", "prior_steps", "guidance_scale", "prior_guidance_scale", "scheduler")
 
 
 class CompatError(ValueError):
@@ -76,10 +74,30 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorBody
 
 
-class OpenAIImageRequest(BaseModel):
-    """``POST /v1/images/generations`` (the OpenAI Images API)."""
+class OpenAIExtensions(BaseModel):
+    """Our fields a client may pass through on the OpenAI routes (openai-python: ``extra_body={...}``)."""
 
     model_config = ConfigDict(extra="forbid")
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    prior_steps: int | None = None
+    guidance_scale: float | None = None
+    prior_guidance_scale: float | None = None
+    scheduler: str | None = None
+
+
+OPENAI_EXTENSIONS = tuple(OpenAIExtensions.model_fields)
+
+
+def extension_fields(body: OpenAIExtensions) -> dict[str, Any]:
+    """The extensions ``body`` sets, as native fields (same names)."""
+    return {name: value for name in OPENAI_EXTENSIONS if (value := getattr(body, name)) is not None}
+
+
+class OpenAIImageRequest(OpenAIExtensions):
+    """``POST /v1/images/generations`` (the OpenAI Images API)."""
+
     prompt: str
     model: str | None = Field(default=None, description="Ignored: one model is served.")
     n: int | None = Field(default=1, description="Images to generate (up to the service's max_num_images).")
@@ -100,14 +118,6 @@ class OpenAIImageRequest(BaseModel):
     input_fidelity: Literal["high", "low"] | None = None
     user: str | None = Field(default=None, max_length=256)
     safety_identifier: str | None = Field(default=None, max_length=256)
-    # Extensions (ours): pass with openai-python's extra_body.
-    negative_prompt: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    prior_steps: int | None = None
-    guidance_scale: float | None = None
-    prior_guidance_scale: float | None = None
-    scheduler: str | None = None
 
 
 class OpenAIEditRequest(OpenAIImageRequest):
@@ -118,23 +128,15 @@ class OpenAIEditRequest(OpenAIImageRequest):
                                                              "(0 keeps it, 1 ignores it; default 0.75).")
 
 
-class OpenAIVariationRequest(BaseModel):
+class OpenAIVariationRequest(OpenAIExtensions):
     """``POST /v1/images/variations`` (multipart): the form's fields; ``image`` is its file."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     n: int | None = 1
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = "url"
     user: str | None = Field(default=None, max_length=256)
-    # Extensions (ours).
-    seed: int | None = None
-    steps: int | None = None
-    prior_steps: int | None = None
-    guidance_scale: float | None = None
-    prior_guidance_scale: float | None = None
-    strength: float | None = None
-    scheduler: str | None = None
+    strength: float | None = Field(default=None, description="Extension: how far from the image's embedding.")
 
 
 OPENAI_EDIT_DEFAULT_STRENGTH = 0.75
@@ -178,11 +180,7 @@ def openai_to_native(body: OpenAIImageRequest) -> dict:
         native["width"], native["height"] = size
     if body.output_format is not None:
         native["output_format"] = body.output_format
-    for name in OPENAI_EXTENSIONS:
-        value = getattr(body, name)
-        if value is not None:
-            native[name] = value
-    return native
+    return {**native, **extension_fields(body)}
 
 
 def openai_field(native_field: str) -> str:
@@ -472,8 +470,9 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         size = translated(parse_size, body.size)
         if size is not None:
             native["width"], native["height"] = size
-        native.update({name: getattr(body, name) for name in (*OPENAI_EXTENSIONS, "strength")
-                       if hasattr(body, name) and getattr(body, name) is not None})
+        native.update(extension_fields(body))
+        if body.strength is not None:
+            native["strength"] = body.strength
         spec = await native_spec("variations", native, openai_field, key)
         async with guards.holding_slot(client):
             return await openai_answer("variations", spec, body, client, "image_variation")
@@ -501,8 +500,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         try:
             return model.model_validate(fields)
         except ValidationError as error:
-            raise ApiError.from_details([{"field": ".".join(str(p) for p in item["loc"]) or "body", "message": item["msg"]}
-                                         for item in error.errors()]) from None
+            raise ApiError.from_validation(error) from None
 
     async def openai_answer(mode: str, spec: Any, body: Any, client: str, event_prefix: str):
         """The OpenAI response for ``spec``: a stream when asked, else the images or their URLs."""
@@ -537,6 +535,10 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         common = {"background": getattr(body, "background", None) or "auto", "quality": getattr(body, "quality", None) or "auto",
                   "size": f"{spec.width}x{spec.height}"}
 
+        def error_event(message: str, code: str) -> str:
+            error = {"message": message, "type": "server_error", "param": None, "code": code}
+            return f"data: {json.dumps({'error': error})}\n\n"
+
         def event(payload: dict) -> str:
             return f"event: {payload['type']}\ndata: {json.dumps({**common, **payload})}\n\n"
 
@@ -546,7 +548,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
                 while not finished:
                     found = await jobs.store.wait_events(job_id, after, SSE_KEEPALIVE_S, client)
                     if found is None:
-                        yield f"data: {json.dumps({'error': {'message': 'the job expired', 'type': 'server_error', 'param': None, 'code': 'gone'}})}\n\n"
+                        yield error_event("the job expired", "gone")
                         return
                     found_events, finished = found
                     for item in found_events:
@@ -562,7 +564,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
                 final = await jobs.store.view(job_id, client)
                 if final is None or final["state"] != "succeeded":
                     message = ((final or {}).get("error") or {}).get("message") or f"the job {final and final['state']}"
-                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': 'generation_failed'}})}\n\n"
+                    yield error_event(message, "generation_failed")
                     return
                 for image in await images_of(final):
                     yield event({"type": f"{event_prefix}.completed", "b64_json": base64.b64encode(image).decode("ascii"),

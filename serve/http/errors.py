@@ -44,6 +44,12 @@ class ApiError(Exception):
                    reason="validation")
 
     @classmethod
+    def from_validation(cls, error: Any, under: Callable[[str], str] = lambda field: field or "body") -> ApiError:
+        """422 for a pydantic ``ValidationError``, each field's dotted path through ``under``."""
+        return cls.from_details([{"field": under(".".join(str(part) for part in item["loc"])), "message": item["msg"]}
+                                 for item in error.errors()])
+
+    @classmethod
     def from_details(cls, details: list[dict]) -> ApiError:
         """422 for several fields."""
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)

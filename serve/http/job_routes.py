@@ -56,10 +56,7 @@ def build_spec(models: dict, mode: str, params: Any, prefix: str) -> GenerationS
     try:
         return models[mode].model_validate(params).to_spec()
     except ValidationError as error:
-        raise ApiError.from_details([
-            {"field": under(".".join(str(part) for part in item["loc"])), "message": item["msg"]}
-            for item in error.errors()
-        ]) from None
+        raise ApiError.from_validation(error, under) from None
     except SpecError as error:
         raise ApiError.invalid(under(error.field), error.message) from None
 

@@ -11,6 +11,7 @@ re-encoding, so the pixels are exactly those generated. The text is A1111's "inf
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import struct
@@ -51,7 +52,9 @@ def stamped(result: Any, spec: Any, model: str, sampler: str) -> Any:
     return replace(result, images=images)
 
 
+@functools.cache
 def package_version() -> str:
+    """This package's version (read once: every returned image is stamped with it)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -124,7 +127,8 @@ def _exif_user_comment(text: str) -> bytes:
 
     exif = Image.Exif()
     exif.get_ifd(EXIF_IFD)[USER_COMMENT] = _UNICODE + text.encode("utf-16-be")
-    return exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif\x00\x00") else exif.tobytes()
+    data = exif.tobytes()
+    return data.removeprefix(b"Exif\x00\x00")
 
 
 def _jpeg_with_exif(data: bytes, tiff: bytes) -> bytes:
@@ -152,8 +156,8 @@ def _webp_with_exif(data: bytes, tiff: bytes) -> bytes:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-        alpha = 0x10 if kind == b"VP8L" and Image.open(io.BytesIO(data)).mode == "RGBA" else 0
+            (width, height), has_alpha = image.size, image.mode == "RGBA"
+        alpha = 0x10 if kind == b"VP8L" and has_alpha else 0
         header = bytes([0x08 | alpha, 0, 0, 0]) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
         chunks = b"VP8X" + struct.pack("<I", len(header)) + header + chunks
     else:

@@ -221,14 +221,18 @@ class JobStore:
         job = self._job(job_id, client)
         return None if job is None else self._with_position(job)
 
-    def _with_position(self, job: Job) -> dict:
+    def _with_position(self, job: Job, positions: dict[str, int] | None = None) -> dict:
         """The job's view and, while it waits, how many jobs are ahead of it in the queue
-        (queued earlier, by anyone): 0 is next."""
+        (queued earlier, by anyone): 0 is next. ``positions``: :meth:`_queue_positions`,
+        when several views are made at once."""
         view = job_view(job)
-        view["position"] = (sum(1 for other in self._jobs.values()
-                                if other.state == "queued" and (other.created_at, other.id) < (job.created_at, job.id))
-                            if job.state == "queued" else None)
+        if job.state == "queued":
+            view["position"] = (positions if positions is not None else self._queue_positions())[job.id]
         return view
+
+    def _queue_positions(self) -> dict[str, int]:
+        queued = sorted((job for job in self._jobs.values() if job.state == "queued"), key=lambda j: (j.created_at, j.id))
+        return {job.id: position for position, job in enumerate(queued)}
 
     def list_jobs(self, client: str | None, state: str | None = None, limit: int = 20,
                   before: str | None = None) -> dict | None:
@@ -246,7 +250,8 @@ class JobStore:
         if state is not None:
             mine = [job for job in mine if job.state == state]
         page = mine[:limit]
-        return {"jobs": [self._with_position(job) for job in page],
+        positions = self._queue_positions()
+        return {"jobs": [self._with_position(job, positions) for job in page],
                 "next": page[-1].id if len(mine) > limit else None}
 
     def image(self, job_id: str, index: int, client: str | None = None) -> tuple[bytes, str] | None:
