@@ -378,7 +378,7 @@ class StepScheduler(Generic[S]):
             if self._offload is None:
                 started = time.perf_counter()
                 await self._run_step(states)
-                self._after_step(batch, time.perf_counter() - started, [state.finished for state in states])
+                self._after_step(bucket, batch, time.perf_counter() - started, [state.finished for state in states])
             else:
                 await self._burst(bucket, batch, states)
         except Exception as error:  # a failed step fails exactly the items that were in it
@@ -395,7 +395,7 @@ class StepScheduler(Generic[S]):
         loop = asyncio.get_running_loop()
 
         def report(seconds: float, finished: list[bool]) -> None:  # on the model thread
-            loop.call_soon_threadsafe(self._after_step, batch, seconds, finished)
+            loop.call_soon_threadsafe(self._after_step, bucket, batch, seconds, finished)
 
         # Callbacks queued by ``report`` run before the offload's own completion callback,
         # so every step is accounted for when the await below returns.
@@ -409,15 +409,19 @@ class StepScheduler(Generic[S]):
         finally:
             self._bursting = None
 
-    def _after_step(self, batch: list[StepItem[S]], seconds: float, finished: list[bool]) -> None:
+    def _after_step(self, bucket: _Bucket, batch: list[StepItem[S]], seconds: float, finished: list[bool]) -> None:
         # Results first and observers guarded: run as a loop callback during a burst, an
         # exception here would be logged and lost, leaving a finished item's caller waiting.
+        # A finished item leaves ``active`` here, before its caller can resume, so counts and
+        # gauges read by that caller never include it (a burst's own return comes later).
         for item, done in zip(batch, finished, strict=True):
             item.steps_done += 1
             item.batch_size_sum += len(batch)
             item.max_batch_size = max(item.max_batch_size, len(batch))
             if done and not item.future.done():
                 item.future.set_result(item)
+        if any(finished):
+            bucket.active[:] = [item for item in bucket.active if not item.future.done()]
         try:
             self._observer.on_step(len(batch), seconds)
             for item in batch:

@@ -326,6 +326,7 @@ def test_cancelling_during_a_burst_stops_it_after_the_step_in_progress():
         doomed = submit(scheduler, FakeState("doomed", 100))
         await until_held(model)
         doomed.cancel()
+        await asyncio.sleep(0)  # the cancellation reaches the scheduler as a loop callback
         model.release.set()
         nxt = await submit(scheduler, FakeState("next", 2))
         return model.batches, nxt, (scheduler.active, scheduler.waiting)
