@@ -25,6 +25,8 @@ from deployments.registry import BY_NAME, INGRESS_NAME, STAGE_NAMES, STAGES
 
 CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
 API_KEYS_FILE_ENV = "KANDINSKY_API_KEYS_FILE"
+MAX_JOB_PRIORITY = 10
+"""Job priorities run from -10 to 10 (0 is the default)."""
 
 
 
@@ -200,7 +202,7 @@ class JobSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    store_name: str = Field(default="kandinsky-serve-jobs", min_length=1, max_length=100)
+    store_name: str = Field(default="kandinsky-serve-jobs", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Name of the detached Ray actor holding job state (namespace ``kandinsky-serve``).
     Every ingress replica of every deployment that names the same store shares it."""
     ttl_s: float = Field(default=3600.0, gt=0)
@@ -247,6 +249,24 @@ class JobSettings(BaseModel):
     image links in OpenAI ``url`` results. None: the links are relative (``/v1/jobs/…``). Never
     taken from the request's Host header, which any client can set."""
 
+    persist: bool = True
+    """Keep job records (state, result images) in an embedded SQLite database, so that they
+    survive a restart of the store actor. False: in the actor's memory only."""
+    database_path: Path | None = None
+    """The SQLite file (WAL mode; ``-wal``/``-shm`` files beside it). None: ``jobs/<store_name>.sqlite3``
+    in the cache directory (``$KANDINSKY_CACHE_DIR``, default ``~/.cache/kandinsky-serve``) of the
+    node the store actor runs on; on a multi-node cluster, give a path on storage every node
+    reaches, or the store forgets its jobs when it restarts on another node."""
+    max_priority: int = Field(default=0, ge=-MAX_JOB_PRIORITY, le=MAX_JOB_PRIORITY)
+    """The highest ``priority`` a job may ask for, unless its API key sets its own ``max_priority``
+    (admin keys: any). Lower priorities are always allowed."""
+
+    def database_file(self) -> Path | None:
+        """Where the store keeps its records, or None when it keeps them in memory only."""
+        if not self.persist:
+            return None
+        return self.database_path or default_cache_dir() / "jobs" / f"{self.store_name}.sqlite3"
+
     @model_validator(mode="after")
     def _stored_holds_active(self) -> "JobSettings":
         if self.max_stored_jobs_per_client < self.max_active_jobs_per_client:
@@ -268,6 +288,28 @@ class OutputSettings(BaseModel):
     the files (privacy)."""
 
 
+class WebhookSettings(BaseModel):
+    """``args.webhooks``: calls a job makes to its ``webhook_url`` when it ends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret_env: str = Field(default="KANDINSKY_WEBHOOK_SECRET", pattern=r"^[A-Z_][A-Z0-9_]*$", max_length=100)
+    """The environment variable holding the HMAC-SHA256 signing secret (never in the config
+    file). Unset or empty: a fresh random secret per replica start, so signatures still cannot
+    be forged, but receivers cannot check them: set it in production."""
+    allowed_hosts: list[str] = Field(default_factory=list, max_length=1000)
+    """Host names or addresses (``hooks.internal``, ``10.1.2.3``) or networks (``10.0.0.0/8``)
+    that may be called although they are loopback, link-local or private. Everything else
+    must resolve to public addresses only (the SSRF guard)."""
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    """Deliveries tried per job ending (the first and the retries)."""
+    first_retry_s: float = Field(default=1.0, gt=0, le=600)
+    """Wait before the first retry; doubles after each (exponential backoff)."""
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    """Per delivery: connect, send and read the answer."""
+    max_url_chars: int = Field(default=2000, ge=16, le=8192)
+
+
 class ServiceSettings(BaseModel):
     """The application's ``args``: everything the graph builder needs."""
 
@@ -279,6 +321,7 @@ class ServiceSettings(BaseModel):
     auth: AuthSettings = AuthSettings()
     jobs: JobSettings = JobSettings()
     outputs: OutputSettings = OutputSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
 
 class ConfigError(ValueError):

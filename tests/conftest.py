@@ -76,8 +76,15 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def served_app(ray_session, tiny_checkpoint):
-    """The full graph on the tiny checkpoint: (base_url, ingress handle)."""
+def jobs_database(tmp_path_factory):
+    """The job store's SQLite file for this session (never the user's cache directory)."""
+    return tmp_path_factory.mktemp("jobs") / "jobs.sqlite3"
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_session, tiny_checkpoint, jobs_database):
+    """The full graph on the tiny checkpoint: (base_url, ingress handle). Webhooks may call
+    127.0.0.1 (a receiver in the test process), and no other private address."""
     from ray import serve
 
     from serve.graph.build import build_graph
@@ -89,7 +96,7 @@ def served_app(ray_session, tiny_checkpoint):
         "decoder_path": str(tiny_checkpoint.decoder),
         "inpaint_decoder_path": str(tiny_checkpoint.inpaint_decoder),
         "controlnet_decoder_path": str(tiny_checkpoint.controlnet_decoder),
-    }}
+    }, "jobs": {"database_path": str(jobs_database)}, "webhooks": {"allowed_hosts": ["127.0.0.1"]}}
     handle = serve.run(build_graph(args, TEST_DEPLOYMENT_OPTIONS), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle
 
@@ -98,7 +105,7 @@ GUARDED_APP = "chaos"
 
 
 @pytest.fixture(scope="session")
-def guarded_app(served_app, tiny_checkpoint, tmp_path_factory):
+def guarded_app(served_app, tiny_checkpoint, tmp_path_factory, jobs_database):
     """A second application with API keys, a small in-flight limit, a short timeout, tight cost
     caps and 1 s health checks, for tests/chaos and tests/security: (base_url, {key name: key})."""
     from ray import serve
@@ -125,6 +132,7 @@ def guarded_app(served_app, tiny_checkpoint, tmp_path_factory):
         "admission": {"max_inflight_requests": 2, "max_inflight_per_client": 2, "request_timeout_s": 30,
                       "body_read_timeout_s": 2},
         "auth": {"api_keys_file": str(keys_path)},
+        "jobs": {"database_path": str(jobs_database)},
     }
     options = {
         name: {**opts, "health_check_period_s": 1, "health_check_timeout_s": 10, "max_queued_requests": 64,

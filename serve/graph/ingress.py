@@ -25,6 +25,7 @@ from serve.http.compat import MODEL_NAME, SAMPLERS
 from serve.http.metadata import stamped
 from serve.http.admission import AdmissionGate
 from serve.jobs.actor import ActorJobStore, job_store_actor
+from serve.jobs.webhooks import WebhookSender, webhook_secret
 from serve.jobs.runner import JobRunner
 from serve.jobs.progress import LoopProgress
 from serve.graph.plan import plan
@@ -187,7 +188,9 @@ class Ingress:
             owner = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (tests that build the class directly)
             owner = None
-        return JobRunner(ActorJobStore(actor), backend=self, settings=settings, owner=owner)
+        webhooks = WebhookSender(self.settings.webhooks, webhook_secret(self.settings.webhooks))
+        return JobRunner(ActorJobStore(actor, reconnect=lambda: job_store_actor(settings)), backend=self,
+                         settings=settings, owner=owner, webhooks=webhooks)
 
     async def generate_job(self, spec: GenerationSpec, job_id: str) -> EncodedImages:
         """A job's generation, with the job id as request id (so the loops report its

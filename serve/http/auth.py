@@ -8,6 +8,7 @@ The keys file (YAML) holds one entry per key, never the key itself::
         revoked: false
         requests_per_s: 10       # optional: overrides the configured default
         images_per_min: 300      # optional
+        max_priority: 5          # optional: the highest job priority it may ask for
 
 ``kandinsky-serve keys new NAME --file F`` makes a key, prints it once and appends its
 hash; ``kandinsky-serve keys revoke NAME --file F`` revokes it. The file is re-read when
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from serve.settings import MAX_JOB_PRIORITY
+
 KEY_PREFIX = "ks-"
 
 
@@ -37,7 +40,9 @@ class ApiKey:
     requests_per_s: float | None = None
     images_per_min: float | None = None
     admin: bool = False
-    """Sees and cancels every client's jobs (others see only their own)."""
+    """Sees and cancels every client's jobs (others see only their own); any job priority."""
+    max_priority: int | None = None
+    """The highest job ``priority`` this key may ask for; None: ``args.jobs.max_priority``."""
 
 
 def digest(key: str) -> bytes:
@@ -67,9 +72,12 @@ def load_keys(path: Path) -> list[ApiKey]:
             raise ValueError(f"{where}.sha256: not hex") from None
         if len(raw) != 32:
             raise ValueError(f"{where}.sha256: must be 64 hex digits")
+        max_priority = entry.get("max_priority")
+        if max_priority is not None and (type(max_priority) is not int or abs(max_priority) > MAX_JOB_PRIORITY):
+            raise ValueError(f"{where}.max_priority: an integer from -{MAX_JOB_PRIORITY} to {MAX_JOB_PRIORITY}")
         keys.append(ApiKey(
             str(entry["name"]), raw, bool(entry.get("revoked", False)),
-            entry.get("requests_per_s"), entry.get("images_per_min"), entry.get("admin", False) is True,
+            entry.get("requests_per_s"), entry.get("images_per_min"), entry.get("admin", False) is True, max_priority,
         ))
     names = [key.name for key in keys]
     if len(set(names)) != len(names):
@@ -78,7 +86,7 @@ def load_keys(path: Path) -> list[ApiKey]:
 
 
 def add_key(path: Path, name: str, requests_per_s: float | None = None, images_per_min: float | None = None,
-            admin: bool = False) -> str:
+            admin: bool = False, max_priority: int | None = None) -> str:
     """Append a new key's hash to ``path``; return the key (shown once, never stored)."""
     data = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
     entries = data.setdefault("keys", [])
@@ -92,6 +100,8 @@ def add_key(path: Path, name: str, requests_per_s: float | None = None, images_p
         entry["images_per_min"] = images_per_min
     if admin:
         entry["admin"] = True
+    if max_priority is not None:
+        entry["max_priority"] = max_priority
     entries.append(entry)
     _write(path, data)
     return key

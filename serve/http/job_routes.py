@@ -4,13 +4,15 @@
 they validate with the same request models as the synchronous endpoints and hand
 jobs to a :class:`serve.jobs.JobRunner`.
 
-* ``POST /v1/jobs`` ``{"mode", "params", "preview_every"}`` -> 202, the job and its URLs;
+* ``POST /v1/jobs`` ``{"mode", "params", "preview_every", "priority", "webhook_url"}`` -> 202, the job
+  and its URLs (with ``Idempotency-Key``: a retry returns the same job);
 * ``GET /v1/jobs/{id}`` -> state, stage, step i of n, progress, ETA, timings, image URLs;
 * ``GET /v1/jobs/{id}/images/{i}`` -> the raw image;
 * ``GET /v1/jobs/{id}/events`` -> Server-Sent Events, ending with the terminal event;
 * ``DELETE /v1/jobs/{id}`` -> cancel (409 once finished).
 """
 
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +30,8 @@ from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.schemas import Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
 from serve.jobs.runner import JobRunner, Submission
-from serve.settings import ApiLimits
+from serve.jobs.webhooks import WebhookRefused
+from serve.settings import MAX_JOB_PRIORITY, ApiLimits
 
 logger = logging.getLogger("kandinsky_serve.api")
 
@@ -109,6 +112,41 @@ class JobRequest(BaseModel):
         description="Send a low-resolution preview of image 0 every this many denoising steps "
                     "(an SSE 'preview' event); 0: none.",
     )
+    priority: int = Field(
+        default=0, ge=-MAX_JOB_PRIORITY, le=MAX_JOB_PRIORITY,
+        description="Higher starts sooner among queued jobs (equal: first come, first served). Above 0 needs an "
+                    "API key allowed it (its max_priority; args.jobs.max_priority for others).",
+    )
+    webhook_url: str | None = Field(
+        default=None, max_length=8192,
+        description="POSTed the job's final view when it ends (succeeded, failed or cancelled), signed with "
+                    "HMAC-SHA256 (X-Kandinsky-Signature over '<X-Kandinsky-Timestamp>.<body>') and retried with "
+                    "backoff. Only public addresses, unless allow-listed in args.webhooks.allowed_hosts.",
+    )
+
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def idempotency_key(header: str | None) -> str | None:
+    """The ``Idempotency-Key`` header: absent, or 1 to 255 printable ASCII characters."""
+    if header is None:
+        return None
+    if not (0 < len(header) <= IDEMPOTENCY_KEY_MAX and header.isascii() and header.isprintable()):
+        raise ApiError.invalid("Idempotency-Key", f"1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters "
+                               "(a UUID is a good key)")
+    return header
+
+
+def request_fingerprint(body: BaseModel) -> str:
+    """What a retry under the same Idempotency-Key must repeat."""
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def allowed_priority(key: ApiKey | None, default: int) -> int:
+    if key is not None and key.admin:
+        return MAX_JOB_PRIORITY
+    return key.max_priority if key is not None and key.max_priority is not None else default
 
 
 class JobImageOut(BaseModel):
@@ -148,6 +186,7 @@ class JobOut(BaseModel):
     error: dict[str, str] | None
     urls: dict[str, str]
     position: int | None = Field(default=None, description="While queued: how many jobs are ahead of it (0: next).")
+    priority: int = Field(default=0, description="Its priority (higher starts sooner).")
 
 
 MAX_PAGE = 100
@@ -192,16 +231,38 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
     @router.post(JOB_SUBMIT_PATH, status_code=202, response_model=JobOut, responses=errors,
                  dependencies=[Depends(guards.accepting_work)],
                  summary="Submit a generation job; poll it, stream its events, or cancel it.")
-    async def submit_job(body: job_request, client: str = Depends(guards.caller),  # type: ignore[valid-type]
-                         key: ApiKey | None = Depends(guards.api_key)):
+    async def submit_job(body: job_request, request: Request,  # type: ignore[valid-type]
+                         client: str = Depends(guards.caller), key: ApiKey | None = Depends(guards.api_key)):
+        retry_key = idempotency_key(request.headers.get("idempotency-key"))
         mode_not_configured(body.mode, unavailable)
+        ceiling = allowed_priority(key, jobs.settings.max_priority)
+        if body.priority > ceiling:
+            raise ApiError.invalid("priority", f"at most {ceiling} for this caller (an API key's max_priority, "
+                                   "else args.jobs.max_priority)")
         spec = await decode.run(build_spec, models, body.mode, body.params, "params")
-        guards.admit_cost(key, spec)
-        submission = Submission(spec, body.mode, client, "jobs", body.preview_every)
+        if body.webhook_url is not None:
+            await check_webhook(body.webhook_url)
+        guards.admit_cost(key, spec)  # a retry is a request too: it is charged like one
+        submission = Submission(spec, body.mode, client, "jobs", body.preview_every, body.priority, body.webhook_url,
+                                retry_key, None if retry_key is None else request_fingerprint(body))
         view = await from_store(jobs.submit(submission))
         if "limit" in view:
             raise job_limit_error(view)
-        return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["self"]})
+        if "conflict" in view:
+            raise ApiError(409, "idempotency_key_reused", view["conflict"],
+                           [{"field": "Idempotency-Key", "message": "used before for a different request"}])
+        headers = {}
+        if "replayed" in view:  # the job this key made before: nothing new was started
+            view, headers = view["replayed"], {"Idempotent-Replayed": "true"}
+        return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["self"], **headers})
+
+    async def check_webhook(url: str) -> None:
+        if jobs.webhooks is None:
+            raise ApiError.invalid("webhook_url", "this service sends no webhooks (no sender configured)")
+        try:
+            await jobs.webhooks.check(url)
+        except WebhookRefused as refused:
+            raise ApiError.invalid("webhook_url", refused.message) from None
 
     @router.get(JOB_SUBMIT_PATH, response_model=JobPage, responses=errors,
                 summary="The caller's jobs, newest first (an admin key: everyone's); page with ?before=<next>.")

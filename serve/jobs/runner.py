@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
+import itertools
 import logging
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +37,17 @@ class JobBackend(Protocol):
         ...
 
 
+class WebhookDelivery(Protocol):
+    """What the runner (and the route that vets a job's URL) needs to call a job's webhook
+    (``serve.jobs.webhooks.WebhookSender``)."""
+
+    async def check(self, url: str) -> Any:
+        """Raise ``WebhookRefused`` (why) unless ``url`` may be called: the SSRF guard."""
+        ...
+
+    async def deliver(self, url: str, payload: dict, event: str) -> Any: ...
+
+
 @dataclass
 class Submission:
     """A validated job, ready to run."""
@@ -43,6 +57,55 @@ class Submission:
     client: str
     origin: str = "jobs"
     preview_every: int = 0
+    priority: int = 0
+    webhook_url: str | None = None
+    """Called (POST, signed) with the job's final view when it ends; already vetted by the SSRF guard."""
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+
+
+class PrioritySlots:
+    """A semaphore whose waiters are served highest priority first, first come first served
+    among equals. A waiter cancelled after being handed a slot passes it on."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []
+        self._order = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for *_, future in self._waiters if not future.done())
+
+    @asynccontextmanager
+    async def held(self, priority: int = 0):
+        await self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def acquire(self, priority: int = 0) -> None:
+        if self.in_use < self.capacity and not self.waiting:
+            self.in_use += 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (-priority, next(self._order), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # handed a slot just as it was cancelled
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            *_, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)  # the slot passes straight to the waiter
+                return
+        self.in_use -= 1
 
 
 class JobRunner:
@@ -56,35 +119,36 @@ class JobRunner:
     """
 
     def __init__(self, store: AsyncJobStore, backend: JobBackend, settings: JobSettings | None = None,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, webhooks: WebhookDelivery | None = None) -> None:
         self.store = store
         self.backend = backend
         self.settings = settings or JobSettings()
         self.owner = owner or f"runner-{uuid.uuid4().hex[:8]}"
+        self.webhooks = webhooks
         self._tasks: dict[str, asyncio.Task] = {}
-        self._slots: asyncio.Semaphore | None = None
+        self._deliveries: set[asyncio.Task] = set()
+        self._slots = PrioritySlots(self.settings.max_running_jobs)
 
     @property
     def running(self) -> int:
         return len(self._tasks)
 
     async def join(self) -> None:
-        """Until every job started here (queued or running) has ended."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks.values()))
+        """Until every job started here (queued or running) has ended and its webhook been called."""
+        while self._tasks or self._deliveries:
+            await asyncio.wait([*self._tasks.values(), *self._deliveries])
 
     async def submit(self, submission: Submission) -> dict:
-        """Create and start a job; its first view, or ``{"limit", "retry_after_s"}`` when a cap is reached."""
+        """Create and start a job; its first view, or what stopped it (see :meth:`AsyncJobStore.create`:
+        ``{"limit", "retry_after_s"}``, ``{"replayed": view}``, ``{"conflict": message}``)."""
         spec = submission.spec
         job_id = uuid.uuid4().hex
         view = await self.store.create(
             job_id, submission.client, submission.mode, spec.width, spec.height, list(spec.seeds),
-            submission.origin, self.owner,
+            submission.origin, self.owner, submission.priority, submission.idempotency_key, submission.fingerprint,
         )
-        if "limit" in view:
+        if "limit" in view or "replayed" in view or "conflict" in view:
             return view
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.settings.max_running_jobs)
         # A fresh context: the job is not a child of the HTTP request that submitted it
         # (Ray Serve would otherwise tie its stage calls to that request's lifetime).
         task = asyncio.get_running_loop().create_task(
@@ -126,10 +190,9 @@ class JobRunner:
         return await self.store.view(job_id)
 
     async def _run(self, job_id: str, submission: Submission) -> None:
-        assert self._slots is not None
         waiting = asyncio.get_running_loop().create_task(self._heartbeat_while_queued(job_id))
         try:
-            async with self._slots:
+            async with self._slots.held(submission.priority):
                 waiting.cancel()
                 if not await self.store.start(job_id, self.owner):
                     return  # cancelled while queued: it never starts
@@ -141,6 +204,28 @@ class JobRunner:
             await asyncio.shield(self.store.fail(job_id, "generation_failed", f"generation failed: {type(error).__name__}"))
         finally:
             waiting.cancel()
+            if submission.webhook_url is not None:
+                self._call_webhook(job_id, submission.webhook_url)
+
+    def _call_webhook(self, job_id: str, url: str) -> None:
+        """In the background (the job's own task is ending, maybe cancelled): POST its final view."""
+        async def deliver() -> None:
+            try:
+                view = await self.store.view(job_id)
+                if view is None or view["state"] not in ("succeeded", "failed", "cancelled"):
+                    logger.warning("job %s: no final state to send to its webhook (%s)", job_id,
+                                   "expired" if view is None else view["state"])
+                    return
+                if self.webhooks is None:
+                    logger.warning("job %s: has a webhook but this runner sends none", job_id)
+                    return
+                await self.webhooks.deliver(url, {"event": f"job.{view['state']}", "job": view}, f"job.{view['state']}")
+            except Exception:  # never lost silently
+                logger.exception("job %s: webhook delivery failed", job_id)
+
+        task = asyncio.get_running_loop().create_task(deliver(), name=f"webhook-{job_id}", context=contextvars.Context())
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     async def _heartbeat_while_queued(self, job_id: str) -> None:
         """A queued job's lease is renewed while it waits for a slot; a cancel recorded

@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from serve.jobs.database import JobDatabase
 from serve.settings import JobSettings
+
+logger = logging.getLogger("kandinsky_serve.jobs")
 
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -27,6 +31,10 @@ MAX_EVENTS_PER_JOB = 5000
 EVENT_OVERHEAD_BYTES = 64
 """Counted per stored event beyond its JSON (the dict and its numbering)."""
 """Events kept per job; past it, progress events stop being recorded (state changes always are)."""
+
+
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` already used by this client for a different request."""
 
 
 class JobLimitError(Exception):
@@ -71,6 +79,12 @@ class Job:
     """What this job holds in memory: result images, the preview image, events (as JSON)."""
     fetched_at: float | None = None
     """When one of its images was first read (after that, ``fetched_ttl_s`` applies)."""
+    priority: int = 0
+    """Higher starts sooner among queued jobs; equal priorities start first come, first served."""
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+    """A digest of the request that created it: a retry with the same ``idempotency_key``
+    must carry the same request."""
 
     @property
     def finished(self) -> bool:
@@ -97,6 +111,7 @@ def job_view(job: Job) -> dict:
     return {
         "id": job.id,
         "position": None,  # the store fills it in for a queued job's GET and list (it changes as others start)
+        "priority": job.priority,
         "mode": job.mode,
         "origin": job.origin,
         "state": job.state,
@@ -131,20 +146,70 @@ class JobStore:
     carrying its final view, which equals what :meth:`view` returns from then on.
     """
 
-    def __init__(self, settings: JobSettings | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: JobSettings | None = None, clock: Callable[[], float] = time.time,
+                 database: JobDatabase | None = None) -> None:
         self.settings = settings or JobSettings()
         self.clock = clock
+        self.database = database
         self._jobs: dict[str, Job] = {}
+        if database is not None:
+            self._reload(database)
+
+    def _reload(self, database: JobDatabase) -> None:
+        """The jobs a previous store kept. Each starts a new event history with its current state;
+        an unfinished one gets a fresh lease, so that its runner (if alive) can report again
+        before it is declared lost."""
+        now = self.clock()
+        for job in database.load(Job):
+            if not job.finished:
+                job.heartbeat_at = now
+            job.stored_bytes = sum(len(image) for image in job.images)
+            self._jobs[job.id] = job
+            self._emit(job, "state")
+        self.sweep()
+
+    def _persist(self, job: Job, with_images: bool = False) -> None:
+        if self.database is None:
+            return
+        try:
+            self.database.save(job, with_images)
+        except Exception:  # the job goes on in memory; only its durability is lost
+            logger.exception("job %s: could not write its record to %s", job.id, self.database.path)
+
+    def _forget(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            del self._jobs[job_id]
+        if self.database is not None and job_ids:
+            try:
+                self.database.delete(job_ids)
+            except Exception:
+                logger.exception("could not delete %d job record(s) from %s", len(job_ids), self.database.path)
 
     # -- creating and reading ------------------------------------------------
 
+    def find_idempotent(self, client: str, idempotency_key: str, fingerprint: str | None) -> dict | None:
+        """The view of ``client``'s stored job made with ``idempotency_key``, if any;
+        :class:`IdempotencyConflict` if it was made by a different request."""
+        self.sweep()
+        for job in self._jobs.values():
+            if job.client == client and job.idempotency_key == idempotency_key:
+                if job.fingerprint != fingerprint:
+                    raise IdempotencyConflict(
+                        f"Idempotency-Key {idempotency_key!r} was used for a different request (job {job.id}); "
+                        "a retry must repeat the same request, a new request needs a new key")
+                return self._with_position(job)
+        return None
+
     def create(self, job_id: str, client: str, mode: str, width: int, height: int, seeds: list[int],
-               origin: str = "jobs", owner: str | None = None) -> dict:
+               origin: str = "jobs", owner: str | None = None, priority: int = 0,
+               idempotency_key: str | None = None, fingerprint: str | None = None) -> dict:
         """A new queued job, or :class:`JobLimitError` when a cap is reached."""
         now = self.clock()
         self.sweep()
         if job_id in self._jobs:
-            raise ValueError(f"job {job_id} exists")
+            if self._jobs[job_id].client != client:
+                raise ValueError(f"job {job_id} exists")
+            return self._with_position(self._jobs[job_id])  # a repeated call (see ActorJobStore)
         active = [job for job in self._jobs.values() if not job.finished]
         mine = [job for job in active if job.client == client]
         s = self.settings
@@ -160,10 +225,12 @@ class JobStore:
                 self._retry_after(active),
             )
         self._make_room(client, now)
-        job = Job(job_id, client, mode, origin, width, height, list(seeds), created_at=now, heartbeat_at=now, owner=owner)
+        job = Job(job_id, client, mode, origin, width, height, list(seeds), created_at=now, heartbeat_at=now, owner=owner,
+                  priority=priority, idempotency_key=idempotency_key, fingerprint=fingerprint)
         self._jobs[job_id] = job
         self._emit(job, "state")
-        return job_view(job)
+        self._persist(job)
+        return self._with_position(job)
 
     def _over_a_storage_cap(self, client: str) -> str | None:
         """Which storage cap a new job of ``client`` would exceed, if any (a message naming it)."""
@@ -194,7 +261,7 @@ class JobStore:
                 wait = _whole_seconds(min(expiries) - now) if expiries else self._retry_after(active)
                 raise JobLimitError(over, wait)
             oldest = min(own_finished, key=lambda job: job.finished_at or 0.0)
-            del self._jobs[oldest.id]
+            self._forget([oldest.id])
 
     def _expires_at(self, job: Job) -> float:
         """When a finished job is forgotten: ``ttl_s`` after it finished, or ``fetched_ttl_s``
@@ -231,7 +298,9 @@ class JobStore:
         return view
 
     def _queue_positions(self) -> dict[str, int]:
-        queued = sorted((job for job in self._jobs.values() if job.state == "queued"), key=lambda j: (j.created_at, j.id))
+        # The order runners start jobs in: higher priority first, then first come, first served.
+        queued = sorted((job for job in self._jobs.values() if job.state == "queued"),
+                        key=lambda j: (-j.priority, j.created_at, j.id))
         return {job.id: position for position, job in enumerate(queued)}
 
     def list_jobs(self, client: str | None, state: str | None = None, limit: int = 20,
@@ -260,6 +329,7 @@ class JobStore:
             return None
         if job.fetched_at is None:
             job.fetched_at = self.clock()
+            self._persist(job)
         return job.images[index], job.media_type or "application/octet-stream"
 
     def preview(self, job_id: str, client: str | None = None) -> dict | None:
@@ -293,6 +363,7 @@ class JobStore:
         now = self.clock()
         job.state, job.stage, job.started_at, job.heartbeat_at, job.owner = "running", "encode", now, now, owner
         self._emit(job, "state")
+        self._persist(job)
         return True
 
     def report(self, job_id: str, stage: str | None, step: int, steps: int, progress: float) -> bool:
@@ -377,6 +448,7 @@ class JobStore:
             self._finish(job, "cancelled")
             return "cancelled", job_view(job)
         self._emit(job, "progress")
+        self._persist(job)  # another replica's runner, or one after a store restart, must still see it
         return "cancelling", job_view(job)
 
     # -- housekeeping ------------------------------------------------------------
@@ -385,10 +457,11 @@ class JobStore:
         """Forget finished jobs past their TTL; fail jobs whose replica stopped reporting."""
         now = self.clock()
         lease = self.settings.lease_s
+        expired = []
         for job_id, job in list(self._jobs.items()):
             if job.finished:
                 if job.finished_at is not None and now > self._expires_at(job):
-                    del self._jobs[job_id]
+                    expired.append(job_id)
             elif now - job.heartbeat_at > lease:
                 job.error = {
                     "type": "runner_lost",
@@ -396,6 +469,7 @@ class JobStore:
                                "or died); submit the job again",
                 }
                 self._finish(job, "failed")
+        self._forget(expired)
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -406,6 +480,7 @@ class JobStore:
             job.eta_s = None
         job.stage = None
         self._emit(job, "state")
+        self._persist(job, with_images=state == "succeeded")
 
     def _emit(self, job: Job, kind: str, data: dict | None = None) -> None:
         event = {"seq": job.next_seq, "event": kind, "data": data if data is not None else job_view(job)}
@@ -425,8 +500,9 @@ class AsyncJobStore:
     a store method), and the in-process store of tests.
     """
 
-    def __init__(self, settings: dict | JobSettings | None = None) -> None:
-        self.store = JobStore(JobSettings.model_validate(settings or {}) if not isinstance(settings, JobSettings) else settings)
+    def __init__(self, settings: dict | JobSettings | None = None, database: JobDatabase | None = None) -> None:
+        settings = JobSettings.model_validate(settings or {}) if not isinstance(settings, JobSettings) else settings
+        self.store = JobStore(settings, database=database)
         self._changed: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -440,11 +516,21 @@ class AsyncJobStore:
             condition.notify_all()
 
     async def create(self, job_id: str, client: str, mode: str, width: int, height: int, seeds: list[int],
-                     origin: str = "jobs", owner: str | None = None) -> dict:
-        """Like :meth:`JobStore.create`, but a cap reached is returned, not raised (it crosses Ray):
-        ``{"limit": message, "retry_after_s": n}``."""
+                     origin: str = "jobs", owner: str | None = None, priority: int = 0,
+                     idempotency_key: str | None = None, fingerprint: str | None = None) -> dict:
+        """Like :meth:`JobStore.create`, but what stops it is returned, not raised (it crosses Ray):
+        a cap reached is ``{"limit": message, "retry_after_s": n}``; a job this client already made
+        with ``idempotency_key`` is ``{"replayed": its view}`` (nothing new is created), or
+        ``{"conflict": message}`` if that job was made by a different request."""
         try:
-            view = self.store.create(job_id, client, mode, width, height, seeds, origin, owner)
+            if idempotency_key is not None:
+                existing = self.store.find_idempotent(client, idempotency_key, fingerprint)
+                if existing is not None:
+                    return {"replayed": existing}
+            view = self.store.create(job_id, client, mode, width, height, seeds, origin, owner, priority,
+                                     idempotency_key, fingerprint)
+        except IdempotencyConflict as error:
+            return {"conflict": str(error)}
         except JobLimitError as error:
             return {"limit": error.message, "retry_after_s": error.retry_after_s}
         await self._notify()

@@ -375,7 +375,7 @@ def test_actor_proxy_forwards_exactly_the_stores_calls():
     assert RUNNER_METHODS <= public, "every runner call named for its concurrency group exists"
 
     async def scenario():
-        actor = JobStoreActor()
+        actor = JobStoreActor({"persist": False})
         proxy = ActorJobStore(Actor(actor))
         created = await proxy.create("j1", "client", "text2img", 64, 64, [7])
         return created, await proxy.view("j1"), await actor.view("j1"), proxy
