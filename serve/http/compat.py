@@ -208,6 +208,162 @@ A1111_DEFAULT_MASK_BLUR = 4
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")
 
 
+# Request models of the /sdapi/v1 routes, for the OpenAPI document only: the routes read the
+# raw body themselves (admission after the body, errors in our shape, and any key accepted:
+# what is not translated is listed in info's unsupported_fields). A field marked
+# ``x-unsupported`` is one of A1111's that changes nothing here, documented so that clients
+# see it is accepted; the others are exactly what :func:`a1111_to_native` reads (checked below
+# and in tests/unit/test_compat.py). Keep them flat (no nested models): their JSON schema goes
+# inline into the route's requestBody, where a ``$defs`` reference would dangle.
+
+_UNSUPPORTED = "Accepted and listed in info's unsupported_fields: no effect here."
+
+
+def _unsupported(description: str = "") -> Any:
+    """An A1111 field accepted (any value) that changes nothing here."""
+    return Field(default=None, description=f"{description} {_UNSUPPORTED}".strip(),
+                 json_schema_extra={"x-unsupported": True})
+
+
+def _no_schema_default(schema: dict) -> None:
+    schema.pop("default", None)  # optional, but null is refused: no default to show
+
+
+class A1111GenerationRequest(BaseModel):
+    """The fields ``txt2img`` and ``img2img`` share. Unknown keys are accepted and listed in the
+    response's ``info.unsupported_fields``. Limits (sizes, steps, images) are those of the
+    native endpoints; errors name these fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field(default="", description="The prompt.")
+    negative_prompt: str | None = Field(default=None, description="What to steer away from (empty: none).")
+    steps: int | None = Field(default=None, description="Decoder denoising steps (default: the model's). "
+                                                         "A whole float (9.0) is read as an integer.")
+    cfg_scale: float | None = Field(default=None, description="Decoder guidance scale (native guidance_scale).")
+    width: int | None = Field(default=None, description="Image width in pixels, a multiple of 64 here "
+                                                         "(default: the model's size).")
+    height: int | None = Field(default=None, description="Image height in pixels, a multiple of 64 here.")
+    seed: int | None = Field(default=-1, description="-1 (or null): a random seed. Image i of the request "
+                                                     "uses seed + i, as A1111.")
+    batch_size: int = Field(default=1, ge=1, description="Images per batch; batch_size x n_iter images are made "
+                                                         "together (up to the service's max_num_images).")
+    n_iter: int = Field(default=1, ge=1, description="Batches; multiplies batch_size.")
+    sampler_name: str | None = Field(default=None, description="An A1111 sampler (GET /sdapi/v1/samplers), "
+                                                                "case-insensitive; any other A1111 sampler runs as "
+                                                                "the nearest served, reported in info.substitutions.")
+    sampler_index: str | None = Field(default=None, description="A1111's older name for sampler_name, used when "
+                                                                 "sampler_name is not given (else listed as unsupported).")
+    prior_steps: int | None = Field(default=None, description="Extension: the prior's denoising steps.")
+    prior_guidance_scale: float | None = Field(default=None, description="Extension: the prior's guidance scale.")
+    # A1111's other fields: accepted, no effect.
+    scheduler: str | None = _unsupported("A1111's noise schedule ('automatic', 'Karras', ...): each sampler "
+                                         "runs with its own here.")
+    styles: list[str] | None = _unsupported("Saved prompt styles.")
+    subseed: int | None = _unsupported("Variation seed.")
+    subseed_strength: float | None = _unsupported("Variation strength.")
+    seed_resize_from_w: int | None = _unsupported()
+    seed_resize_from_h: int | None = _unsupported()
+    restore_faces: bool | None = _unsupported("Face restoration.")
+    tiling: bool | None = _unsupported("Tileable images.")
+    eta: float | None = _unsupported("Sampler eta.")
+    override_settings: dict[str, Any] | None = _unsupported("Per-request options (POST /sdapi/v1/options is the "
+                                                            "way to choose sd_model_checkpoint).")
+    override_settings_restore_afterwards: bool | None = _unsupported()
+    send_images: bool | None = _unsupported("The images are always returned.")
+    save_images: bool | None = _unsupported("Nothing is saved on the server beyond the job's TTL.")
+    do_not_save_samples: bool | None = _unsupported()
+    do_not_save_grid: bool | None = _unsupported()
+    script_name: str | None = _unsupported("No scripts (GET /sdapi/v1/scripts lists none).")
+    script_args: list[Any] | None = _unsupported()
+    alwayson_scripts: dict[str, Any] | None = _unsupported()
+
+
+class A1111Txt2ImgRequest(A1111GenerationRequest):
+    """``POST /sdapi/v1/txt2img``: AUTOMATIC1111's text-to-image body. Unknown keys are accepted
+    and listed in the response's ``info.unsupported_fields``; limits are the native
+    ``/v1/text2img``'s, and errors name these fields."""
+
+    enable_hr: bool | None = _unsupported("Hires. fix (a second, upscaled pass).")
+    hr_scale: float | None = _unsupported()
+    hr_upscaler: str | None = _unsupported()
+    hr_second_pass_steps: int | None = _unsupported()
+    hr_resize_x: int | None = _unsupported()
+    hr_resize_y: int | None = _unsupported()
+    denoising_strength: float | None = _unsupported("Hires. fix's strength (txt2img has no input image).")
+
+
+class A1111Img2ImgRequest(A1111GenerationRequest):
+    """``POST /sdapi/v1/img2img``: AUTOMATIC1111's image-to-image body; with a ``mask``,
+    inpainting. Unknown keys are accepted and listed in the response's
+    ``info.unsupported_fields``; limits are the native ``/v1/img2img``'s and ``/v1/inpaint``'s."""
+
+    init_images: list[str] = Field(min_length=1, max_length=1,
+                                   description="Exactly one base64 image (a data: URL is accepted).")
+    denoising_strength: float = Field(default=A1111_DEFAULT_STRENGTH,
+                                      description="Without a mask: how far from the image (0 keeps it, 1 ignores "
+                                                  "it). With a mask it is listed as unsupported (the inpainting "
+                                                  "decoder repaints the masked area fully).")
+    mask: str | None = Field(default=None, description="Base64 mask (a data: URL is accepted); white: repaint. "
+                                                        "Given: inpainting.")
+    inpainting_mask_invert: bool | Literal[0, 1] = Field(default=False, description="With a mask: repaint where "
+                                                                                    "it is black instead. Without "
+                                                                                    "one: listed as unsupported.")
+    mask_blur: float = Field(default=A1111_DEFAULT_MASK_BLUR, description="With a mask: blur radius of its edge, "
+                                                                          "in pixels. Without one: listed as "
+                                                                          "unsupported.")
+    resize_mode: int | None = _unsupported("The image is resized to width x height.")
+    inpainting_fill: int | None = _unsupported("The inpainting decoder starts from noise in the masked area.")
+    inpaint_full_res: bool | int | None = _unsupported("The whole image is inpainted at width x height.")
+    inpaint_full_res_padding: int | None = _unsupported()
+    image_cfg_scale: float | None = _unsupported()
+    initial_noise_multiplier: float | None = _unsupported()
+    include_init_images: bool | None = _unsupported()
+
+
+class A1111OptionsRequest(BaseModel):
+    """``POST /sdapi/v1/options``: option names and values (Open WebUI posts back the whole
+    object of ``GET /sdapi/v1/options``, changed). A key whose value equals the current one
+    (``GET /sdapi/v1/options``) is listed in ``applied``; any other key is accepted and listed in
+    ``unsupported``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str = Field(default=None, json_schema_extra=_no_schema_default,
+                                     description="A model of GET /sdapi/v1/sd-models (its title or model_name); "
+                                                 "an unknown one is refused (422). Each request's decoder "
+                                                 "variant follows its mode.")
+
+
+class A1111PngInfoRequest(BaseModel):
+    """``POST /sdapi/v1/png-info``: the image whose generation parameters to read. Other keys
+    are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field(min_length=1, description="Base64 PNG, JPEG or WebP (a data: URL is accepted); nothing "
+                                                 "is decoded, its metadata is read.")
+
+
+def a1111_translated_fields(model: type[BaseModel]) -> set[str]:
+    """The fields of an A1111 request model that are translated (not marked unsupported)."""
+    return {name for name, field in model.model_fields.items()
+            if not (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("x-unsupported"))}
+
+
+assert a1111_translated_fields(A1111Txt2ImgRequest) == A1111_COMMON
+assert a1111_translated_fields(A1111Img2ImgRequest) == A1111_COMMON | A1111_IMG2IMG
+
+
+def json_request_body(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` documenting ``model`` as a route's JSON body, for a route that reads its
+    body itself (so the document has the schema and the runtime is unchanged)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    if "$defs" in schema:  # inline in the operation: nothing would register these components
+        raise TypeError(f"{model.__name__}: keep request body models flat (nested: {sorted(schema['$defs'])})")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 # A1111's other samplers, run as the nearest scheduler served (the substitution is reported
 # in ``info``): ancestral and SDE samplers add fresh noise at every step, as DDPM does; the
 # deterministic ODE solvers are nearest to DPM-Solver++ (multistep, order 2); PLMS is a
@@ -598,13 +754,16 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
             "info": a1111_info(spec, body, unsupported, final["id"], interrupted, substitutions),
         }
 
-    @router.post(A1111_TXT2IMG_PATH, responses=errors, dependencies=submits, summary="AUTOMATIC1111-style text to image.")
+    # The A1111 routes read their body themselves (see a1111); openapi_extra documents it.
+    @router.post(A1111_TXT2IMG_PATH, responses=errors, dependencies=submits, summary="AUTOMATIC1111-style text to image.",
+                 openapi_extra=json_request_body(A1111Txt2ImgRequest))
     async def sdapi_txt2img(request: Request, client: str = Depends(guards.caller),
                             key: ApiKey | None = Depends(guards.api_key)):
         return await a1111(request, client, key, img2img=False)
 
     @router.post(A1111_IMG2IMG_PATH, responses=errors, dependencies=submits,
-                 summary="AUTOMATIC1111-style image to image; with a mask, inpainting.")
+                 summary="AUTOMATIC1111-style image to image; with a mask, inpainting.",
+                 openapi_extra=json_request_body(A1111Img2ImgRequest))
     async def sdapi_img2img(request: Request, client: str = Depends(guards.caller),
                             key: ApiKey | None = Depends(guards.api_key)):
         return await a1111(request, client, key, img2img=True)
@@ -644,7 +803,8 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
 
     @router.post("/sdapi/v1/png-info", responses=errors,
                  summary="AUTOMATIC1111-style png-info: the generation parameters an image carries "
-                         "(PNG 'parameters' chunk, or EXIF UserComment in JPEG/WebP); nothing is decoded.")
+                         "(PNG 'parameters' chunk, or EXIF UserComment in JPEG/WebP); nothing is decoded.",
+                 openapi_extra=json_request_body(A1111PngInfoRequest))
     async def sdapi_png_info(request: Request):
         try:
             body = await request.json()
@@ -686,7 +846,8 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     @router.post("/sdapi/v1/options", responses=errors,
                  summary="AUTOMATIC1111-style options: sd_model_checkpoint may name any model of "
                          "/sdapi/v1/sd-models (the decoder variant follows the mode); other keys are "
-                         "listed as unsupported.")
+                         "listed as unsupported.",
+                 openapi_extra=json_request_body(A1111OptionsRequest))
     async def sdapi_set_options(request: Request):
         try:
             body = await request.json()

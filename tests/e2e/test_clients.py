@@ -1,13 +1,14 @@
 """The AUTOMATIC1111 clients people run, unmodified, against the live service: ``webuiapi``
-(PyPI) as its users call it, and Open WebUI's call sequence replayed from its source
-(``backend/open_webui/routers/images.py``: verify, list models, read and set the model,
-generate)."""
+(PyPI) as its users call it, and Open WebUI's call sequences replayed from its source
+(``backend/open_webui/routers/images.py``): its "automatic1111" engine (verify, list models,
+read and set the model, generate) and its "openai" engine (generate, edit)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import uuid
 
 import httpx
 import numpy as np
@@ -84,6 +85,84 @@ def test_open_webui_a1111_call_sequence(guarded_app):
         assert json.loads(res["info"])["negative_prompt"] == "blue"
         # Without the key (Open WebUI sends an empty header when no auth is set): the 401 it shows.
         assert client.get(f"{base}/sdapi/v1/options", headers={"authorization": ""}).status_code == 401
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def open_webui_image_data(data: str) -> tuple[bytes, str]:
+    """Open WebUI's ``get_image_data`` for a ``b64_json`` item: no comma, so image/png, base64."""
+    assert "," not in data and not data.startswith(("http://", "https://"))
+    return base64.b64decode(data), "image/png"
+
+
+def test_open_webui_openai_call_sequence(guarded_app, served_app):
+    """Open WebUI's "openai" engine, replayed from ``backend/open_webui/routers/images.py``
+    (open-webui/open-webui, stored at commit 02530d501461ce58ab06231d7c2ef2024a141ddf).
+
+    ``get_models``: the "openai" engine's list is fixed in the source (dall-e-2, dall-e-3,
+    gpt-image-1, gpt-image-1.5), so nothing is requested; ``get_image_model``: its
+    IMAGE_GENERATION_MODEL, else "dall-e-2". ``image_generations``: POST
+    ``{IMAGES_OPENAI_API_BASE_URL}/images/generations`` (``?api-version=`` only when one is
+    configured, for Azure), headers ``Authorization: Bearer {IMAGES_OPENAI_API_KEY}`` and
+    ``Content-Type: application/json``, body ``{model, prompt, n, size (the form's or its
+    IMAGE_SIZE), response_format: "b64_json" (left out for models matching
+    IMAGE_URL_RESPONSE_MODELS_REGEX_PATTERN, "^gpt-image"), **IMAGES_OPENAI_API_PARAMS}``;
+    ``raise_for_status``; each ``res["data"][i]``: its ``url`` fetched (same headers less
+    Content-Type), else its ``b64_json`` decoded. ``image_edits``: POST
+    ``{IMAGES_EDIT_OPENAI_API_BASE_URL}/images/edits``, multipart (aiohttp FormData) of the
+    fields as strings ``{model: IMAGE_EDIT_MODEL, prompt, n (if given), size (if given),
+    background (if given), response_format: "b64_json" (same rule)}`` then the image as file
+    ``image`` (one data URL) or ``image[]`` (a list), named ``{uuid4}.png``; header
+    ``Authorization`` only."""
+    url, keys = guarded_app
+    config = {  # Open WebUI's image settings for this service
+        "IMAGES_OPENAI_API_BASE_URL": f"{url}/v1", "IMAGES_OPENAI_API_KEY": keys["normal"],
+        "IMAGE_GENERATION_MODEL": "",  # unset: get_image_model answers "dall-e-2"
+        "IMAGE_SIZE": "64x64",  # (default 512x512; the guarded app's max_side is 64)
+        # Merged into the body as they are: the one way to pass our extensions, here to keep it short.
+        "IMAGES_OPENAI_API_PARAMS": {"steps": 2, "prior_steps": 2},
+    }
+    headers = {"Authorization": f"Bearer {config['IMAGES_OPENAI_API_KEY']}", "Content-Type": "application/json"}
+    data = {"model": config["IMAGE_GENERATION_MODEL"] or "dall-e-2", "prompt": "a red circle", "n": 2,
+            "size": config["IMAGE_SIZE"], "response_format": "b64_json",  # "dall-e-2" !~ ^gpt-image
+            **config["IMAGES_OPENAI_API_PARAMS"]}
+    with httpx.Client(timeout=120) as client:
+        r = client.post(f"{config['IMAGES_OPENAI_API_BASE_URL']}/images/generations", json=data, headers=headers)
+        r.raise_for_status()
+        res = r.json()
+        generated = []
+        for image in res["data"]:
+            assert not image.get("url")  # b64_json asked: nothing to fetch
+            image_data, _ = open_webui_image_data(image["b64_json"])
+            generated.append(image_data)
+        assert len(generated) == 2
+        for image_data in generated:
+            assert image_data.startswith(PNG_SIGNATURE)
+            picture = Image.open(io.BytesIO(image_data))
+            assert picture.format == "PNG" and picture.size == (64, 64)
+        assert generated[0] != generated[1]  # seeds differ
+        # With a wrong key it is refused, and Open WebUI's raise_for_status shows it.
+        refused = client.post(f"{config['IMAGES_OPENAI_API_BASE_URL']}/images/generations", json=data,
+                              headers={**headers, "Authorization": "Bearer ks-not-a-key"})
+        assert refused.status_code == 401 and refused.json()["error"]["message"]
+
+        # Editing the image just made (Open WebUI's edit_image tool passes its file, read back
+        # as a data: URL). Edits have no IMAGES_OPENAI_API_PARAMS, so they run the default
+        # steps: on the app without tight step caps (any Authorization is accepted there).
+        edit_base = f"{served_app[0]}/v1"
+        edit_headers = {"Authorization": "Bearer sk-open-webui"}
+        edit_data = {"model": "dall-e-2", "prompt": "a blue square", "size": "64x64", "response_format": "b64_json"}
+        for field in ("image", "image[]"):  # one image (a string), or a list of one
+            files = [(field, (f"{uuid.uuid4()}.png", io.BytesIO(generated[0]), "image/png"))]
+            r = client.post(f"{edit_base}/images/edits", data={key: str(value) for key, value in edit_data.items()},
+                            files=files, headers=edit_headers)
+            r.raise_for_status()
+            res = r.json()
+            assert len(res["data"]) == 1  # n not given: one
+            image_data, _ = open_webui_image_data(res["data"][0]["b64_json"])
+            assert image_data.startswith(PNG_SIGNATURE) and Image.open(io.BytesIO(image_data)).size == (64, 64)
+            assert parse_mode(image_data) == "img2img"
 
 
 def test_the_openai_sdk_raises_its_own_errors_and_accepts_its_own_fields(served_app):

@@ -11,7 +11,19 @@ import time
 import numpy as np
 import pytest
 
-from serve.http.compat import CompatError, OpenAIImageRequest, a1111_to_native, openai_to_native, scheduler_for_sampler
+from serve.http.compat import (
+    A1111Img2ImgRequest,
+    A1111OptionsRequest,
+    A1111PngInfoRequest,
+    A1111Txt2ImgRequest,
+    CompatError,
+    OpenAIImageRequest,
+    a1111_to_native,
+    a1111_translated_fields,
+    json_request_body,
+    openai_to_native,
+    scheduler_for_sampler,
+)
 from tests.jobfakes import FakeJobBackend
 from tests.unit.test_api_modes import encode
 from tests.unit.test_jobs_api import make_client
@@ -206,6 +218,25 @@ def test_openai_links_use_the_configured_public_base_url():
     assert linked["data"][0]["url"].startswith("https://images.example.com/k/v1/jobs/")
 
 
+def test_open_webui_gpt_image_models_get_image_urls_it_can_fetch_given_a_public_base_url():
+    """Open WebUI's "openai" engine leaves response_format out for models matching
+    IMAGE_URL_RESPONSE_MODELS_REGEX_PATTERN ("^gpt-image"), then GETs each ``data[i].url`` with
+    its Authorization header and keeps it if the content-type is image/*. It fetches only
+    http(s) URLs (any other string it decodes as base64), so those models need
+    ``jobs.public_base_url``: without it the URLs are relative."""
+    client, _ = make_client(FakeJobBackend(step_s=0.002), public_base_url="http://testserver")
+    headers = {"Authorization": "Bearer sk-open-webui", "Content-Type": "application/json"}
+    with client:
+        res = client.post("/v1/images/generations", headers=headers,
+                          json={"model": "gpt-image-1", "prompt": "a cat", "n": 1, "size": "64x64", "steps": 3})
+        assert res.status_code == 200, res.text
+        link = res.json()["data"][0]["url"]
+        assert link.startswith("http://testserver/v1/jobs/")
+        image = client.get(link, headers={k: v for k, v in headers.items() if k != "Content-Type"})
+    assert image.status_code == 200 and image.headers["content-type"].split("/")[0] == "image"
+    assert image.content == b"img0"
+
+
 def png_b64() -> str:
     from PIL import Image
 
@@ -345,3 +376,158 @@ def test_openai_edits_still_take_a_place_in_the_gate_once_the_form_is_read():
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_inflight", refused.text
     assert served.status_code == 200, served.text
     assert gate.inside == 0
+
+
+# -- the /sdapi/v1 request models: in the OpenAPI document, the routes unchanged -------------------
+
+
+class ReadKeys(dict):
+    """A body that records which keys the code reads (get, [] and in)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def every_field(model) -> dict:
+    """A body giving every field of ``model`` a value a1111_to_native accepts."""
+    values = {"prompt": "a", "negative_prompt": "b", "steps": 3, "cfg_scale": 4.0, "width": 64, "height": 64,
+              "seed": 5, "batch_size": 1, "n_iter": 1, "sampler_name": "DDIM", "sampler_index": "DDIM",
+              "prior_steps": 2, "prior_guidance_scale": 4.0, "init_images": [PNG_B64], "denoising_strength": 0.5,
+              "mask": PNG_B64, "inpainting_mask_invert": 0, "mask_blur": 4}
+    return {name: values.get(name, True) for name in model.model_fields}
+
+
+def test_the_a1111_models_name_exactly_the_keys_a1111_to_native_reads():
+    """What the code reads (recorded while translating bodies that reach every branch) is
+    exactly the translated fields of the model; every other field is one it lists as unsupported."""
+    for model, img2img, bodies in (
+        (A1111Txt2ImgRequest, False, [{}, every_field(A1111Txt2ImgRequest)]),
+        (A1111Img2ImgRequest, True, [{"init_images": [PNG_B64]}, every_field(A1111Img2ImgRequest),
+                                     {**every_field(A1111Img2ImgRequest), "mask": None}]),
+    ):
+        read: set[str] = set()
+        for body in bodies:
+            recorded = ReadKeys(body)
+            a1111_to_native(recorded, img2img=img2img)
+            read |= recorded.read
+        translated = a1111_translated_fields(model)
+        assert read == translated, (model.__name__, read ^ translated)
+        _, _, unsupported, _ = a1111_to_native(every_field(model), img2img=img2img)
+        marked = set(model.model_fields) - translated
+        assert marked and marked <= set(unsupported), (model.__name__, marked - set(unsupported))
+
+
+def sdapi_request_schema(client, path: str) -> dict:
+    document = client.get("/openapi.json").json()
+    body = document["paths"][path]["post"]["requestBody"]
+    assert body["required"] is True
+    return body["content"]["application/json"]["schema"]
+
+
+@pytest.mark.parametrize("path, model, fields", [
+    ("/sdapi/v1/txt2img", A1111Txt2ImgRequest,
+     {"prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "batch_size", "n_iter",
+      "sampler_name", "sampler_index", "scheduler", "restore_faces", "tiling", "send_images", "save_images",
+      "override_settings", "enable_hr", "denoising_strength", "prior_steps"}),
+    ("/sdapi/v1/img2img", A1111Img2ImgRequest,
+     {"prompt", "steps", "cfg_scale", "seed", "sampler_name", "init_images", "denoising_strength", "mask",
+      "inpainting_mask_invert", "mask_blur", "inpainting_fill", "inpaint_full_res", "resize_mode"}),
+    ("/sdapi/v1/options", A1111OptionsRequest, {"sd_model_checkpoint"}),
+    ("/sdapi/v1/png-info", A1111PngInfoRequest, {"image"}),
+])
+def test_the_openapi_document_describes_each_sdapi_body(client, path, model, fields):
+    from jsonschema import Draft202012Validator
+
+    schema = sdapi_request_schema(client, path)
+    assert schema["title"] == model.__name__ and fields <= set(schema["properties"])
+    assert schema["additionalProperties"] is True  # A1111 clients send many more keys: accepted
+    assert all(schema["properties"][name].get("description") for name in schema["properties"])
+    Draft202012Validator.check_schema(schema)
+    assert "$defs" not in schema and "$ref" not in json.dumps(schema)  # flat: nothing to dangle
+    unsupported = {name for name, field in schema["properties"].items() if field.get("x-unsupported")}
+    assert unsupported == set(model.model_fields) - a1111_translated_fields(model)  # none for options, png-info
+
+
+def test_the_openapi_document_still_builds_and_every_reference_resolves(client):
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    references = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                references.add(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document)
+    assert references and all(ref.startswith("#/components/schemas/") for ref in references)
+    assert {ref.rsplit("/", 1)[1] for ref in references} <= set(schemas)
+
+
+def test_the_bodies_clients_send_are_valid_by_the_documented_schemas(client):
+    """webuiapi's and Open WebUI's bodies (and this file's) validate against the document."""
+    from jsonschema import Draft202012Validator
+
+    txt2img = Draft202012Validator(sdapi_request_schema(client, "/sdapi/v1/txt2img"))
+    img2img = Draft202012Validator(sdapi_request_schema(client, "/sdapi/v1/img2img"))
+    for body in ({"prompt": "a cat", "batch_size": 2, "width": 64, "height": 64, "steps": 2, "negative_prompt": "x"},
+                 {"prompt": "a", "sampler_name": "Euler a", "scheduler": "automatic", "enable_hr": False,
+                  "styles": [], "seed": -1, "cfg_scale": 7, "alwayson_scripts": {}, "unknown_key": 1}):
+        txt2img.validate(body)
+    img2img.validate({"prompt": "a", "init_images": ["data:image/png;base64," + PNG_B64], "mask": PNG_B64,
+                      "inpainting_mask_invert": 1, "mask_blur": 4, "inpainting_fill": 1, "inpaint_full_res": False})
+    assert not img2img.is_valid({"prompt": "a"})  # init_images is required, as the route says (422)
+
+
+def test_the_models_document_only_the_sdapi_routes_still_read_the_raw_body(client):
+    """Unknown keys stay accepted and reported; refusals keep this service's error shape (never
+    FastAPI's ``detail``), naming the A1111 field."""
+    accepted = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2, "width": 64, "height": 64,
+                                                      "restore_faces": True, "made_up": {"x": 1}})
+    assert accepted.status_code == 200, accepted.text
+    assert json.loads(accepted.json()["info"])["unsupported_fields"] == ["made_up", "restore_faces"]
+    for path, body, field in (
+        ("/sdapi/v1/img2img", {"prompt": "a"}, "init_images"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "batch_size": 0}, "batch_size"),
+        ("/sdapi/v1/txt2img", [1, 2], "body"),
+        ("/sdapi/v1/png-info", {"img": "x"}, "image"),
+        ("/sdapi/v1/options", "checkpoint", "body"),
+    ):
+        refused = client.post(path, json=body)
+        assert refused.status_code == 422, (path, refused.text)
+        assert set(refused.json()) == {"error", "request_id"} and "detail" not in refused.json()
+        assert refused.json()["error"]["details"][0]["field"] == field, (path, refused.text)
+    not_json = client.post("/sdapi/v1/txt2img", content=b"{", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422 and not_json.json()["error"]["details"][0]["field"] == "body"
+    options = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
+    assert options.status_code == 200 and options.json() == {"applied": [], "unsupported": ["CLIP_stop_at_last_layers"]}
+
+
+def test_a_nested_request_model_is_refused_rather_than_documented_with_a_dangling_reference():
+    from pydantic import BaseModel
+
+    class Inner(BaseModel):
+        x: int
+
+    class Outer(BaseModel):
+        inner: Inner
+
+    with pytest.raises(TypeError, match="flat"):
+        json_request_body(Outer)
