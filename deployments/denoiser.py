@@ -1,7 +1,9 @@
 """Stage 3: the decoder U-Net (``UNet2DConditionModel`` + the decoder's scheduler).
 
 Image embeddings -> MOVQ latents with classifier-free guidance, exactly as
-``KandinskyV22Pipeline`` computes them for one image per seed. Each image keeps
+``KandinskyV22Pipeline`` computes them for one image per seed — or, for a Kandinsky 2.1
+U-Net (conditioned on the decoder's own text encoding too), as ``KandinskyPipeline``,
+``KandinskyImg2ImgPipeline`` and ``KandinskyInpaintPipeline`` do. Each image keeps
 its own scheduler, timestep index and generator; the U-Net takes one timestep
 per row, so images at different steps (or with different step counts) can share
 a forward pass.
@@ -19,7 +21,15 @@ from ray import serve
 
 from deployments.batching import StepObserver, group_by, run_until_done
 from deployments.loading import DECODER_LAYOUT, CheckpointError, check_layout, load_pretrained, torch_dtype
-from deployments.messages import SCHEDULERS, DenoiseParams, ImageEmbeddings, ImageLatents, Latents, StageTiming
+from deployments.messages import (
+    SCHEDULERS,
+    DenoiseParams,
+    ImageEmbeddings,
+    ImageLatents,
+    Latents,
+    StageTiming,
+    TextEmbeddings,
+)
 from deployments.runtime import LoopReplica
 
 STAGE = "denoiser"
@@ -29,6 +39,16 @@ LEARNED_VARIANCE = ("learned", "learned_range")
 def strength_start(num_steps: int, strength: float) -> int:
     """Index of the first timestep an image-to-image run executes, by the pipelines' rule."""
     return max(num_steps - min(int(num_steps * strength), num_steps), 0)
+
+
+def add_noise_21(latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    """``KandinskyImg2ImgPipeline.add_noise``: 2.1 noises the input image with a beta schedule
+    of its own (linear 1e-4 to 0.02 over 1000 steps), whatever the sampling scheduler is, at
+    ``int(num_train_timesteps * strength) - 2``."""
+    betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float32)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(device=latents.device, dtype=latents.dtype)
+    alpha = alphas_cumprod[timestep]
+    return alpha**0.5 * latents + (1 - alpha) ** 0.5 * noise
 
 
 @dataclass
@@ -52,7 +72,11 @@ class DenoiseState:
     image_latents: torch.Tensor | None = None
     keep_mask: torch.Tensor | None = None
     noise: torch.Tensor | None = None
-    """Inpainting: the kept region is re-imposed from these after every step."""
+    """Inpainting (2.2): the kept region is re-imposed from these after every step."""
+    text: tuple[torch.Tensor, torch.Tensor] | None = None
+    """2.1: the decoder's text encoding of the prompt, pooled (1, D) and hidden states (1, L, H)."""
+    negative_text: tuple[torch.Tensor, torch.Tensor] | None = None
+    """2.1, with guidance: the same for the negative prompt (or ``""``)."""
 
     @property
     def total_steps(self) -> int:
@@ -85,6 +109,8 @@ class DenoiserModel:
         self.device = device
         self.dtype = unet.dtype
         self.latent_channels = latent_channels
+        self.text_conditioned = unet.config.encoder_hid_dim_type == "text_image_proj"
+        """A Kandinsky 2.1 U-Net: every start needs the decoder's text encoding."""
         if unet.config.addition_embed_type == "image_hint":
             self.variant = "controlnet"
         elif unet.config.in_channels == 2 * latent_channels + 1:
@@ -144,6 +170,12 @@ class DenoiserModel:
         if self.variant != "inpaint" and init is not None and params.strength is None:
             raise ValueError("an input image needs a strength")
 
+    def _check_text(self, text: TextEmbeddings | None) -> None:
+        if self.text_conditioned and (text is None or len(text.text_embeds) != 2):
+            raise ValueError("a Kandinsky 2.1 decoder needs its text encoding of [prompt, negative prompt or \"\"]")
+        if not self.text_conditioned and text is not None:
+            raise ValueError("a Kandinsky 2.2 decoder takes no text encoding")
+
     def start(
         self,
         image_embed: np.ndarray,
@@ -152,11 +184,14 @@ class DenoiserModel:
         seed: int,
         init: ImageLatents | None = None,
         hint: np.ndarray | None = None,
+        text: TextEmbeddings | None = None,
     ) -> DenoiseState:
-        """Set up one image, drawing from its generator in the reference pipeline's order."""
+        """Set up one image, drawing from its generator in the reference pipeline's order.
+        ``text`` (2.1 only): the decoder's text encoding, rows [prompt, negative prompt or ""]."""
         from diffusers.utils.torch_utils import randn_tensor
 
         self._check_inputs(params, init, hint)
+        self._check_text(text)
         scheduler, takes_generator = self.make_scheduler(params.scheduler)
         scheduler.set_timesteps(params.num_steps, device=self.device)
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -171,7 +206,20 @@ class DenoiserModel:
             latents=None,  # type: ignore[arg-type]
             step_takes_generator=takes_generator,
         )
-        if init is not None and self.variant != "inpaint":
+        if text is not None:
+            def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                return self._tensor(text.text_embeds[i][None]), self._tensor(text.hidden_states[i][None])
+
+            state.text = row(0)
+            state.negative_text = row(1) if guided else None
+        if init is not None and self.variant != "inpaint" and self.text_conditioned:
+            # 2.1 image-to-image: noise drawn once, added by the pipeline's own schedule (add_noise_21).
+            image_latents = self._tensor(init.latents)
+            state.start_index = state.index = strength_start(params.num_steps, params.strength)
+            noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=self.dtype)
+            timestep = int(scheduler.config.num_train_timesteps * params.strength) - 2
+            state.latents = add_noise_21(image_latents * scheduler.init_noise_sigma, noise, timestep)
+        elif init is not None and self.variant != "inpaint":
             # Image-to-image: the input's latents, noised to the first timestep the strength keeps.
             image_latents = self._tensor(init.latents)
             state.start_index = state.index = strength_start(params.num_steps, params.strength)
@@ -183,10 +231,11 @@ class DenoiserModel:
             shape = (1, self.latent_channels, height, width)
             state.latents = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype) * scheduler.init_noise_sigma
         if self.variant == "inpaint":
-            state.image_latents = self._tensor(init.latents)
-            state.keep_mask = self._tensor(init.keep_mask)
-            state.noise = state.latents.clone()
-            state.conditioning = torch.cat([state.image_latents * state.keep_mask, state.keep_mask], dim=1)
+            image_latents, keep_mask = self._tensor(init.latents), self._tensor(init.keep_mask)
+            state.conditioning = torch.cat([image_latents * keep_mask, keep_mask], dim=1)
+            if not self.text_conditioned:
+                # 2.2 re-imposes the kept region after every step and at the end; 2.1 does neither.
+                state.image_latents, state.keep_mask, state.noise = image_latents, keep_mask, state.latents.clone()
         if hint is not None:
             state.hint = self._hint(hint, params)
         return state
@@ -202,26 +251,31 @@ class DenoiserModel:
     @torch.inference_mode()
     def step(self, states: list[DenoiseState]) -> None:
         """One U-Net forward over every state (all must share a latent size), then each state's scheduler step."""
-        samples, timesteps, embeds, hints = [], [], [], []
+        samples, timesteps, embeds, hints, text_embeds, text_hidden = [], [], [], [], [], []
         for state in states:
             t = state.scheduler.timesteps[state.index]
             sample = state.latents if state.conditioning is None else torch.cat([state.latents, state.conditioning], dim=1)
-            conditions = [state.image_embeds]
+            conditions = [(state.image_embeds, state.text)]
             if state.negative_image_embeds is not None:
-                conditions.insert(0, state.negative_image_embeds)
-            for condition in conditions:
+                conditions.insert(0, (state.negative_image_embeds, state.negative_text))
+            for condition, text in conditions:
                 samples.append(sample)
                 timesteps.append(t.reshape(1))
                 embeds.append(condition)
                 if state.hint is not None:
                     hints.append(state.hint)
+                if text is not None:
+                    text_embeds.append(text[0])
+                    text_hidden.append(text[1])
         added = {"image_embeds": torch.cat(embeds)}
         if hints:
             added["hint"] = torch.cat(hints)
+        if text_embeds:
+            added["text_embeds"] = torch.cat(text_embeds)
         output = self.unet(
             sample=torch.cat(samples),
             timestep=torch.cat(timesteps),
-            encoder_hidden_states=None,
+            encoder_hidden_states=torch.cat(text_hidden) if text_hidden else None,
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
@@ -257,20 +311,27 @@ class DenoiserModel:
         config = self.unet.config
         side = max(8, 2 ** len(config.block_out_channels))  # the smallest size every level can halve
         sample = torch.zeros(1, config.in_channels - (4 if self.variant == "controlnet" else 0), side, side)
-        added = {"image_embeds": torch.zeros(1, config.encoder_hid_dim)}
+        hidden = None
+        if self.text_conditioned:  # 2.1: image and text embeddings of the cross-attention size, text hidden states
+            added = {"image_embeds": torch.zeros(1, config.cross_attention_dim),
+                     "text_embeds": torch.zeros(1, config.cross_attention_dim)}
+            hidden = torch.zeros(1, 1, config.encoder_hid_dim).to(self.device, self.dtype)
+        else:
+            added = {"image_embeds": torch.zeros(1, config.encoder_hid_dim)}
         if self.variant == "controlnet":
             added["hint"] = torch.zeros(1, 3, side * self.movq_scale_factor, side * self.movq_scale_factor)
         self.unet(
             sample=sample.to(self.device, self.dtype), timestep=torch.zeros(1, dtype=torch.long, device=self.device),
-            encoder_hidden_states=None, added_cond_kwargs={k: v.to(self.device, self.dtype) for k, v in added.items()},
+            encoder_hidden_states=hidden, added_cond_kwargs={k: v.to(self.device, self.dtype) for k, v in added.items()},
             return_dict=False,
         )
 
     def start_all(
-        self, embeddings: ImageEmbeddings, params: DenoiseParams, init: ImageLatents | None = None, hint: np.ndarray | None = None
+        self, embeddings: ImageEmbeddings, params: DenoiseParams, init: ImageLatents | None = None,
+        hint: np.ndarray | None = None, text: TextEmbeddings | None = None,
     ) -> list[DenoiseState]:
         rows = zip(embeddings.image_embeds, embeddings.negative_image_embeds, embeddings.seeds, strict=True)
-        return [self.start(embed, negative, params, seed, init, hint) for embed, negative, seed in rows]
+        return [self.start(embed, negative, params, seed, init, hint, text) for embed, negative, seed in rows]
 
     @staticmethod
     def finish_all(states: list[DenoiseState]) -> np.ndarray:

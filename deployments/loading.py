@@ -34,6 +34,12 @@ DECODER_LAYOUT: dict[str, tuple[str, ...]] = {
     "movq": _WEIGHTS,
     "scheduler": ("scheduler_config.json",),
 }
+DECODER_21_LAYOUT: dict[str, tuple[str, ...]] = {
+    **DECODER_LAYOUT,
+    "text_encoder": _WEIGHTS,  # MultilingualCLIP
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json|sentencepiece.bpe.model"),
+}
+"""``kandinsky-2-1`` and ``kandinsky-2-1-inpaint``: the decoder carries its own text encoder."""
 
 
 class CheckpointError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Stage 1: CLIP text encoder (tokenizer + ``CLIPTextModelWithProjection``)."""
+"""Stage 1: text encoders. The prior's CLIP text encoder (tokenizer + ``CLIPTextModelWithProjection``)
+and, for the Kandinsky 2.1 family, the decoder's own multilingual encoder (``MultilingualCLIP``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from ray import serve
 
 from deployments.batching import Queued
-from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
+from deployments.loading import DECODER_21_LAYOUT, PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
 from deployments.messages import StageTiming, TextEmbeddings
 from deployments.runtime import StageReplica
 
@@ -60,6 +61,51 @@ class TextEncoderModel:
 
     def health_probe(self) -> None:
         """A tiny forward pass (check_health)."""
+        self.encode([""])
+
+
+class MultilingualTextEncoderModel:
+    """Kandinsky 2.1's decoder text encoder: prompts -> pooled embeddings (projected to the CLIP
+    image-embedding size), last hidden states and masks, as ``KandinskyPipeline._encode_prompt``
+    computes them (XLM-Roberta tokens padded to 77)."""
+
+    max_length = 77  # the 2.1 pipelines pad and truncate to 77 tokens, whatever the tokenizer allows
+
+    def __init__(self, tokenizer, text_encoder, device: str = "cpu") -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device
+
+    @classmethod
+    def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "MultilingualTextEncoderModel":
+        from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
+        from transformers import XLMRobertaTokenizer
+
+        root = check_layout(decoder_path, DECODER_21_LAYOUT, "decoder", parts=("tokenizer", "text_encoder"))
+        tokenizer = load_pretrained(XLMRobertaTokenizer, root, "tokenizer")
+        encoder = load_pretrained(MultilingualCLIP, root, "text_encoder", device, torch_dtype(dtype))
+        return cls(tokenizer, encoder, device)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Encode ``texts`` in one forward pass (rows are independent: padded to the full 77)."""
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=self.max_length, truncation=True, return_attention_mask=True,
+            add_special_tokens=True, return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(self.device)
+        embeds, hidden = self.text_encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask)
+        return embeds.float().cpu().numpy(), hidden.float().cpu().numpy(), tokens.attention_mask.bool().numpy()
+
+    def truncated(self, texts: list[str]) -> list[str]:
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
+        return [
+            f"text {text[:40]!r}{'...' if len(text) > 40 else ''} is {length} tokens; the 2.1 decoder's text "
+            f"encoder reads only the first {self.max_length}"
+            for text, length in zip(texts, lengths) if length > self.max_length
+        ]
+
+    def health_probe(self) -> None:
         self.encode([""])
 
 

@@ -73,9 +73,9 @@ def _wait_for_stop(timeout_s: float | None = None) -> None:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from serve.training.tiny import make_tiny
+    from serve.training.tiny import make_tiny, make_tiny_21
 
-    checkpoint = make_tiny(args.dir, args.seed)
+    checkpoint = (make_tiny_21 if args.family == "2.1" else make_tiny)(args.dir, args.seed)
     for name, path in checkpoint._asdict().items():
         print(f"{name + ':':20s}{path}")
     return 0
@@ -267,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: http_options.request_timeout_s)")
     run.set_defaults(func=_cmd_run)
 
-    tiny = commands.add_parser("make-tiny", help="write a tiny random-weight checkpoint pair")
+    tiny = commands.add_parser("make-tiny", help="write a tiny random-weight checkpoint (prior and decoders)")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--family", choices=("2.2", "2.1"), default="2.2",
+                      help="2.2: prior, decoder, decoder_inpaint, decoder_controlnet; 2.1: kandinsky-2-1-prior, "
+                           "kandinsky-2-1, kandinsky-2-1-inpaint")
     tiny.set_defaults(func=_cmd_make_tiny)
 
     keys = commands.add_parser("keys", help="API keys: make one (printed once, stored hashed) or revoke one")

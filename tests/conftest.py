@@ -56,6 +56,14 @@ def tiny_checkpoint(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint_21(tmp_path_factory):
+    """A tiny Kandinsky 2.1 checkpoint: (prior, decoder, inpaint_decoder), the published layout."""
+    from serve.training.tiny import make_tiny_21
+
+    return make_tiny_21(tmp_path_factory.mktemp("tiny21"), seed=0)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""Tiny random-weight Kandinsky 2.2 checkpoints, written in the published layout.
+"""Tiny random-weight Kandinsky 2.2 and 2.1 checkpoints, written in the published layouts.
 
 Everything is made here and deterministic from a seed: the CLIP tokenizer's
 vocabulary and merges are learned from a built-in word list, and every model is
@@ -17,8 +17,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from deployments.loading import DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
-from serve.training.tokenizer import build_tokenizer
+from deployments.loading import DECODER_21_LAYOUT, DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
+from serve.training.tokenizer import build_tokenizer, build_xlm_roberta_tokenizer
 
 CLIP_DIM = 32  # pooled text/image embedding size (1280 in the real model)
 MAX_TOKENS = 77  # CLIP's context length, as in the real tokenizer
@@ -138,6 +138,106 @@ def make_tiny(out_dir: Path | str, seed: int = 0) -> TinyCheckpoint:
     ):
         pipeline(**_decoder_components(seed, variant)).save_pretrained(path, safe_serialization=True)
     return _check(paths)
+
+
+# -- Kandinsky 2.1 ----------------------------------------------------------------------
+
+MCLIP_HIDDEN = 32  # the multilingual text encoder's width (1024 in the real XLM-R large)
+
+
+def _multilingual_text_encoder(tokenizer, seed: int):
+    """2.1's ``MultilingualCLIP`` (XLM-Roberta + a projection to the CLIP image-embedding size)."""
+    from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+
+    torch.manual_seed(seed)
+    config = MCLIPConfig(
+        transformerDimSize=MCLIP_HIDDEN, imageDimSize=CLIP_DIM, hidden_size=MCLIP_HIDDEN, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS + 4,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return MultilingualCLIP(config).eval()
+
+
+def _unet_21(seed: int, in_channels: int):
+    """2.1's U-Net: conditioned on the text's hidden states and pooled embedding *and* the image embedding."""
+    from diffusers import UNet2DConditionModel
+
+    from serve.training.movq import LATENT_CHANNELS
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        in_channels=in_channels,
+        out_channels=2 * LATENT_CHANNELS,
+        addition_embed_type="text_image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        encoder_hid_dim=MCLIP_HIDDEN,
+        encoder_hid_dim_type="text_image_proj",
+        cross_attention_dim=CLIP_DIM,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type=None,
+    )
+
+
+def decoder_21_scheduler():
+    """The decoder's scheduler with ``kandinsky-2-1``'s settings (DDIM)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        thresholding=False,
+    )
+
+
+def _decoder_21_components(seed: int, inpaint: bool) -> dict:
+    from serve.training.movq import LATENT_CHANNELS, build_movq
+
+    tokenizer = build_xlm_roberta_tokenizer()
+    return {
+        "text_encoder": _multilingual_text_encoder(tokenizer, seed + 21),
+        "tokenizer": tokenizer,
+        "unet": _unet_21(seed + (25 if inpaint else 23), 2 * LATENT_CHANNELS + 1 if inpaint else LATENT_CHANNELS),
+        "scheduler": decoder_21_scheduler(),
+        # One MOVQ for both, as the published 2.1 decoders share theirs.
+        "movq": build_movq(seed + 24, channels=(32, 32, 32, 64), codebook=64, attention=True),
+    }
+
+
+class TinyCheckpoint21(NamedTuple):
+    """Paths of a tiny Kandinsky 2.1 checkpoint, named as the published repositories."""
+
+    prior: Path
+    decoder: Path
+    inpaint_decoder: Path
+
+
+def make_tiny_21(out_dir: Path | str, seed: int = 0) -> TinyCheckpoint21:
+    """Write ``kandinsky-2-1-prior``, ``kandinsky-2-1`` and ``kandinsky-2-1-inpaint`` under ``out_dir``."""
+    from diffusers import KandinskyInpaintPipeline, KandinskyPipeline, KandinskyPriorPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = TinyCheckpoint21(out_dir / "kandinsky-2-1-prior", out_dir / "kandinsky-2-1", out_dir / "kandinsky-2-1-inpaint")
+    # The 2.1 prior has 2.2's architecture (CLIP text and image towers, PriorTransformer, UnCLIP).
+    KandinskyPriorPipeline(**_prior_components(seed + 20)).save_pretrained(paths.prior, safe_serialization=True)
+    KandinskyPipeline(**_decoder_21_components(seed, inpaint=False)).save_pretrained(paths.decoder, safe_serialization=True)
+    KandinskyInpaintPipeline(**_decoder_21_components(seed, inpaint=True)).save_pretrained(
+        paths.inpaint_decoder, safe_serialization=True)
+    check_layout(paths.prior, PRIOR_LAYOUT, "prior")
+    check_layout(paths.decoder, DECODER_21_LAYOUT, "decoder")
+    check_layout(paths.inpaint_decoder, DECODER_21_LAYOUT, "decoder-inpaint")
+    return paths
 
 
 def build_once(target: Path, build: Callable[[Path], object], check: Callable[[Path], object]) -> Path:

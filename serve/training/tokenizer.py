@@ -80,3 +80,25 @@ def build_tokenizer(corpus: tuple[str, ...] | None = None, *, num_merges: int, m
 
     vocab, merges = build_clip_vocab(num_merges, corpus)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_xlm_roberta_tokenizer(corpus: tuple[str, ...] | None = None, *, max_length: int = 512):
+    """An ``XLMRobertaTokenizer`` (a SentencePiece unigram model, the 2.1 decoder's tokenizer
+    kind) over ``corpus`` (default: the built-in word list): a piece per word, then single
+    characters, deterministic scores; the special tokens at XLM-R's ids (``<s>`` 0, ``<pad>`` 1,
+    ``</s>`` 2, ``<unk>`` 3, ``<mask>`` last)."""
+    import math
+    import string
+
+    from transformers import XLMRobertaTokenizer
+
+    words = corpus if corpus is not None else tuple(BUILT_IN_WORDS)
+    characters = sorted({c for word in words for c in word} | set(string.ascii_letters + string.digits + string.punctuation))
+    pieces = list(dict.fromkeys(["\u2581" + word for word in words] + ["\u2581"] + characters
+                                + ["\u2581" + c for c in characters]))
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(piece, -math.log(2.0 + index)) for index, piece in enumerate(pieces)]  # earlier = likelier
+    vocab.append(("<mask>", 0.0))
+    tokenizer = XLMRobertaTokenizer(vocab=vocab)
+    tokenizer.model_max_length = max_length
+    return tokenizer

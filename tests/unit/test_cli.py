@@ -10,6 +10,14 @@ def test_make_tiny_writes_both_checkpoints(tmp_path, capsys):
     assert "decoder:" in capsys.readouterr().out
 
 
+def test_make_tiny_writes_the_21_family_in_its_published_layout(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "out"), "--family", "2.1"]) == 0
+    for name in ("kandinsky-2-1-prior", "kandinsky-2-1", "kandinsky-2-1-inpaint"):
+        assert (tmp_path / "out" / name / "model_index.json").is_file()
+    assert (tmp_path / "out" / "kandinsky-2-1" / "text_encoder" / "model.safetensors").is_file()
+    assert "inpaint_decoder:" in capsys.readouterr().out
+
+
 def test_run_refuses_a_bad_config_with_a_clear_message(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph.build:build_app",

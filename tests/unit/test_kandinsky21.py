@@ -1,0 +1,214 @@
+"""Kandinsky 2.1 through the stage models in process, against diffusers' own 2.1 pipelines.
+
+The 2.1 decoder's U-Net is conditioned on its own multilingual text encoding as well as on the
+prior's image embedding; the same denoiser loop serves it (one scheduler and generator per
+image, images at different steps sharing a forward pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deployments.denoiser import DenoiserModel
+from deployments.messages import DenoiseParams, ImageEmbeddings, Latents, TextEmbeddings
+from deployments.text_encoder import MultilingualTextEncoderModel
+from serve.graph.plan import plan
+from serve.http.schemas import MixItem
+from tests.localgraph import LocalCalls
+from tests.reference import MAX_PIXEL_DIFF, _pipeline, _scheduler, box_mask, max_diff, solid_image, spec
+
+PICTURE = solid_image(64, 64, seed=1)
+WIDE = solid_image(128, 64, seed=3)
+
+
+class LocalCalls21(LocalCalls):
+    """The 2.2 stage models' calls with a 2.1 checkpoint: the same prior, image encoder and MOVQ
+    code; the decoders given the 2.1 text encoding of [prompt, negative or ""]."""
+
+    def __init__(self, checkpoint) -> None:
+        prior_path, decoder_path, inpaint_path = checkpoint
+        from deployments.image_encoder import ImageEncoderModel
+        from deployments.movq import MovqModel
+        from deployments.prior import PriorModel
+        from deployments.text_encoder import TextEncoderModel
+
+        self.text = TextEncoderModel.from_pretrained(prior_path)
+        self.images = ImageEncoderModel.from_pretrained(prior_path)
+        self.prior_model = PriorModel.from_pretrained(prior_path)
+        self.decoder_text = MultilingualTextEncoderModel.from_pretrained(decoder_path)
+        self.decoders = {"text2img": DenoiserModel.from_pretrained(decoder_path), "inpaint": DenoiserModel.from_pretrained(inpaint_path)}
+        self.movq = MovqModel.from_pretrained(decoder_path)
+        self._text: TextEmbeddings | None = None
+
+    async def denoise(self, decoder, embeddings, params, init=None, hint=None):
+        [latents] = self.decoders[decoder].generate([(embeddings, params, init, hint, self._text)])
+        return Latents(latents)
+
+    def generate(self, s):
+        self._text = TextEmbeddings(*self.decoder_text.encode([s.prompt, s.negative_prompt or ""]))
+        return asyncio.run(plan(s, self, "local")).images
+
+
+def mode_specs() -> dict[str, object]:
+    """The modes diffusers offers for 2.1: text-to-image, image-to-image, inpainting, mixing."""
+    return {
+        "text2img": spec(),
+        "text2img-ddim-negative-two-seeds": spec(scheduler="ddim", negative_prompt="blue", seeds=(4, 5)),
+        "text2img-no-guidance": spec(guidance_scale=1.0, scheduler="ddim"),
+        "text2img-wide-dpmsolver++": spec(width=128, height=64, scheduler="dpmsolver++"),
+        "img2img": spec(mode="img2img", image=PICTURE, strength=0.5, scheduler="ddim"),
+        "img2img-negative-ddpm": spec(mode="img2img", image=PICTURE, strength=0.8, negative_prompt="dog"),
+        "inpaint": spec(mode="inpaint", image=PICTURE, mask=box_mask(64, 64), scheduler="ddim"),
+        "inpaint-wide-negative": spec(mode="inpaint", image=WIDE, mask=box_mask(128, 64), width=128, height=64,
+                                      negative_prompt="red"),
+        "mix-text-and-image": spec(mode="mix", prompt="", mix=(MixItem(0.4, text="a cat"), MixItem(0.6, image=PICTURE)),
+                                   scheduler="ddim"),
+    }
+
+
+def reference_images_21(checkpoint, s) -> list[np.ndarray]:
+    """What diffusers' Kandinsky 2.1 pipelines draw for each seed of ``s`` (one call per seed)."""
+    prior_path, decoder_path, inpaint_path = (str(path) for path in checkpoint)
+    prior = _pipeline("KandinskyPriorPipeline", prior_path)
+    if s.mode == "inpaint":
+        pipe = _pipeline("KandinskyInpaintPipeline", inpaint_path)
+        extra = dict(image=Image.fromarray(s.image), mask_image=Image.fromarray(s.mask), height=s.height, width=s.width)
+    elif s.mode == "img2img":
+        pipe = _pipeline("KandinskyImg2ImgPipeline", decoder_path)
+        # preprocess(image, width, height) is called as (image, height, width) there, as in 2.2's.
+        extra = dict(image=Image.fromarray(s.image), strength=s.strength, height=s.width, width=s.height)
+    else:
+        pipe = _pipeline("KandinskyPipeline", decoder_path)
+        extra = dict(height=s.height, width=s.width)
+    original = pipe.scheduler
+    pipe.scheduler = _scheduler(s.scheduler, original.config)
+    prompt = s.prompt
+    images = []
+    try:
+        for seed in s.seeds:
+            generator = torch.Generator().manual_seed(seed)
+            if s.mode == "mix":
+                items = [item.text if item.text is not None else Image.fromarray(item.image) for item in s.mix]
+                out = prior.interpolate(items, [item.weight for item in s.mix], num_inference_steps=s.prior_steps,
+                                        generator=generator, negative_prompt=s.negative_prompt or "",
+                                        guidance_scale=s.prior_guidance_scale)
+            else:
+                out = prior(s.prompt, negative_prompt=s.negative_prompt, num_inference_steps=s.prior_steps,
+                            guidance_scale=s.prior_guidance_scale, generator=generator)
+            image = pipe(
+                prompt, image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
+                negative_prompt=s.negative_prompt, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
+                generator=torch.Generator().manual_seed(seed), output_type="pil", **extra,
+            ).images[0]
+            images.append(np.asarray(image))
+    finally:
+        pipe.scheduler = original
+    return images
+
+
+@pytest.fixture(scope="module")
+def local21(tiny_checkpoint_21):
+    return LocalCalls21(tiny_checkpoint_21)
+
+
+def test_the_tiny_21_checkpoint_is_the_published_layout(tiny_checkpoint_21):
+    import json
+
+    names = [path.name for path in tiny_checkpoint_21]
+    assert names == ["kandinsky-2-1-prior", "kandinsky-2-1", "kandinsky-2-1-inpaint"]
+    index = json.loads((tiny_checkpoint_21.decoder / "model_index.json").read_text())
+    assert index["_class_name"] == "KandinskyPipeline"
+    assert index["text_encoder"] == ["kandinsky", "MultilingualCLIP"]
+    assert index["tokenizer"][1] == "XLMRobertaTokenizer"
+    assert index["scheduler"][1] == "DDIMScheduler"
+    assert json.loads((tiny_checkpoint_21.inpaint_decoder / "unet" / "config.json").read_text())["in_channels"] == 9
+    assert not list(tiny_checkpoint_21.decoder.rglob("*.bin"))
+
+
+@pytest.mark.parametrize("name", list(mode_specs()))
+def test_21_mode_matches_its_diffusers_pipeline(local21, tiny_checkpoint_21, name):
+    s = mode_specs()[name]
+    ours = local21.generate(s)
+    reference = reference_images_21(tiny_checkpoint_21, s)
+    assert len(ours) == len(reference) == len(s.seeds)
+    for mine, theirs in zip(ours, reference):
+        assert mine.shape == (s.height, s.width, 3)
+        assert max_diff(mine, theirs) <= MAX_PIXEL_DIFF
+        assert mine.std() > 5  # a real picture, not a blank that would match any blank
+
+
+def test_the_21_decoder_reads_the_prompt_and_the_negative_prompt(local21):
+    base = local21.generate(spec())[0]
+    # The prior sees the same texts in both; only the decoder's own text encoding differs.
+    other_prompt = local21.generate(spec(prompt="a blue square"))[0]
+    with_negative = local21.generate(spec(negative_prompt="green"))[0]
+    assert max_diff(base, other_prompt) > 10 and max_diff(base, with_negative) > 10
+
+
+def test_a_21_decoder_refuses_a_start_without_its_text(local21):
+    model = local21.decoders["text2img"]
+    embeddings = ImageEmbeddings(np.zeros((1, 32), np.float32), np.zeros((1, 32), np.float32), [0])
+    params = DenoiseParams(64, 64, 3, 4.0)
+    with pytest.raises(ValueError, match="2.1 decoder needs its text"):
+        model.start_all(embeddings, params)
+    model.health_probe()
+
+
+def _states(local21, s, seed_offset=0):
+    """One request's denoiser states (prior run in process), for driving steps by hand."""
+    local21._text = TextEmbeddings(*local21.decoder_text.encode([s.prompt, s.negative_prompt or ""]))
+    text = asyncio.run(local21.encode_text([s.prompt, s.negative_prompt or ""], "r"))
+    from deployments.messages import PriorParams, TextRows
+
+    prior_params = PriorParams(tuple(s.seeds), s.prior_steps, s.prior_guidance_scale, TextRows.pair(s.negative_prompt is not None))
+    embeddings = asyncio.run(local21.prior(text, prior_params))
+    params = DenoiseParams(s.height, s.width, s.steps, s.guidance_scale, scheduler=s.scheduler)
+    return local21.decoders["text2img"].start_all(embeddings, params, None, None, local21._text)
+
+
+def test_21_images_are_the_same_alone_and_joined_mid_flight(local21):
+    model = local21.decoders["text2img"]
+    first = spec(prompt="a red circle", seeds=(1,), steps=6, scheduler="ddim")
+    second = spec(prompt="a green cat", negative_prompt="dark", seeds=(2, 3), steps=6, scheduler="ddpm")
+
+    def alone(s):
+        states = _states(local21, s)
+        while not all(state.finished for state in states):
+            model.step(states)
+        return model.finish_all(states)
+
+    expected_first, expected_second = alone(first), alone(second)
+    a, b = _states(local21, first), _states(local21, second)
+    for _ in range(2):  # the first request runs two steps alone, then the second joins its batch
+        model.step(a)
+    while not all(state.finished for state in a + b):
+        model.step([state for state in a + b if not state.finished])
+    # Batched matmuls round differently from lone ones (~1e-5 here); the images must agree.
+    for joined, expected in ((model.finish_all(a), expected_first), (model.finish_all(b), expected_second)):
+        np.testing.assert_allclose(joined, expected, rtol=1e-3, atol=1e-3)
+        for mine, theirs in zip(local21.movq.decode(joined), local21.movq.decode(expected)):
+            assert max_diff(mine, theirs) <= MAX_PIXEL_DIFF
+    assert np.abs(model.finish_all(b)[0] - model.finish_all(b)[1]).max() > 1e-1  # two seeds, two images
+
+
+def test_the_21_img2img_strength_changes_the_result(local21):
+    weak = local21.generate(spec(mode="img2img", image=PICTURE, strength=0.3))[0]
+    strong = local21.generate(spec(mode="img2img", image=PICTURE, strength=0.9))[0]
+    assert max_diff(weak, strong) > 10
+    # A weak strength keeps closer to the input picture.
+    distance = lambda image: np.abs(image.astype(int) - PICTURE.astype(int)).mean()  # noqa: E731
+    assert distance(weak) < distance(strong)
+
+
+def test_2_2_decoders_take_no_21_text(tiny_checkpoint):
+    model = DenoiserModel.from_pretrained(tiny_checkpoint.decoder)
+    assert not model.text_conditioned
+    text = TextEmbeddings(np.zeros((2, 32), np.float32), np.zeros((2, 77, 32), np.float32), np.ones((2, 77), bool))
+    embeddings = ImageEmbeddings(np.zeros((1, 32), np.float32), np.zeros((1, 32), np.float32), [0])
+    with pytest.raises(ValueError, match="takes no text"):
+        model.start_all(embeddings, DenoiseParams(64, 64, 3, 4.0), None, None, text)
