@@ -366,9 +366,11 @@ class DenoiserReplica(LoopReplica):
         self.setup(self.stage, device, lambda: DenoiserModel.from_pretrained(decoder_path, device, dtype))
 
     async def generate(
-        self, embeddings: ImageEmbeddings, params: DenoiseParams, init: ImageLatents | None = None, hint: np.ndarray | None = None
+        self, embeddings: ImageEmbeddings, params: DenoiseParams, init: ImageLatents | None = None,
+        hint: np.ndarray | None = None, text: TextEmbeddings | None = None,
     ) -> Latents:
-        return await self.run_request(embeddings, params, init, hint)
+        """``text``: a 2.1 decoder's own text encoding of [prompt, negative or ""]; None for 2.2."""
+        return await self.run_request(embeddings, params, init, hint, text)
 
     def make_output(self, inputs: tuple, latents, timing: StageTiming) -> Latents:
         return Latents(latents, {self.stage: timing})

@@ -74,5 +74,5 @@ class ImageEncoder(StageReplica):
             rows = slice(offset, offset + len(call.payload))
             offset = rows.stop
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
-            results.append(ClipImageEmbeddings(embeds[rows], {STAGE: timing}))
+            results.append(ClipImageEmbeddings(embeds[rows], {self.stage: timing}))
         return results

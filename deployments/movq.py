@@ -210,7 +210,5 @@ class MovqDecoder(StageReplica):
         for call, images in zip(calls, encoded):
             latents, params = call.payload
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
-            results.append(
-EncodedImages(images, MEDIA_TYPES[params.output_format], timings={STAGE: timing})
-            )
+            results.append(EncodedImages(images, MEDIA_TYPES[params.output_format], timings={self.stage: timing}))
         return results

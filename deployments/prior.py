@@ -300,4 +300,4 @@ class Prior(LoopReplica):
     def make_output(self, inputs: tuple, output, timing: StageTiming) -> ImageEmbeddings:
         text, params, images = inputs
         embeds, negative = output
-        return ImageEmbeddings(embeds, negative, list(params.seeds), {STAGE: timing})
+        return ImageEmbeddings(embeds, negative, list(params.seeds), {self.stage: timing})

@@ -18,6 +18,16 @@ from typing import Any
 MODES = ("text2img", "img2img", "inpaint", "mix", "variations", "controlnet")
 """Every generation mode (``/v1/<mode>``)."""
 
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "2.2": MODES,
+    # What diffusers offers for 2.1: no ControlNet, no emb2emb prior (variations).
+    "2.1": ("text2img", "img2img", "inpaint", "mix"),
+}
+"""Each model family and the modes it can serve."""
+DEFAULT_FAMILY = "2.2"
+MODEL_IDS = {"2.2": "kandinsky-2-2", "2.1": "kandinsky-2-1"}
+"""The id each family's model is requested by (``model`` on every generation request)."""
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -41,6 +51,9 @@ class Stage:
     """For a denoiser: the decoder variant the plan asks for (``text2img``, ``inpaint``, ``controlnet``)."""
     optional: bool = False
     """Deployed only when its checkpoint is configured (the embedded model has all); else its modes answer 404."""
+    family: str = DEFAULT_FAMILY
+    """The model family it serves (:data:`FAMILIES`); a family other than the default is
+    deployed only when its checkpoints are configured."""
 
     @property
     def path_field(self) -> str:
@@ -57,6 +70,7 @@ class Stage:
 
 
 _PLAIN_DECODER_MODES = ("text2img", "img2img", "mix", "variations")
+_MODES_21 = FAMILIES["2.1"]
 
 STAGES: tuple[Stage, ...] = (
     Stage("TextEncoder", "deployments.text_encoder:TextEncoder", "text_encoder", "prior",
@@ -77,6 +91,25 @@ STAGES: tuple[Stage, ...] = (
     # 2.2 decoders (plain, inpaint, ControlNet) share one MOVQ.
     Stage("MovqDecoder", "deployments.movq:MovqDecoder", "movq", "decoder",
           ("movq",), loop=False, modes=MODES, resource="kandinsky_small"),
+    # Kandinsky 2.1: the same stage code on 2.1 checkpoints (a prior of 2.2's architecture, a
+    # U-Net also conditioned on text), plus the decoder's own multilingual text encoder. Whole
+    # families are deployments of their own: their U-Nets and MOVQs differ.
+    Stage("TextEncoder21", "deployments.text_encoder:TextEncoder", "text_encoder", "prior_21",
+          ("tokenizer", "text_encoder"), loop=False, modes=_MODES_21, resource="kandinsky_small", family="2.1"),
+    Stage("ImageEncoder21", "deployments.image_encoder:ImageEncoder", "image_encoder", "prior_21",
+          ("image_processor", "image_encoder"), loop=False, modes=("mix",), resource="kandinsky_small", family="2.1"),
+    Stage("Prior21", "deployments.prior:Prior", "prior", "prior_21",
+          ("prior", "scheduler"), loop=True, modes=_MODES_21, resource="kandinsky_small", family="2.1"),
+    Stage("DecoderTextEncoder21", "deployments.text_encoder:MultilingualTextEncoder", "decoder_text_encoder", "decoder_21",
+          ("tokenizer", "text_encoder"), loop=False, modes=_MODES_21, resource="kandinsky_small", family="2.1"),
+    Stage("Denoiser21", "deployments.denoiser:Denoiser", "denoiser", "decoder_21",
+          ("unet", "scheduler"), loop=True, modes=("text2img", "img2img", "mix"), resource="kandinsky_denoiser",
+          variant="text2img", family="2.1"),
+    Stage("InpaintDenoiser21", "deployments.denoiser:InpaintDenoiser", "denoiser", "inpaint_decoder_21",
+          ("unet", "scheduler"), loop=True, modes=("inpaint",), resource="kandinsky_denoiser", variant="inpaint",
+          optional=True, family="2.1"),
+    Stage("MovqDecoder21", "deployments.movq:MovqDecoder", "movq", "decoder_21",
+          ("movq",), loop=False, modes=_MODES_21, resource="kandinsky_small", family="2.1"),
 )
 
 INGRESS_NAME = "Ingress"
@@ -87,20 +120,24 @@ LOOP_STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.loop)
 BY_NAME = {stage.name: stage for stage in STAGES}
 CHECKPOINTS = tuple(dict.fromkeys(stage.checkpoint for stage in STAGES))
 """Every checkpoint some stage loads, required ones first: ``prior``, ``decoder``, then the variants'."""
-OPTIONAL_STAGES = tuple(stage for stage in STAGES if stage.optional)
+OPTIONAL_STAGES = tuple(stage for stage in STAGES if stage.optional and stage.family == DEFAULT_FAMILY)
+"""The default family's decoder variants, each left out when its checkpoint is not configured."""
+OTHER_FAMILY_STAGES = tuple(stage for stage in STAGES if stage.family != DEFAULT_FAMILY)
+"""Deployed only when their checkpoint is configured (each family's model is optional but the default's)."""
+FAMILY_OF_MODEL = {model_id: family for family, model_id in MODEL_IDS.items()}
 
 
-def stage_for(role: str, variant: str | None = None) -> Stage:
-    """The one stage playing ``role`` (for a denoiser: of ``variant``)."""
-    matches = [s for s in STAGES if s.role == role and (variant is None or s.variant == variant)]
+def stage_for(role: str, variant: str | None = None, family: str = DEFAULT_FAMILY) -> Stage:
+    """The one stage of ``family`` playing ``role`` (for a denoiser: of ``variant``)."""
+    matches = [s for s in STAGES if s.role == role and s.family == family and (variant is None or s.variant == variant)]
     if len(matches) != 1:
-        raise KeyError(f"{len(matches)} stages with role {role!r} and variant {variant!r}; expected one")
+        raise KeyError(f"{len(matches)} stages with role {role!r}, variant {variant!r} in family {family}; expected one")
     return matches[0]
 
 
-def denoiser_of_mode(mode: str) -> Stage:
-    """The U-Net stage that serves ``mode``; each batches only with itself."""
-    matches = [s for s in STAGES if s.role == "denoiser" and mode in s.modes]
+def denoiser_of_mode(mode: str, family: str = DEFAULT_FAMILY) -> Stage:
+    """The U-Net stage of ``family`` that serves ``mode``; each batches only with itself."""
+    matches = [s for s in STAGES if s.role == "denoiser" and s.family == family and mode in s.modes]
     if len(matches) != 1:
-        raise KeyError(f"{len(matches)} denoisers serve mode {mode!r}; expected one")
+        raise KeyError(f"{len(matches)} denoisers of family {family} serve mode {mode!r}; expected one")
     return matches[0]

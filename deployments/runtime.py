@@ -33,6 +33,20 @@ class StageNotReady(RuntimeError):
     """This replica cannot serve: its model failed to load (the message says why)."""
 
 
+def _family_label(stage: str) -> str:
+    """``stage``, suffixed with the family for a deployment of a non-default model family
+    (``denoiser_21``): its metrics, logs and timings stay apart from the default family's."""
+    from deployments.registry import BY_NAME, DEFAULT_FAMILY
+
+    try:
+        entry = BY_NAME.get(serve.get_replica_context().deployment)
+    except Exception:  # outside a replica (models driven in process)
+        return stage
+    if entry is None or entry.family == DEFAULT_FAMILY:
+        return stage
+    return f"{stage}_{entry.family.replace('.', '')}"
+
+
 class ModelThread:
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
@@ -75,7 +89,7 @@ class StageReplica:
     def setup(self, stage: str, device: str, load_model: Callable[[], Any]) -> None:
         from deployments.metrics import StageMetrics
 
-        self.stage = stage
+        self.stage = stage = _family_label(stage)
         self.device = device
         self.thread = ModelThread(stage)
         self.metrics = StageMetrics(stage, device)

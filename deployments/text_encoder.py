@@ -109,12 +109,14 @@ class MultilingualTextEncoderModel:
         self.encode([""])
 
 
-@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
-class TextEncoder(StageReplica):
+class TextEncoderReplica(StageReplica):
     """Batches prompts from many requests into one encoder forward pass."""
 
-    def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.setup(STAGE, device, lambda: TextEncoderModel.from_pretrained(prior_path, device, dtype))
+    stage = STAGE
+    model_class: type = TextEncoderModel
+
+    def __init__(self, checkpoint_path: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.setup(self.stage, device, lambda: self.model_class.from_pretrained(checkpoint_path, device, dtype))
 
     async def encode(self, texts: list[str], request_id: str = "") -> TextEmbeddings:
         return await self.serve_call(self._run_batch(Queued(list(texts))), request_id)
@@ -131,5 +133,18 @@ class TextEncoder(StageReplica):
             rows = slice(offset, offset + len(call.payload))
             offset = rows.stop
             timing = StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))
-            results.append(TextEmbeddings(embeds[rows], hidden[rows], mask[rows], {STAGE: timing}, note))
+            results.append(TextEmbeddings(embeds[rows], hidden[rows], mask[rows], {self.stage: timing}, note))
         return results
+
+
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+class TextEncoder(TextEncoderReplica):
+    """The prior's CLIP text encoder (reads the prior checkpoint)."""
+
+
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+class MultilingualTextEncoder(TextEncoderReplica):
+    """Kandinsky 2.1's decoder text encoder (reads the 2.1 decoder checkpoint)."""
+
+    stage = "decoder_text_encoder"
+    model_class = MultilingualTextEncoderModel

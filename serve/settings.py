@@ -21,7 +21,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
-from deployments.registry import BY_NAME, INGRESS_NAME, STAGE_NAMES, STAGES
+from deployments.registry import BY_NAME, DEFAULT_FAMILY, INGRESS_NAME, MODEL_IDS, STAGE_NAMES, STAGES
 
 CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
 API_KEYS_FILE_ENV = "KANDINSKY_API_KEYS_FILE"
@@ -48,6 +48,15 @@ class ModelSettings(BaseModel):
     tiny one is used) when ``prior_path``/``decoder_path`` are null."""
     controlnet_decoder_path: Path | None = None
     """Layout of ``kandinsky-2-2-controlnet-depth``; enables ``/v1/controlnet``. Same rule."""
+    prior_21_path: Path | None = None
+    """Kandinsky 2.1 (model ``kandinsky-2-1``), layout of ``kandinsky-2-1-prior``; with ``decoder_21_path``
+    it deploys the 2.1 family's stages beside 2.2's. None: 2.1 is not served."""
+    decoder_21_path: Path | None = None
+    """Layout of ``kandinsky-2-1`` (U-Net, MOVQ and the multilingual text encoder)."""
+    inpaint_decoder_21_path: Path | None = None
+    """Layout of ``kandinsky-2-1-inpaint``; enables inpainting with ``model: kandinsky-2-1``."""
+    default_model: str | None = None
+    """The model a request that names none gets: ``kandinsky-2-2`` (the default) or ``kandinsky-2-1``."""
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     """Torch device of every stage: ``cpu``, ``cuda`` or ``cuda:N``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -72,7 +81,23 @@ class ModelSettings(BaseModel):
             )
         if self.device == "cpu" and self.dtype != "float32":
             raise ValueError(f"dtype {self.dtype} needs a GPU device; use dtype float32 with device cpu")
+        if (self.prior_21_path is None) != (self.decoder_21_path is None):
+            raise ValueError("set both prior_21_path and decoder_21_path (to serve Kandinsky 2.1) or neither")
+        if self.inpaint_decoder_21_path is not None and self.decoder_21_path is None:
+            raise ValueError("inpaint_decoder_21_path needs prior_21_path and decoder_21_path")
+        if self.default_model is not None and self.default_model not in self.model_ids():
+            raise ValueError(f"default_model: {self.default_model!r} is not served; the models are {self.model_ids()}")
         return self
+
+    def families(self) -> tuple[str, ...]:
+        """The model families this configuration serves, the default family first."""
+        return (DEFAULT_FAMILY, *(("2.1",) if self.decoder_21_path is not None else ()))
+
+    def model_ids(self) -> list[str]:
+        return [MODEL_IDS[family] for family in self.families()]
+
+    def default_model_id(self) -> str:
+        return self.default_model or MODEL_IDS[DEFAULT_FAMILY]
 
     def with_env_overrides(self) -> "ModelSettings":
         """``KANDINSKY_PRIOR_PATH`` / ``KANDINSKY_DECODER_PATH`` (and the variants') win over the file."""
@@ -450,6 +475,14 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
             problems.extend(_ingress_headroom(source, where, opts.get("max_ongoing_requests"), service))
         stage = BY_NAME.get(deployment.name)
         models = service.models
+        if stage is not None and stage.family != DEFAULT_FAMILY and getattr(models, stage.path_field) is None:
+            # Another family's stage: deployed only when that family's checkpoints are configured.
+            model = MODEL_IDS[stage.family]
+            skipped[deployment.name] = (
+                f"{'/'.join(stage.modes)} with model {model} is not configured: set args.models.{stage.path_field}"
+                if stage.optional and stage.family in models.families() else
+                f"model {model} is not served: its checkpoints (args.models.*_{stage.family.replace('.', '')}_path) are not set")
+            continue
         if stage is not None and stage.optional and models.prior_path is not None and getattr(models, stage.path_field) is None:
             unset = f"{deployment.name} is listed but args.models.{stage.path_field} (${stage.path_env}) is not set"
             if models.require_variants:

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from deployments.registry import INGRESS_NAME, STAGE_NAMES
+from deployments.registry import DEFAULT_FAMILY, INGRESS_NAME, STAGE_NAMES, STAGES
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -30,6 +30,9 @@ TEST_DEPLOYMENT_OPTIONS = {
     for name in STAGE_NAMES
 }
 TEST_DEPLOYMENT_OPTIONS[INGRESS_NAME] = {"ray_actor_options": {"num_cpus": 0.1}}
+for _stage in STAGES:  # the session's second family: placed beside the first on the same 4 logical CPUs
+    if _stage.family != DEFAULT_FAMILY:
+        TEST_DEPLOYMENT_OPTIONS[_stage.name]["ray_actor_options"] = {"num_cpus": 0.02}
 
 
 TIERS = ("unit", "integration", "e2e", "chaos", "security", "multinode", "quality")
@@ -90,9 +93,10 @@ def jobs_database(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def served_app(ray_session, tiny_checkpoint, jobs_database):
-    """The full graph on the tiny checkpoint: (base_url, ingress handle). Webhooks may call
-    127.0.0.1 (a receiver in the test process), and no other private address."""
+def served_app(ray_session, tiny_checkpoint, tiny_checkpoint_21, jobs_database):
+    """The full graph on the tiny checkpoint, with the tiny Kandinsky 2.1 family beside it
+    (model ``kandinsky-2-1``): (base_url, ingress handle). Webhooks may call 127.0.0.1 (a
+    receiver in the test process), and no other private address."""
     from ray import serve
 
     from serve.graph.build import build_graph
@@ -104,6 +108,9 @@ def served_app(ray_session, tiny_checkpoint, jobs_database):
         "decoder_path": str(tiny_checkpoint.decoder),
         "inpaint_decoder_path": str(tiny_checkpoint.inpaint_decoder),
         "controlnet_decoder_path": str(tiny_checkpoint.controlnet_decoder),
+        "prior_21_path": str(tiny_checkpoint_21.prior),
+        "decoder_21_path": str(tiny_checkpoint_21.decoder),
+        "inpaint_decoder_21_path": str(tiny_checkpoint_21.inpaint_decoder),
     }, "jobs": {"database_path": str(jobs_database)}, "webhooks": {"allowed_hosts": ["127.0.0.1"]}}
     handle = serve.run(build_graph(args, TEST_DEPLOYMENT_OPTIONS), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle

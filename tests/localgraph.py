@@ -9,27 +9,35 @@ from deployments.image_encoder import ImageEncoderModel
 from deployments.messages import ClipImageEmbeddings, EncodedImages, ImageEmbeddings, ImageLatents, Latents, TextEmbeddings
 from deployments.movq import MovqModel, feather
 from deployments.prior import PriorModel
-from deployments.text_encoder import TextEncoderModel
+from deployments.text_encoder import MultilingualTextEncoderModel, TextEncoderModel
 from serve.graph.plan import plan
 
 
 class LocalCalls:
-    """:class:`serve.graph.plan.StageCalls` on the models, one request at a time (returns values, not handles)."""
+    """:class:`serve.graph.plan.StageCalls` on the models, one request at a time (returns values, not handles).
+
+    ``checkpoint``: a 2.2 one (prior, decoder, inpaint, controlnet) or a 2.1 one (prior,
+    decoder, inpaint), whose decoder also carries its text encoder."""
 
     def __init__(self, checkpoint) -> None:
-        prior_path, decoder_path, inpaint_path, controlnet_path = checkpoint
+        prior_path, decoder_path, inpaint_path, *controlnet_path = checkpoint
         self.text = TextEncoderModel.from_pretrained(prior_path)
         self.images = ImageEncoderModel.from_pretrained(prior_path)
         self.prior_model = PriorModel.from_pretrained(prior_path)
         self.decoders = {
             "text2img": DenoiserModel.from_pretrained(decoder_path),
             "inpaint": DenoiserModel.from_pretrained(inpaint_path),
-            "controlnet": DenoiserModel.from_pretrained(controlnet_path),
+            **({"controlnet": DenoiserModel.from_pretrained(controlnet_path[0])} if controlnet_path else {}),
         }
+        self.family = "2.1" if self.decoders["text2img"].text_conditioned else "2.2"
+        self.decoder_text = MultilingualTextEncoderModel.from_pretrained(decoder_path) if self.family == "2.1" else None
         self.movq = MovqModel.from_pretrained(decoder_path)
 
     async def encode_text(self, texts, request_id):
         return TextEmbeddings(*self.text.encode(texts))
+
+    async def encode_decoder_text(self, texts, request_id):
+        return TextEmbeddings(*self.decoder_text.encode(texts))
 
     async def embed_images(self, images, request_id):
         return ClipImageEmbeddings(self.images.embed(images))
@@ -42,8 +50,8 @@ class LocalCalls:
         [(latents, keep)] = self.movq.encode([image])
         return ImageLatents(latents, keep)
 
-    async def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        [latents] = self.decoders[decoder].generate([(embeddings, params, init, hint)])
+    async def denoise(self, decoder, embeddings, params, init=None, hint=None, text=None):
+        [latents] = self.decoders[decoder].generate([(embeddings, params, init, hint, text)])
         return Latents(latents)
 
     async def decode(self, latents, params):
@@ -53,8 +61,10 @@ class LocalCalls:
         return EncodedImages(list(images), "raw")
 
     def generate(self, spec):
-        """(H, W, 3) uint8 images of ``spec``."""
-        return asyncio.run(plan(spec, self, "local")).images
+        """(H, W, 3) uint8 images of ``spec`` (run as this checkpoint's family)."""
+        from dataclasses import replace
+
+        return asyncio.run(plan(replace(spec, family=self.family), self, "local")).images
 
 
 class _Pending:
@@ -100,8 +110,8 @@ class BatchedCalls(LocalCalls):
     async def encode_image(self, image):
         return await self._defer("encode", image)
 
-    async def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        return await self._defer("denoise", decoder, embeddings, params, init, hint)
+    async def denoise(self, decoder, embeddings, params, init=None, hint=None, text=None):
+        return await self._defer("denoise", decoder, embeddings, params, init, hint, text)
 
     async def decode(self, latents, params):
         return await self._defer("decode", latents, params)

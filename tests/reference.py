@@ -1,4 +1,4 @@
-"""The oracle: diffusers' own Kandinsky 2.2 pipelines, one call per seed."""
+"""The oracle: diffusers' own Kandinsky 2.2 (and 2.1) pipelines, one call per seed."""
 
 from __future__ import annotations
 
@@ -122,6 +122,46 @@ def reference_images(checkpoint, s: Text2ImgSpec) -> list[np.ndarray]:
             image = pipe(
                 image_embeds=embeds, negative_image_embeds=negative, generator=torch.Generator().manual_seed(seed),
                 **common, **extra,
+            ).images[0]
+            images.append(np.asarray(image))
+    finally:
+        pipe.scheduler = original
+    return images
+
+
+def reference_images_21(checkpoint, s) -> list[np.ndarray]:
+    """What diffusers' Kandinsky 2.1 pipelines draw for each seed of ``s`` (one call per seed)."""
+    prior_path, decoder_path, inpaint_path = (str(path) for path in checkpoint)
+    prior = _pipeline("KandinskyPriorPipeline", prior_path)
+    if s.mode == "inpaint":
+        pipe = _pipeline("KandinskyInpaintPipeline", inpaint_path)
+        extra = dict(image=Image.fromarray(s.image), mask_image=Image.fromarray(s.mask), height=s.height, width=s.width)
+    elif s.mode == "img2img":
+        pipe = _pipeline("KandinskyImg2ImgPipeline", decoder_path)
+        # preprocess(image, width, height) is called as (image, height, width) there, as in 2.2's.
+        extra = dict(image=Image.fromarray(s.image), strength=s.strength, height=s.width, width=s.height)
+    else:
+        pipe = _pipeline("KandinskyPipeline", decoder_path)
+        extra = dict(height=s.height, width=s.width)
+    original = pipe.scheduler
+    pipe.scheduler = _scheduler(s.scheduler, original.config)
+    prompt = s.prompt
+    images = []
+    try:
+        for seed in s.seeds:
+            generator = torch.Generator().manual_seed(seed)
+            if s.mode == "mix":
+                items = [item.text if item.text is not None else Image.fromarray(item.image) for item in s.mix]
+                out = prior.interpolate(items, [item.weight for item in s.mix], num_inference_steps=s.prior_steps,
+                                        generator=generator, negative_prompt=s.negative_prompt or "",
+                                        guidance_scale=s.prior_guidance_scale)
+            else:
+                out = prior(s.prompt, negative_prompt=s.negative_prompt, num_inference_steps=s.prior_steps,
+                            guidance_scale=s.prior_guidance_scale, generator=generator)
+            image = pipe(
+                prompt, image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
+                negative_prompt=s.negative_prompt, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
+                generator=torch.Generator().manual_seed(seed), output_type="pil", **extra,
             ).images[0]
             images.append(np.asarray(image))
     finally:

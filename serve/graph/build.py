@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from ray.serve import Application
 
-from deployments.loading import DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
+from deployments.loading import DECODER_21_LAYOUT, DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
 from deployments.registry import STAGES
 from serve.graph.ingress import Ingress
 from serve.settings import ModelSettings, default_cache_dir, parse_service_settings
@@ -25,39 +25,54 @@ class ModelPaths(NamedTuple):
     decoder: Path
     inpaint_decoder: Path | None
     controlnet_decoder: Path | None
+    prior_21: Path | None = None
+    decoder_21: Path | None = None
+    inpaint_decoder_21: Path | None = None
 
 
 def resolve_model_paths(models: ModelSettings) -> ModelPaths:
     """The configured checkpoints, checked; or the embedded trained tiny model (its decoder
     variants derived from the shipped decoder on first use)."""
+    family_21 = _family_21_paths(models)
     if models.prior_path is None:
         from serve.embedded import embedded_checkpoint
 
-        return ModelPaths(*embedded_checkpoint(models.embedded_dir or default_cache_dir()))
+        return ModelPaths(*embedded_checkpoint(models.embedded_dir or default_cache_dir()), *family_21)
 
     prior = check_layout(models.prior_path, PRIOR_LAYOUT, "prior")
     decoder = check_layout(models.decoder_path, DECODER_LAYOUT, "decoder")
-
-    def variant(path: Path | None, what: str) -> Path | None:
-        if path is None:
-            return None
-        root = check_layout(path, DECODER_LAYOUT, what)
-        # Its latents are decoded by the main decoder's MOVQ: the two must agree.
-        ours, theirs = (json.loads((p / "movq" / "config.json").read_text()) for p in (decoder, root))
-        for key in ("latent_channels", "block_out_channels"):
-            if ours.get(key) != theirs.get(key):
-                raise CheckpointError(
-                    f"{root}/movq/config.json {key}={theirs.get(key)} differs from {decoder}/movq's {ours.get(key)}; "
-                    f"the {what} decoder must share the decoder's MOVQ"
-                )
-        return root
-
     return ModelPaths(
         prior,
         decoder,
-        variant(models.inpaint_decoder_path, "decoder-inpaint"),
-        variant(models.controlnet_decoder_path, "controlnet-depth"),
+        _variant(decoder, models.inpaint_decoder_path, "decoder-inpaint"),
+        _variant(decoder, models.controlnet_decoder_path, "controlnet-depth"),
+        *family_21,
     )
+
+
+def _family_21_paths(models: ModelSettings) -> tuple[Path | None, Path | None, Path | None]:
+    """Kandinsky 2.1's prior, decoder and inpainting decoder, checked; Nones when 2.1 is not configured."""
+    if models.decoder_21_path is None:
+        return None, None, None
+    prior = check_layout(models.prior_21_path, PRIOR_LAYOUT, "prior")
+    decoder = check_layout(models.decoder_21_path, DECODER_21_LAYOUT, "decoder")
+    inpaint = _variant(decoder, models.inpaint_decoder_21_path, "decoder-inpaint", DECODER_21_LAYOUT)
+    return prior, decoder, inpaint
+
+
+def _variant(decoder: Path, path: Path | None, what: str, layout: dict = DECODER_LAYOUT) -> Path | None:
+    """A decoder variant's checkpoint, checked: its latents are decoded by ``decoder``'s MOVQ, so the two must agree."""
+    if path is None:
+        return None
+    root = check_layout(path, layout, what)
+    ours, theirs = (json.loads((p / "movq" / "config.json").read_text()) for p in (decoder, root))
+    for key in ("latent_channels", "block_out_channels"):
+        if ours.get(key) != theirs.get(key):
+            raise CheckpointError(
+                f"{root}/movq/config.json {key}={theirs.get(key)} differs from {decoder}/movq's {ours.get(key)}; "
+                f"the {what} decoder must share the decoder's MOVQ"
+            )
+    return root
 
 
 def build_app(args: dict[str, Any]) -> Application:

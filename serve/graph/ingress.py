@@ -21,6 +21,7 @@ import numpy as np
 from deployments.messages import EncodedImages
 from deployments.metrics import merge_exposition
 from serve.http.app import create_app
+from serve.http.catalog import ModelCatalog
 from serve.http.compat import MODEL_NAME, SAMPLERS
 from serve.http.metadata import stamped
 from serve.http.admission import AdmissionGate
@@ -33,9 +34,7 @@ from serve.graph.resilience import run_resilient
 from serve.http.schemas import GenerationSpec
 from serve.settings import ServiceSettings
 
-from deployments.registry import INGRESS_NAME, OPTIONAL_STAGES, STAGE_NAMES, denoiser_of_mode, stage_for
-
-TEXT_ENCODER, IMAGE_ENCODER, PRIOR, MOVQ = (stage_for(role).name for role in ("text_encoder", "image_encoder", "prior", "movq"))
+from deployments.registry import DEFAULT_FAMILY, INGRESS_NAME, OPTIONAL_STAGES, STAGE_NAMES, denoiser_of_mode, stage_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,8 +45,10 @@ class HandleCalls:
     unreachable: a stage's output depends only on its arguments (seeds travel in them), so
     the retry returns what the lost call would have."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle | None], retries: int = 1, on_retry=None) -> None:
+    def __init__(self, handles: dict[str, DeploymentHandle | None], retries: int = 1, on_retry=None,
+                 family: str = DEFAULT_FAMILY) -> None:
         self.handles = handles
+        self.family = family
         self.retries = retries
         self.on_retry = on_retry
         self.issued: list = []
@@ -81,23 +82,31 @@ class HandleCalls:
         for response in self.issued:
             response.cancel()
 
+    def _stage(self, role: str, variant: str | None = None) -> str:
+        return stage_for(role, variant, self.family).name
+
     async def encode_text(self, texts, request_id):
-        return await self._call(TEXT_ENCODER, "encode", request_id, texts, request_id)
+        return await self._call(self._stage("text_encoder"), "encode", request_id, texts, request_id)
+
+    async def encode_decoder_text(self, texts, request_id):
+        return await self._call(self._stage("decoder_text_encoder"), "encode", request_id, texts, request_id)
 
     async def embed_images(self, images, request_id):
-        return await self._call(IMAGE_ENCODER, "embed", request_id, images, request_id)
+        return await self._call(self._stage("image_encoder"), "embed", request_id, images, request_id)
 
     async def prior(self, text, params, images=None):
-        return await self._call(PRIOR, "generate", params.request_id, text, params, images)
+        return await self._call(self._stage("prior"), "generate", params.request_id, text, params, images)
 
     async def encode_image(self, image):
-        return await self._call(MOVQ, "encode", image.request_id, image)
+        return await self._call(self._stage("movq"), "encode", image.request_id, image)
 
-    async def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        return await self._call(stage_for("denoiser", decoder).name, "generate", params.request_id, embeddings, params, init, hint)
+    async def denoise(self, decoder, embeddings, params, init=None, hint=None, text=None):
+        extra = () if text is None else (text,)
+        return await self._call(self._stage("denoiser", decoder), "generate", params.request_id,
+                                embeddings, params, init, hint, *extra)
 
     async def decode(self, latents, params):
-        return await self._call(MOVQ, "decode", params.request_id, latents, params)
+        return await self._call(self._stage("movq"), "decode", params.request_id, latents, params)
 
 
 def classify_stage_error(error: BaseException) -> str | None:
@@ -144,10 +153,15 @@ class Ingress:
         self.gate: AdmissionGate | None = None
 
     def __serve_build_asgi_app__(self):
+        models = self.settings.models
+        catalog = ModelCatalog.serving(models.families(), self.deployed, models.default_model_id())
+        # A route answers 404 at once only when no served model offers its mode.
+        offered = {mode for model in catalog.models.values() for mode in model.modes}
+        unavailable = {mode: why for mode, why in unavailable_modes(self.deployed).items() if mode not in offered}
         app = create_app(
             self.settings.limits, backend=self, echo_request_id=False, metrics=self.metrics,
-            unavailable=unavailable_modes(self.deployed), admission=self.settings.admission, auth=self.settings.auth,
-            jobs=self.jobs,
+            unavailable=unavailable, admission=self.settings.admission, auth=self.settings.auth,
+            jobs=self.jobs, catalog=catalog,
         )
         self.gate = app.state.admission_gate
         return app
@@ -210,7 +224,7 @@ class Ingress:
         """Every stage call of ``spec``; if this is cancelled or fails (a timeout, a client that
         went away, a dead replica), every call it made is cancelled too, so no stage keeps
         working for nobody: a denoising loop drops the request at its next step boundary."""
-        calls = self._calls()
+        calls = self._calls(spec.family)
         try:
             result = await plan(spec, calls, request_id)
         except BaseException:
@@ -219,7 +233,7 @@ class Ingress:
         return replace(result, call_ms=calls.call_ms)
 
     def _denoiser(self, spec: GenerationSpec) -> DeploymentHandle:
-        return self.handles[denoiser_of_mode(spec.mode).name]
+        return self.handles[denoiser_of_mode(spec.mode, spec.family).name]
 
     async def loop_progress(self, spec: GenerationSpec, job_id: str) -> LoopProgress:
         """One poll of the prior's and the denoiser's progress for ``job_id``.
@@ -229,7 +243,8 @@ class Ingress:
         show up when a poll reaches the right replica).
         """
         prior, denoise = await asyncio.gather(
-            self.handles[PRIOR].request_progress.remote(job_id), self._denoiser(spec).request_progress.remote(job_id)
+            self.handles[stage_for("prior", family=spec.family).name].request_progress.remote(job_id),
+            self._denoiser(spec).request_progress.remote(job_id),
         )
 
         def pair(found):
@@ -241,7 +256,7 @@ class Ingress:
         """The denoiser hands over a copy of the latents between steps; the MOVQ replica
         decodes a shrunk version. The latents go replica to replica, never through here."""
         latents = self._denoiser(spec).request_latents.remote(job_id)
-        return await self.handles[MOVQ].preview.remote(latents, max_side)
+        return await self.handles[stage_for("movq", family=spec.family).name].preview.remote(latents, max_side)
 
     async def metrics_text(self) -> str:
         """Every node's Ray metrics agent, filtered to the product's (and Ray Serve's) metrics.
@@ -284,8 +299,8 @@ class Ingress:
 
         return await self._resilient(attempt)
 
-    def _calls(self) -> HandleCalls:
-        return HandleCalls(self.handles, self.settings.admission.stage_retries, self.metrics.stage_retry)
+    def _calls(self, family: str = DEFAULT_FAMILY) -> HandleCalls:
+        return HandleCalls(self.handles, self.settings.admission.stage_retries, self.metrics.stage_retry, family)
 
     async def _resilient(self, attempt, timeout_s: float | None = None):
         admission = self.settings.admission

@@ -23,18 +23,24 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from deployments.registry import MODES, denoiser_of_mode
+from deployments.registry import FAMILIES, denoiser_of_mode
 from deployments.messages import Composite, DecodeParams, DenoiseParams, InitImage, MixTerm, PriorParams, TextRows
 from serve.http.schemas import GenerationSpec
 
-# Which decoder U-Net variant serves each mode; each has its own deployment and batches only with itself.
-DECODER_OF_MODE = {mode: denoiser_of_mode(mode).variant for mode in MODES}
+# Which decoder U-Net variant serves each mode of each family; each has its own deployment
+# and batches only with itself.
+DECODER_OF_MODE = {(family, mode): denoiser_of_mode(mode, family).variant for family, modes in FAMILIES.items() for mode in modes}
 
 
 class StageCalls(Protocol):
-    """One awaitable call per stage method, returning the stage's output message."""
+    """One awaitable call per stage method, returning the stage's output message. One
+    StageCalls serves one model family (the family's own deployments)."""
 
     def encode_text(self, texts: list[str], request_id: str) -> Awaitable[Any]: ...
+
+    def encode_decoder_text(self, texts: list[str], request_id: str) -> Awaitable[Any]:
+        """Kandinsky 2.1 only: the decoder's own (multilingual) text encoder."""
+        ...
 
     def embed_images(self, images: list[np.ndarray], request_id: str) -> Awaitable[Any]: ...
 
@@ -43,7 +49,8 @@ class StageCalls(Protocol):
     def encode_image(self, image: InitImage) -> Awaitable[Any]: ...
 
     def denoise(
-        self, decoder: str, embeddings: Any, params: DenoiseParams, init: Any = None, hint: np.ndarray | None = None
+        self, decoder: str, embeddings: Any, params: DenoiseParams, init: Any = None, hint: np.ndarray | None = None,
+        text: Any = None,
     ) -> Awaitable[Any]: ...
 
     def decode(self, latents: Any, params: DecodeParams) -> Awaitable[Any]: ...
@@ -96,14 +103,21 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
         mask = spec.mask if spec.mode == "inpaint" else None
         init = calls.encode_image(InitImage(spec.image, spec.width, spec.height, mask, request_id))
         decoder_strength = None if spec.mode == "inpaint" else spec.strength
+    decoder_text = None
+    if spec.family == "2.1":
+        # 2.1's U-Net also reads the prompt through its own encoder: [prompt, negative or ""].
+        decoder_text = calls.encode_decoder_text([spec.prompt, spec.negative_prompt or ""], request_id)
     # The first wave is independent: encoders run side by side.
-    text, images, init = await asyncio.gather(text, images or _none(), init or _none())
+    text, images, init, decoder_text = await asyncio.gather(
+        text, images or _none(), init or _none(), decoder_text or _none())
     embeddings = await calls.prior(text, prior_params, images)
     denoise_params = DenoiseParams(
         spec.height, spec.width, spec.steps, spec.guidance_scale, request_id, spec.scheduler, decoder_strength
     )
     hint = spec.hint if spec.mode == "controlnet" else None
-    latents = await calls.denoise(DECODER_OF_MODE[spec.mode], embeddings, denoise_params, init, hint)
+    decoder = DECODER_OF_MODE[(spec.family, spec.mode)]
+    latents = await (calls.denoise(decoder, embeddings, denoise_params, init, hint) if decoder_text is None
+                     else calls.denoise(decoder, embeddings, denoise_params, init, hint, decoder_text))
 
     composite = None
     if spec.mode == "inpaint" and spec.mask_blur > 0:
@@ -111,6 +125,6 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
     decoded = await calls.decode(latents, DecodeParams(spec.output_format, request_id, composite))
     # Each stage's output carries its own timing only; the request's whole story is told here.
     timings: dict = {}
-    for output in (text, images, embeddings, init, latents, decoded):
+    for output in (text, images, embeddings, init, decoder_text, latents, decoded):
         timings.update(getattr(output, "timings", None) or {})
     return replace(decoded, seeds=list(seeds), timings=timings, notes=tuple(text.notes))

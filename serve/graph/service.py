@@ -15,7 +15,7 @@ def start_service(config: LoadedConfig, host: str | None = None, port: int | Non
     import ray
     from ray import serve
 
-    for why in config.skipped_deployments.values():
+    for why in dict.fromkeys(config.skipped_deployments.values()):  # a family left out says so once
         logging.getLogger("kandinsky_serve").warning("%s", why)
     app_schema = config.raw["applications"][0]
     app = build_graph(app_schema.get("args"), config.deployment_options)

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,9 +24,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.messages import EncodedImages
-from deployments.registry import MODES
+from deployments.registry import DEFAULT_FAMILY, MODES
 from serve.http.admission import AdmissionGate, RateLimiter
 from serve.http.auth import ApiKey, KeyStore
+from serve.http.catalog import ModelCatalog
 from serve.http.compat import add_compat_routes
 from serve.http.errors import ApiError, answer_error, error_response, from_backend, install_error_handlers
 from serve.http.guards import Guards
@@ -233,6 +235,7 @@ def create_app(
     admission: AdmissionSettings | None = None,
     auth: AuthSettings | None = None,
     jobs: JobRunner | None = None,
+    catalog: ModelCatalog | None = None,
 ) -> FastAPI:
     """Build the HTTP API on ``backend``.
 
@@ -244,6 +247,7 @@ def create_app(
     ``admission``: the in-flight bound (503 past it) and the end-to-end timeout.
     ``auth``: API keys and per-key rate limits (open when no keys file is configured).
     ``jobs``: runs ``/v1/jobs`` and the OpenAI / AUTOMATIC1111 routes; without it they are absent.
+    ``catalog``: the models requests may name (default: the default family's, all modes).
     """
     admission = admission or AdmissionSettings()
     auth = auth or AuthSettings()
@@ -258,6 +262,7 @@ def create_app(
     models = request_models(limits)
     embeddings_request = bind_limits(EmbeddingsRequest, limits)
     unavailable = unavailable or {}
+    catalog = catalog or ModelCatalog.serving((DEFAULT_FAMILY,))
     metrics = metrics or NoMetrics()
     # FastAPI's own /docs and /openapi.json would skip the API key; ours are on the keyed router.
     app = FastAPI(title="kandinsky-serve", version="0.2.0", description=DESCRIPTION,
@@ -295,7 +300,8 @@ def create_app(
     async def run_generation(body: GenerationRequest, request: Request, response: Response,
                              key: ApiKey | None, timeout_s: float) -> ImagesResponse:
         request_id = request.state.request_id
-        spec = await decode.run(body.to_spec)
+        served = catalog.resolve(body.model, body.mode)
+        spec = replace(await decode.run(body.to_spec), model=served.id, family=served.family)
         guards.admit_cost(key, spec)
         started = time.perf_counter()
         result = await from_backend(backend.generate(spec, internal_id(request_id), timeout_s), request_id)
@@ -357,6 +363,17 @@ def create_app(
         return EmbeddingsResponse(text_embeddings=texts.tolist(), image_embeddings=image_embeddings.tolist(),
                                   similarity=similarity, request_id=request_id)
 
+    @keyed.get("/v1/models", summary="The models requests may name (OpenAI's model-list shape, plus family, modes, "
+               "default size and whether its stages are loaded).")
+    async def list_models() -> dict:
+        stages = await readiness.stages()
+        side = min(limits.default_side or 512, limits.max_side)
+        return {"object": "list", "data": [
+            model.as_json(model.id == catalog.default_id, side,
+                          loaded=all(stages.get(name) == "ready" for name in model.stages))
+            for model in catalog.models.values()
+        ]}
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
@@ -393,8 +410,8 @@ def create_app(
         return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title=app.title)
 
     if jobs is not None:
-        streams = add_job_routes(keyed, limits, models, jobs, unavailable, guards, decode)
-        add_compat_routes(keyed, models, jobs, unavailable, guards, metrics, decode, streams)
+        streams = add_job_routes(keyed, limits, models, jobs, unavailable, guards, decode, catalog)
+        add_compat_routes(keyed, models, jobs, unavailable, guards, metrics, decode, streams, catalog)
     app.include_router(keyed)
 
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.

@@ -539,7 +539,8 @@ A1111_IMG2IMG_PATH = "/sdapi/v1/img2img"
 
 
 def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavailable: dict[str, str],
-                      guards: Guards, metrics: Any, decode: DecodePool, streams: AdmissionGate) -> None:
+                      guards: Guards, metrics: Any, decode: DecodePool, streams: AdmissionGate,
+                      catalog: Any = None) -> None:
     """Register the OpenAI and A1111 routes on ``router``; OpenAI streams take their place in
     ``streams`` (the job event streams' gate)."""
     errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
@@ -549,7 +550,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
 
     async def native_spec(mode: str, native: dict, rename_field, key: ApiKey | None) -> Any:
         try:
-            spec = await decode.run(build_spec, models, mode, native, "")
+            spec = await decode.run(build_spec, models, mode, native, "", catalog)
         except ApiError as error:
             raise error.renamed(rename_field) from None
         guards.admit_cost(key, spec)

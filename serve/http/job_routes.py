@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -26,6 +27,7 @@ from deployments.registry import MODES
 from serve.http.admission import AdmissionGate
 from serve.http.errors import ApiError
 from serve.http.auth import ApiKey
+from serve.http.catalog import ModelCatalog
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.schemas import Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
@@ -50,18 +52,21 @@ def job_limit_error(found: dict) -> ApiError:
                     reason="too_many_jobs")
 
 
-def build_spec(models: dict, mode: str, params: Any, prefix: str) -> GenerationSpec:
-    """The spec for a mode's params; raises the 422 :class:`ApiError` that says why not
-    (fields named under ``prefix``)."""
+def build_spec(models: dict, mode: str, params: Any, prefix: str, catalog: ModelCatalog | None = None) -> GenerationSpec:
+    """The spec for a mode's params, for the model they name (``catalog``; None: the default
+    family); raises the 4xx :class:`ApiError` that says why not (fields named under ``prefix``)."""
     def under(field: str) -> str:
         return ".".join(part for part in (prefix, field) if part) or "body"
 
     try:
-        return models[mode].model_validate(params).to_spec()
+        request = models[mode].model_validate(params)
+        served = None if catalog is None else catalog.resolve(request.model, mode, under("model"))
+        spec = request.to_spec()
     except ValidationError as error:
         raise ApiError.from_validation(error, under) from None
     except SpecError as error:
         raise ApiError.invalid(under(error.field), error.message) from None
+    return spec if served is None else replace(spec, model=served.id, family=served.family)
 
 
 async def from_store(call: Awaitable[T]) -> T:
@@ -187,6 +192,7 @@ class JobOut(BaseModel):
     urls: dict[str, str]
     position: int | None = Field(default=None, description="While queued: how many jobs are ahead of it (0: next).")
     priority: int = Field(default=0, description="Its priority (higher starts sooner).")
+    model: str | None = Field(default=None, description="The model it runs (GET /v1/models).")
 
 
 MAX_PAGE = 100
@@ -217,7 +223,8 @@ def sse_event(event: dict) -> str:
 
 
 def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: JobRunner,
-                   unavailable: dict[str, str], guards: Guards, decode: DecodePool) -> AdmissionGate:
+                   unavailable: dict[str, str], guards: Guards, decode: DecodePool,
+                   catalog: ModelCatalog | None = None) -> AdmissionGate:
     """Register ``/v1/jobs`` on ``router``; returns the event streams' gate (the OpenAI
     streams count in it too)."""
     job_request = bind_limits(JobRequest, limits)
@@ -239,7 +246,7 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
         if body.priority > ceiling:
             raise ApiError.invalid("priority", f"at most {ceiling} for this caller (an API key's max_priority, "
                                    "else args.jobs.max_priority)")
-        spec = await decode.run(build_spec, models, body.mode, body.params, "params")
+        spec = await decode.run(build_spec, models, body.mode, body.params, "params", catalog)
         if body.webhook_url is not None:
             await check_webhook(body.webhook_url)
         guards.admit_cost(key, spec)  # a retry is a request too: it is charged like one

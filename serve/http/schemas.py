@@ -65,6 +65,10 @@ class GenerationSpec:
     hint: np.ndarray | None = field(default=None, repr=False)
     """(H, W, 3) uint8 depth hint: ControlNet."""
     mix: tuple[MixItem, ...] = ()
+    model: str = ""
+    """The model id the request asked for (or the default); empty: the default model."""
+    family: str = "2.2"
+    """Its family (``deployments.registry.FAMILIES``): which deployments serve it."""
 
 
 class SpecError(ValueError):
@@ -203,6 +207,8 @@ class GenerationRequest(BaseModel):
     output_format: OutputFormat = "png"
     scheduler: Literal[SCHEDULER_NAMES] = Field(  # type: ignore[valid-type]
         default="ddpm", description="The decoder's scheduler: ddpm (default), ddim, dpmsolver++ or unipc.")
+    model: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                              description="Which model (GET /v1/models); default: the service's default model.")
 
     @field_validator("prompt", check_fields=False)
     @classmethod

@@ -146,6 +146,7 @@ class JobRunner:
         view = await self.store.create(
             job_id, submission.client, submission.mode, spec.width, spec.height, list(spec.seeds),
             submission.origin, self.owner, submission.priority, submission.idempotency_key, submission.fingerprint,
+            spec.model,
         )
         if "limit" in view or "replayed" in view or "conflict" in view:
             return view

@@ -82,6 +82,8 @@ class Job:
     priority: int = 0
     """Higher starts sooner among queued jobs; equal priorities start first come, first served."""
     idempotency_key: str | None = None
+    model: str = ""
+    """The model id it runs (empty: a record from before models were named)."""
     fingerprint: str | None = None
     """A digest of the request that created it: a retry with the same ``idempotency_key``
     must carry the same request."""
@@ -112,6 +114,7 @@ def job_view(job: Job) -> dict:
         "id": job.id,
         "position": None,  # the store fills it in for a queued job's GET and list (it changes as others start)
         "priority": job.priority,
+        "model": job.model or None,
         "mode": job.mode,
         "origin": job.origin,
         "state": job.state,
@@ -202,7 +205,7 @@ class JobStore:
 
     def create(self, job_id: str, client: str, mode: str, width: int, height: int, seeds: list[int],
                origin: str = "jobs", owner: str | None = None, priority: int = 0,
-               idempotency_key: str | None = None, fingerprint: str | None = None) -> dict:
+               idempotency_key: str | None = None, fingerprint: str | None = None, model: str = "") -> dict:
         """A new queued job, or :class:`JobLimitError` when a cap is reached."""
         now = self.clock()
         self.sweep()
@@ -226,7 +229,7 @@ class JobStore:
             )
         self._make_room(client, now)
         job = Job(job_id, client, mode, origin, width, height, list(seeds), created_at=now, heartbeat_at=now, owner=owner,
-                  priority=priority, idempotency_key=idempotency_key, fingerprint=fingerprint)
+                  priority=priority, idempotency_key=idempotency_key, fingerprint=fingerprint, model=model)
         self._jobs[job_id] = job
         self._emit(job, "state")
         self._persist(job)
@@ -517,7 +520,7 @@ class AsyncJobStore:
 
     async def create(self, job_id: str, client: str, mode: str, width: int, height: int, seeds: list[int],
                      origin: str = "jobs", owner: str | None = None, priority: int = 0,
-                     idempotency_key: str | None = None, fingerprint: str | None = None) -> dict:
+                     idempotency_key: str | None = None, fingerprint: str | None = None, model: str = "") -> dict:
         """Like :meth:`JobStore.create`, but what stops it is returned, not raised (it crosses Ray):
         a cap reached is ``{"limit": message, "retry_after_s": n}``; a job this client already made
         with ``idempotency_key`` is ``{"replayed": its view}`` (nothing new is created), or
@@ -528,7 +531,7 @@ class AsyncJobStore:
                 if existing is not None:
                     return {"replayed": existing}
             view = self.store.create(job_id, client, mode, width, height, seeds, origin, owner, priority,
-                                     idempotency_key, fingerprint)
+                                     idempotency_key, fingerprint, model)
         except IdempotencyConflict as error:
             return {"conflict": str(error)}
         except JobLimitError as error:

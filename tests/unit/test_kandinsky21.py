@@ -8,50 +8,19 @@ image, images at different steps sharing a forward pass).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from deployments.denoiser import DenoiserModel
-from deployments.messages import DenoiseParams, ImageEmbeddings, Latents, TextEmbeddings
-from deployments.text_encoder import MultilingualTextEncoderModel
-from serve.graph.plan import plan
+from deployments.messages import DenoiseParams, ImageEmbeddings, TextEmbeddings
 from serve.http.schemas import MixItem
 from tests.localgraph import LocalCalls
-from tests.reference import MAX_PIXEL_DIFF, _pipeline, _scheduler, box_mask, max_diff, solid_image, spec
+from tests.reference import MAX_PIXEL_DIFF, box_mask, max_diff, reference_images_21, solid_image, spec
 
 PICTURE = solid_image(64, 64, seed=1)
 WIDE = solid_image(128, 64, seed=3)
-
-
-class LocalCalls21(LocalCalls):
-    """The 2.2 stage models' calls with a 2.1 checkpoint: the same prior, image encoder and MOVQ
-    code; the decoders given the 2.1 text encoding of [prompt, negative or ""]."""
-
-    def __init__(self, checkpoint) -> None:
-        prior_path, decoder_path, inpaint_path = checkpoint
-        from deployments.image_encoder import ImageEncoderModel
-        from deployments.movq import MovqModel
-        from deployments.prior import PriorModel
-        from deployments.text_encoder import TextEncoderModel
-
-        self.text = TextEncoderModel.from_pretrained(prior_path)
-        self.images = ImageEncoderModel.from_pretrained(prior_path)
-        self.prior_model = PriorModel.from_pretrained(prior_path)
-        self.decoder_text = MultilingualTextEncoderModel.from_pretrained(decoder_path)
-        self.decoders = {"text2img": DenoiserModel.from_pretrained(decoder_path), "inpaint": DenoiserModel.from_pretrained(inpaint_path)}
-        self.movq = MovqModel.from_pretrained(decoder_path)
-        self._text: TextEmbeddings | None = None
-
-    async def denoise(self, decoder, embeddings, params, init=None, hint=None):
-        [latents] = self.decoders[decoder].generate([(embeddings, params, init, hint, self._text)])
-        return Latents(latents)
-
-    def generate(self, s):
-        self._text = TextEmbeddings(*self.decoder_text.encode([s.prompt, s.negative_prompt or ""]))
-        return asyncio.run(plan(s, self, "local")).images
 
 
 def mode_specs() -> dict[str, object]:
@@ -71,49 +40,9 @@ def mode_specs() -> dict[str, object]:
     }
 
 
-def reference_images_21(checkpoint, s) -> list[np.ndarray]:
-    """What diffusers' Kandinsky 2.1 pipelines draw for each seed of ``s`` (one call per seed)."""
-    prior_path, decoder_path, inpaint_path = (str(path) for path in checkpoint)
-    prior = _pipeline("KandinskyPriorPipeline", prior_path)
-    if s.mode == "inpaint":
-        pipe = _pipeline("KandinskyInpaintPipeline", inpaint_path)
-        extra = dict(image=Image.fromarray(s.image), mask_image=Image.fromarray(s.mask), height=s.height, width=s.width)
-    elif s.mode == "img2img":
-        pipe = _pipeline("KandinskyImg2ImgPipeline", decoder_path)
-        # preprocess(image, width, height) is called as (image, height, width) there, as in 2.2's.
-        extra = dict(image=Image.fromarray(s.image), strength=s.strength, height=s.width, width=s.height)
-    else:
-        pipe = _pipeline("KandinskyPipeline", decoder_path)
-        extra = dict(height=s.height, width=s.width)
-    original = pipe.scheduler
-    pipe.scheduler = _scheduler(s.scheduler, original.config)
-    prompt = s.prompt
-    images = []
-    try:
-        for seed in s.seeds:
-            generator = torch.Generator().manual_seed(seed)
-            if s.mode == "mix":
-                items = [item.text if item.text is not None else Image.fromarray(item.image) for item in s.mix]
-                out = prior.interpolate(items, [item.weight for item in s.mix], num_inference_steps=s.prior_steps,
-                                        generator=generator, negative_prompt=s.negative_prompt or "",
-                                        guidance_scale=s.prior_guidance_scale)
-            else:
-                out = prior(s.prompt, negative_prompt=s.negative_prompt, num_inference_steps=s.prior_steps,
-                            guidance_scale=s.prior_guidance_scale, generator=generator)
-            image = pipe(
-                prompt, image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
-                negative_prompt=s.negative_prompt, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
-                generator=torch.Generator().manual_seed(seed), output_type="pil", **extra,
-            ).images[0]
-            images.append(np.asarray(image))
-    finally:
-        pipe.scheduler = original
-    return images
-
-
 @pytest.fixture(scope="module")
 def local21(tiny_checkpoint_21):
-    return LocalCalls21(tiny_checkpoint_21)
+    return LocalCalls(tiny_checkpoint_21)
 
 
 def test_the_tiny_21_checkpoint_is_the_published_layout(tiny_checkpoint_21):
@@ -161,14 +90,14 @@ def test_a_21_decoder_refuses_a_start_without_its_text(local21):
 
 def _states(local21, s, seed_offset=0):
     """One request's denoiser states (prior run in process), for driving steps by hand."""
-    local21._text = TextEmbeddings(*local21.decoder_text.encode([s.prompt, s.negative_prompt or ""]))
+    decoder_text = TextEmbeddings(*local21.decoder_text.encode([s.prompt, s.negative_prompt or ""]))
     text = asyncio.run(local21.encode_text([s.prompt, s.negative_prompt or ""], "r"))
     from deployments.messages import PriorParams, TextRows
 
     prior_params = PriorParams(tuple(s.seeds), s.prior_steps, s.prior_guidance_scale, TextRows.pair(s.negative_prompt is not None))
     embeddings = asyncio.run(local21.prior(text, prior_params))
     params = DenoiseParams(s.height, s.width, s.steps, s.guidance_scale, scheduler=s.scheduler)
-    return local21.decoders["text2img"].start_all(embeddings, params, None, None, local21._text)
+    return local21.decoders["text2img"].start_all(embeddings, params, None, None, decoder_text)
 
 
 def test_21_images_are_the_same_alone_and_joined_mid_flight(local21):
@@ -212,3 +141,15 @@ def test_2_2_decoders_take_no_21_text(tiny_checkpoint):
     embeddings = ImageEmbeddings(np.zeros((1, 32), np.float32), np.zeros((1, 32), np.float32), [0])
     with pytest.raises(ValueError, match="takes no text"):
         model.start_all(embeddings, DenoiseParams(64, 64, 3, 4.0), None, None, text)
+
+
+def test_every_21_mode_is_the_same_alone_and_batched_with_the_others(local21):
+    from tests.localgraph import BatchedCalls
+
+    specs = [replace(s, family="2.1") for s in mode_specs().values()]
+    batched = BatchedCalls(local21)
+    together = batched.run(specs)
+    assert batched.batch_sizes["prior"] == len(specs) and batched.batch_sizes["denoise"] >= 6
+    for s, images in zip(specs, together):
+        for mine, alone in zip(images, local21.generate(s)):
+            assert max_diff(mine, alone) <= MAX_PIXEL_DIFF

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.registry import INGRESS_NAME, STAGE_NAMES
+from deployments.registry import DEFAULT_FAMILY, INGRESS_NAME, STAGES
 from serve.settings import ConfigError, ModelSettings, load_config, parse_service_settings
 
 CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
@@ -24,7 +24,8 @@ def test_shipped_configs_are_valid(path):
     """Ray's ServeDeploySchema, the project's settings models and cross-field rules (load_config)."""
     config = load_config(path)
     assert config.http_host == "127.0.0.1", "configs bind HTTP to localhost by default"
-    assert set(config.deployment_options) == {*STAGE_NAMES, INGRESS_NAME}, "configure every deployment of the graph"
+    default_family = {stage.name for stage in STAGES if stage.family == DEFAULT_FAMILY}
+    assert set(config.deployment_options) == {*default_family, INGRESS_NAME}, "configure every deployment of the graph"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1,0 +1,106 @@
+"""Two model families in one service: requests pick Kandinsky 2.1 or 2.2 by ``model`` over
+HTTP, each answered by its own family's deployments, 2.1 at parity with diffusers' 2.1 pipelines."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.reference import MAX_PIXEL_DIFF, box_mask, max_diff, reference_images_21, solid_image, spec
+
+PICTURE = solid_image(64, 64, seed=1)
+STAGE_LABEL = re.compile(r'stage="\w+"')
+
+
+@pytest.fixture(scope="module")
+def client(served_app):
+    url, _ = served_app
+    with httpx.Client(base_url=url, timeout=120.0) as client:
+        yield client
+
+
+def _b64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)), formats=["PNG"]).convert("RGB"))
+
+
+def test_the_models_are_listed_and_their_stages_load(client):
+    deadline = time.monotonic() + 60
+    while True:
+        models = {model["id"]: model for model in client.get("/v1/models").json()["data"]}
+        if all(model["loaded"] for model in models.values()):
+            break
+        assert time.monotonic() < deadline, f"not loaded: {models}"
+        time.sleep(0.5)  # polling interval: readiness is cached for about a second
+    assert set(models) == {"kandinsky-2-2", "kandinsky-2-1"}
+    assert models["kandinsky-2-1"]["modes"] == ["text2img", "img2img", "inpaint", "mix"]
+
+
+@pytest.mark.parametrize("name", ["text2img", "inpaint"])
+def test_a_21_request_is_served_at_parity_with_diffusers(client, tiny_checkpoint_21, name):
+    extra = {"image": _b64(PICTURE), "mask": _b64(box_mask(64, 64))} if name == "inpaint" else {}
+    body = {"prompt": "a red circle", "negative_prompt": "blue", "width": 64, "height": 64, "seed": 7, "num_images": 2,
+            "prior_steps": 4, "steps": 5, "scheduler": "ddim", "model": "kandinsky-2-1", **extra}
+    response = client.post(f"/v1/{name}", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert "denoiser_21" in result["timings"] or "denoiser_inpaint_21" in result["timings"], result["timings"]
+    fields = dict(mode=name, negative_prompt="blue", seeds=(7, 8), steps=5, scheduler="ddim")
+    if name == "inpaint":
+        fields.update(image=PICTURE, mask=box_mask(64, 64))
+    reference = reference_images_21(tiny_checkpoint_21, spec(**fields))
+    for mine, theirs in zip([_pixels(image) for image in result["images"]], reference, strict=True):
+        assert max_diff(mine, theirs) <= MAX_PIXEL_DIFF
+
+
+def test_the_two_families_draw_different_images_for_one_request(client):
+    body = {"prompt": "a red circle", "width": 64, "height": 64, "seed": 3, "prior_steps": 3, "steps": 3}
+    images = [client.post("/v1/text2img", json={**body, "model": model}).json()["images"][0]
+              for model in ("kandinsky-2-2", "kandinsky-2-1")]
+    assert max_diff(_pixels(images[0]), _pixels(images[1])) > 10
+
+
+def test_a_mode_2_1_lacks_and_an_unknown_model_are_refused(client):
+    response = client.post("/v1/variations", json={"image": _b64(PICTURE), "model": "kandinsky-2-1"})
+    assert response.status_code == 422 and response.json()["error"]["type"] == "mode_not_supported"
+    response = client.post("/v1/text2img", json={"prompt": "x", "model": "kandinsky-9"})
+    assert response.status_code == 404 and "kandinsky-2-1" in response.json()["error"]["message"]
+
+
+def test_a_21_job_runs_with_progress_and_says_its_model(client):
+    params = {"prompt": "a cat", "width": 64, "height": 64, "seed": 1, "prior_steps": 3, "steps": 6,
+              "model": "kandinsky-2-1"}
+    job = client.post("/v1/jobs", json={"mode": "text2img", "params": params, "preview_every": 2}).json()
+    assert job["model"] == "kandinsky-2-1"
+    deadline = time.monotonic() + 120
+    while (view := client.get(f"/v1/jobs/{job['id']}").json())["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)  # polling interval
+    assert view["state"] == "succeeded", view
+    assert view["model"] == "kandinsky-2-1" and view["progress"] == 1.0
+
+
+def test_each_familys_stages_have_metrics_of_their_own(client):
+    client.post("/v1/text2img", json={"prompt": "a dot", "width": 64, "height": 64, "prior_steps": 2, "steps": 2,
+                                      "model": "kandinsky-2-1"})
+    deadline = time.monotonic() + 30
+    while True:
+        text = client.get("/metrics").text
+        if 'stage="denoiser_21"' in text and 'stage="decoder_text_encoder_21"' in text:
+            break
+        labels = sorted(set(re.findall(STAGE_LABEL, text)))
+        assert time.monotonic() < deadline, f"no metrics labelled with the 2.1 stages: {labels}"
+        time.sleep(0.2)  # polling interval: Ray exports metrics every 500 ms in tests
+    assert 'kandinsky_serve_stage_requests_total{' in text and 'stage="denoiser"' in text
