@@ -218,7 +218,7 @@ class Ingress:
         """The images with their generation parameters in them (``outputs.embed_parameters``)."""
         if not self.settings.outputs.embed_parameters:
             return result
-        return stamped(result, spec, MODEL_NAME, SAMPLERS[spec.scheduler][0])
+        return stamped(result, spec, spec.model or MODEL_NAME, SAMPLERS[spec.scheduler][0])
 
     async def _run_plan(self, spec: GenerationSpec, request_id: str) -> EncodedImages:
         """Every stage call of ``spec``; if this is cancelled or fails (a timeout, a client that

@@ -16,6 +16,7 @@ import base64
 import json
 import re
 import time
+from collections import OrderedDict
 from datetime import datetime, timezone
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -24,6 +25,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.registry import DEFAULT_FAMILY, MODEL_IDS
+from serve.http.catalog import ModelCatalog
 from serve.http.errors import ApiError
 from serve.http.auth import ApiKey
 from serve.http.guards import Guards
@@ -42,7 +45,10 @@ from serve.http.job_routes import (
 from serve.http.schemas import SCHEDULER_NAMES, ErrorResponse
 from serve.jobs.runner import JobRunner, Submission
 
-MODEL_NAME = "kandinsky-2-2"
+MODEL_NAME = MODEL_IDS[DEFAULT_FAMILY]
+"""The default family's model id (what a request naming no model gets, unless configured otherwise)."""
+MAX_REMEMBERED_CLIENTS = 10_000
+"""Clients whose A1111 sd_model_checkpoint option an ingress replica keeps (the oldest goes first)."""
 
 # -- OpenAI Images ----------------------------------------------------------------------
 
@@ -99,7 +105,9 @@ class OpenAIImageRequest(OpenAIExtensions):
     """``POST /v1/images/generations`` (the OpenAI Images API)."""
 
     prompt: str
-    model: str | None = Field(default=None, description="Ignored: one model is served.")
+    model: str | None = Field(default=None, max_length=64,
+                              description="A model of GET /v1/models; OpenAI's own names (dall-e-*, gpt-image-*) "
+                                          "and none: the default model.")
     n: int | None = Field(default=1, description="Images to generate (up to the service's max_num_images).")
     size: str | None = Field(default=None, description="'WxH', multiples of 64; default (or 'auto'): the model's own size.")
     response_format: Literal["url", "b64_json"] | None = Field(
@@ -131,7 +139,7 @@ class OpenAIEditRequest(OpenAIImageRequest):
 class OpenAIVariationRequest(OpenAIExtensions):
     """``POST /v1/images/variations`` (multipart): the form's fields; ``image`` is its file."""
 
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=64, description="As for generations.")
     n: int | None = 1
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = "url"
@@ -172,9 +180,18 @@ def parse_size(size: str | None, field: str = "size") -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+OPENAI_MODEL_NAMES = re.compile(r"^(dall-e-\d|gpt-image-[\w.-]+)$")
+"""OpenAI's own image models: clients send them by default; they get the default model here."""
+
+
+def openai_model(name: str | None) -> dict:
+    """The native ``model`` field for OpenAI's ``model`` (empty: the default model)."""
+    return {} if name is None or OPENAI_MODEL_NAMES.match(name) else {"model": name}
+
+
 def openai_to_native(body: OpenAIImageRequest) -> dict:
     """The ``/v1/text2img`` body for an OpenAI request."""
-    native: dict[str, Any] = {"prompt": body.prompt, "num_images": body.n or 1}
+    native: dict[str, Any] = {"prompt": body.prompt, "num_images": body.n or 1, **openai_model(body.model)}
     size = parse_size(body.size)
     if size is not None:
         native["width"], native["height"] = size
@@ -201,7 +218,7 @@ SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
 assert set(SAMPLERS) == set(SCHEDULER_NAMES)
 
 A1111_COMMON = {"prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "batch_size",
-                "n_iter", "sampler_name", "sampler_index", "prior_steps", "prior_guidance_scale"}
+                "n_iter", "sampler_name", "sampler_index", "prior_steps", "prior_guidance_scale", "override_settings"}
 A1111_IMG2IMG = {"init_images", "denoising_strength", "mask", "inpainting_mask_invert", "mask_blur"}
 A1111_DEFAULT_STRENGTH = 0.75
 A1111_DEFAULT_MASK_BLUR = 4
@@ -267,8 +284,10 @@ class A1111GenerationRequest(BaseModel):
     restore_faces: bool | None = _unsupported("Face restoration.")
     tiling: bool | None = _unsupported("Tileable images.")
     eta: float | None = _unsupported("Sampler eta.")
-    override_settings: dict[str, Any] | None = _unsupported("Per-request options (POST /sdapi/v1/options is the "
-                                                            "way to choose sd_model_checkpoint).")
+    override_settings: dict[str, Any] | None = Field(
+        default=None, description="Per-request options: sd_model_checkpoint (a model of GET /sdapi/v1/sd-models) "
+                                  "picks this request's model; other keys are listed in info's unsupported_fields "
+                                  "as override_settings.<key>.")
     override_settings_restore_afterwards: bool | None = _unsupported()
     send_images: bool | None = _unsupported("The images are always returned.")
     save_images: bool | None = _unsupported("Nothing is saved on the server beyond the job's TTL.")
@@ -420,6 +439,16 @@ def _flag(body: dict, name: str) -> bool:
     raise CompatError(name, f"must be true, false, 0 or 1, got {value!r:.40}")
 
 
+def a1111_checkpoint(value: Any, field: str = "sd_model_checkpoint") -> str:
+    """The model id an A1111 checkpoint names: the id itself, or an A1111-style title
+    ``"<id> [<hash>]"``; the 2.2 decoder titles this service listed before models were
+    named stand for ``kandinsky-2-2``."""
+    if not isinstance(value, str) or not value.strip():
+        raise CompatError(field, "must name a model of GET /sdapi/v1/sd-models")
+    name = value.split(" [", 1)[0].strip()
+    return MODEL_NAME if name.startswith("kandinsky-2-2-") else name
+
+
 def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str], dict[str, dict]]:
     """(mode, native body, unsupported fields, substitutions) for an A1111
     ``txt2img``/``img2img`` body.
@@ -434,6 +463,13 @@ def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str], di
     known = A1111_COMMON | (A1111_IMG2IMG if img2img else set())
     unsupported = sorted(name for name in body if name not in known)
     native: dict[str, Any] = {"prompt": body.get("prompt", "")}
+    overrides = body.get("override_settings")
+    if overrides is not None:
+        if not isinstance(overrides, dict):
+            raise CompatError("override_settings", "must be an object of option names and values")
+        if "sd_model_checkpoint" in overrides:
+            native["model"] = a1111_checkpoint(overrides["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
+        unsupported.extend(f"override_settings.{name}" for name in overrides if name != "sd_model_checkpoint")
     if body.get("negative_prompt"):
         native["negative_prompt"] = body["negative_prompt"]
     for ours, theirs, kind in (("steps", "steps", int), ("guidance_scale", "cfg_scale", float),
@@ -487,7 +523,8 @@ def translated(translate, *args):
 def a1111_native_field(field: str) -> str:
     """The A1111 name of a native field, for error messages."""
     return {"guidance_scale": "cfg_scale", "num_images": "batch_size", "scheduler": "sampler_name",
-            "image": "init_images", "strength": "denoising_strength", "invert_mask": "inpainting_mask_invert"}.get(field, field)
+            "image": "init_images", "strength": "denoising_strength", "invert_mask": "inpainting_mask_invert",
+            "model": "sd_model_checkpoint"}.get(field, field)
 
 
 def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, interrupted: bool,
@@ -501,7 +538,8 @@ def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, inter
     if "sampler_name" in substitutions:
         extra = f", Sampler substitution: {substitutions['sampler_name']['asked']} -> {sampler}"
     version = package_version()
-    infotexts = [parameters_text(spec, seed, MODEL_NAME, version, sampler) + extra for seed in seeds]
+    model = spec.model or MODEL_NAME
+    infotexts = [parameters_text(spec, seed, model, version, sampler) + extra for seed in seeds]
     return json.dumps({
         "prompt": spec.prompt,
         "all_prompts": [spec.prompt] * len(seeds),
@@ -517,7 +555,7 @@ def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, inter
         "batch_size": body.get("batch_size", 1),
         "n_iter": body.get("n_iter", 1),
         "denoising_strength": spec.strength if spec.mode == "img2img" else None,
-        "sd_model_name": MODEL_NAME,
+        "sd_model_name": model,
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "job_timestamp": datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"),
@@ -540,9 +578,10 @@ A1111_IMG2IMG_PATH = "/sdapi/v1/img2img"
 
 def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavailable: dict[str, str],
                       guards: Guards, metrics: Any, decode: DecodePool, streams: AdmissionGate,
-                      catalog: Any = None) -> None:
+                      catalog: ModelCatalog | None = None) -> None:
     """Register the OpenAI and A1111 routes on ``router``; OpenAI streams take their place in
-    ``streams`` (the job event streams' gate)."""
+    ``streams`` (the job event streams' gate); ``catalog``: the models requests may name."""
+    models_served = catalog or ModelCatalog.serving((DEFAULT_FAMILY,))
     errors = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
               429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}}
     # Synchronous for the client: each holds a place in the gate like /v1/{mode}, as well as a job.
@@ -741,6 +780,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         except (ValueError, RecursionError):
             raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
         mode, native, unsupported, substitutions = translated(a1111_to_native, body, img2img)
+        native.setdefault("model", checkpoint_of(client))  # override_settings, else this client's option
         spec = await native_spec(mode, native, a1111_native_field, key)
         final = await run(mode, spec, client, "sdapi")
         interrupted = final["state"] == "cancelled"
@@ -825,43 +865,41 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     async def sdapi_scripts():
         return {"txt2img": [], "img2img": []}
 
-    def served_models() -> list[tuple[str, str]]:
-        """(decoder variant, model name) of each decoder served."""
-        variants = [("text2img", "kandinsky-2-2-decoder")]
-        if "inpaint" not in unavailable:
-            variants.append(("inpaint", "kandinsky-2-2-decoder-inpaint"))
-        if "controlnet" not in unavailable:
-            variants.append(("controlnet", "kandinsky-2-2-controlnet-depth"))
-        return variants
+    # A1111's options are server-wide; here sd_model_checkpoint is each client's own (its key,
+    # else its address), kept in this ingress replica (a bounded table: the oldest choice goes first).
+    chosen_models: OrderedDict[str, str] = OrderedDict()
 
-    def model_title(variant: str, name: str) -> str:
-        return f"{name} [{variant}]"
+    def checkpoint_of(client: str) -> str:
+        return chosen_models.get(client, models_served.default_id)
 
-    @router.get("/sdapi/v1/options", summary="AUTOMATIC1111-style options: the checkpoint served and the defaults.")
-    async def sdapi_options():
-        variant, name = served_models()[0]
-        return {"sd_model_checkpoint": model_title(variant, name), "sd_checkpoint_hash": None,
+    @router.get("/sdapi/v1/options", summary="AUTOMATIC1111-style options: this client's model and the defaults.")
+    async def sdapi_options(client: str = Depends(guards.caller)):
+        return {"sd_model_checkpoint": checkpoint_of(client), "sd_checkpoint_hash": None,
                 "samples_format": "png", "sampler_name": SAMPLERS["ddpm"][0],
                 "show_progress_every_n_steps": jobs.settings.a1111_preview_every}
 
     @router.post("/sdapi/v1/options", responses=errors,
-                 summary="AUTOMATIC1111-style options: sd_model_checkpoint may name any model of "
-                         "/sdapi/v1/sd-models (the decoder variant follows the mode); other keys are "
-                         "listed as unsupported.",
+                 summary="AUTOMATIC1111-style options: sd_model_checkpoint (a model of /sdapi/v1/sd-models) "
+                         "sets this client's model for its later A1111 requests; other keys are listed as "
+                         "unsupported.",
                  openapi_extra=json_request_body(A1111OptionsRequest))
-    async def sdapi_set_options(request: Request):
+    async def sdapi_set_options(request: Request, client: str = Depends(guards.caller)):
         try:
             body = await request.json()
         except (ValueError, RecursionError):
             raise ApiError.invalid("body", "not valid JSON (or nested too deeply)") from None
         if not isinstance(body, dict):
             raise ApiError.invalid("body", "must be a JSON object of option names and values")
-        titles = [model_title(variant, name) for variant, name in served_models()]
-        names = [name for _, name in served_models()]
-        if "sd_model_checkpoint" in body and body["sd_model_checkpoint"] not in (*titles, *names):
-            raise ApiError.invalid("sd_model_checkpoint", f"unknown model {str(body['sd_model_checkpoint'])[:80]!r}; "
-                                                          f"served: {', '.join(titles)} (GET /sdapi/v1/sd-models)")
-        current = await sdapi_options()
+        if "sd_model_checkpoint" in body:
+            model = translated(a1111_checkpoint, body["sd_model_checkpoint"])
+            if model not in models_served.models:
+                raise ApiError.invalid("sd_model_checkpoint", f"unknown model {str(body['sd_model_checkpoint'])[:80]!r}; "
+                                                              f"served: {', '.join(models_served.ids)} (GET /sdapi/v1/sd-models)")
+            chosen_models[client] = model
+            chosen_models.move_to_end(client)
+            while len(chosen_models) > MAX_REMEMBERED_CLIENTS:
+                chosen_models.popitem(last=False)
+        current = await sdapi_options(client)
         unchanged = {"sd_model_checkpoint", *(key for key, value in body.items() if current.get(key) == value)}
         return {"applied": sorted(key for key in body if key in unchanged),
                 "unsupported": sorted(key for key in body if key not in unchanged)}
@@ -870,9 +908,9 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
     async def sdapi_samplers():
         return [{"name": title, "aliases": list(aliases), "options": {}} for title, aliases in SAMPLERS.values()]
 
-    @router.get("/sdapi/v1/sd-models", summary="AUTOMATIC1111-style model list: the decoder variants served.")
+    @router.get("/sdapi/v1/sd-models", summary="AUTOMATIC1111-style model list: the models served (GET /v1/models).")
     async def sdapi_models():
-        return [{"title": model_title(variant, name), "model_name": name, "hash": None, "sha256": None,
-                 "filename": name, "config": None} for variant, name in served_models()]
+        return [{"title": model_id, "model_name": model_id, "hash": None, "sha256": None,
+                 "filename": model_id, "config": None} for model_id in models_served.ids]
 
 

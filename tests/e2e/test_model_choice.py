@@ -104,3 +104,25 @@ def test_each_familys_stages_have_metrics_of_their_own(client):
         assert time.monotonic() < deadline, f"no metrics labelled with the 2.1 stages: {labels}"
         time.sleep(0.2)  # polling interval: Ray exports metrics every 500 ms in tests
     assert 'kandinsky_serve_stage_requests_total{' in text and 'stage="denoiser"' in text
+
+
+def test_the_openai_sdk_and_a1111_clients_pick_the_21_model(served_app, client):
+    from openai import OpenAI
+
+    url, _ = served_app
+    sdk = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    listed = [model.id for model in sdk.models.list()]
+    assert listed == ["kandinsky-2-2", "kandinsky-2-1"]
+    common = {"prompt": "a red circle", "size": "64x64", "response_format": "b64_json"}
+    extra = {"seed": 9, "steps": 3, "prior_steps": 3}
+    images = [sdk.images.generate(model=model, **common, extra_body=extra).data[0].b64_json
+              for model in ("kandinsky-2-1", "dall-e-3")]
+    native = client.post("/v1/text2img", json={"prompt": "a red circle", "width": 64, "height": 64, **extra,
+                                               "model": "kandinsky-2-1"}).json()["images"][0]
+    assert max_diff(_pixels(images[0]), _pixels(native)) == 0  # the 2.1 model, as natively
+    assert max_diff(_pixels(images[1]), _pixels(images[0])) > 10  # OpenAI's own name: the default model
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "width": 64, "height": 64, "seed": 9,
+                                                   "steps": 3, "prior_steps": 3, "sampler_name": "DDPM",
+                                                   "override_settings": {"sd_model_checkpoint": "kandinsky-2-1"}}).json()
+    assert max_diff(_pixels(a1111["images"][0]), _pixels(native)) == 0
+    assert "Model: kandinsky-2-1" in a1111["info"]

@@ -18,7 +18,7 @@ from tests.unit.test_jobs_api import make_client
 
 SPEC = SimpleNamespace(prompt="a red circle, «синий квадрат»", negative_prompt="blue", steps=5, guidance_scale=4.0,
                        width=64, height=64, strength=None, prior_steps=3, prior_guidance_scale=4.0, mode="text2img",
-                       seeds=(42, 43), scheduler="ddpm")
+                       seeds=(42, 43), scheduler="ddpm", model="kandinsky-2-2")
 
 
 def encoded(fmt: str, **options) -> bytes:

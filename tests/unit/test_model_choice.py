@@ -3,6 +3,8 @@ graph, the 4xx for a model or mode that cannot be had, and ``GET /v1/models``. N
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -130,3 +132,39 @@ def test_settings_name_the_served_models_and_check_the_default(tmp_path):
         ModelSettings(default_model="kandinsky-2-1")
     with pytest.raises(ValueError, match="prior_21_path and decoder_21_path"):
         ModelSettings(decoder_21_path=tmp_path)
+
+
+def test_openai_model_names_a_served_model_and_openai_names_mean_the_default(served):
+    client, _, jobs_backend = served
+    for model, family in (("kandinsky-2-1", "2.1"), ("dall-e-3", "2.2"), ("gpt-image-1", "2.2"), (None, "2.2")):
+        body = {"prompt": "a red circle", "size": "64x64", "response_format": "b64_json", "steps": 2, "prior_steps": 2}
+        response = client.post("/v1/images/generations", json={**body, **({"model": model} if model else {})})
+        assert response.status_code == 200, response.text
+        assert jobs_backend.specs[-1].family == family
+    unknown = client.post("/v1/images/generations", json={"prompt": "a", "model": "sdxl"})
+    assert unknown.status_code == 404
+    error = unknown.json()["error"]
+    assert error["param"] == "model" and "kandinsky-2-1" in error["message"]
+
+
+def test_a1111_override_settings_and_options_choose_the_model_per_client(served):
+    client, _, jobs_backend = served
+    body = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "prior_steps": 2}
+    assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["kandinsky-2-2", "kandinsky-2-1"]
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "kandinsky-2-2"
+    result = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "kandinsky-2-1",
+                                                                                  "CLIP_stop_at_last_layers": 2}})
+    assert result.status_code == 200, result.text
+    info = json.loads(result.json()["info"])
+    assert jobs_backend.specs[-1].family == "2.1" and info["sd_model_name"] == "kandinsky-2-1"
+    assert "override_settings.CLIP_stop_at_last_layers" in info["unsupported_fields"]
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    assert jobs_backend.specs[-1].family == "2.2"  # the override was for that request only
+    # The options route sets this client's model for its later requests (A1111 [hash] titles accepted).
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "kandinsky-2-1 [abc123]"}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "kandinsky-2-1"
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    assert jobs_backend.specs[-1].family == "2.1"
+    unknown = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "sdxl"}})
+    assert unknown.status_code == 404 and "sd_model_checkpoint" in unknown.json()["error"]["message"]
+    client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "kandinsky-2-2"})
