@@ -95,6 +95,8 @@ class PriorParams:
     """Variations: start from the input image's embedding re-noised this much (emb2emb)."""
     mix: tuple[MixTerm, ...] = ()
     """Mixing: the weighted sum of these terms, texts run in order with one generator per seed."""
+    model: str = ""
+    """A fine-tuned prior's id (the replica's multiplexed model); empty: the stage's own prior."""
 
     @property
     def has_negative(self) -> bool:

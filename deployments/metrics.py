@@ -51,6 +51,11 @@ STAGE_BATCH_COMPUTE = _spec(
     "kandinsky_serve_stage_batch_compute_seconds", "histogram", "Compute time of one batch.", ["stage"], SECONDS_BOUNDARIES
 )
 MODEL_LOAD = _spec("kandinsky_serve_model_load_seconds", "gauge", "How long the replica took to load its model.", ["stage"])
+MODEL_SWITCH = _spec(
+    "kandinsky_serve_model_switch_seconds", "histogram",
+    "Time a replica took to load a multiplexed model (a fine-tuned prior) for a request that found it cold.",
+    ["stage", "model"], SECONDS_BOUNDARIES,
+)
 GPU_ALLOCATED = _spec("kandinsky_serve_gpu_memory_allocated_bytes", "gauge", "CUDA memory allocated by the replica.", ["stage"])
 GPU_RESERVED = _spec("kandinsky_serve_gpu_memory_reserved_bytes", "gauge", "CUDA memory reserved by the replica.", ["stage"])
 
@@ -85,7 +90,7 @@ STAGE_RETRIES = _spec(
 
 ALL_METRICS: tuple[MetricSpec, ...] = (
     STAGE_REQUESTS, STAGE_ERRORS, STAGE_IMAGES, STAGE_QUEUE_WAIT, STAGE_BATCH_SIZE, STAGE_BATCH_ITEMS,
-    STAGE_BATCH_COMPUTE, MODEL_LOAD, GPU_ALLOCATED, GPU_RESERVED,
+    STAGE_BATCH_COMPUTE, MODEL_LOAD, MODEL_SWITCH, GPU_ALLOCATED, GPU_RESERVED,
     LOOP_STEPS, LOOP_BATCH, LOOP_IMAGE_STEPS, LOOP_STEP_SECONDS, LOOP_QUEUE_WAIT,
     HTTP_REQUESTS, REQUEST_DURATION, REQUEST_BYTES, RESPONSE_BYTES, REJECTED, STAGE_RETRIES,
 )
@@ -141,6 +146,7 @@ class StageMetrics:
         self.batch_items = make(STAGE_BATCH_ITEMS)
         self.batch_compute = make(STAGE_BATCH_COMPUTE)
         self.model_load = make(MODEL_LOAD)
+        self.model_switch = make(MODEL_SWITCH)
         self.gpu_allocated = make(GPU_ALLOCATED)
         self.gpu_reserved = make(GPU_RESERVED)
         self._model_load_s: float | None = None
@@ -148,6 +154,10 @@ class StageMetrics:
     def model_loaded(self, seconds: float) -> None:
         self._model_load_s = seconds
         self.refresh_gauges()
+
+    def model_switched(self, model: str, seconds: float) -> None:
+        """A multiplexed model loaded for a request (``model``: a configured id, a bounded label)."""
+        self.model_switch.observe(seconds, tags={**self._tags, "model": model})
 
     def refresh_gauges(self) -> None:
         """Ray exports a gauge only for a while after it was last set: re-set them

@@ -8,6 +8,9 @@ what else shares the forward pass.
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from deployments.messages import ClipImageEmbeddings, ImageEmbeddings, PriorPara
 from deployments.runtime import LoopReplica
 
 STAGE = "prior"
+logger = logging.getLogger("ray.serve")
 
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # embeds, hidden states, mask
@@ -287,15 +291,60 @@ class PriorModel:
         return [self.finish_all(job) for job in states]
 
 
+PRIORS_PER_REPLICA = int(os.environ.get("KANDINSKY_PRIORS_PER_REPLICA", "3"))
+"""Fine-tuned priors one Prior replica keeps loaded (least recently used goes first)."""
+
+
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class Prior(LoopReplica):
-    """The prior's denoising loop, shared by many requests (step or request batching)."""
+    """The prior's denoising loop, shared by many requests (step or request batching).
 
-    def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
+    Fine-tuned priors of the family (``fine_tuned``: id -> directory) are Ray Serve
+    multiplexed models: a request naming one (``multiplexed_model_id``) is routed to a replica
+    that has it loaded when there is one; a replica loads it on first use and keeps the
+    :data:`PRIORS_PER_REPLICA` most recently used. Their images share the step loop with
+    everyone's, but a forward pass only with images of the same prior (one bucket each).
+    """
+
+    def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32",
+                 fine_tuned: dict[str, str] | None = None) -> None:
+        self.fine_tuned_paths = dict(fine_tuned or {})
+        self.model_dtype = dtype
         self.setup(STAGE, device, lambda: PriorModel.from_pretrained(prior_path, device, dtype))
 
+    @serve.multiplexed(max_num_models_per_replica=PRIORS_PER_REPLICA)
+    async def fine_tuned_prior(self, model_id: str) -> PriorModel:
+        path = self.fine_tuned_paths.get(model_id)
+        if path is None:
+            raise ValueError(f"no fine-tuned prior {model_id!r} is configured for this stage")
+        started = time.perf_counter()
+        model = await self.thread.run(PriorModel.from_pretrained, path, self.device, self.model_dtype)
+        self.metrics.model_switched(model_id, time.perf_counter() - started)
+        logger.info("stage %s: loaded fine-tuned prior %s in %.2f s", self.stage, model_id, time.perf_counter() - started)
+        return model
+
     async def generate(self, text: TextEmbeddings, params: PriorParams, images: ClipImageEmbeddings | None = None) -> ImageEmbeddings:
-        return await self.run_request(text, params, images)
+        model_id = serve.get_multiplexed_model_id() or params.model
+        if not model_id:
+            return await self.run_request(text, params, images)
+        return await self.serve_call(self._run_fine_tuned(model_id, (text, params, images)), params.request_id)
+
+    async def _run_fine_tuned(self, model_id: str, inputs: tuple) -> ImageEmbeddings:
+        model = await self.fine_tuned_prior(model_id)
+        started = time.perf_counter()
+        states = model.start_all(*inputs)
+        for state in states:
+            state.bucket = model_id  # a forward pass holds one prior's images only
+            state.runner = model
+        if self.uses_scheduler:
+            timing = self._timing(await self._run_on_scheduler(states, key=inputs[1].request_id), started)
+        else:  # request batching batches the family's own prior; a fine-tuned one runs alone
+            await self.thread.run(run_until_done, states, model.step, self.observer)
+            timing = StageTiming(0.0, (time.perf_counter() - started) * 1000.0, 1)
+        return self.make_output(inputs, await self.thread.run(model.finish_all, states), timing)
+
+    def _step(self, states: list) -> None:
+        getattr(states[0], "runner", self.model).step(states)
 
     def make_output(self, inputs: tuple, output, timing: StageTiming) -> ImageEmbeddings:
         text, params, images = inputs

@@ -34,6 +34,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "kandinsky-serve"))
 
 
+class FineTunedPrior(BaseModel):
+    """A prior of a served family with its own weights (``kandinsky-serve train prior`` writes one),
+    requested as a model of its own; it shares its family's encoders and decoders."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
+    """What requests name it by (``model``)."""
+    family: Literal["2.2", "2.1"] = "2.2"
+    path: Path
+    """A prior directory in its family's layout (its CLIP encoders must be the family's own)."""
+
+
 class ModelSettings(BaseModel):
     """Where the checkpoints are and how they run."""
 
@@ -55,8 +68,12 @@ class ModelSettings(BaseModel):
     """Layout of ``kandinsky-2-1`` (U-Net, MOVQ and the multilingual text encoder)."""
     inpaint_decoder_21_path: Path | None = None
     """Layout of ``kandinsky-2-1-inpaint``; enables inpainting with ``model: kandinsky-2-1``."""
+    priors: list[FineTunedPrior] = Field(default_factory=list, max_length=64)
+    """Fine-tuned priors served as models of their own, on their family's Prior replicas
+    (``@serve.multiplexed``: each replica keeps the most recently used few loaded)."""
     default_model: str | None = None
-    """The model a request that names none gets: ``kandinsky-2-2`` (the default) or ``kandinsky-2-1``."""
+    """The model a request that names none gets: ``kandinsky-2-2`` (the default), ``kandinsky-2-1``
+    or a fine-tuned prior's id."""
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     """Torch device of every stage: ``cpu``, ``cuda`` or ``cuda:N``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -85,6 +102,14 @@ class ModelSettings(BaseModel):
             raise ValueError("set both prior_21_path and decoder_21_path (to serve Kandinsky 2.1) or neither")
         if self.inpaint_decoder_21_path is not None and self.decoder_21_path is None:
             raise ValueError("inpaint_decoder_21_path needs prior_21_path and decoder_21_path")
+        ids = [prior.id for prior in self.priors]
+        clash = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & set(MODEL_IDS.values())))
+        if clash:
+            raise ValueError(f"priors: ids must be unique and differ from the families' models; repeated: {clash}")
+        for index, prior in enumerate(self.priors):
+            if prior.family not in self.families():
+                raise ValueError(f"priors.{index}.family: {prior.family} is not served; set its checkpoints "
+                                 f"(prior_21_path, decoder_21_path) or choose {self.families()}")
         if self.default_model is not None and self.default_model not in self.model_ids():
             raise ValueError(f"default_model: {self.default_model!r} is not served; the models are {self.model_ids()}")
         return self
@@ -94,7 +119,7 @@ class ModelSettings(BaseModel):
         return (DEFAULT_FAMILY, *(("2.1",) if self.decoder_21_path is not None else ()))
 
     def model_ids(self) -> list[str]:
-        return [MODEL_IDS[family] for family in self.families()]
+        return [MODEL_IDS[family] for family in self.families()] + [prior.id for prior in self.priors]
 
     def default_model_id(self) -> str:
         return self.default_model or MODEL_IDS[DEFAULT_FAMILY]

@@ -17,6 +17,8 @@ os.environ.setdefault("KANDINSKY_CHAOS", "1")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "500")
 
 APP_NAME = "kandinsky"
+FINE_TUNED_PRIOR = "tiny-finetune"
+"""The session's fine-tuned prior (model id), served beside the tiny 2.2 prior."""
 
 # Small, fast deployment options for tests: logical CPUs only, one intra-op thread,
 # a short batch window so concurrent test requests do share batches.
@@ -60,6 +62,27 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_finetuned_prior(tiny_checkpoint, tmp_path_factory):
+    """The tiny prior with its PriorTransformer's weights moved (seeded), its CLIP encoders kept:
+    what ``kandinsky-serve train prior`` writes, in its layout."""
+    import shutil
+
+    import torch
+    from diffusers import PriorTransformer
+
+    out = tmp_path_factory.mktemp("finetuned") / "prior"
+    shutil.copytree(tiny_checkpoint.prior, out)
+    prior = PriorTransformer.from_pretrained(out, subfolder="prior", use_safetensors=True, local_files_only=True)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in prior.parameters():
+            parameter.add_(0.2 * parameter.std().nan_to_num(0.02) * torch.randn(parameter.shape, generator=generator))
+    shutil.rmtree(out / "prior")
+    prior.save_pretrained(out / "prior", safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint_21(tmp_path_factory):
     """A tiny Kandinsky 2.1 checkpoint: (prior, decoder, inpaint_decoder), the published layout."""
     from serve.training.tiny import make_tiny_21
@@ -93,7 +116,7 @@ def jobs_database(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def served_app(ray_session, tiny_checkpoint, tiny_checkpoint_21, jobs_database):
+def served_app(ray_session, tiny_checkpoint, tiny_checkpoint_21, tiny_finetuned_prior, jobs_database):
     """The full graph on the tiny checkpoint, with the tiny Kandinsky 2.1 family beside it
     (model ``kandinsky-2-1``): (base_url, ingress handle). Webhooks may call 127.0.0.1 (a
     receiver in the test process), and no other private address."""
@@ -111,6 +134,7 @@ def served_app(ray_session, tiny_checkpoint, tiny_checkpoint_21, jobs_database):
         "prior_21_path": str(tiny_checkpoint_21.prior),
         "decoder_21_path": str(tiny_checkpoint_21.decoder),
         "inpaint_decoder_21_path": str(tiny_checkpoint_21.inpaint_decoder),
+        "priors": [{"id": FINE_TUNED_PRIOR, "family": "2.2", "path": str(tiny_finetuned_prior)}],
     }, "jobs": {"database_path": str(jobs_database)}, "webhooks": {"allowed_hosts": ["127.0.0.1"]}}
     handle = serve.run(build_graph(args, TEST_DEPLOYMENT_OPTIONS), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle

@@ -19,8 +19,9 @@ class LocalCalls:
     ``checkpoint``: a 2.2 one (prior, decoder, inpaint, controlnet) or a 2.1 one (prior,
     decoder, inpaint), whose decoder also carries its text encoder."""
 
-    def __init__(self, checkpoint) -> None:
+    def __init__(self, checkpoint, fine_tuned: dict | None = None) -> None:
         prior_path, decoder_path, inpaint_path, *controlnet_path = checkpoint
+        self.fine_tuned = {model_id: PriorModel.from_pretrained(path) for model_id, path in (fine_tuned or {}).items()}
         self.text = TextEncoderModel.from_pretrained(prior_path)
         self.images = ImageEncoderModel.from_pretrained(prior_path)
         self.prior_model = PriorModel.from_pretrained(prior_path)
@@ -43,7 +44,8 @@ class LocalCalls:
         return ClipImageEmbeddings(self.images.embed(images))
 
     async def prior(self, text, params, images=None):
-        [(embeds, negative)] = self.prior_model.generate([(text, params, images)])
+        model = self.fine_tuned[params.model] if params.model else self.prior_model
+        [(embeds, negative)] = model.generate([(text, params, images)])
         return ImageEmbeddings(embeds, negative, list(params.seeds))
 
     async def encode_image(self, image):

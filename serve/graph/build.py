@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from ray.serve import Application
 
 from deployments.loading import DECODER_21_LAYOUT, DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
-from deployments.registry import STAGES
+from deployments.registry import DEFAULT_FAMILY, STAGES
 from serve.graph.ingress import Ingress
 from serve.settings import ModelSettings, default_cache_dir, parse_service_settings
 
@@ -75,6 +75,24 @@ def _variant(decoder: Path, path: Path | None, what: str, layout: dict = DECODER
     return root
 
 
+def fine_tuned_priors(models: ModelSettings, paths: ModelPaths) -> dict[str, dict[str, str]]:
+    """Per family, its fine-tuned priors ``{id: directory}``, checked: each in the prior layout,
+    with its family's own CLIP encoders (the family's encoder stages serve them)."""
+    by_family: dict[str, dict[str, str]] = {}
+    for index, prior in enumerate(models.priors):
+        root = check_layout(prior.path, PRIOR_LAYOUT, "prior")
+        base = paths.prior if prior.family == DEFAULT_FAMILY else paths.prior_21
+        for part in ("text_encoder", "image_encoder"):
+            ours, theirs = (json.loads((p / part / "config.json").read_text()) for p in (base, root))
+            if {k: v for k, v in ours.items() if not k.startswith("_")} != {k: v for k, v in theirs.items() if not k.startswith("_")}:
+                raise CheckpointError(
+                    f"args.models.priors.{index} ({prior.id}): {root}/{part} differs from {base}/{part}; a fine-tuned "
+                    f"prior must keep its family's CLIP encoders (kandinsky-serve train prior keeps them)"
+                )
+        by_family.setdefault(prior.family, {})[prior.id] = str(root)
+    return by_family
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The ``import_path`` target: Ray calls it with the application's ``args`` and
     applies the config's ``deployments`` section itself."""
@@ -93,11 +111,14 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
     options = deployment_options or {}
     runtime = {"device": settings.models.device, "dtype": settings.models.dtype}
 
+    fine_tuned = fine_tuned_priors(settings.models, paths)
     stages = {}
     for stage in STAGES:
         path = getattr(paths, stage.checkpoint)
+        # The prior stage also serves its family's fine-tuned priors (multiplexed models).
+        extra = {"fine_tuned": fine_tuned[stage.family]} if stage.role == "prior" and fine_tuned.get(stage.family) else {}
         stages[stage.name] = None if path is None else (
-            stage.load().options(name=stage.name, **options.get(stage.name, {})).bind(str(path), **runtime)
+            stage.load().options(name=stage.name, **options.get(stage.name, {})).bind(str(path), **runtime, **extra)
         )
     ingress = Ingress.options(**options.get(Ingress.name, {}))
     return ingress.bind(settings.model_dump(mode="json"), **stages)

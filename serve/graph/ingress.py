@@ -55,12 +55,15 @@ class HandleCalls:
         self.call_ms: dict[str, float] = {}
         """Each stage call's round trip as seen from here, by the output's timing key."""
 
-    async def _call(self, stage: str, method: str, request_id: str, *args):
+    async def _call(self, stage: str, method: str, request_id: str, *args, multiplexed: str = ""):
         from ray.exceptions import RayActorError
 
+        handle = self.handles[stage]
+        if multiplexed:
+            handle = handle.options(multiplexed_model_id=multiplexed)
         for attempt in range(self.retries + 1):
             started = time.perf_counter()
-            response = getattr(self.handles[stage], method).remote(*args)
+            response = getattr(handle, method).remote(*args)
             self.issued.append(response)
             try:
                 result = await response
@@ -95,7 +98,9 @@ class HandleCalls:
         return await self._call(self._stage("image_encoder"), "embed", request_id, images, request_id)
 
     async def prior(self, text, params, images=None):
-        return await self._call(self._stage("prior"), "generate", params.request_id, text, params, images)
+        # A fine-tuned prior goes to a replica of the family's Prior that has it loaded, if any.
+        return await self._call(self._stage("prior"), "generate", params.request_id, text, params, images,
+                                multiplexed=params.model)
 
     async def encode_image(self, image):
         return await self._call(self._stage("movq"), "encode", image.request_id, image)
@@ -154,7 +159,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         models = self.settings.models
-        catalog = ModelCatalog.serving(models.families(), self.deployed, models.default_model_id())
+        catalog = ModelCatalog.serving(models.families(), self.deployed, models.default_model_id(),
+                                       tuple((prior.id, prior.family) for prior in models.priors))
         # A route answers 404 at once only when no served model offers its mode.
         offered = {mode for model in catalog.models.values() for mode in model.modes}
         unavailable = {mode: why for mode, why in unavailable_modes(self.deployed).items() if mode not in offered}

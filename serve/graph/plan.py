@@ -84,7 +84,7 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
                 terms.append(MixTerm("image", image_index, item.weight))
                 image_index += 1
         prior_params = PriorParams(
-            seeds, spec.prior_steps, spec.prior_guidance_scale, rows, request_id, mix=tuple(terms)
+            seeds, spec.prior_steps, spec.prior_guidance_scale, rows, request_id, mix=tuple(terms), model=spec.prior_model
         )
     else:
         has_negative = spec.negative_prompt is not None
@@ -95,7 +95,7 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
             prior_strength = spec.strength
         prior_params = PriorParams(
             seeds, spec.prior_steps, spec.prior_guidance_scale, TextRows.pair(has_negative), request_id,
-            strength=prior_strength,
+            strength=prior_strength, model=spec.prior_model,
         )
     init = None
     decoder_strength = None

@@ -13,7 +13,6 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -301,7 +300,7 @@ def create_app(
                              key: ApiKey | None, timeout_s: float) -> ImagesResponse:
         request_id = request.state.request_id
         served = catalog.resolve(body.model, body.mode)
-        spec = replace(await decode.run(body.to_spec), model=served.id, family=served.family)
+        spec = served.apply(await decode.run(body.to_spec))
         guards.admit_cost(key, spec)
         started = time.perf_counter()
         result = await from_backend(backend.generate(spec, internal_id(request_id), timeout_s), request_id)

@@ -6,10 +6,11 @@ request gets, or the 4xx that says why it cannot have it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from deployments.registry import DEFAULT_FAMILY, FAMILIES, MODEL_IDS, STAGES, denoiser_of_mode
 from serve.http.errors import ApiError
+from serve.http.schemas import GenerationSpec
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,13 @@ class ServedModel:
     """The modes it serves here (its family's, less variants whose checkpoint is not configured)."""
     stages: tuple[str, ...]
     """Its deployments."""
+    prior: str = ""
+    """A fine-tuned prior: its id, which routes the prior call (``multiplexed_model_id``) to a
+    replica of its family's Prior that holds it. Empty: the family's own prior."""
+
+    def apply(self, spec: GenerationSpec) -> GenerationSpec:
+        """``spec`` as run by this model."""
+        return replace(spec, model=self.id, family=self.family, prior_model=self.prior)
 
     def as_json(self, default: bool, default_side: int, loaded: bool) -> dict:
         # OpenAI's model-list shape (clients that list models read id/object/owned_by), plus ours.
@@ -36,16 +44,17 @@ class ModelCatalog:
         self.default_id = default_id
 
     @classmethod
-    def serving(cls, families: tuple[str, ...], deployed: set[str] | None = None,
-                default_id: str | None = None) -> "ModelCatalog":
-        """One model per family; a mode whose U-Net stage is not in ``deployed`` (None: all are)
-        is left out of its model's modes."""
-        models = []
+    def serving(cls, families: tuple[str, ...], deployed: set[str] | None = None, default_id: str | None = None,
+                priors: tuple[tuple[str, str], ...] = ()) -> "ModelCatalog":
+        """One model per family, then one per fine-tuned prior ``(id, family)``; a mode whose
+        U-Net stage is not in ``deployed`` (None: all are) is left out of its model's modes."""
+        by_family = {}
         for family in families:
             stages = tuple(s.name for s in STAGES if s.family == family and (deployed is None or s.name in deployed))
             modes = tuple(mode for mode in FAMILIES[family] if denoiser_of_mode(mode, family).name in stages)
-            models.append(ServedModel(MODEL_IDS[family], family, modes, stages))
-        return cls(models, default_id or MODEL_IDS[DEFAULT_FAMILY])
+            by_family[family] = ServedModel(MODEL_IDS[family], family, modes, stages)
+        fine_tuned = [replace(by_family[family], id=prior_id, prior=prior_id) for prior_id, family in priors]
+        return cls([*by_family.values(), *fine_tuned], default_id or MODEL_IDS[DEFAULT_FAMILY])
 
     @property
     def ids(self) -> list[str]:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -66,7 +65,7 @@ def build_spec(models: dict, mode: str, params: Any, prefix: str, catalog: Model
         raise ApiError.from_validation(error, under) from None
     except SpecError as error:
         raise ApiError.invalid(under(error.field), error.message) from None
-    return spec if served is None else replace(spec, model=served.id, family=served.family)
+    return spec if served is None else served.apply(spec)
 
 
 async def from_store(call: Awaitable[T]) -> T:

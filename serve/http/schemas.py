@@ -69,6 +69,8 @@ class GenerationSpec:
     """The model id the request asked for (or the default); empty: the default model."""
     family: str = "2.2"
     """Its family (``deployments.registry.FAMILIES``): which deployments serve it."""
+    prior_model: str = ""
+    """A fine-tuned prior's id (the Prior replica's multiplexed model); empty: the family's prior."""
 
 
 class SpecError(ValueError):

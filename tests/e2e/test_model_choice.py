@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reference import MAX_PIXEL_DIFF, box_mask, max_diff, reference_images_21, solid_image, spec
+from tests.conftest import FINE_TUNED_PRIOR
+from tests.promtext import total
+from tests.reference import MAX_PIXEL_DIFF, box_mask, max_diff, reference_images, reference_images_21, solid_image, spec
 
 PICTURE = solid_image(64, 64, seed=1)
 STAGE_LABEL = re.compile(r'stage="\w+"')
@@ -44,7 +46,8 @@ def test_the_models_are_listed_and_their_stages_load(client):
             break
         assert time.monotonic() < deadline, f"not loaded: {models}"
         time.sleep(0.5)  # polling interval: readiness is cached for about a second
-    assert set(models) == {"kandinsky-2-2", "kandinsky-2-1"}
+    assert set(models) == {"kandinsky-2-2", "kandinsky-2-1", FINE_TUNED_PRIOR}
+    assert models[FINE_TUNED_PRIOR]["family"] == "2.2"
     assert models["kandinsky-2-1"]["modes"] == ["text2img", "img2img", "inpaint", "mix"]
 
 
@@ -112,7 +115,7 @@ def test_the_openai_sdk_and_a1111_clients_pick_the_21_model(served_app, client):
     url, _ = served_app
     sdk = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     listed = [model.id for model in sdk.models.list()]
-    assert listed == ["kandinsky-2-2", "kandinsky-2-1"]
+    assert listed == ["kandinsky-2-2", "kandinsky-2-1", FINE_TUNED_PRIOR]
     common = {"prompt": "a red circle", "size": "64x64", "response_format": "b64_json"}
     extra = {"seed": 9, "steps": 3, "prior_steps": 3}
     images = [sdk.images.generate(model=model, **common, extra_body=extra).data[0].b64_json
@@ -126,3 +129,39 @@ def test_the_openai_sdk_and_a1111_clients_pick_the_21_model(served_app, client):
                                                    "override_settings": {"sd_model_checkpoint": "kandinsky-2-1"}}).json()
     assert max_diff(_pixels(a1111["images"][0]), _pixels(native)) == 0
     assert "Model: kandinsky-2-1" in a1111["info"]
+
+
+def test_a_fine_tuned_prior_loads_once_per_replica_and_matches_diffusers(client, tiny_checkpoint, tiny_finetuned_prior):
+    body = {"prompt": "a red circle", "width": 64, "height": 64, "seed": 5, "prior_steps": 4, "steps": 4,
+            "model": FINE_TUNED_PRIOR}
+    first = client.post("/v1/text2img", json=body)
+    assert first.status_code == 200, first.text
+    reference = reference_images((tiny_finetuned_prior, *tiny_checkpoint[1:]), spec(seeds=(5,), steps=4))
+    assert max_diff(_pixels(first.json()["images"][0]), reference[0]) <= MAX_PIXEL_DIFF
+    assert client.post("/v1/text2img", json={**body, "seed": 6}).status_code == 200  # hot: no second load
+    switches = f'kandinsky_serve_model_switch_seconds_count{{model="{FINE_TUNED_PRIOR}"'
+    deadline = time.monotonic() + 30
+    while (loads := total(client.get("/metrics").text, "ray_kandinsky_serve_model_switch_seconds_count",
+                          model=FINE_TUNED_PRIOR)) < 1:
+        assert time.monotonic() < deadline, f"no {switches} in /metrics"
+        time.sleep(0.2)  # polling interval: Ray exports metrics every 500 ms in tests
+    # Read again for a few export intervals: a second load would show up within them.
+    settle = time.monotonic() + 2.0
+    while time.monotonic() < settle:
+        assert loads == 1, f"{switches}: {loads} loads for two requests on one replica"
+        time.sleep(0.2)  # polling interval
+        loads = total(client.get("/metrics").text, "ray_kandinsky_serve_model_switch_seconds_count", model=FINE_TUNED_PRIOR)
+
+
+def test_base_and_fine_tuned_priors_in_flight_together_each_draw_their_own(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"prompt": "a blue square", "width": 64, "height": 64, "seed": 11, "prior_steps": 25, "steps": 2}
+    models = ["kandinsky-2-2", FINE_TUNED_PRIOR] * 3
+    alone = {model: client.post("/v1/text2img", json={**body, "model": model}).json()["images"][0]
+             for model in set(models)}
+    with ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(lambda model: client.post("/v1/text2img", json={**body, "model": model}).json(), models))
+    for model, result in zip(models, together):
+        assert max_diff(_pixels(result["images"][0]), _pixels(alone[model])) <= MAX_PIXEL_DIFF, model
+    assert max_diff(_pixels(alone["kandinsky-2-2"]), _pixels(alone[FINE_TUNED_PRIOR])) > 10
