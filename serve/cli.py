@@ -412,6 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds to wait after a phase for the Ingress's memory to come back down")
     hostile.add_argument("--out", default="bench-results/hostile.json")
     hostile.set_defaults(func=_bench("hostile"))
+    models = kinds.add_parser("models", help="several models in one service: a cold vs a hot fine-tuned prior, "
+                                             "and a mixed load (half 2.1, half 2.2 over several priors)")
+    models.add_argument("--url", default=None, help="a running service with fine-tuned priors and 2.1 configured "
+                                                    "(default: start one on tiny checkpoints written for the run)")
+    models.add_argument("--priors", type=int, default=4, help="fine-tuned priors to write (own service only)")
+    models.add_argument("--keep", type=int, default=2, help="fine-tuned priors a Prior replica keeps (own service only)")
+    models.add_argument("--rounds", type=int, default=8, help="requests per phase of the prior-switch measurement")
+    models.add_argument("--rate", type=float, default=1.0, help="mixed load: requests/s (Poisson)")
+    models.add_argument("--duration", type=float, default=30.0, help="mixed load: seconds of arrivals")
+    models.add_argument("--port", type=int, default=8020)
+    models.add_argument("--out", default="bench-results/models.json")
+    models.set_defaults(func=_bench("models"))
     return parser
 
 

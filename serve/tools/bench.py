@@ -133,6 +133,13 @@ def bench_hostile(**options) -> dict:
     return run(**options)
 
 
+def bench_models(**options) -> dict:
+    """See :mod:`serve.tools.bench_models`."""
+    from serve.tools.bench_models import bench_models as run
+
+    return run(**options)
+
+
 def parse_server_timing(header: str) -> dict[str, float]:
     """``name;dur=ms, ...`` (the ingress's ``Server-Timing``) as ``{name: ms}``."""
     found = {}

@@ -106,7 +106,38 @@ def render_hostile(result: dict) -> str:
     return "\n".join(lines + ["", provenance_line(result)])
 
 
-RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile}
+def models_tables(result: dict) -> list[str]:
+    """The prior-switch and mixed-load tables of ``bench models`` (also what it prints)."""
+    switch, mixed = result["prior_switch"], result["mixed_load"]
+    lines = [
+        f"Prior switch: one request at a time ({result['request']['prior_steps']} prior + {result['request']['steps']} "
+        f"decoder steps, {result['request']['width']}²), {len(switch['hot_s'])} per phase; a replica keeps "
+        f"{result.get('kept_per_replica', '?')} of {len(result['fine_tuned_priors'])} fine-tuned priors:",
+        "",
+        "| fine-tuned prior | p50 s | vs hot |",
+        "| --- | ---: | ---: |",
+        f"| hot (kept loaded) | {switch['hot_p50_s']:.3f} | 1.00 |",
+        f"| cold (loaded for the request) | {switch['cold_p50_s']:.3f} | **{switch['cold_over_hot']:.2f}** |",
+    ]
+    if switch.get("mean_load_s") is not None:
+        lines += ["", f"Load time the replicas measured (`kandinsky_serve_model_switch_seconds`): mean "
+                      f"{switch['mean_load_s']:.3f} s over {switch['loads_reported']:.0f} loads."]
+    lines += ["", f"Mixed load: Poisson {mixed['rate_per_s']:g} req/s for {mixed['duration_s']:g} s, half Kandinsky 2.1, "
+                  f"half 2.2 (its prior and the fine-tuned ones); **lost: {mixed['lost']}**:", "",
+              "| model | sent | ok | failed | ok/s | p50 s | p99 s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in mixed["per_model"].items():
+        p50 = "–" if row["p50_s"] is None else f"{row['p50_s']:.2f}"
+        p99 = "–" if row["p99_s"] is None else f"{row['p99_s']:.2f}"
+        lines.append(f"| {name} | {row['sent']} | {row['succeeded']} | {row['failed']} | {row['throughput_per_s']:.2f} "
+                     f"| {p50} | {p99} |")
+    return lines
+
+
+def render_models(result: dict) -> str:
+    return "\n".join(models_tables(result) + ["", provenance_line(result)])
+
+
+RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile, "models": render_models}
 
 
 def render_docs(text: str, results: Path = RESULTS) -> str:

@@ -164,3 +164,17 @@ def test_bench_hostile_runs_and_writes_its_json(guarded_app, tmp_path):
         assert phase["victim"]["ingress_rss_after_mb"] > 0, "the Ingress runs on this machine: its memory is read"
         assert math.isfinite(phase["victim"]["ingress_rss_over_baseline_mb"])
     _check_provenance(result)
+
+
+def test_bench_models_runs_and_writes_its_json(served_app, tmp_path):
+    url, _ = served_app
+    out = tmp_path / "models.json"
+    done = _run(["bench", "models", "--url", url, "--rounds", "1", "--rate", "2", "--duration", "2", "--out", str(out)],
+                tmp_path)
+    assert "Prior switch" in done.stdout and "Mixed load" in done.stdout
+    result = json.loads(out.read_text())
+    for key in ("prior_switch.hot_p50_s", "prior_switch.cold_p50_s", "prior_switch.cold_over_hot"):
+        assert _finite(result, key) > 0
+    assert result["mixed_load"]["lost"] == 0
+    assert {"kandinsky-2-1", "kandinsky-2-2"} <= set(result["mixed_load"]["per_model"])
+    _check_provenance(result)
