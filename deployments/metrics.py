@@ -77,8 +77,9 @@ LOOP_QUEUE_WAIT = _spec(
 # --- ingress ---------------------------------------------------------------------------------
 HTTP_REQUESTS = _spec("kandinsky_serve_http_requests_total", "counter", "HTTP requests by route and status code.", ["route", "status"])
 REQUEST_DURATION = _spec(
-    "kandinsky_serve_request_duration_seconds", "histogram", "End-to-end generation latency by mode and image size.",
-    ["mode", "size"], SECONDS_BOUNDARIES,
+    "kandinsky_serve_request_duration_seconds", "histogram",
+    "End-to-end generation latency by mode, image size and model (a configured id).",
+    ["mode", "size", "model"], SECONDS_BOUNDARIES,
 )
 REQUEST_BYTES = _spec("kandinsky_serve_request_bytes_total", "counter", "Request body bytes received.", ["route"])
 RESPONSE_BYTES = _spec("kandinsky_serve_response_bytes_total", "counter", "Response body bytes sent.", ["route"])
@@ -211,8 +212,8 @@ class IngressMetrics:
         if response_bytes:
             self.response_bytes.inc(response_bytes, tags={"route": route})
 
-    def generation(self, mode: str, width: int, height: int, seconds: float) -> None:
-        self.duration.observe(seconds, tags={"mode": mode, "size": f"{width}x{height}"})
+    def generation(self, mode: str, width: int, height: int, seconds: float, model: str = "") -> None:
+        self.duration.observe(seconds, tags={"mode": mode, "size": f"{width}x{height}", "model": model})
 
     def rejection(self, reason: str) -> None:
         self.rejected.inc(tags={"reason": reason})

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
 from deployments.registry import BY_NAME, DEFAULT_FAMILY, INGRESS_NAME, MODEL_IDS, STAGE_NAMES, STAGES
@@ -34,6 +34,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "kandinsky-serve"))
 
 
+def _family_text(value: Any) -> Any:
+    """YAML reads an unquoted ``family: 2.1`` as a number."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 class FineTunedPrior(BaseModel):
     """A prior of a served family with its own weights (``kandinsky-serve train prior`` writes one),
     requested as a model of its own; it shares its family's encoders and decoders."""
@@ -43,12 +48,78 @@ class FineTunedPrior(BaseModel):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
     """What requests name it by (``model``)."""
     family: Literal["2.2", "2.1"] = "2.2"
+
+    @field_validator("family", mode="before")
+    @classmethod
+    def _family_as_text(cls, value: Any) -> Any:
+        return _family_text(value)
+
     path: Path
     """A prior directory in its family's layout (its CLIP encoders must be the family's own)."""
 
 
+class CatalogEntry(BaseModel):
+    """One model of ``args.models.catalog`` (or of ``args.models`` given as a list)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
+    family: Literal["2.2", "2.1"] = "2.2"
+    prior_path: Path
+    decoder_path: Path | None = None
+
+    @field_validator("family", mode="before")
+    @classmethod
+    def _family_as_text(cls, value: Any) -> Any:
+        return _family_text(value)
+    """Given: the family's model (one per family). None: a fine-tuned prior of the family's model."""
+    inpaint_decoder_path: Path | None = None
+    controlnet_decoder_path: Path | None = None
+    default: bool = False
+    """The model a request naming none gets (at most one)."""
+
+
+def _expand_catalog(data: Any) -> Any:
+    """``args.models`` as a list of models, or with ``catalog: [...]``, in the settings' own fields:
+    a family's model (one with ``decoder_path``) sets that family's paths and names it; a model
+    without a decoder is a fine-tuned prior of its family."""
+    if isinstance(data, list):
+        data = {"catalog": data}
+    if not isinstance(data, dict) or "catalog" not in data:
+        return data
+    data = dict(data)
+    entries = [CatalogEntry.model_validate(entry) for entry in data.pop("catalog") or []]
+    names, priors = dict(data.get("names") or {}), list(data.get("priors") or [])
+    defaults = [entry.id for entry in entries if entry.default]
+    if len(defaults) > 1:
+        raise ValueError(f"catalog: at most one model may be the default; {defaults} are")
+    if defaults:
+        data["default_model"] = defaults[0]
+    suffix = {"2.2": "", "2.1": "_21"}
+    for index, entry in enumerate(entries):
+        if entry.decoder_path is None:
+            priors.append({"id": entry.id, "family": entry.family, "path": entry.prior_path})
+            continue
+        if entry.family in names:
+            raise ValueError(f"catalog.{index}: a second model of family {entry.family} with a decoder; one decoder "
+                             "per family (a model with only a prior_path is a fine-tuned prior of the family's)")
+        if entry.family == "2.1" and entry.controlnet_decoder_path is not None:
+            raise ValueError(f"catalog.{index}.controlnet_decoder_path: Kandinsky 2.1 has no ControlNet decoder")
+        names[entry.family] = entry.id
+        for field in ("prior_path", "decoder_path", "inpaint_decoder_path", "controlnet_decoder_path"):
+            value = getattr(entry, field)
+            key = field.replace("_path", f"{suffix[entry.family]}_path")
+            if value is not None and data.get(key) not in (None, value):
+                raise ValueError(f"catalog.{index}.{field}: {key} is set outside the catalog too; set it in one place")
+            if value is not None:
+                data[key] = value
+    data["names"], data["priors"] = names, priors
+    return data
+
+
 class ModelSettings(BaseModel):
-    """Where the checkpoints are and how they run."""
+    """Where the checkpoints are and how they run. ``args.models`` may also be a list of models
+    (or carry ``catalog: [...]``): see :class:`CatalogEntry`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,6 +145,13 @@ class ModelSettings(BaseModel):
     default_model: str | None = None
     """The model a request that names none gets: ``kandinsky-2-2`` (the default), ``kandinsky-2-1``
     or a fine-tuned prior's id."""
+    names: dict[Literal["2.2", "2.1"], Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]] = {}
+    """Each family's model id, where not the default (``kandinsky-2-2``, ``kandinsky-2-1``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _catalog(cls, data: Any) -> Any:
+        return _expand_catalog(data)
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     """Torch device of every stage: ``cpu``, ``cuda`` or ``cuda:N``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -103,7 +181,7 @@ class ModelSettings(BaseModel):
         if self.inpaint_decoder_21_path is not None and self.decoder_21_path is None:
             raise ValueError("inpaint_decoder_21_path needs prior_21_path and decoder_21_path")
         ids = [prior.id for prior in self.priors]
-        clash = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & set(MODEL_IDS.values())))
+        clash = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & set(self.family_ids().values())))
         if clash:
             raise ValueError(f"priors: ids must be unique and differ from the families' models; repeated: {clash}")
         for index, prior in enumerate(self.priors):
@@ -118,11 +196,15 @@ class ModelSettings(BaseModel):
         """The model families this configuration serves, the default family first."""
         return (DEFAULT_FAMILY, *(("2.1",) if self.decoder_21_path is not None else ()))
 
+    def family_ids(self) -> dict[str, str]:
+        """Each served family's model id."""
+        return {family: self.names.get(family, MODEL_IDS[family]) for family in self.families()}
+
     def model_ids(self) -> list[str]:
-        return [MODEL_IDS[family] for family in self.families()] + [prior.id for prior in self.priors]
+        return [*self.family_ids().values(), *(prior.id for prior in self.priors)]
 
     def default_model_id(self) -> str:
-        return self.default_model or MODEL_IDS[DEFAULT_FAMILY]
+        return self.default_model or self.family_ids()[DEFAULT_FAMILY]
 
     def with_env_overrides(self) -> "ModelSettings":
         """``KANDINSKY_PRIOR_PATH`` / ``KANDINSKY_DECODER_PATH`` (and the variants') win over the file."""

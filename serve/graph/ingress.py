@@ -160,7 +160,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         models = self.settings.models
         catalog = ModelCatalog.serving(models.families(), self.deployed, models.default_model_id(),
-                                       tuple((prior.id, prior.family) for prior in models.priors))
+                                       tuple((prior.id, prior.family) for prior in models.priors), models.family_ids())
         # A route answers 404 at once only when no served model offers its mode.
         offered = {mode for model in catalog.models.values() for mode in model.modes}
         unavailable = {mode: why for mode, why in unavailable_modes(self.deployed).items() if mode not in offered}

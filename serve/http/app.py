@@ -76,7 +76,7 @@ class ApiMetrics(Protocol):
 
     def http_request(self, route: str, status: int, request_bytes: int, response_bytes: int) -> None: ...
 
-    def generation(self, mode: str, width: int, height: int, seconds: float) -> None: ...
+    def generation(self, mode: str, width: int, height: int, seconds: float, model: str = "") -> None: ...
 
     def rejection(self, reason: str) -> None: ...
 
@@ -85,7 +85,7 @@ class NoMetrics:
     def http_request(self, route: str, status: int, request_bytes: int, response_bytes: int) -> None:
         pass
 
-    def generation(self, mode: str, width: int, height: int, seconds: float) -> None:
+    def generation(self, mode: str, width: int, height: int, seconds: float, model: str = "") -> None:
         pass
 
     def rejection(self, reason: str) -> None:
@@ -304,7 +304,7 @@ def create_app(
         guards.admit_cost(key, spec)
         started = time.perf_counter()
         result = await from_backend(backend.generate(spec, internal_id(request_id), timeout_s), request_id)
-        metrics.generation(body.mode, spec.width, spec.height, time.perf_counter() - started)
+        metrics.generation(body.mode, spec.width, spec.height, time.perf_counter() - started, spec.model)
         total_ms = (time.perf_counter() - started) * 1000.0
         response.headers["Server-Timing"] = server_timing(result, total_ms)
         return ImagesResponse(

@@ -45,16 +45,17 @@ class ModelCatalog:
 
     @classmethod
     def serving(cls, families: tuple[str, ...], deployed: set[str] | None = None, default_id: str | None = None,
-                priors: tuple[tuple[str, str], ...] = ()) -> "ModelCatalog":
-        """One model per family, then one per fine-tuned prior ``(id, family)``; a mode whose
+                priors: tuple[tuple[str, str], ...] = (), names: dict[str, str] | None = None) -> "ModelCatalog":
+        """One model per family (named by ``names``, default :data:`MODEL_IDS`), then one per
+        fine-tuned prior ``(id, family)``; a mode whose
         U-Net stage is not in ``deployed`` (None: all are) is left out of its model's modes."""
         by_family = {}
         for family in families:
             stages = tuple(s.name for s in STAGES if s.family == family and (deployed is None or s.name in deployed))
             modes = tuple(mode for mode in FAMILIES[family] if denoiser_of_mode(mode, family).name in stages)
-            by_family[family] = ServedModel(MODEL_IDS[family], family, modes, stages)
+            by_family[family] = ServedModel((names or MODEL_IDS).get(family, MODEL_IDS[family]), family, modes, stages)
         fine_tuned = [replace(by_family[family], id=prior_id, prior=prior_id) for prior_id, family in priors]
-        return cls([*by_family.values(), *fine_tuned], default_id or MODEL_IDS[DEFAULT_FAMILY])
+        return cls([*by_family.values(), *fine_tuned], default_id or by_family[DEFAULT_FAMILY].id)
 
     @property
     def ids(self) -> list[str]:

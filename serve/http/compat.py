@@ -609,7 +609,7 @@ def add_compat_routes(router: APIRouter, models: dict, jobs: JobRunner, unavaila
         if final["state"] == "failed":
             raise ApiError(500, "generation_failed", (final["error"] or {}).get("message", "generation failed"))
         if final["state"] == "succeeded":
-            metrics.generation(mode, spec.width, spec.height, time.perf_counter() - started)
+            metrics.generation(mode, spec.width, spec.height, time.perf_counter() - started, spec.model)
         return final
 
     async def images_of(view: dict) -> list[bytes]:

@@ -101,7 +101,8 @@ def test_each_familys_stages_have_metrics_of_their_own(client):
     deadline = time.monotonic() + 30
     while True:
         text = client.get("/metrics").text
-        if 'stage="denoiser_21"' in text and 'stage="decoder_text_encoder_21"' in text:
+        by_model = total(text, "ray_kandinsky_serve_request_duration_seconds_count", model="kandinsky-2-1")
+        if 'stage="denoiser_21"' in text and 'stage="decoder_text_encoder_21"' in text and by_model >= 1:
             break
         labels = sorted(set(re.findall(STAGE_LABEL, text)))
         assert time.monotonic() < deadline, f"no metrics labelled with the 2.1 stages: {labels}"

@@ -189,7 +189,7 @@ class RecordingMetrics:
     def http_request(self, route, status, request_bytes, response_bytes):
         self.http.append((route, status, request_bytes, response_bytes))
 
-    def generation(self, mode, width, height, seconds):
+    def generation(self, mode, width, height, seconds, model=""):
         self.generations.append((mode, width, height))
 
     def rejection(self, reason):
