@@ -122,9 +122,6 @@ CHECKPOINTS = tuple(dict.fromkeys(stage.checkpoint for stage in STAGES))
 """Every checkpoint some stage loads, required ones first: ``prior``, ``decoder``, then the variants'."""
 OPTIONAL_STAGES = tuple(stage for stage in STAGES if stage.optional and stage.family == DEFAULT_FAMILY)
 """The default family's decoder variants, each left out when its checkpoint is not configured."""
-OTHER_FAMILY_STAGES = tuple(stage for stage in STAGES if stage.family != DEFAULT_FAMILY)
-"""Deployed only when their checkpoint is configured (each family's model is optional but the default's)."""
-FAMILY_OF_MODEL = {model_id: family for family, model_id in MODEL_IDS.items()}
 
 
 def stage_for(role: str, variant: str | None = None, family: str = DEFAULT_FAMILY) -> Stage:
