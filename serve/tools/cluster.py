@@ -527,7 +527,10 @@ def on_cpu(
     (custom resources, logical GPUs), autoscaling, queues and health checks are unchanged."""
     raw = copy.deepcopy(config.raw)
     app = raw["applications"][0]
-    models = app.setdefault("args", {}).setdefault("models", {})
+    args = app.setdefault("args", {})
+    if not isinstance(args.get("models"), dict) or "catalog" in args["models"]:
+        args["models"] = {}  # a list of models names real checkpoints: the tiny one stands in for them all
+    models = args.setdefault("models", {})
     variants = {"inpaint_decoder_path": inpaint_decoder_path, "controlnet_decoder_path": controlnet_decoder_path}
     models.update(prior_path=prior_path, decoder_path=decoder_path, device="cpu", dtype="float32", **variants)
     options = copy.deepcopy(config.deployment_options)

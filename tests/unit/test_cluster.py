@@ -177,3 +177,18 @@ def test_on_cpu_drops_a_variant_without_a_checkpoint(config):
     assert "InpaintDenoiser" not in local.deployment_options and "ControlnetDenoiser" in local.deployment_options
     names = [d["name"] for d in local.raw["applications"][0]["deployments"]]
     assert "InpaintDenoiser" not in names
+
+
+def test_on_cpu_stands_the_tiny_checkpoint_in_for_a_list_of_models(config):
+    import copy
+
+    raw = copy.deepcopy(config.raw)
+    raw["applications"][0]["args"]["models"] = [
+        {"id": "k22", "prior_path": "/real/prior", "decoder_path": "/real/decoder", "default": True},
+        {"id": "style", "prior_path": "/real/style-prior"},
+    ]
+    listed = config.model_copy(update={"raw": raw})
+    local = on_cpu(listed, "/tiny/prior", "/tiny/decoder", None, None)
+    models = local.raw["applications"][0]["args"]["models"]
+    assert models["prior_path"] == "/tiny/prior" and models["device"] == "cpu" and "catalog" not in models
+    assert raw["applications"][0]["args"]["models"][0]["prior_path"] == "/real/prior", "the original is left alone"
