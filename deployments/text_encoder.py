@@ -21,6 +21,9 @@ STAGE = "text_encoder"
 class TextEncoderModel:
     """Prompts -> pooled embeddings, last hidden states and masks, as the prior pipeline computes them."""
 
+    reader = "the text encoder"
+    """Who reads only ``max_length`` tokens (in the truncation notes)."""
+
     def __init__(self, tokenizer, text_encoder, device: str = "cpu") -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -49,12 +52,11 @@ class TextEncoderModel:
             tokens.attention_mask.bool().numpy(),
         )
 
-
     def truncated(self, texts: list[str]) -> list[str]:
         """Notes for the texts longer than the encoder's window (they are cut to it)."""
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
         return [
-            f"text {text[:40]!r}{'...' if len(text) > 40 else ''} is {length} tokens; the text encoder reads "
+            f"text {text[:40]!r}{'...' if len(text) > 40 else ''} is {length} tokens; {self.reader} reads "
             f"only the first {self.max_length}"
             for text, length in zip(texts, lengths) if length > self.max_length
         ]
@@ -64,17 +66,16 @@ class TextEncoderModel:
         self.encode([""])
 
 
-class MultilingualTextEncoderModel:
+class MultilingualTextEncoderModel(TextEncoderModel):
     """Kandinsky 2.1's decoder text encoder: prompts -> pooled embeddings (projected to the CLIP
     image-embedding size), last hidden states and masks, as ``KandinskyPipeline._encode_prompt``
     computes them (XLM-Roberta tokens padded to 77)."""
 
-    max_length = 77  # the 2.1 pipelines pad and truncate to 77 tokens, whatever the tokenizer allows
+    reader = "the 2.1 decoder's text encoder"
 
     def __init__(self, tokenizer, text_encoder, device: str = "cpu") -> None:
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.device = device
+        super().__init__(tokenizer, text_encoder, device)
+        self.max_length = 77  # the 2.1 pipelines pad and truncate to 77, whatever the tokenizer allows
 
     @classmethod
     def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "MultilingualTextEncoderModel":
@@ -96,17 +97,6 @@ class MultilingualTextEncoderModel:
         mask = tokens.attention_mask.to(self.device)
         embeds, hidden = self.text_encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask)
         return embeds.float().cpu().numpy(), hidden.float().cpu().numpy(), tokens.attention_mask.bool().numpy()
-
-    def truncated(self, texts: list[str]) -> list[str]:
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False).input_ids]
-        return [
-            f"text {text[:40]!r}{'...' if len(text) > 40 else ''} is {length} tokens; the 2.1 decoder's text "
-            f"encoder reads only the first {self.max_length}"
-            for text, length in zip(texts, lengths) if length > self.max_length
-        ]
-
-    def health_probe(self) -> None:
-        self.encode([""])
 
 
 class TextEncoderReplica(StageReplica):

@@ -22,9 +22,11 @@ UNCOND_PROB = 0.15
 def build_unet(
     clip_dim: int, latent_channels: int, seed: int, channels: tuple[int, int] = (32, 64), *, in_channels: int | None = None,
     addition_embed_type: str = "image", head_dim: int = 16, norm_groups: int = 16, sample_size: int | None = 8,
+    encoder_hid_dim_type: str = "image_proj",
 ):
     """The decoder's U-Net; ``in_channels`` (default ``latent_channels``) and ``addition_embed_type``
-    differ in the inpainting and ControlNet variants."""
+    differ in the inpainting and ControlNet variants. Kandinsky 2.1's (``addition_embed_type="text_image"``,
+    ``encoder_hid_dim_type="text_image_proj"``) also reads text: ``clip_dim`` is then its text encoder's width."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -39,7 +41,7 @@ def build_unet(
         block_out_channels=tuple(channels),
         layers_per_block=1,
         encoder_hid_dim=clip_dim,
-        encoder_hid_dim_type="image_proj",
+        encoder_hid_dim_type=encoder_hid_dim_type,
         cross_attention_dim=32,
         attention_head_dim=head_dim,
         resnet_time_scale_shift="scale_shift",

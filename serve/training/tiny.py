@@ -160,27 +160,12 @@ def _multilingual_text_encoder(tokenizer, seed: int):
 
 def _unet_21(seed: int, in_channels: int):
     """2.1's U-Net: conditioned on the text's hidden states and pooled embedding *and* the image embedding."""
-    from diffusers import UNet2DConditionModel
-
+    from serve.training.decoder import build_unet
     from serve.training.movq import LATENT_CHANNELS
 
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        in_channels=in_channels,
-        out_channels=2 * LATENT_CHANNELS,
-        addition_embed_type="text_image",
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        encoder_hid_dim=MCLIP_HIDDEN,
-        encoder_hid_dim_type="text_image_proj",
-        cross_attention_dim=CLIP_DIM,
-        attention_head_dim=4,
-        resnet_time_scale_shift="scale_shift",
-        class_embed_type=None,
-    )
+    # Cross-attention has the image embedding's width (CLIP_DIM), as build_unet's 32.
+    return build_unet(MCLIP_HIDDEN, LATENT_CHANNELS, seed, in_channels=in_channels, addition_embed_type="text_image",
+                      encoder_hid_dim_type="text_image_proj", head_dim=4, norm_groups=32, sample_size=None)
 
 
 def decoder_21_scheduler():

@@ -153,3 +153,12 @@ def test_every_21_mode_is_the_same_alone_and_batched_with_the_others(local21):
     for s, images in zip(specs, together):
         for mine, alone in zip(images, local21.generate(s)):
             assert max_diff(mine, alone) <= MAX_PIXEL_DIFF
+
+
+def test_the_21_text_encoder_reads_77_tokens_and_says_when_it_cut_a_prompt(local21):
+    encoder = local21.decoder_text
+    long = " ".join(["red circle"] * 60)
+    _, hidden, mask = encoder.encode([long, "a cat"])
+    assert hidden.shape[1] == 77 and mask[0].all() and not mask[1].all()
+    [note] = encoder.truncated([long, "a cat"])
+    assert "the 2.1 decoder's text encoder reads only the first 77" in note
