@@ -12,13 +12,19 @@ from typing import Literal
 import numpy as np
 
 
-# Decoder schedulers that work with Kandinsky's U-Net and its pipelines' step loop (no
-# input scaling, init_noise_sigma 1): API name -> (diffusers class, config overrides).
+# Decoder schedulers that work with Kandinsky's U-Net and its pipelines' step loop: API
+# name -> (diffusers class, config overrides). The pipelines never call scale_model_input,
+# so only schedulers whose input scaling is the identity (init_noise_sigma 1: the VP
+# solvers) can match them; Euler, Euler ancestral, Heun, LMS, KDPM2 and the k-diffusion
+# DPMSolverSDEScheduler scale by sigma and draw wrong images in diffusers' pipeline too.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsolver++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpmsolver++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
 }
 
 

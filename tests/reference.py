@@ -34,31 +34,35 @@ def _pipeline(class_name: str, path: str):
     return pipe
 
 
-class _UniPCForKandinsky:
-    """Kandinsky's pipelines pass ``generator=`` to ``scheduler.step``; UniPC's step takes none
-    (it adds no noise), so the reference drops it — as our denoiser does."""
+def _dropping_generator(scheduler_class):
+    """Kandinsky's pipelines pass ``generator=`` to ``scheduler.step``; UniPC's and DEIS's step
+    take none (they add no noise), so the reference drops it — as our denoiser does."""
 
-    def __new__(cls, config):
-        from diffusers import UniPCMultistepScheduler
+    class DropsGenerator(scheduler_class):
+        def step(self, *args, generator=None, **kwargs):
+            return super().step(*args, **kwargs)
 
-        class UniPC(UniPCMultistepScheduler):
-            def step(self, *args, generator=None, **kwargs):
-                return super().step(*args, **kwargs)
-
-        return UniPC.from_config(config)
+    return DropsGenerator
 
 
 def _scheduler(name: str, config):
+    import inspect
+
     import diffusers
 
-    if name == "unipc":
-        return _UniPCForKandinsky(config)
     class_name, overrides = {
         "ddpm": ("DDPMScheduler", {}),
         "ddim": ("DDIMScheduler", {}),
         "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+        "dpmsolver++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+        "dpmsolver++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+        "unipc": ("UniPCMultistepScheduler", {}),
+        "deis": ("DEISMultistepScheduler", {}),
     }[name]
-    return getattr(diffusers, class_name).from_config(config, **overrides)
+    scheduler_class = getattr(diffusers, class_name)
+    if "generator" not in inspect.signature(scheduler_class.step).parameters:
+        scheduler_class = _dropping_generator(scheduler_class)
+    return scheduler_class.from_config(config, **overrides)
 
 
 def make_hint(pixels: np.ndarray) -> torch.Tensor:

@@ -208,12 +208,15 @@ def openai_field(native_field: str) -> str:
 # -- AUTOMATIC1111 ------------------------------------------------------------------------
 
 # A1111 sampler names for our decoder schedulers. "DPM++ 2M" is multistep DPM-Solver++
-# of order 2, which is what the dpmsolver++ scheduler runs.
+# of order 2, which is what the dpmsolver++ schedulers run ("SDE": its stochastic form).
 SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ddpm": ("DDPM", ("ddpm",)),
     "ddim": ("DDIM", ("ddim",)),
     "dpmsolver++": ("DPM++ 2M", ("dpmsolver++", "k_dpmpp_2m")),
+    "dpmsolver++-karras": ("DPM++ 2M Karras", ("dpmsolver++-karras", "k_dpmpp_2m_ka")),
+    "dpmsolver++-sde": ("DPM++ 2M SDE", ("dpmsolver++-sde", "k_dpmpp_2m_sde")),
     "unipc": ("UniPC", ("unipc",)),
+    "deis": ("DEIS", ("deis",)),
 }
 assert set(SAMPLERS) == set(SCHEDULER_NAMES)
 
@@ -384,12 +387,13 @@ def json_request_body(model: type[BaseModel]) -> dict:
 
 
 # A1111's other samplers, run as the nearest scheduler served (the substitution is reported
-# in ``info``): ancestral and SDE samplers add fresh noise at every step, as DDPM does; the
-# deterministic ODE solvers are nearest to DPM-Solver++ (multistep, order 2); PLMS is a
+# in ``info``): ancestral samplers add fresh noise at every step, as DDPM does; SDE ones are
+# nearest to SDE-DPM-Solver++; the deterministic ODE solvers are nearest to DPM-Solver++
+# (multistep, order 2); PLMS is a
 # linear multistep method, as UniPC's predictor is; LCM and DDIM CFG++ are DDIM-like.
 A1111_NEAREST: dict[str, str] = {
-    **dict.fromkeys(("euler a", "dpm2 a", "dpm++ 2s a", "dpm++ sde", "dpm++ 2m sde", "dpm++ 2m sde heun",
-                     "dpm++ 3m sde", "restart"), "ddpm"),
+    **dict.fromkeys(("euler a", "dpm2 a", "dpm++ 2s a", "restart"), "ddpm"),
+    **dict.fromkeys(("dpm++ sde", "dpm++ 2m sde heun", "dpm++ 3m sde"), "dpmsolver++-sde"),
     **dict.fromkeys(("euler", "lms", "heun", "dpm2", "dpm fast", "dpm adaptive"), "dpmsolver++"),
     "plms": "unipc",
     **dict.fromkeys(("lcm", "ddim cfg++"), "ddim"),
@@ -399,11 +403,12 @@ _NOISE_SCHEDULE_SUFFIX = re.compile(r"\s+(karras|exponential|sgm uniform|polyexp
 
 def scheduler_for_sampler(name: str) -> tuple[str, bool]:
     """(our scheduler, whether it stands in for another) for an A1111 sampler name or alias,
-    case-insensitive; a noise-schedule suffix (" Karras", ...) is ignored."""
-    wanted = _NOISE_SCHEDULE_SUFFIX.sub("", name.strip().lower())
-    for scheduler, (title, aliases) in SAMPLERS.items():
-        if wanted == title.lower() or wanted in aliases:
-            return scheduler, wanted != name.strip().lower()
+    case-insensitive; a noise-schedule suffix (" Karras", ...) we do not serve is ignored."""
+    asked = name.strip().lower()
+    for wanted in (asked, _NOISE_SCHEDULE_SUFFIX.sub("", asked)):
+        for scheduler, (title, aliases) in SAMPLERS.items():
+            if wanted == title.lower() or wanted in aliases:
+                return scheduler, wanted != asked
     if wanted in A1111_NEAREST:
         return A1111_NEAREST[wanted], True
     names = ", ".join(title for title, _ in SAMPLERS.values())

@@ -208,7 +208,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
     output_format: OutputFormat = "png"
     scheduler: Literal[SCHEDULER_NAMES] = Field(  # type: ignore[valid-type]
-        default="ddpm", description="The decoder's scheduler: ddpm (default), ddim, dpmsolver++ or unipc.")
+        default="ddpm", description="The decoder's scheduler: " + ", ".join(SCHEDULER_NAMES) + " (default ddpm).")
     model: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                               description="Which model (GET /v1/models); default: the service's default model.")
 

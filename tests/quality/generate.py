@@ -17,7 +17,7 @@ import numpy as np
 
 from serve.http.schemas import GenerationSpec, MixItem, Text2ImgRequest
 from serve.training.data import HELD_OUT, LANGUAGES, full_caption
-from tests.localgraph import BatchedCalls, LocalCalls
+from serve.graph.local import BatchedCalls, LocalCalls
 
 PRIOR_STEPS = 10  # fewer than the service's defaults, for the checks that need many runs
 STEPS = 20

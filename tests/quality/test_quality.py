@@ -1,7 +1,7 @@
-"""Does the embedded model draw what it is asked? Checked with an evaluator written here.
+"""Does the embedded model draw what it is asked? Checked with an evaluator that knows nothing of the model.
 
 Generation runs the service's own graph in process (``generate.py``) on the shipped
-weights; the evaluator (``evaluator.py``) reads colour from pixel statistics and shape
+weights; the evaluator (``serve/tools/evaluator.py``, also the quality benchmark's) reads colour from pixel statistics and shape
 from geometry and knows nothing of the model. The thresholds are the issue's; the
 measured numbers are printed (``-s``).
 """
@@ -16,7 +16,7 @@ import pytest
 
 from serve.training.data import BACKGROUNDS, COLOURS, HELD_OUT, LANGUAGES, SHAPES, full_caption, render, sample_scenes
 from tests.quality import generate
-from tests.quality.evaluator import dominant_colour, mean_pixel_distance, shape_of
+from serve.tools.evaluator import dominant_colour, mean_pixel_distance, shape_of
 
 PER_COMBO = 16  # images per held-out combination (6 combinations): 96 per language
 

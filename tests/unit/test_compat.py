@@ -75,7 +75,10 @@ def test_a1111_img2img_and_inpainting():
 def test_samplers_map_by_name_or_alias_and_other_a1111_samplers_to_the_nearest():
     assert scheduler_for_sampler("DDIM") == ("ddim", False) and scheduler_for_sampler("unipc") == ("unipc", False)
     assert scheduler_for_sampler("Euler a") == ("ddpm", True)  # webuiapi's default
-    assert scheduler_for_sampler("DPM++ 2M Karras") == ("dpmsolver++", True)
+    assert scheduler_for_sampler("DPM++ 2M Karras") == ("dpmsolver++-karras", False)
+    assert scheduler_for_sampler("DPM++ 2M Exponential") == ("dpmsolver++", True)
+    assert scheduler_for_sampler("DPM++ 2M SDE Karras") == ("dpmsolver++-sde", True)
+    assert scheduler_for_sampler("dpm++ 3m sde") == ("dpmsolver++-sde", True)
     assert scheduler_for_sampler("euler") == ("dpmsolver++", True)
     with pytest.raises(CompatError, match="Warp drive"):
         scheduler_for_sampler("Warp drive")
@@ -158,7 +161,7 @@ def test_sdapi_lists_samplers_and_models():
     with client:
         samplers = client.get("/sdapi/v1/samplers").json()
         models = client.get("/sdapi/v1/sd-models").json()
-    assert {s["name"] for s in samplers} == {"DDPM", "DDIM", "DPM++ 2M", "UniPC"}
+    assert {s["name"] for s in samplers} == {"DDPM", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "UniPC", "DEIS"}
     assert [m["model_name"] for m in models] == ["kandinsky-2-2"]  # the models, as GET /v1/models
 
 

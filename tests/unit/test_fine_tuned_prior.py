@@ -13,7 +13,7 @@ from deployments.loading import CheckpointError
 from serve.graph.build import ModelPaths, fine_tuned_priors
 from serve.http.catalog import ModelCatalog
 from serve.settings import ModelSettings
-from tests.localgraph import LocalCalls
+from serve.graph.local import LocalCalls
 from tests.reference import MAX_PIXEL_DIFF, max_diff, reference_images, spec
 
 

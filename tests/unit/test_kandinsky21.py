@@ -16,7 +16,7 @@ import pytest
 from deployments.denoiser import DenoiserModel
 from deployments.messages import DenoiseParams, ImageEmbeddings, TextEmbeddings
 from serve.http.schemas import MixItem
-from tests.localgraph import LocalCalls
+from serve.graph.local import LocalCalls
 from tests.reference import MAX_PIXEL_DIFF, box_mask, max_diff, reference_images_21, solid_image, spec
 
 PICTURE = solid_image(64, 64, seed=1)
@@ -144,7 +144,7 @@ def test_2_2_decoders_take_no_21_text(tiny_checkpoint):
 
 
 def test_every_21_mode_is_the_same_alone_and_batched_with_the_others(local21):
-    from tests.localgraph import BatchedCalls
+    from serve.graph.local import BatchedCalls
 
     specs = [replace(s, family="2.1") for s in mode_specs().values()]
     batched = BatchedCalls(local21)

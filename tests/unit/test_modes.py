@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from deployments.messages import SCHEDULERS
 from serve.http.schemas import MixItem
-from tests.localgraph import BatchedCalls, LocalCalls
+from serve.graph.local import BatchedCalls, LocalCalls
 from tests.reference import MAX_PIXEL_DIFF, box_mask, max_diff, reference_images, solid_image, spec
 
 PICTURE = solid_image(64, 64, seed=1)
@@ -21,6 +22,7 @@ def mode_specs() -> dict[str, object]:
         "img2img-negative-two-seeds": spec(mode="img2img", image=PICTURE, strength=0.7, negative_prompt="dog", seeds=(4, 5)),
         "img2img-wide": spec(mode="img2img", image=WIDE, width=128, height=64, strength=0.6),
         "img2img-ddim": spec(mode="img2img", image=PICTURE, strength=0.5, scheduler="ddim"),
+        "img2img-dpmsolver++-sde": spec(mode="img2img", image=PICTURE, strength=0.5, scheduler="dpmsolver++-sde"),
         "inpaint": spec(mode="inpaint", image=PICTURE, mask=box_mask(64, 64)),
         "inpaint-wide-negative": spec(mode="inpaint", image=WIDE, mask=box_mask(128, 64), width=128, height=64, negative_prompt="red"),
         "mix-text-and-image": spec(mode="mix", prompt="", mix=(MixItem(0.4, text="a cat"), MixItem(0.6, image=PICTURE))),
@@ -32,7 +34,7 @@ def mode_specs() -> dict[str, object]:
         "variations-prompt-negative": spec(mode="variations", prompt="a cat", negative_prompt="dog", image=WIDE, strength=0.8),
         "controlnet": spec(mode="controlnet", hint=DEPTH),
         "controlnet-img2img": spec(mode="controlnet", hint=DEPTH, image=PICTURE, strength=0.6),
-        **{f"text2img-{name}": spec(scheduler=name) for name in ("ddim", "dpmsolver++", "unipc")},
+        **{f"text2img-{name}": spec(scheduler=name) for name in SCHEDULERS if name != "ddpm"},
     }
 
 
@@ -54,8 +56,8 @@ def test_mode_matches_its_diffusers_pipeline(local, tiny_checkpoint, name):
 
 
 def test_schedulers_give_different_images(local):
-    images = {name: local.generate(spec(scheduler=name))[0] for name in ("ddpm", "ddim", "dpmsolver++", "unipc")}
-    assert len({image.tobytes() for image in images.values()}) == 4
+    images = {name: local.generate(spec(scheduler=name))[0] for name in SCHEDULERS}
+    assert len({image.tobytes() for image in images.values()}) == len(SCHEDULERS)
 
 
 def test_strength_and_mix_weights_change_the_result(local):

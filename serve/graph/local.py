@@ -1,4 +1,5 @@
-"""Every stage model in one process, called through :func:`serve.graph.plan.plan` as the ingress calls the deployments."""
+"""Every stage model in one process, called through :func:`serve.graph.plan.plan` as the
+ingress calls the deployments: for the quality benchmark and tests that check the graph without Ray."""
 
 from __future__ import annotations
 
