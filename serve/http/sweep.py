@@ -30,7 +30,9 @@ from serve.http.errors import ApiError, from_backend
 from serve.http.grid import GridAxis, render_grid
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
-from serve.http.schemas import Cap, ErrorResponse, GenerationRequest, GenerationSpec, SpecError, bind_limits
+from serve.http.schemas import (
+    REQUEST_MODELS, Cap, ErrorResponse, GenerationRequest, GenerationSpec, SpecError, bind_limits,
+)
 from serve.settings import ApiLimits
 
 SWEEP_PATH = "/v1/sweep"
@@ -130,7 +132,7 @@ def check_axes(body: SweepRequest, model: type[GenerationRequest]) -> int:
             raise SpecError(f"axes.{index}.field", f"{axis.field} is swept by axes.{seen[axis.field]} already; "
                             "one axis per field")
         if axis.field not in model.model_fields:
-            with_it = [mode for mode in SWEEP_MODES if axis.field in _fields_of(mode)]
+            with_it = [mode for mode in SWEEP_MODES if axis.field in REQUEST_MODELS[mode].model_fields]
             raise SpecError(f"axes.{index}.field", f"{body.mode} has no {axis.field}; sweep it with mode "
                             f"{' or '.join(with_it)}")
         seen[axis.field] = index
@@ -141,12 +143,6 @@ def check_axes(body: SweepRequest, model: type[GenerationRequest]) -> int:
         raise SpecError("axes", f"{' x '.join(map(str, counts))} = {cells} cells exceeds the limit of {cap} cells "
                         "(max_sweep_cells)")
     return cells
-
-
-def _fields_of(mode: str) -> set[str]:
-    from serve.http.schemas import REQUEST_MODELS
-
-    return set(REQUEST_MODELS[mode].model_fields)
 
 
 def expand(body: SweepRequest, model: type[GenerationRequest]) -> list[Cell]:
