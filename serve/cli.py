@@ -424,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--port", type=int, default=8020)
     models.add_argument("--out", default="bench-results/models.json")
     models.set_defaults(func=_bench("models"))
+    sweep = bench_kind("sweep", "a 16-cell /v1/sweep against the same 16 requests sent one after another")
+    sweep.set_defaults(steps=25)
+    sweep.add_argument("--prior-steps", type=int, default=25)
+    sweep.add_argument("--rounds", type=int, default=3, help="sweep + one-at-a-time pairs; the median is reported")
+    sweep.add_argument("--max-batch", type=int, default=16, help="the loop stages' step batch (own service only)")
+    sweep.add_argument("--url", default=None, help="a running service (default: start one on a tiny checkpoint)")
+    sweep.add_argument("--port", type=int, default=8030)
     return parser
 
 

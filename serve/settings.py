@@ -257,6 +257,12 @@ class ApiLimits(BaseModel):
     """Most texts plus images in one ``/v1/embeddings`` request."""
     max_output_pixels: int = Field(default=1024 * 1024, ge=64 * 64, le=4096 * 4096)
     """Largest width x height of an output image (with ``max_side`` bounding each side)."""
+    max_sweep_cells: int = Field(default=16, ge=1, le=64)
+    """Most cells (the product of the axes' value counts) in one ``/v1/sweep`` request."""
+    max_sweep_values: int = Field(default=16, ge=1, le=64)
+    """Most values on one axis of a sweep."""
+    max_sweep_images: int = Field(default=32, ge=1, le=256)
+    """Most images one sweep makes in all: cells x ``num_images``."""
 
     @model_validator(mode="after")
     def _pixel_defaults(self) -> "ApiLimits":

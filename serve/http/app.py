@@ -33,6 +33,7 @@ from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.job_routes import add_job_routes
 from serve.http.readiness import ReadinessCache, is_ready
+from serve.http.sweep import SWEEP_PATH, add_sweep_route
 from serve.http.schemas import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -92,8 +93,8 @@ class NoMetrics:
         pass
 
 
-KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in MODES), "/v1/embeddings", "/healthz", "/readyz", "/v1/status", "/metrics",
-                "/docs", "/openapi.json")
+KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in MODES), SWEEP_PATH, "/v1/embeddings", "/healthz", "/readyz", "/v1/status",
+                "/metrics", "/docs", "/openapi.json")
 
 
 def _app_path(scope: Scope) -> str:
@@ -342,6 +343,9 @@ def create_app(
 
     for mode in MODES:
         add_generation_route(mode)
+
+    add_sweep_route(keyed, limits, models, lambda spec, request_id, timeout_s: backend.generate(
+        spec, internal_id(request_id), timeout_s), guards, decode, catalog, unavailable, metrics)
 
     @keyed.post(
         "/v1/embeddings", response_model=EmbeddingsResponse, responses=errors,

@@ -140,6 +140,13 @@ def bench_models(**options) -> dict:
     return run(**options)
 
 
+def bench_sweep(**options) -> dict:
+    """See :mod:`serve.tools.bench_sweep`."""
+    from serve.tools.bench_sweep import bench_sweep as run
+
+    return run(**options)
+
+
 def parse_server_timing(header: str) -> dict[str, float]:
     """``name;dur=ms, ...`` (the ingress's ``Server-Timing``) as ``{name: ms}``."""
     found = {}

@@ -137,7 +137,14 @@ def render_models(result: dict) -> str:
     return "\n".join(models_tables(result) + ["", provenance_line(result)])
 
 
-RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile, "models": render_models}
+def render_sweep(result: dict) -> str:
+    from serve.tools.bench_sweep import sweep_tables
+
+    return "\n".join(sweep_tables(result) + ["", provenance_line(result)])
+
+
+RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile, "models": render_models,
+             "sweep": render_sweep}
 
 
 def render_docs(text: str, results: Path = RESULTS) -> str:

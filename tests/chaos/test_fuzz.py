@@ -18,9 +18,23 @@ from serve.settings import ApiLimits
 from tests.chaos.test_faults import replica_actors
 
 
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = _png()
+"""A real image: /v1/sweep decodes the cells' images to draw its grid."""
+
+
 class FuzzBackend:
     async def generate(self, spec, request_id, timeout_s=None):
-        return EncodedImages([b"x"] * len(spec.seeds), "image/png", list(spec.seeds), {"prior": StageTiming(1, 1, 1)})
+        return EncodedImages([PNG] * len(spec.seeds), "image/png", list(spec.seeds), {"prior": StageTiming(1, 1, 1)})
 
     async def embeddings(self, texts, images, request_id):
         return np.ones((len(texts), 4), np.float32), np.ones((len(images), 4), np.float32)

@@ -178,3 +178,16 @@ def test_bench_models_runs_and_writes_its_json(served_app, tmp_path):
     assert result["mixed_load"]["lost"] == 0
     assert {"kandinsky-2-1", "kandinsky-2-2"} <= set(result["mixed_load"]["per_model"])
     _check_provenance(result)
+
+
+def test_bench_sweep_runs_and_writes_its_json(served_app, tmp_path):
+    url, _ = served_app
+    out = tmp_path / "sweep.json"
+    done = _run(["bench", "sweep", "--url", url, "--steps", "2", "--prior-steps", "2", "--rounds", "1", "--out", str(out)],
+                tmp_path)
+    assert "sweep / one at a time" in done.stdout
+    result = json.loads(out.read_text())
+    for key in ("sweep_s", "sequential_s", "throughput_ratio", "sweep_images_per_s"):
+        assert _finite(result, key) > 0
+    assert result["cells"] == 16 and result["max_pixel_diff"] >= 0
+    _check_provenance(result)

@@ -163,3 +163,24 @@ def test_a_prompt_past_the_encoders_window_is_cut_and_the_response_says_so(clien
     assert any("reads only the first 77" in warning for warning in body["warnings"]), body.get("warnings")
     short = client.post("/v1/text2img", json={**REQUEST, "seed": 3}).json()
     assert short["warnings"] == []
+
+
+def test_a_sweep_equals_its_cells_sent_alone_and_draws_their_grid(client):
+    """Cells batched together give the images their requests give alone (results never depend
+    on the batch), and a grid sized by its axes."""
+    from serve.http.grid import GridAxis, grid_layout
+
+    base = {"prompt": "a blue square", "width": 64, "height": 64, "prior_steps": 2, "steps": 2}
+    axes = [{"field": "seed", "values": [5, 6]}, {"field": "guidance_scale", "values": [1.0, 6.0]}]
+    response = client.post("/v1/sweep", json={"base": base, "axes": axes})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [cell["values"] for cell in body["cells"]] == [
+        {"seed": 5, "guidance_scale": 1.0}, {"seed": 6, "guidance_scale": 1.0},
+        {"seed": 5, "guidance_scale": 6.0}, {"seed": 6, "guidance_scale": 6.0}]
+    for cell in body["cells"]:
+        alone = client.post("/v1/text2img", json={**base, **cell["values"]}).json()
+        assert alone["seeds"] == cell["seeds"]
+        assert np.abs(_pixels(alone["images"][0]).astype(int) - _pixels(cell["images"][0]).astype(int)).max() <= 1
+    layout = grid_layout((64, 64), [GridAxis("seed", ("5", "6")), GridAxis("guidance_scale", ("1.0", "6.0"))])
+    assert _pixels(body["grid"]).shape == (layout.size[1], layout.size[0], 3)
