@@ -431,6 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-batch", type=int, default=16, help="the loop stages' step batch (own service only)")
     sweep.add_argument("--url", default=None, help="a running service (default: start one on a tiny checkpoint)")
     sweep.add_argument("--port", type=int, default=8030)
+    quality = kinds.add_parser("quality", help="steps against held-out accuracy per scheduler, and the quality "
+                                               "presets' latency and accuracy, on the embedded model in process")
+    quality.add_argument("--per-combo", type=int, default=4, help="images per held-out combination and language")
+    quality.add_argument("--steps", default="4,8,12,20,30", help="comma-separated decoder step counts")
+    quality.add_argument("--schedulers", default=None, help="comma-separated subset (default: all)")
+    quality.add_argument("--rounds", type=int, default=7, help="latency rounds per preset (interleaved)")
+    quality.add_argument("--languages", default="en,ru", help="the presets' held-out captions")
+    quality.add_argument("--checkpoint", default=None, help="a directory with prior/ and decoder/ (default: embedded)")
+    quality.add_argument("--plot", default=None, help="write the accuracy-vs-steps plot (PNG) here")
+    quality.add_argument("--out", default="bench-results/quality.json")
+    quality.set_defaults(func=_bench("quality"))
     return parser
 
 

@@ -42,7 +42,7 @@ from serve.http.job_routes import (
     job_limit_error,
     mode_not_configured,
 )
-from serve.http.schemas import SCHEDULER_NAMES, ErrorResponse
+from serve.http.schemas import QUALITY_PRESETS, SCHEDULER_NAMES, ErrorResponse
 from serve.jobs.runner import JobRunner, Submission
 
 MODEL_NAME = MODEL_IDS[DEFAULT_FAMILY]
@@ -53,7 +53,7 @@ MAX_REMEMBERED_CLIENTS = 10_000
 # -- OpenAI Images ----------------------------------------------------------------------
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-OPENAI_NO_EFFECT = ("quality", "style", "background", "moderation", "output_compression", "input_fidelity")
+OPENAI_NO_EFFECT = ("style", "background", "moderation", "output_compression", "input_fidelity")
 """Accepted for compatibility and reported as unsupported: there is no such knob here (``user``
 and ``safety_identifier`` are accepted too: they identify, they change nothing anywhere)."""
 
@@ -116,9 +116,11 @@ class OpenAIImageRequest(OpenAIExtensions):
     stream: bool = Field(default=False, description="Server-Sent Events: partial images, then the images.")
     partial_images: int | None = Field(default=None, ge=0, le=3,
                                        description="With stream: previews sent before the images (0-3).")
+    quality: str | None = Field(default=None, max_length=32,
+                                description="low, medium, high (or hd): the fast, balanced and best presets; "
+                                            "standard or auto: the defaults.")
     # The SDK's other fields: accepted, and listed in the response's unsupported_fields
     # where they change nothing here.
-    quality: str | None = Field(default=None, max_length=32)
     style: str | None = Field(default=None, max_length=32)
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = None
@@ -189,9 +191,25 @@ def openai_model(name: str | None) -> dict:
     return {} if name is None or OPENAI_MODEL_NAMES.match(name) else {"model": name}
 
 
+OPENAI_QUALITY: dict[str, str | None] = {"low": "fast", "medium": "balanced", "high": "best", "hd": "best",
+                                         "standard": None, "auto": None, **{name: name for name in QUALITY_PRESETS}}
+"""OpenAI's ``quality`` (gpt-image-*, dall-e-3) -> our preset; None: the service's defaults."""
+
+
+def openai_quality(value: str | None) -> dict:
+    """The native ``quality`` field for OpenAI's."""
+    if value is None:
+        return {}
+    if value.lower() not in OPENAI_QUALITY:
+        raise CompatError("quality", f"must be one of {', '.join(OPENAI_QUALITY)}, got {value!r}")
+    preset = OPENAI_QUALITY[value.lower()]
+    return {} if preset is None else {"quality": preset}
+
+
 def openai_to_native(body: OpenAIImageRequest) -> dict:
     """The ``/v1/text2img`` body for an OpenAI request."""
-    native: dict[str, Any] = {"prompt": body.prompt, "num_images": body.n or 1, **openai_model(body.model)}
+    native: dict[str, Any] = {"prompt": body.prompt, "num_images": body.n or 1, **openai_model(body.model),
+                              **openai_quality(body.quality)}
     size = parse_size(body.size)
     if size is not None:
         native["width"], native["height"] = size

@@ -27,6 +27,29 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
+@dataclass(frozen=True)
+class QualityPreset:
+    """What ``quality`` sets, for the fields a request leaves out."""
+
+    steps: int
+    scheduler: str
+    prior_steps: int
+    guidance_scale: float | None = None
+    """The decoder's; None keeps the request's. 1.0 decodes without guidance (one U-Net row, not two)."""
+
+
+# Chosen from `kandinsky-serve bench quality` on the embedded model's held-out captions
+# (docs/benchmarks.md, "Steps and quality"): "best" is the service's defaults; "fast" keeps
+# held-out colour accuracy within 5 points of them at under 0.3x their latency. Decoding
+# without guidance would save half the U-Net rows but costs ~20 points of colour accuracy.
+QUALITY_PRESETS: dict[str, QualityPreset] = {
+    "fast": QualityPreset(steps=6, scheduler="dpmsolver++", prior_steps=5),
+    "balanced": QualityPreset(steps=12, scheduler="dpmsolver++", prior_steps=10),
+    "best": QualityPreset(steps=50, scheduler="ddpm", prior_steps=25),
+}
+Quality = Literal[tuple(QUALITY_PRESETS)]  # type: ignore[valid-type]
+
+
 # -- what the graph runs ----------------------------------------------------------------
 
 
@@ -211,6 +234,25 @@ class GenerationRequest(BaseModel):
         default="ddpm", description="The decoder's scheduler: " + ", ".join(SCHEDULER_NAMES) + " (default ddpm).")
     model: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                               description="Which model (GET /v1/models); default: the service's default model.")
+    quality: Quality | None = Field(  # type: ignore[valid-type]
+        default=None, description="A measured preset of steps, scheduler, prior_steps and (fast) decoder guidance, "
+        "for the fields the request leaves out: fast, balanced or best (the defaults).")
+
+    @model_validator(mode="after")
+    def _apply_quality(self) -> GenerationRequest:
+        """The preset's values for the fields not given; steps within the configured caps."""
+        if self.quality is None:
+            return self
+        preset, given = QUALITY_PRESETS[self.quality], set(self.model_fields_set)
+        values = {"steps": min(preset.steps, self.limits.max_steps), "scheduler": preset.scheduler,
+                  "prior_steps": min(preset.prior_steps, self.limits.max_prior_steps)}
+        if preset.guidance_scale is not None:
+            values["guidance_scale"] = preset.guidance_scale
+        for name, value in values.items():
+            if name not in given:
+                setattr(self, name, value)
+        self.__pydantic_fields_set__ = given  # the preset's values were not the client's
+        return self
 
     @field_validator("prompt", check_fields=False)
     @classmethod

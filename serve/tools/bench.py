@@ -147,6 +147,13 @@ def bench_sweep(**options) -> dict:
     return run(**options)
 
 
+def bench_quality(**options) -> dict:
+    """See :mod:`serve.tools.bench_quality`."""
+    from serve.tools.bench_quality import bench_quality as run
+
+    return run(**options)
+
+
 def parse_server_timing(header: str) -> dict[str, float]:
     """``name;dur=ms, ...`` (the ingress's ``Server-Timing``) as ``{name: ms}``."""
     found = {}

@@ -143,8 +143,14 @@ def render_sweep(result: dict) -> str:
     return "\n".join(sweep_tables(result) + ["", provenance_line(result)])
 
 
+def render_quality(result: dict) -> str:
+    from serve.tools.bench_quality import quality_tables
+
+    return "\n".join(quality_tables(result) + ["", provenance_line(result)])
+
+
 RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile, "models": render_models,
-             "sweep": render_sweep}
+             "sweep": render_sweep, "quality": render_quality}
 
 
 def render_docs(text: str, results: Path = RESULTS) -> str:

@@ -123,7 +123,19 @@ def test_the_sdks_other_fields_are_accepted_and_reported(client):
         "prompt": "a cat", "size": "64x64", "steps": 3, "response_format": "b64_json", "quality": "high",
         "background": "opaque", "moderation": "low", "output_compression": 80, "user": "u-1"})
     assert response.status_code == 200, response.text
-    assert response.json()["unsupported_fields"] == ["quality", "background", "moderation", "output_compression"]
+    assert response.json()["unsupported_fields"] == ["background", "moderation", "output_compression"]
+
+
+@pytest.mark.parametrize("quality, preset", [("low", "fast"), ("medium", "balanced"), ("HIGH", "best"), ("hd", "best"),
+                                             ("standard", None), ("auto", None), ("fast", "fast")])
+def test_openai_quality_picks_a_preset(quality, preset):
+    native = openai_to_native(OpenAIImageRequest(prompt="a cat", quality=quality))
+    assert native.get("quality") == preset
+
+
+def test_an_unknown_openai_quality_is_refused_naming_it(client):
+    response = client.post("/v1/images/generations", json={"prompt": "a cat", "quality": "ultra"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "quality"
 
 
 def test_sdapi_txt2img_returns_images_parameters_and_info(client):
