@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from deployments.messages import EncodedImages, StageTiming
 from serve.jobs.progress import LoopProgress
@@ -12,9 +14,12 @@ class FakeJobBackend:
     """Runs a spec's prior steps then its decoder steps, ``step_s`` each, counting the
     steps each job really executed; reports them as the loops would."""
 
-    def __init__(self, step_s: float = 0.002, fail: bool = False) -> None:
+    def __init__(self, step_s: float = 0.002, fail: bool = False,
+                 image: Callable[[int, Any], bytes] | None = None) -> None:
         self.step_s = step_s
         self.fail = fail
+        self.image = image
+        """Makes each image from ``(seed, spec)`` (default: ``b"img<i>"``)."""
         self.steps_run: dict[str, int] = {}
         self.where: dict[str, tuple[str, int, int]] = {}
         self.started: list[str] = []
@@ -41,7 +46,7 @@ class FakeJobBackend:
                     raise RuntimeError("replica exploded\nTraceback: secret internals")
         finally:
             self.where.pop(job_id, None)
-        images = [b"img%d" % i for i in range(len(spec.seeds))]
+        images = [b"img%d" % i if self.image is None else self.image(seed, spec) for i, seed in enumerate(spec.seeds)]
         return EncodedImages(images, "image/png", list(spec.seeds), {"denoiser": StageTiming(1.0, 2.0, 1)})
 
     async def loop_progress(self, spec, job_id):

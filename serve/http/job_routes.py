@@ -5,7 +5,8 @@ they validate with the same request models as the synchronous endpoints and hand
 jobs to a :class:`serve.jobs.JobRunner`.
 
 * ``POST /v1/jobs`` ``{"mode", "params", "preview_every", "priority", "webhook_url"}`` -> 202, the job
-  and its URLs (with ``Idempotency-Key``: a retry returns the same job);
+  and its URLs (with ``Idempotency-Key``: a retry returns the same job); mode ``sweep`` takes the
+  body of ``POST /v1/sweep`` and runs its cells as one job;
 * ``GET /v1/jobs/{id}`` -> state, stage, step i of n, progress, ETA, timings, image URLs;
 * ``GET /v1/jobs/{id}/images/{i}`` -> the raw image;
 * ``GET /v1/jobs/{id}/events`` -> Server-Sent Events, ending with the terminal event;
@@ -30,6 +31,7 @@ from serve.http.catalog import ModelCatalog
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.schemas import Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
+from serve.http.sweep import SWEEP_JOB_MODE, AxisValue, SweepAxis, SweepPlan, SweepRequest, sweep_cells
 from serve.jobs.runner import JobRunner, Submission
 from serve.jobs.webhooks import WebhookRefused
 from serve.settings import MAX_JOB_PRIORITY, ApiLimits
@@ -109,8 +111,8 @@ class JobRequest(BaseModel):
     """A job: a mode and the body its synchronous endpoint takes."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    mode: Literal[MODES]  # type: ignore[valid-type]
-    params: dict[str, Any] = Field(description="Exactly the body of POST /v1/{mode}.")
+    mode: Literal[(*MODES, SWEEP_JOB_MODE)]  # type: ignore[valid-type]
+    params: dict[str, Any] = Field(description="Exactly the body of POST /v1/{mode} (sweep: of POST /v1/sweep).")
     preview_every: Annotated[int, Field(ge=0), Cap("le", "max_steps")] = Field(
         default=0,
         description="Send a low-resolution preview of image 0 every this many denoising steps "
@@ -160,6 +162,32 @@ class JobImageOut(BaseModel):
     seed: int
 
 
+class JobGridOut(BaseModel):
+    index: int
+    url: str
+    media_type: str | None
+    width: int
+    height: int
+
+
+class JobSweepCellOut(BaseModel):
+    index: list[int] = Field(description="The cell's value index on each axis.")
+    values: dict[str, AxisValue] = Field(description="Per swept field, this cell's value.")
+    seeds: list[int]
+    images: list[JobImageOut] = Field(description="Once the job has succeeded.")
+    total_ms: float | None = Field(description="From the cells' start to this cell's images.")
+    warnings: list[str]
+
+
+class JobSweepOut(BaseModel):
+    """A sweep job's cells (as ``POST /v1/sweep`` answers them, images as URLs) and grid."""
+
+    mode: str = Field(description="The mode of its cells.")
+    axes: list[SweepAxis]
+    cells: list[JobSweepCellOut] = Field(description="Axis 0 varies fastest, then axis 1, then axis 2.")
+    grid: JobGridOut | None = Field(description="The labelled grid, once drawn (null with grid: false).")
+
+
 class JobTimingsOut(BaseModel):
     queue_s: float | None
     run_s: float | None
@@ -192,6 +220,8 @@ class JobOut(BaseModel):
     position: int | None = Field(default=None, description="While queued: how many jobs are ahead of it (0: next).")
     priority: int = Field(default=0, description="Its priority (higher starts sooner).")
     model: str | None = Field(default=None, description="The model it runs (GET /v1/models).")
+    sweep: JobSweepOut | None = Field(default=None, description="Mode sweep: its axes, cells and grid; the top-level "
+                                                               "seeds and images are its cells' in cell order.")
 
 
 MAX_PAGE = 100
@@ -227,6 +257,7 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
     """Register ``/v1/jobs`` on ``router``; returns the event streams' gate (the OpenAI
     streams count in it too)."""
     job_request = bind_limits(JobRequest, limits)
+    sweep_request = bind_limits(SweepRequest, limits)
     store = jobs.store
     # Streams hold an ingress place for as long as they last: their own budget, so that
     # they cannot crowd out generations, probes, reads and cancels.
@@ -245,12 +276,19 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
         if body.priority > ceiling:
             raise ApiError.invalid("priority", f"at most {ceiling} for this caller (an API key's max_priority, "
                                    "else args.jobs.max_priority)")
-        spec = await decode.run(build_spec, models, body.mode, body.params, "params", catalog)
+        sweep = None
+        if body.mode == SWEEP_JOB_MODE:
+            sweep = await sweep_plan(body.params)
+            specs = sweep.specs
+        else:
+            specs = [await decode.run(build_spec, models, body.mode, body.params, "params", catalog)]
         if body.webhook_url is not None:
             await check_webhook(body.webhook_url)
-        guards.admit_cost(key, spec)  # a retry is a request too: it is charged like one
-        submission = Submission(spec, body.mode, client, "jobs", body.preview_every, body.priority, body.webhook_url,
-                                retry_key, None if retry_key is None else request_fingerprint(body))
+        for spec in specs:  # a retry is a request too: it is charged like one (a sweep, like each of its cells)
+            guards.admit_cost(key, spec)
+        submission = Submission(specs[0], body.mode, client, "jobs", body.preview_every, body.priority,
+                                body.webhook_url, retry_key, None if retry_key is None else request_fingerprint(body),
+                                sweep)
         view = await from_store(jobs.submit(submission))
         if "limit" in view:
             raise job_limit_error(view)
@@ -261,6 +299,21 @@ def add_job_routes(router: APIRouter, limits: ApiLimits, models: dict, jobs: Job
         if "replayed" in view:  # the job this key made before: nothing new was started
             view, headers = view["replayed"], {"Idempotent-Replayed": "true"}
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["self"], **headers})
+
+    async def sweep_plan(params: dict[str, Any]) -> SweepPlan:
+        """``params`` validated exactly as ``POST /v1/sweep`` validates its body; errors name ``params.<field>``."""
+        def under(field: str) -> str:
+            return f"params.{field}" if field else "params"
+
+        try:
+            body = sweep_request.model_validate(params)
+            return SweepPlan(body, await sweep_cells(body, models, catalog, unavailable, decode))
+        except ValidationError as error:
+            raise ApiError.from_validation(error, under) from None
+        except SpecError as error:
+            raise ApiError.invalid(under(error.field), error.message) from None
+        except ApiError as error:
+            raise error.renamed(under) from None
 
     async def check_webhook(url: str) -> None:
         if jobs.webhooks is None:

@@ -6,7 +6,8 @@ validate it (an axis value at fault is named ``axes.<i>.values.<j>``, a base fie
 ``base.<field>``), all before any model runs. :func:`run_cells` runs every cell at once
 through the backend, so the loop stages batch them step by step; a failed cell fails the
 sweep and cancels the rest. Cell ``i`` is at value ``i % n0`` of axis 0, ``(i // n0) % n1``
-of axis 1, ``i // (n0 * n1)`` of axis 2.
+of axis 1, ``i // (n0 * n1)`` of axis 2. A sweep submitted as a job (``POST /v1/jobs`` mode
+``sweep``) is a :class:`SweepPlan`, which the job runner runs through the same code.
 """
 
 import asyncio
@@ -16,7 +17,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -33,9 +34,12 @@ from serve.http.images import DecodePool
 from serve.http.schemas import (
     REQUEST_MODELS, Cap, ErrorResponse, GenerationRequest, GenerationSpec, SpecError, bind_limits,
 )
+from serve.jobs.runner import JobFailed
 from serve.settings import ApiLimits
 
 SWEEP_PATH = "/v1/sweep"
+SWEEP_JOB_MODE = "sweep"
+"""``POST /v1/jobs`` with this mode takes the body of ``POST /v1/sweep`` as its params."""
 SWEEP_MODES = ("text2img", "img2img")
 SWEEP_FIELDS = ("seed", "steps", "guidance_scale", "scheduler", "strength", "prompt")
 MAX_SWEEP_AXES = 3
@@ -183,18 +187,32 @@ def expand(body: SweepRequest, model: type[GenerationRequest]) -> list[Cell]:
     return cells
 
 
-async def run_cells(cells: Sequence[Cell], generate: Callable[[GenerationSpec], Awaitable[EncodedImages]],
+async def sweep_cells(body: SweepRequest, models: dict[str, type[GenerationRequest]], catalog: ModelCatalog | None,
+                      unavailable: dict[str, str], decode: DecodePool) -> list[Cell]:
+    """:func:`expand` for the model ``base`` names (``catalog``; None: the default family); the
+    404 or 422 that says why not."""
+    if body.mode in unavailable:
+        raise ApiError(404, "mode_not_configured", unavailable[body.mode], reason="mode_not_configured")
+    cells = await decode.run(expand, body, models[body.mode])
+    if catalog is None:
+        return cells
+    served = catalog.resolve(body.base.get("model"), body.mode, "base.model")
+    return [replace(cell, spec=served.apply(cell.spec)) for cell in cells]
+
+
+async def run_cells(cells: Sequence[Cell], generate: Callable[[int, GenerationSpec], Awaitable[EncodedImages]],
                     on_done: Callable[[Cell, float], None] = lambda cell, seconds: None) -> list[EncodedImages]:
-    """Every cell at once. The first to fail fails the sweep, naming its cell; the others are
-    cancelled (each stage drops their work), so nothing runs for an answer nobody gets."""
+    """Every cell at once, ``generate(number, spec)`` each. The first to fail fails the sweep,
+    naming its cell; the others are cancelled (each stage drops their work), so nothing runs
+    for an answer nobody gets."""
     started = time.perf_counter()
 
-    async def one(cell: Cell) -> EncodedImages:
-        result = await generate(cell.spec)
+    async def one(number: int, cell: Cell) -> EncodedImages:
+        result = await generate(number, cell.spec)
         on_done(cell, time.perf_counter() - started)
         return result
 
-    tasks = [asyncio.ensure_future(one(cell)) for cell in cells]
+    tasks = [asyncio.ensure_future(one(number, cell)) for number, cell in enumerate(cells)]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for number, task in enumerate(tasks):
@@ -225,6 +243,74 @@ def grid_image(results: Sequence[EncodedImages], body: SweepRequest, output_form
     return buffer.getvalue(), grid.width, grid.height
 
 
+@dataclass(frozen=True)
+class SweepOutcome:
+    """A sweep job's result as the job store keeps it."""
+
+    images: list[bytes]
+    """Every cell's images in cell order, then the grid's (if drawn)."""
+    media_type: str
+    seeds: list[int]
+    """The cells' images' seeds, in the same order."""
+    record: dict
+    """:meth:`SweepPlan.record` with the results."""
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A validated sweep submitted as a job; the job runner runs it (``serve.jobs.runner.SweepWork``)."""
+
+    body: SweepRequest
+    cells: list[Cell]
+
+    @property
+    def specs(self) -> list[GenerationSpec]:
+        return [cell.spec for cell in self.cells]
+
+    def record(self, results: Sequence[EncodedImages] = (), finished_ms: dict[tuple[int, ...], float] | None = None,
+               grid: tuple[int, int] | None = None) -> dict:
+        """What the job store keeps of it (JSON, ``serve.jobs.store.Job.sweep``): before it runs,
+        the cells' values and seeds; after, also their times, warnings and the grid's size."""
+        cells = []
+        for number, cell in enumerate(self.cells):
+            result = results[number] if results else None
+            cells.append({
+                "index": list(cell.index), "values": cell.values,
+                "seeds": list(cell.spec.seeds if result is None else result.seeds),
+                "total_ms": None if finished_ms is None else round(finished_ms[cell.index], 2),
+                "warnings": [] if result is None else list(getattr(result, "notes", ())),
+            })
+        return {"mode": self.body.mode, "axes": [axis.model_dump() for axis in self.body.axes], "cells": cells,
+                "grid": None if grid is None else {"width": grid[0], "height": grid[1]}}
+
+    async def run(self, generate: Callable[[int, GenerationSpec], Awaitable[EncodedImages]]) -> SweepOutcome:
+        """:func:`run_cells`, then the grid; a failed cell is a :class:`JobFailed` naming it."""
+        finished: dict[tuple[int, ...], float] = {}
+
+        async def cell(number: int, spec: GenerationSpec) -> EncodedImages:
+            try:
+                return await generate(number, spec)
+            except Exception as error:  # named by run_cells; only its type reaches the client
+                raise ApiError(500, "generation_failed", f"generation failed: {type(error).__name__}") from error
+
+        def done(cell: Cell, seconds: float) -> None:
+            finished[cell.index] = seconds * 1000.0
+
+        try:
+            results = await run_cells(self.cells, cell, done)
+        except ApiError as error:
+            raise JobFailed(error.kind, error.message) from error
+        images = [image for result in results for image in result.images]
+        grid = None
+        if self.body.grid:
+            data, width, height = await asyncio.to_thread(
+                grid_image, results, self.body, self.cells[0].spec.output_format)
+            images.append(data)
+            grid = (width, height)
+        return SweepOutcome(images, results[0].media_type, [seed for result in results for seed in result.seeds],
+                            self.record(results, finished, grid))
+
+
 def add_sweep_route(router: APIRouter, limits: ApiLimits, models: dict[str, type[GenerationRequest]],
                     generate: Callable[[GenerationSpec, str, float], Awaitable[EncodedImages]], guards: Guards,
                     decode: DecodePool, catalog: ModelCatalog, unavailable: dict[str, str], metrics: Any) -> None:
@@ -241,11 +327,7 @@ def add_sweep_route(router: APIRouter, limits: ApiLimits, models: dict[str, type
                     key: ApiKey | None = Depends(guards.api_key),
                     timeout_s: float = Depends(guards.deadline)) -> SweepResponse:
         request_id = request.state.request_id
-        if body.mode in unavailable:
-            raise ApiError(404, "mode_not_configured", unavailable[body.mode], reason="mode_not_configured")
-        cells = await decode.run(expand, body, models[body.mode])
-        served = catalog.resolve(body.base.get("model"), body.mode, "base.model")
-        cells = [Cell(cell.index, cell.values, served.apply(cell.spec)) for cell in cells]
+        cells = await sweep_cells(body, models, catalog, unavailable, decode)
         for cell in cells:  # each cell costs what the same request would
             guards.admit_cost(key, cell.spec)
         started = time.perf_counter()
@@ -256,7 +338,7 @@ def add_sweep_route(router: APIRouter, limits: ApiLimits, models: dict[str, type
             metrics.generation(body.mode, cell.spec.width, cell.spec.height, seconds, cell.spec.model)
 
         results = await run_cells(
-            cells, lambda spec: from_backend(generate(spec, request_id, timeout_s), request_id), done)
+            cells, lambda number, spec: from_backend(generate(spec, request_id, timeout_s), request_id), done)
         spec = cells[0].spec
         grid = None
         if body.grid:

@@ -1,8 +1,10 @@
 """Job progress: turn what the two denoising loops report into a stage, a step i of n and
-a 0–1 progress that only moves forward (:class:`StageTracker`)."""
+a 0–1 progress that only moves forward (:class:`StageTracker`; a sweep's cells as one:
+:class:`CombinedTracker`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,13 @@ class StageTracker:
         self.stage_index = 0
         self.prior_fraction = 0.0
         self.denoise_fraction = 0.0
+        self.finished = False
+
+    def finish(self) -> None:
+        """Its images are back (a poll may never have seen it in a loop)."""
+        self._advance(3)
+        self.prior_fraction = self.denoise_fraction = 1.0
+        self.finished = True
 
     def update(self, poll: LoopProgress | None) -> ProgressReport:
         if poll is not None:
@@ -87,6 +96,33 @@ class StageTracker:
         else:
             step, steps = 0, self.prior_steps
         return ProgressReport(stage, step, steps, min(progress, 1.0))
+
+
+class CombinedTracker:
+    """One report for a job's requests (a sweep's cells; a single one for any other job),
+    each followed by its own :class:`StageTracker`: the stage of the least advanced, that
+    loop's steps summed over all of them, and their progress weighted by each one's work
+    (its steps, a prior step counted as in :class:`StageTracker`). Forward only, as each
+    one's is; with one request, exactly its report."""
+
+    def __init__(self, trackers: Sequence[StageTracker]) -> None:
+        self.trackers = list(trackers)
+        self.weights = [PRIOR_STEP_COST * t.prior_steps + t.decoder_steps for t in self.trackers]
+
+    def update(self, polls: Sequence[LoopProgress | None]) -> ProgressReport:
+        """``polls``: one per request, in order (None: not polled this time)."""
+        reports = [tracker.update(poll) for tracker, poll in zip(self.trackers, polls, strict=True)]
+        if len(reports) == 1:
+            return reports[0]
+        stage_index = min(tracker.stage_index for tracker in self.trackers)
+        if stage_index >= 2:
+            step = sum(round(t.denoise_fraction * t.decoder_steps) for t in self.trackers)
+            steps = sum(t.decoder_steps for t in self.trackers)
+        else:
+            step = sum(round(t.prior_fraction * t.prior_steps) for t in self.trackers) if stage_index else 0
+            steps = sum(t.prior_steps for t in self.trackers)
+        progress = sum(w * r.progress for w, r in zip(self.weights, reports)) / sum(self.weights)
+        return ProgressReport(STAGES[stage_index], step, steps, min(progress, 1.0))
 
 
 def _fraction(done_total: tuple[int, int]) -> float:

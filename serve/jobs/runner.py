@@ -9,11 +9,14 @@ import heapq
 import itertools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serve.jobs.progress import LoopProgress, ProgressReport, StageTracker, decoder_steps_of, prior_steps_of
+from serve.jobs.progress import (
+    CombinedTracker, LoopProgress, ProgressReport, StageTracker, decoder_steps_of, prior_steps_of,
+)
 from serve.jobs.store import AsyncJobStore
 from serve.settings import JobSettings
 
@@ -48,11 +51,35 @@ class WebhookDelivery(Protocol):
     async def deliver(self, url: str, payload: dict, event: str) -> Any: ...
 
 
+class SweepWork(Protocol):
+    """What the runner needs from a sweep job (``serve.http.sweep.SweepPlan``)."""
+
+    specs: list[Any]
+    """Its cells' specs, in cell order."""
+
+    def record(self) -> dict:
+        """What the store keeps of it before it runs (JSON)."""
+        ...
+
+    async def run(self, generate: Callable[[int, Any], Awaitable[Any]]) -> Any:
+        """Every cell through ``generate(number, spec)``; a ``SweepOutcome``, or :class:`JobFailed`."""
+        ...
+
+
+class JobFailed(Exception):
+    """A failure the store records as it is: its ``kind`` and a message fit for the client."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
 @dataclass
 class Submission:
     """A validated job, ready to run."""
 
     spec: Any
+    """What it generates; a sweep's first cell (whose size and model every cell has)."""
     mode: str
     client: str
     origin: str = "jobs"
@@ -62,6 +89,8 @@ class Submission:
     """Called (POST, signed) with the job's final view when it ends; already vetted by the SSRF guard."""
     idempotency_key: str | None = None
     fingerprint: str | None = None
+    sweep: SweepWork | None = None
+    """A sweep job: its cells run in place of ``spec``, each under a request id of its own."""
 
 
 class PrioritySlots:
@@ -141,12 +170,13 @@ class JobRunner:
     async def submit(self, submission: Submission) -> dict:
         """Create and start a job; its first view, or what stopped it (see :meth:`AsyncJobStore.create`:
         ``{"limit", "retry_after_s"}``, ``{"replayed": view}``, ``{"conflict": message}``)."""
-        spec = submission.spec
+        spec, sweep = submission.spec, submission.sweep
         job_id = uuid.uuid4().hex
+        seeds = [seed for cell in ([spec] if sweep is None else sweep.specs) for seed in cell.seeds]
         view = await self.store.create(
-            job_id, submission.client, submission.mode, spec.width, spec.height, list(spec.seeds),
+            job_id, submission.client, submission.mode, spec.width, spec.height, seeds,
             submission.origin, self.owner, submission.priority, submission.idempotency_key, submission.fingerprint,
-            spec.model,
+            spec.model, None if sweep is None else sweep.record(),
         )
         if "limit" in view or "replayed" in view or "conflict" in view:
             return view
@@ -200,6 +230,9 @@ class JobRunner:
                 await self._execute(job_id, submission)
         except asyncio.CancelledError:
             await asyncio.shield(self.store.mark_cancelled(job_id))
+        except JobFailed as error:
+            logger.exception("job %s failed", job_id)
+            await asyncio.shield(self.store.fail(job_id, error.kind, error.message))
         except Exception as error:  # the store must hear of every ending
             logger.exception("job %s failed", job_id)
             await asyncio.shield(self.store.fail(job_id, "generation_failed", f"generation failed: {type(error).__name__}"))
@@ -242,45 +275,69 @@ class JobRunner:
     async def _execute(self, job_id: str, submission: Submission) -> None:
         job_task = asyncio.current_task()
         assert job_task is not None
-        monitor = asyncio.get_running_loop().create_task(self._monitor(job_id, submission, job_task))
+        sweep = submission.sweep
+        specs = [submission.spec] if sweep is None else sweep.specs
+        # The loops key progress by request id: a sweep's cells run under ids of their own.
+        request_ids = [job_id] if sweep is None else [f"{job_id}.{number}" for number in range(len(specs))]
+        tracker = CombinedTracker([StageTracker(prior_steps_of(spec), decoder_steps_of(spec)) for spec in specs])
+        monitor = asyncio.get_running_loop().create_task(
+            self._monitor(job_id, submission, list(zip(specs, request_ids)), tracker, job_task))
+
+        async def cell(number: int, spec: Any) -> Any:
+            result = await self.backend.generate_job(spec, request_ids[number])
+            tracker.trackers[number].finish()
+            return result
+
         try:
-            result = await self.backend.generate_job(submission.spec, job_id)
+            if sweep is None:
+                result = await self.backend.generate_job(submission.spec, job_id)
+            else:
+                outcome = await sweep.run(cell)
         finally:
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
+        if sweep is not None:
+            await self.store.succeed(job_id, outcome.images, outcome.media_type, outcome.seeds, {}, outcome.record)
+            return
         timings = {stage: dict(vars(timing)) for stage, timing in result.timings.items()}
         await self.store.succeed(job_id, list(result.images), result.media_type, list(result.seeds), timings)
 
-    async def _monitor(self, job_id: str, submission: Submission, job_task: asyncio.Task) -> None:
-        spec = submission.spec
-        tracker = StageTracker(prior_steps_of(spec), decoder_steps_of(spec))
+    async def _monitor(self, job_id: str, submission: Submission, requests: list[tuple[Any, str]],
+                       tracker: CombinedTracker, job_task: asyncio.Task) -> None:
+        """``requests``: each ``(spec, request id)`` the job runs; previews are of the first one's image 0."""
         last_preview_step = 0
         preview: asyncio.Task | None = None
         try:
             while True:
-                try:
-                    poll = await self.backend.loop_progress(spec, job_id)
-                except Exception:  # a lost poll only delays progress
-                    logger.warning("job %s: progress poll failed", job_id, exc_info=True)
-                    poll = None
-                report = tracker.update(poll)
+                polls = await asyncio.gather(*(self._poll(job_id, spec, request_id, followed)
+                                               for (spec, request_id), followed in zip(requests, tracker.trackers)))
+                report = tracker.update(polls)
                 if await self.store.report(job_id, report.stage, report.step, report.steps, report.progress):
                     job_task.cancel()  # cancelled through another replica
                     return
-                every = submission.preview_every
-                if (every and report.stage == "denoise" and report.step - last_preview_step >= every
-                        and report.step < report.steps and (preview is None or preview.done())):
-                    last_preview_step = report.step
-                    preview = asyncio.get_running_loop().create_task(self._preview(job_id, spec, report))
+                every, first = submission.preview_every, tracker.trackers[0].report()
+                if (every and first.stage == "denoise" and first.step - last_preview_step >= every
+                        and first.step < first.steps and (preview is None or preview.done())):
+                    last_preview_step = first.step
+                    preview = asyncio.get_running_loop().create_task(self._preview(job_id, *requests[0], first))
                 await asyncio.sleep(self.settings.progress_interval_s)
         finally:
             if preview is not None:
                 preview.cancel()
 
-    async def _preview(self, job_id: str, spec: Any, report: ProgressReport) -> None:
+    async def _poll(self, job_id: str, spec: Any, request_id: str, tracker: StageTracker) -> LoopProgress | None:
+        if tracker.finished:
+            return None
+        try:
+            return await self.backend.loop_progress(spec, request_id)
+        except Exception:  # a lost poll only delays progress
+            logger.warning("job %s: progress poll failed", job_id, exc_info=True)
+            return None
+
+    async def _preview(self, job_id: str, spec: Any, request_id: str, report: ProgressReport) -> None:
         """Best effort, off the denoiser's path: a failed preview is logged and skipped."""
         try:
-            found = await self.backend.preview(spec, job_id, self.settings.preview_max_side)
+            found = await self.backend.preview(spec, request_id, self.settings.preview_max_side)
         except Exception:
             logger.warning("job %s: preview failed", job_id, exc_info=True)
             return

@@ -87,6 +87,10 @@ class Job:
     fingerprint: str | None = None
     """A digest of the request that created it: a retry with the same ``idempotency_key``
     must carry the same request."""
+    sweep: dict | None = None
+    """A sweep job's ``{mode, axes, cells: [{index, values, seeds, total_ms, warnings}], grid}``
+    (``serve.http.sweep.SweepPlan.record``); its images are every cell's in cell order, then
+    the grid's (when ``grid`` is ``{width, height}``)."""
 
     @property
     def finished(self) -> bool:
@@ -106,10 +110,7 @@ def job_view(job: Job) -> dict:
     queue_s = None if job.started_at is None else job.started_at - job.created_at
     end = job.finished_at
     run_s = None if job.started_at is None or end is None else end - job.started_at
-    images = [
-        {"index": i, "url": f"/v1/jobs/{job.id}/images/{i}", "media_type": job.media_type, "seed": seed}
-        for i, seed in enumerate(job.seeds[: len(job.images)])
-    ]
+    images = [_image_view(job, i, seed) for i, seed in enumerate(job.seeds[: len(job.images)])]
     return {
         "id": job.id,
         "position": None,  # the store fills it in for a queued job's GET and list (it changes as others start)
@@ -138,7 +139,30 @@ def job_view(job: Job) -> dict:
         "images": images,
         "error": job.error,
         "urls": job_urls(job.id),
+        "sweep": None if job.sweep is None else sweep_view(job, job.sweep),
     }
+
+
+def sweep_view(job: Job, sweep: dict) -> dict:
+    """A sweep job's axes and cells (``sweep``, its record), each with its images once the job
+    has them, and its grid."""
+    cells, first = [], 0
+    for cell in sweep["cells"]:
+        images = [_image_view(job, first + i, seed) for i, seed in enumerate(cell["seeds"]) if first + i < len(job.images)]
+        cells.append({**cell, "images": images})
+        first += len(cell["seeds"])
+    grid = None
+    if sweep["grid"] is not None and first < len(job.images):  # the grid's image follows the cells'
+        grid = {**sweep["grid"], "index": first, "url": _image_url(job.id, first), "media_type": job.media_type}
+    return {"mode": sweep["mode"], "axes": sweep["axes"], "cells": cells, "grid": grid}
+
+
+def _image_url(job_id: str, index: int) -> str:
+    return f"/v1/jobs/{job_id}/images/{index}"
+
+
+def _image_view(job: Job, index: int, seed: int) -> dict:
+    return {"index": index, "url": _image_url(job.id, index), "media_type": job.media_type, "seed": seed}
 
 
 class JobStore:
@@ -205,7 +229,8 @@ class JobStore:
 
     def create(self, job_id: str, client: str, mode: str, width: int, height: int, seeds: list[int],
                origin: str = "jobs", owner: str | None = None, priority: int = 0,
-               idempotency_key: str | None = None, fingerprint: str | None = None, model: str = "") -> dict:
+               idempotency_key: str | None = None, fingerprint: str | None = None, model: str = "",
+               sweep: dict | None = None) -> dict:
         """A new queued job, or :class:`JobLimitError` when a cap is reached."""
         now = self.clock()
         self.sweep()
@@ -229,7 +254,8 @@ class JobStore:
             )
         self._make_room(client, now)
         job = Job(job_id, client, mode, origin, width, height, list(seeds), created_at=now, heartbeat_at=now, owner=owner,
-                  priority=priority, idempotency_key=idempotency_key, fingerprint=fingerprint, model=model)
+                  priority=priority, idempotency_key=idempotency_key, fingerprint=fingerprint, model=model,
+                  sweep=sweep)
         self._jobs[job_id] = job
         self._emit(job, "state")
         self._persist(job)
@@ -410,11 +436,15 @@ class JobStore:
         if len(job.events) < MAX_EVENTS_PER_JOB:
             self._emit(job, "preview", dict(job.preview))
 
-    def succeed(self, job_id: str, images: list[bytes], media_type: str, seeds: list[int], stage_timings: dict) -> None:
+    def succeed(self, job_id: str, images: list[bytes], media_type: str, seeds: list[int], stage_timings: dict,
+                sweep: dict | None = None) -> None:
+        """``sweep``: a sweep job's record with its results (seeds, times, grid size)."""
         job = self._jobs.get(job_id)
         if job is None or job.finished:
             return
         job.images, job.media_type, job.seeds, job.stage_timings = list(images), media_type, list(seeds), stage_timings
+        if sweep is not None:
+            job.sweep = sweep
         job.stored_bytes += sum(len(image) for image in images)
         job.progress, job.eta_s = 1.0, 0.0
         if job.steps:
@@ -520,7 +550,8 @@ class AsyncJobStore:
 
     async def create(self, job_id: str, client: str, mode: str, width: int, height: int, seeds: list[int],
                      origin: str = "jobs", owner: str | None = None, priority: int = 0,
-                     idempotency_key: str | None = None, fingerprint: str | None = None, model: str = "") -> dict:
+                     idempotency_key: str | None = None, fingerprint: str | None = None, model: str = "",
+                     sweep: dict | None = None) -> dict:
         """Like :meth:`JobStore.create`, but what stops it is returned, not raised (it crosses Ray):
         a cap reached is ``{"limit": message, "retry_after_s": n}``; a job this client already made
         with ``idempotency_key`` is ``{"replayed": its view}`` (nothing new is created), or
@@ -531,7 +562,7 @@ class AsyncJobStore:
                 if existing is not None:
                     return {"replayed": existing}
             view = self.store.create(job_id, client, mode, width, height, seeds, origin, owner, priority,
-                                     idempotency_key, fingerprint, model)
+                                     idempotency_key, fingerprint, model, sweep)
         except IdempotencyConflict as error:
             return {"conflict": str(error)}
         except JobLimitError as error:
@@ -572,8 +603,9 @@ class AsyncJobStore:
         self.store.add_preview(job_id, step, steps, image, media_type)
         await self._notify()
 
-    async def succeed(self, job_id: str, images: list[bytes], media_type: str, seeds: list[int], stage_timings: dict) -> dict | None:
-        self.store.succeed(job_id, images, media_type, seeds, stage_timings)
+    async def succeed(self, job_id: str, images: list[bytes], media_type: str, seeds: list[int], stage_timings: dict,
+                      sweep: dict | None = None) -> dict | None:
+        self.store.succeed(job_id, images, media_type, seeds, stage_timings, sweep)
         await self._notify()
         return self.store.view(job_id)
 

@@ -197,6 +197,24 @@ def test_cli_generate_writes_the_native_image_with_a_progress_bar(served_app, cl
     assert np.abs(pixels(out.read_bytes()) - pixels(base64.b64decode(native["images"][0]))).max() <= 1
 
 
+def test_a_sweep_job_gives_the_cells_and_grid_of_the_synchronous_sweep(client):
+    body = {"base": {"prompt": "a blue square", "width": 64, "height": 64, "prior_steps": 2, "steps": 2, "seed": 4},
+            "axes": [{"field": "guidance_scale", "values": [1.0, 6.0]}]}
+    submitted = client.post("/v1/jobs", json={"mode": "sweep", "params": body})
+    assert submitted.status_code == 202, submitted.text
+    done = poll(lambda: client.get(submitted.json()["urls"]["self"]).json(),
+                lambda view: view["state"] in ("succeeded", "failed", "cancelled"), "the sweep job")
+    assert done["state"] == "succeeded", done["error"]
+    alone = client.post("/v1/sweep", json=body).json()
+    for cell, expected in zip(done["sweep"]["cells"], alone["cells"], strict=True):
+        assert (cell["values"], cell["seeds"]) == (expected["values"], expected["seeds"])
+        (image,) = cell["images"]
+        difference = pixels(client.get(image["url"]).content) - pixels(base64.b64decode(expected["images"][0]))
+        assert np.abs(difference).max() <= 1, "same seeds, same images (up to batch-size rounding)"
+    grid = pixels(client.get(done["sweep"]["grid"]["url"]).content)
+    assert grid.shape == (alone["grid_height"], alone["grid_width"], 3)
+
+
 def _ingress_replicas() -> set[str]:
     """Names of the Ingress replica actors ("SERVE_REPLICA::<app>#Ingress#<id>")."""
     import ray
