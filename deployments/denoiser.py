@@ -331,6 +331,11 @@ class DenoiserModel:
         hint: np.ndarray | None = None, text: TextEmbeddings | None = None,
     ) -> list[DenoiseState]:
         rows = zip(embeddings.image_embeds, embeddings.negative_image_embeds, embeddings.seeds, strict=True)
+        if init is not None and len(init.latents) > 1:  # hires fix: each image starts from its own first pass
+            if len(init.latents) != embeddings.count:
+                raise ValueError(f"{len(init.latents)} input latents for {embeddings.count} images")
+            return [self.start(embed, negative, params, seed, ImageLatents(init.latents[i : i + 1]), hint, text)
+                    for i, (embed, negative, seed) in enumerate(rows)]
         return [self.start(embed, negative, params, seed, init, hint, text) for embed, negative, seed in rows]
 
     @staticmethod

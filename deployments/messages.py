@@ -162,6 +162,18 @@ class ImageLatents:
 
 
 @dataclass(frozen=True)
+class UpscaleParams:
+    """Hires fix: bring a request's latents to the output size before its second pass."""
+
+    width: int
+    height: int
+    """The output size in pixels."""
+    mode: Literal["pixel", "latent"] = "pixel"
+    """pixel: decode, resize the pixels (bicubic), encode; latent: resize the latents (bilinear)."""
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
 class Composite:
     """Inpainting with ``mask_blur``: feather the output into the original in pixel space."""
 

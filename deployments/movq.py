@@ -13,11 +13,14 @@ from ray import serve
 
 from deployments.batching import Queued, group_by
 from deployments.loading import DECODER_LAYOUT, check_layout, load_pretrained, torch_dtype
-from deployments.messages import Composite, DecodeParams, EncodedImages, ImageLatents, InitImage, Latents, StageTiming
+from deployments.messages import (
+    Composite, DecodeParams, EncodedImages, ImageLatents, InitImage, Latents, StageTiming, UpscaleParams,
+)
 from deployments.runtime import StageReplica
 
 STAGE = "movq"
 STAGE_ENCODE = "movq_encode"
+STAGE_UPSCALE = "movq_upscale"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 JPEG_QUALITY = 95
 WEBP_QUALITY = 95
@@ -120,6 +123,26 @@ class MovqModel:
                 decoded[index].append(image)
         return [np.stack(decoded[index]) for index in range(len(arrays))]
 
+    @torch.inference_mode()
+    def upscale(self, latents: np.ndarray, width: int, height: int, mode: str = "pixel") -> np.ndarray:
+        """Hires fix: (N, C, h, w) latents -> (N, C, height/8, width/8) input latents.
+
+        ``pixel``: each image decoded to the pixels the request would have got, then prepared
+        and encoded as an image-to-image input of the output size (so the second pass is
+        exactly diffusers' image-to-image pipeline on the upscaled first image); ``latent``:
+        the latents resized (bilinear), cheaper but softer.
+        """
+        if mode == "latent":
+            scale = 2 ** (len(self.movq.config.block_out_channels) - 1)
+            sample = torch.tensor(latents).to(self.device, self.dtype)
+            resized = torch.nn.functional.interpolate(sample, size=(height // scale, width // scale), mode="bilinear")
+            return resized.float().cpu().numpy()
+        if mode != "pixel":
+            raise ValueError(f"upscale mode must be pixel or latent, got {mode!r}")
+        pixels = self.decode(latents)
+        encoded = self.encode([InitImage(image, width, height) for image in pixels])
+        return np.concatenate([image_latents for image_latents, _ in encoded])
+
 
 def feather(generated: np.ndarray, composite: Composite) -> np.ndarray:
     """Blend ``generated`` into the original through the repaint mask, blurred by ``blur_radius`` pixels."""
@@ -163,6 +186,17 @@ class MovqDecoder(StageReplica):
     async def encode(self, image: InitImage) -> ImageLatents:
         """An input image (image-to-image, inpainting, ControlNet image-to-image) -> latents."""
         return await self.serve_call(self._run_encode_batch(Queued(image)), image.request_id, STAGE_ENCODE)
+
+    async def upscale(self, latents: Latents, params: UpscaleParams) -> ImageLatents:
+        """Hires fix: a request's first-pass latents at the output size (one row per image)."""
+
+        async def work() -> ImageLatents:
+            started = time.perf_counter()
+            upscaled = await self.thread.run(self.model.upscale, latents.latents, params.width, params.height, params.mode)
+            timing = StageTiming(0.0, (time.perf_counter() - started) * 1000, 1)
+            return ImageLatents(upscaled, None, {STAGE_UPSCALE: timing})
+
+        return await self.serve_call(work(), params.request_id, STAGE_UPSCALE)
 
     async def preview(self, latents: np.ndarray | None, max_side: int) -> tuple[bytes, str] | None:
         """A small JPEG of in-progress latents (a job's preview), or None without latents.

@@ -263,6 +263,8 @@ class ApiLimits(BaseModel):
     """Most values on one axis of a sweep."""
     max_sweep_images: int = Field(default=32, ge=1, le=256)
     """Most images one sweep makes in all: cells x ``num_images``."""
+    max_hires_scale: float = Field(default=4.0, gt=1.0, le=16.0)
+    """Largest ``hires.scale`` (the output within ``max_side`` and ``max_output_pixels`` too)."""
 
     @model_validator(mode="after")
     def _pixel_defaults(self) -> "ApiLimits":

@@ -113,6 +113,9 @@ class HandleCalls:
     async def decode(self, latents, params):
         return await self._call(self._stage("movq"), "decode", params.request_id, latents, params)
 
+    async def upscale(self, latents, params):
+        return await self._call(self._stage("movq"), "upscale", params.request_id, latents, params)
+
 
 def classify_stage_error(error: BaseException) -> str | None:
     """How :func:`serve.graph.resilience.run_resilient` should treat a stage call's error."""

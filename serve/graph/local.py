@@ -57,6 +57,9 @@ class LocalCalls:
         [latents] = self.decoders[decoder].generate([(embeddings, params, init, hint, text)])
         return Latents(latents)
 
+    async def upscale(self, latents, params):
+        return ImageLatents(self.movq.upscale(latents.latents, params.width, params.height, params.mode))
+
     async def decode(self, latents, params):
         [images] = self.movq.decode_many([latents.latents])
         if params.composite is not None:

@@ -24,7 +24,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from deployments.registry import FAMILIES, denoiser_of_mode
-from deployments.messages import Composite, DecodeParams, DenoiseParams, InitImage, MixTerm, PriorParams, TextRows
+from deployments.messages import (
+    Composite, DecodeParams, DenoiseParams, InitImage, MixTerm, PriorParams, TextRows, UpscaleParams,
+)
 from serve.http.schemas import GenerationSpec
 
 # Which decoder U-Net variant serves each mode of each family; each has its own deployment
@@ -54,6 +56,10 @@ class StageCalls(Protocol):
     ) -> Awaitable[Any]: ...
 
     def decode(self, latents: Any, params: DecodeParams) -> Awaitable[Any]: ...
+
+    def upscale(self, latents: Any, params: UpscaleParams) -> Awaitable[Any]:
+        """Hires fix: the latents at the output size (one row per image), as input latents."""
+        ...
 
 
 async def _none() -> None:
@@ -111,13 +117,26 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
     text, images, init, decoder_text = await asyncio.gather(
         text, images or _none(), init or _none(), decoder_text or _none())
     embeddings = await calls.prior(text, prior_params, images)
-    denoise_params = DenoiseParams(
-        spec.height, spec.width, spec.steps, spec.guidance_scale, request_id, spec.scheduler, decoder_strength
-    )
+    # Hires fix: the first pass runs at the request's own size, the output is larger.
+    width, height = (spec.hires.width, spec.hires.height) if spec.hires else (spec.width, spec.height)
+    denoise_params = DenoiseParams(height, width, spec.steps, spec.guidance_scale, request_id, spec.scheduler, decoder_strength)
     hint = spec.hint if spec.mode == "controlnet" else None
     decoder = DECODER_OF_MODE[(spec.family, spec.mode)]
-    latents = await (calls.denoise(decoder, embeddings, denoise_params, init, hint) if decoder_text is None
-                     else calls.denoise(decoder, embeddings, denoise_params, init, hint, decoder_text))
+
+    def denoise(params: DenoiseParams, init: Any) -> Awaitable[Any]:
+        if decoder_text is None:
+            return calls.denoise(decoder, embeddings, params, init, hint)
+        return calls.denoise(decoder, embeddings, params, init, hint, decoder_text)
+
+    latents = await denoise(denoise_params, init)
+    upscaled = first_pass = None
+    if spec.hires is not None:
+        # Upscale each image, then image-to-image on the same embeddings at the output size.
+        upscaled = await calls.upscale(latents, UpscaleParams(spec.width, spec.height, spec.hires.upscale, request_id))
+        first_pass = latents
+        hires_params = DenoiseParams(spec.height, spec.width, spec.hires.steps, spec.guidance_scale, request_id,
+                                     spec.scheduler, spec.hires.strength)
+        latents = await denoise(hires_params, upscaled)
 
     composite = None
     if spec.mode == "inpaint" and spec.mask_blur > 0:
@@ -125,6 +144,9 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
     decoded = await calls.decode(latents, DecodeParams(spec.output_format, request_id, composite))
     # Each stage's output carries its own timing only; the request's whole story is told here.
     timings: dict = {}
-    for output in (text, images, embeddings, init, decoder_text, latents, decoded):
+    for output in (text, images, embeddings, init, decoder_text, first_pass, upscaled, latents, decoded):
         timings.update(getattr(output, "timings", None) or {})
+    if first_pass is not None:  # the second pass's timing under its own key
+        for key, timing in (first_pass.timings or {}).items():
+            timings[key], timings[f"{key}_hires"] = timing, latents.timings.get(key, timing)
     return replace(decoded, seeds=list(seeds), timings=timings, notes=tuple(text.notes))

@@ -241,7 +241,11 @@ assert set(SAMPLERS) == set(SCHEDULER_NAMES)
 A1111_COMMON = {"prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "batch_size",
                 "n_iter", "sampler_name", "sampler_index", "prior_steps", "prior_guidance_scale", "override_settings"}
 A1111_IMG2IMG = {"init_images", "denoising_strength", "mask", "inpainting_mask_invert", "mask_blur"}
+A1111_HIRES = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"}
+"""txt2img's hires fix: read when enable_hr is on (off, they change nothing, as in A1111)."""
 A1111_DEFAULT_STRENGTH = 0.75
+A1111_DEFAULT_HIRES_SCALE = 2.0
+A1111_DEFAULT_HIRES_STRENGTH = 0.7
 A1111_DEFAULT_MASK_BLUR = 4
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,")
 
@@ -324,13 +328,17 @@ class A1111Txt2ImgRequest(A1111GenerationRequest):
     and listed in the response's ``info.unsupported_fields``; limits are the native
     ``/v1/text2img``'s, and errors name these fields."""
 
-    enable_hr: bool | None = _unsupported("Hires. fix (a second, upscaled pass).")
-    hr_scale: float | None = _unsupported()
-    hr_upscaler: str | None = _unsupported()
-    hr_second_pass_steps: int | None = _unsupported()
-    hr_resize_x: int | None = _unsupported()
-    hr_resize_y: int | None = _unsupported()
-    denoising_strength: float | None = _unsupported("Hires. fix's strength (txt2img has no input image).")
+    enable_hr: bool | None = Field(default=None, description="Hires. fix: a second pass at width x height x hr_scale "
+                                                             "(native: hires).")
+    hr_scale: float | None = Field(default=None, description=f"With enable_hr (default {A1111_DEFAULT_HIRES_SCALE:g}).")
+    hr_upscaler: str | None = Field(default=None, description="With enable_hr: 'Latent…' resizes the latents "
+                                    "(bilinear); any other upscaler runs as a bicubic pixel resize (info.substitutions).")
+    hr_second_pass_steps: int | None = Field(default=None, description="With enable_hr: the second pass's steps "
+                                                                       "(0: steps).")
+    hr_resize_x: int | None = _unsupported("A target width for hires (hr_scale is used).")
+    hr_resize_y: int | None = _unsupported("A target height for hires (hr_scale is used).")
+    denoising_strength: float | None = Field(default=None, description="With enable_hr: the second pass's strength "
+                                             f"(default {A1111_DEFAULT_HIRES_STRENGTH:g}).")
 
 
 class A1111Img2ImgRequest(A1111GenerationRequest):
@@ -391,7 +399,7 @@ def a1111_translated_fields(model: type[BaseModel]) -> set[str]:
             if not (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("x-unsupported"))}
 
 
-assert a1111_translated_fields(A1111Txt2ImgRequest) == A1111_COMMON
+assert a1111_translated_fields(A1111Txt2ImgRequest) == A1111_COMMON | A1111_HIRES
 assert a1111_translated_fields(A1111Img2ImgRequest) == A1111_COMMON | A1111_IMG2IMG
 
 
@@ -432,6 +440,25 @@ def scheduler_for_sampler(name: str) -> tuple[str, bool]:
     names = ", ".join(title for title, _ in SAMPLERS.values())
     raise CompatError("sampler_name", f"unknown sampler {name!r}; available: {names} (GET /sdapi/v1/samplers), "
                                       "or any AUTOMATIC1111 sampler, run as the nearest of those")
+
+
+def a1111_hires(body: dict) -> tuple[dict, dict | None]:
+    """(the native ``hires`` field, the upscaler's substitution or None) for an A1111 txt2img
+    body with enable_hr: "Latent" resizes the latents (bilinear) as A1111's does; its other
+    latent modes run as it, and every other upscaler as a bicubic resize of the pixels."""
+    hires: dict[str, Any] = {"scale": _number(body, "hr_scale", float, A1111_DEFAULT_HIRES_SCALE),
+                             "strength": _number(body, "denoising_strength", float, A1111_DEFAULT_HIRES_STRENGTH)}
+    steps = body.get("hr_second_pass_steps")
+    if steps not in (None, 0):
+        hires["steps"] = _number(body, "hr_second_pass_steps", int)
+    upscaler = body.get("hr_upscaler")
+    if upscaler is not None and not isinstance(upscaler, str):
+        raise CompatError("hr_upscaler", f"must be an upscaler's name, got {upscaler!r:.40}")
+    latent = upscaler is None or upscaler.lower().startswith("latent")  # A1111's default is "Latent"
+    hires["upscale"] = "latent" if latent else "pixel"
+    if upscaler is None or upscaler.lower() == "latent":
+        return hires, None
+    return hires, {"asked": upscaler, "used": "Latent" if latent else "Bicubic"}
 
 
 def _strip_data_url(value: Any) -> Any:
@@ -483,7 +510,7 @@ def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str], di
     substitutions: dict[str, dict] = {}
     if not isinstance(body, dict):
         raise CompatError("body", "must be a JSON object")
-    known = A1111_COMMON | (A1111_IMG2IMG if img2img else set())
+    known = A1111_COMMON | (A1111_IMG2IMG if img2img else A1111_HIRES)
     unsupported = sorted(name for name in body if name not in known)
     native: dict[str, Any] = {"prompt": body.get("prompt", "")}
     overrides = body.get("override_settings")
@@ -516,6 +543,10 @@ def a1111_to_native(body: dict, img2img: bool) -> tuple[str, dict, list[str], di
     if body.get("sampler_name") and body.get("sampler_index") and "sampler_index" not in unsupported:
         unsupported.append("sampler_index")  # sampler_name wins, as in A1111
     mode = "text2img"
+    if not img2img and _flag(body, "enable_hr"):
+        native["hires"], upscaler = a1111_hires(body)
+        if upscaler is not None:
+            substitutions["hr_upscaler"] = upscaler
     if img2img:
         images = body.get("init_images")
         if not isinstance(images, list) or len(images) != 1:
@@ -547,7 +578,8 @@ def a1111_native_field(field: str) -> str:
     """The A1111 name of a native field, for error messages."""
     return {"guidance_scale": "cfg_scale", "num_images": "batch_size", "scheduler": "sampler_name",
             "image": "init_images", "strength": "denoising_strength", "invert_mask": "inpainting_mask_invert",
-            "model": "sd_model_checkpoint"}.get(field, field)
+            "model": "sd_model_checkpoint", "hires.scale": "hr_scale", "hires.strength": "denoising_strength",
+            "hires.steps": "hr_second_pass_steps", "hires.upscale": "hr_upscaler"}.get(field, field)
 
 
 def a1111_info(spec: Any, body: dict, unsupported: list[str], job_id: str, interrupted: bool,

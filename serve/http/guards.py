@@ -192,6 +192,9 @@ class Guards:
         if key is None:
             return
         cost = generation_cost(len(spec.seeds), spec.width, spec.height, spec.steps, spec.prior_steps)
+        if spec.hires is not None:  # the first pass at its own size, the second's steps at the output size
+            cost = (generation_cost(len(spec.seeds), spec.hires.width, spec.hires.height, spec.steps, spec.prior_steps)
+                    + generation_cost(len(spec.seeds), spec.width, spec.height, spec.hires.steps, 0))
         refusal = self.limiter.admit_cost(key.name, cost, key.requests_per_s, key.images_per_min)
         if refusal is not None:
             raise ApiError(429, "rate_limited", f"{refusal.reason} for key {key.name!r}",

@@ -94,6 +94,20 @@ class GenerationSpec:
     """Its family (``deployments.registry.FAMILIES``): which deployments serve it."""
     prior_model: str = ""
     """A fine-tuned prior's id (the Prior replica's multiplexed model); empty: the family's prior."""
+    hires: Hires | None = None
+    """Hires fix: a first pass at ``hires``'s size, then upscaled to ``width`` x ``height`` and denoised again."""
+
+
+@dataclass(frozen=True)
+class Hires:
+    """The first pass of a hires-fix request, and its second pass's settings."""
+
+    width: int
+    height: int
+    """The first pass's size (the request's ``width`` and ``height``)."""
+    strength: float
+    steps: int
+    upscale: str = "pixel"
 
 
 class SpecError(ValueError):
@@ -315,6 +329,19 @@ class GenerationRequest(BaseModel):
         )
 
 
+class HiresOptions(BaseModel):
+    """Hires fix: generate at width x height, upscale by ``scale``, denoise again at ``strength``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    scale: Annotated[float, Field(gt=1.0, description="Output size / first-pass size; each side rounded to a multiple of 64."),
+                     Cap("le", "max_hires_scale")]
+    strength: Strength = Field(default=0.5, description="How much the second pass repaints: near 0 keeps the upscaled image.")
+    steps: Annotated[int | None, Field(ge=1, description="The second pass's schedule (it runs strength x steps); default: steps."),
+                     Cap("le", "max_steps")] = None
+    upscale: Literal["pixel", "latent"] = Field(
+        default="pixel", description="pixel: decode, resize (bicubic) and re-encode; latent: resize the latents (bilinear).")
+
+
 class Text2ImgRequest(GenerationRequest):
     """Text to image."""
 
@@ -322,9 +349,27 @@ class Text2ImgRequest(GenerationRequest):
     prompt: Prompt
     width: Annotated[Side, DefaultFrom("default_side")] = 512
     height: Annotated[Side, DefaultFrom("default_side")] = 512
+    hires: HiresOptions | None = Field(default=None, description="Hires fix: the output is width x height times scale.")
 
     def to_spec(self) -> GenerationSpec:
-        return self._spec(self.prompt, self._size(self.width, self.height))
+        size = self._size(self.width, self.height)
+        if self.hires is None:
+            return self._spec(self.prompt, size)
+        hires = self.hires
+        steps = hires.steps if hires.steps is not None else self.steps
+        output = tuple(64 * max(1, round(side * hires.scale / 64)) for side in size)
+        cap = self.limits.max_side
+        if max(output) > cap:
+            raise SpecError("hires.scale", f"{size[0]}x{size[1]} x {hires.scale:g} = {output[0]}x{output[1]}: a side "
+                            f"exceeds the limit of {cap} (max_side); lower hires.scale or width and height")
+        if output[0] * output[1] > self.limits.max_output_pixels:
+            raise SpecError("hires.scale", f"{size[0]}x{size[1]} x {hires.scale:g} = {output[0]}x{output[1]} = "
+                            f"{output[0] * output[1]} pixels exceeds the limit of {self.limits.max_output_pixels} "
+                            "pixels (max_output_pixels)")
+        if int(steps * hires.strength) < 1:
+            raise SpecError("hires.strength", f"hires.strength {hires.strength} x {steps} steps leaves no denoising "
+                            "step; raise hires.strength or hires.steps")
+        return self._spec(self.prompt, output, hires=Hires(*size, float(hires.strength), steps, hires.upscale))
 
 
 class Img2ImgRequest(GenerationRequest):

@@ -184,3 +184,25 @@ def test_a_sweep_equals_its_cells_sent_alone_and_draws_their_grid(client):
         assert np.abs(_pixels(alone["images"][0]).astype(int) - _pixels(cell["images"][0]).astype(int)).max() <= 1
     layout = grid_layout((64, 64), [GridAxis("seed", ("5", "6")), GridAxis("guidance_scale", ("1.0", "6.0"))])
     assert _pixels(body["grid"]).shape == (layout.size[1], layout.size[0], 3)
+
+
+def test_hires_over_http_equals_the_graph_in_process(client, tiny_checkpoint):
+    from serve.graph.local import LocalCalls
+    from serve.http.schemas import request_models
+    from serve.settings import ApiLimits
+
+    body = {"prompt": "a blue square", "width": 64, "height": 64, "prior_steps": 2, "steps": 3, "seed": 7,
+            "num_images": 2, "hires": {"scale": 2, "strength": 0.7, "steps": 3}}
+    response = client.post("/v1/text2img", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert (result["width"], result["height"]) == (128, 128)
+    assert {"denoiser", "movq_upscale", "denoiser_hires", "movq"} <= set(result["timings"])
+    spec = request_models(ApiLimits())["text2img"].model_validate(body).to_spec()
+    expected = LocalCalls(tiny_checkpoint).generate(spec)
+    for served, local in zip((_pixels(image) for image in result["images"]), expected, strict=True):
+        assert served.shape == (128, 128, 3)
+        # The replicas' float rounding (other thread counts, batches) can move a first-pass
+        # pixel by 1/255; the second pass re-encodes that image, so a few pixels move by 2.
+        difference = np.abs(served.astype(int) - local.astype(int))
+        assert difference.max() <= 2 and (difference > 1).mean() < 0.001

@@ -45,12 +45,33 @@ def test_openai_body_maps_to_text2img():
 def test_a1111_txt2img_maps_fields_and_lists_what_it_does_not_use():
     body = {"prompt": "a cat", "negative_prompt": "blur", "steps": 9, "cfg_scale": 7, "width": 64, "height": 128,
             "seed": 11, "batch_size": 2, "n_iter": 3, "sampler_name": "DPM++ 2M", "restore_faces": False,
-            "enable_hr": True, "styles": []}
+            "enable_hr": False, "hr_scale": 3, "styles": []}
     mode, native, unsupported, _ = a1111_to_native(body, img2img=False)
     assert mode == "text2img"
     assert native == {"prompt": "a cat", "negative_prompt": "blur", "steps": 9, "guidance_scale": 7.0, "width": 64,
                       "height": 128, "seed": 11, "num_images": 6, "scheduler": "dpmsolver++"}
-    assert unsupported == ["enable_hr", "restore_faces", "styles"]
+    assert unsupported == ["restore_faces", "styles"]  # hr_* change nothing with enable_hr off, as in A1111
+
+
+@pytest.mark.parametrize("fields, hires, substitution", [
+    ({}, {"scale": 2.0, "strength": 0.7, "upscale": "latent"}, None),
+    ({"hr_scale": 1.5, "denoising_strength": 0.4, "hr_second_pass_steps": 7, "hr_upscaler": "Latent"},
+     {"scale": 1.5, "strength": 0.4, "steps": 7, "upscale": "latent"}, None),
+    ({"hr_upscaler": "R-ESRGAN 4x+", "hr_second_pass_steps": 0},
+     {"scale": 2.0, "strength": 0.7, "upscale": "pixel"}, {"asked": "R-ESRGAN 4x+", "used": "Bicubic"}),
+    ({"hr_upscaler": "Latent (bicubic antialiased)"}, {"scale": 2.0, "strength": 0.7, "upscale": "latent"},
+     {"asked": "Latent (bicubic antialiased)", "used": "Latent"}),
+])
+def test_a1111_hires_fix_maps_to_the_native_hires(fields, hires, substitution):
+    _, native, unsupported, substitutions = a1111_to_native({"prompt": "a", "enable_hr": True, **fields}, img2img=False)
+    assert native["hires"] == hires and unsupported == []
+    assert substitutions.get("hr_upscaler") == substitution
+
+
+def test_a1111_hires_errors_name_a1111_fields(client):
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "width": 512, "height": 512, "enable_hr": True,
+                                                      "hr_scale": 3})
+    assert response.status_code == 422 and "hr_scale" in response.json()["error"]["message"]
     _, random_seed, _, _ = a1111_to_native({"prompt": "a", "seed": -1}, img2img=False)
     assert "seed" not in random_seed
 
@@ -425,7 +446,8 @@ def every_field(model) -> dict:
               "seed": 5, "batch_size": 1, "n_iter": 1, "sampler_name": "DDIM", "sampler_index": "DDIM",
               "prior_steps": 2, "prior_guidance_scale": 4.0, "init_images": [PNG_B64], "denoising_strength": 0.5,
               "mask": PNG_B64, "inpainting_mask_invert": 0, "mask_blur": 4,
-              "override_settings": {"sd_model_checkpoint": "kandinsky-2-2"}}
+              "override_settings": {"sd_model_checkpoint": "kandinsky-2-2"}, "enable_hr": True, "hr_scale": 2.0,
+              "hr_upscaler": "Latent", "hr_second_pass_steps": 2}
     return {name: values.get(name, True) for name in model.model_fields}
 
 
