@@ -140,6 +140,13 @@ def bench_models(**options) -> dict:
     return run(**options)
 
 
+def bench_movq_memory(**options) -> dict:
+    """See :mod:`serve.tools.bench_movq`."""
+    from serve.tools.bench_movq import bench_movq_memory as run
+
+    return run(**options)
+
+
 def parse_server_timing(header: str) -> dict[str, float]:
     """``name;dur=ms, ...`` (the ingress's ``Server-Timing``) as ``{name: ms}``."""
     found = {}
