@@ -161,7 +161,7 @@ def render_movq_memory(result: dict) -> str:
 
 
 RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile, "models": render_models,
-             "movq_memory": render_movq_memory, "movq_memory_full": render_movq_memory}
+             "movq_memory": render_movq_memory}
 
 
 def render_docs(text: str, results: Path = RESULTS) -> str:
