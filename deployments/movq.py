@@ -17,6 +17,7 @@ from deployments.messages import (
     Composite, DecodeParams, EncodedImages, ImageLatents, InitImage, Latents, StageTiming, UpscaleParams,
 )
 from deployments.runtime import StageReplica
+from deployments.tiling import tiled
 
 STAGE = "movq"
 STAGE_ENCODE = "movq_encode"
@@ -29,35 +30,63 @@ PREVIEW_JPEG_QUALITY = 70
 
 class MovqModel:
     """Latents -> uint8 RGB pixels, as the reference pipeline's ``output_type="pil"``; and input
-    images -> latents, as the image-to-image and inpainting pipelines prepare them."""
+    images -> latents, as the image-to-image and inpainting pipelines prepare them.
 
-    def __init__(self, movq, device: str = "cpu") -> None:
+    With ``tile_size`` (pixels), an image with a side above it is decoded (encoded) in
+    overlapping tiles of that size, blended across ``tile_overlap`` pixels or more
+    (:mod:`deployments.tiling`): memory stays that of one tile. Up to ``tile_size`` the
+    whole image goes through in one forward, exactly as diffusers' pipelines do. None or 0:
+    never tile.
+    """
+
+    def __init__(self, movq, device: str = "cpu", tile_size: int | None = None, tile_overlap: int = 0) -> None:
         from diffusers.image_processor import VaeImageProcessor
 
         self.movq = movq
         self.device = device
         self.dtype = movq.dtype
+        self.scale = 2 ** (len(movq.config.block_out_channels) - 1)
+        for name, value in (("tile_size", tile_size or 0), ("tile_overlap", tile_overlap)):
+            if value < 0 or value % self.scale:
+                raise ValueError(f"{name}={value}: must be a non-negative multiple of the MOVQ's scale factor {self.scale}")
+        if tile_size and 2 * tile_overlap > tile_size:
+            raise ValueError(f"tile_overlap={tile_overlap} exceeds half of tile_size={tile_size}; lower the overlap or raise the tile")
+        # In latent pixels; 0: never tile.
+        self.tile, self.overlap = (tile_size or 0) // self.scale, tile_overlap // self.scale
         # The image-to-image pipelines' own preprocessor (bicubic, reducing_gap=1, to [-1, 1]).
         self.image_processor = VaeImageProcessor(
-            vae_scale_factor=2 ** (len(movq.config.block_out_channels) - 1),
+            vae_scale_factor=self.scale,
             vae_latent_channels=movq.config.latent_channels,
             resample="bicubic",
             reducing_gap=1,
         )
 
     @classmethod
-    def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "MovqModel":
+    def from_pretrained(
+        cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32", tile_size: int | None = None, tile_overlap: int = 0
+    ) -> "MovqModel":
         from diffusers import VQModel
 
         root = check_layout(decoder_path, DECODER_LAYOUT, "decoder", parts=("movq",))
-        return cls(load_pretrained(VQModel, root, "movq", device, torch_dtype(dtype)), device)
+        return cls(load_pretrained(VQModel, root, "movq", device, torch_dtype(dtype)), device, tile_size, tile_overlap)
+
+    def tiles(self, latent_size: tuple[int, int]) -> bool:
+        """Whether latents of this (h, w) are decoded (their image encoded) in tiles."""
+        return bool(self.tile) and max(latent_size) > self.tile
+
+    def _decode_forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.movq.decode(sample, force_not_quantize=True)["sample"]
 
     @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(N, C, h, w) float latents of one size -> (N, H, W, 3) uint8 images."""
         # A copy: arrays that come through Ray's object store are read-only.
         sample = torch.tensor(latents).to(self.device, self.dtype)
-        image = self.movq.decode(sample, force_not_quantize=True)["sample"]
+        size = tuple(sample.shape[-2:])
+        if self.tiles(size):
+            image = tiled(self._decode_forward, sample, size, self.tile, self.overlap, 1, self.scale)
+        else:
+            image = self._decode_forward(sample)
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (image * 255).round().astype("uint8")
 
@@ -65,10 +94,9 @@ class MovqModel:
     def preview(self, latents: np.ndarray, max_side: int) -> np.ndarray:
         """A cheap look at in-progress latents: the first image's latents, averaged down so the
         decoded image's longer side is at most ``max_side``, then decoded. (H', W', 3) uint8."""
-        scale = 2 ** (len(self.movq.config.block_out_channels) - 1)
         sample = torch.tensor(latents[:1]).to(self.device, self.dtype)
         height, width = sample.shape[-2:]
-        factor = max(1, -(-max(height, width) * scale // max_side))
+        factor = max(1, -(-max(height, width) * self.scale // max_side))
         if factor > 1:
             size = (max(1, height // factor), max(1, width // factor))
             sample = torch.nn.functional.interpolate(sample, size=size, mode="area")
@@ -99,7 +127,7 @@ class MovqModel:
         results: list[tuple[np.ndarray, np.ndarray | None]] = [None] * len(images)  # type: ignore[list-item]
         for _, group in group_by(range(len(images)), key=lambda i: tuple(prepared[i][0].shape)):
             pixels = torch.cat([prepared[i][0] for i in group]).to(self.device, self.dtype)
-            latents = self.movq.encode(pixels)["latents"]
+            latents = self._encode_pixels(pixels)
             for row, i in enumerate(group):
                 keep = prepared[i][1]
                 if keep is not None:
@@ -108,6 +136,15 @@ class MovqModel:
                     keep = prepare_mask(keep).float().cpu().numpy()
                 results[i] = (latents[row : row + 1].float().cpu().numpy(), keep)
         return results
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, C, H/8, W/8) latents, in tiles above the tile size."""
+        height, width = pixels.shape[-2:]
+        size = (height // self.scale, width // self.scale)
+        # Sizes that are not a multiple of the scale factor (never from the API) go through whole.
+        if self.tiles(size) and not (height % self.scale or width % self.scale):
+            return tiled(lambda part: self.movq.encode(part)["latents"], pixels, size, self.tile, self.overlap, self.scale, 1)
+        return self.movq.encode(pixels)["latents"]
 
     def health_probe(self) -> None:
         """A tiny decode (check_health)."""
@@ -177,8 +214,10 @@ class MovqDecoder(StageReplica):
 
     batch_methods = ("_run_batch", "_run_encode_batch")
 
-    def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.setup(STAGE, device, lambda: MovqModel.from_pretrained(decoder_path, device, dtype))
+    def __init__(
+        self, decoder_path: str, device: str = "cpu", dtype: str = "float32", tile_size: int | None = None, tile_overlap: int = 0
+    ) -> None:
+        self.setup(STAGE, device, lambda: MovqModel.from_pretrained(decoder_path, device, dtype, tile_size, tile_overlap))
 
     async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
         return await self.serve_call(self._run_batch(Queued((latents, params))), params.request_id)

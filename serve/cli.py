@@ -11,7 +11,7 @@ from pathlib import Path
 
 from deployments.loading import CheckpointError
 from serve.tools.cluster import DEFAULT_CLUSTER_CONFIG, DEFAULT_NODE_TYPES
-from serve.settings import ConfigError, load_config
+from serve.settings import ConfigError, MovqSettings, load_config
 
 DEFAULT_CONFIG = "configs/local.yaml"
 
@@ -173,7 +173,7 @@ def _bench(kind: str):
         from serve.tools import bench
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "kind", "func")}
-        getattr(bench, f"bench_{kind}")(**{**options, "out": Path(options["out"])})
+        getattr(bench, f"bench_{kind.replace('-', '_')}")(**{**options, "out": Path(options["out"])})
         return 0
 
     return run
@@ -442,6 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--plot", default=None, help="write the accuracy-vs-steps plot (PNG) here")
     quality.add_argument("--out", default="bench-results/quality.json")
     quality.set_defaults(func=_bench("quality"))
+    movq = kinds.add_parser("movq-memory", help="peak memory and time of the MOVQ stage decoding and encoding, "
+                                                "whole vs in tiles, each measurement in a fresh process")
+    movq.add_argument("--sizes", default="1024,2048", help="comma-separated square sizes in pixels")
+    movq.add_argument("--ops", default="decode,encode", help="comma-separated subset of decode,encode")
+    movq.add_argument("--full-size", action="store_true",
+                      help="the full Kandinsky 2.2 MOVQ architecture (random weights) instead of the embedded tiny one")
+    movq.add_argument("--tile-size", type=int, default=MovqSettings().tile_size, help="pixels (args.movq.tile_size)")
+    movq.add_argument("--tile-overlap", type=int, default=MovqSettings().tile_overlap, help="pixels (args.movq.tile_overlap)")
+    movq.add_argument("--device", default="cpu", help="cpu or cuda (then the CUDA peak is reported too)")
+    movq.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    movq.add_argument("--out", default="bench-results/movq_memory.json")
+    movq.set_defaults(func=_bench("movq-memory"))
     return parser
 
 

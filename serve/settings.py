@@ -450,6 +450,31 @@ class WebhookSettings(BaseModel):
     max_url_chars: int = Field(default=2000, ge=16, le=8192)
 
 
+class MovqSettings(BaseModel):
+    """``args.movq``: the MOVQ stage (decoding latents to images, encoding input images)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile_size: int | None = Field(default=1024, ge=0, le=16384, multiple_of=8)
+    """Images with a side above this many pixels are decoded (and input images encoded) in
+    overlapping tiles of this size, so the stage's memory stays that of one tile at any output
+    size. At or below it an image goes through whole, exactly as diffusers' pipelines decode it:
+    1024 keeps every size up to the default ``limits.max_side`` identical to them. A multiple of
+    8 (the MOVQ's scale factor); 0 or null: never tile."""
+    tile_overlap: int = Field(default=128, ge=0, le=8192, multiple_of=8)
+    """Least overlap of neighbouring tiles in pixels (a multiple of 8), blended with weights that
+    sum to one; at most half of ``tile_size``."""
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> "MovqSettings":
+        if self.tile_size and self.tile_size < 64:
+            raise ValueError(f"tile_size {self.tile_size} is too small to decode well; use 0 (never tile) or at least 64")
+        if self.tile_size and 2 * self.tile_overlap > self.tile_size:
+            raise ValueError(f"tile_overlap {self.tile_overlap} is more than half of tile_size {self.tile_size}; "
+                             f"lower tile_overlap to at most {self.tile_size // 2} or raise tile_size")
+        return self
+
+
 class ServiceSettings(BaseModel):
     """The application's ``args``: everything the graph builder needs."""
 
@@ -462,6 +487,7 @@ class ServiceSettings(BaseModel):
     jobs: JobSettings = JobSettings()
     outputs: OutputSettings = OutputSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    movq: MovqSettings = MovqSettings()
 
 
 class ConfigError(ValueError):

@@ -117,6 +117,8 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
         path = getattr(paths, stage.checkpoint)
         # The prior stage also serves its family's fine-tuned priors (multiplexed models).
         extra = {"fine_tuned": fine_tuned[stage.family]} if stage.role == "prior" and fine_tuned.get(stage.family) else {}
+        if stage.role == "movq":
+            extra = {"tile_size": settings.movq.tile_size, "tile_overlap": settings.movq.tile_overlap}
         stages[stage.name] = None if path is None else (
             stage.load().options(name=stage.name, **options.get(stage.name, {})).bind(str(path), **runtime, **extra)
         )

@@ -154,6 +154,13 @@ def bench_quality(**options) -> dict:
     return run(**options)
 
 
+def bench_movq_memory(**options) -> dict:
+    """See :mod:`serve.tools.bench_movq`."""
+    from serve.tools.bench_movq import bench_movq_memory as run
+
+    return run(**options)
+
+
 def parse_server_timing(header: str) -> dict[str, float]:
     """``name;dur=ms, ...`` (the ingress's ``Server-Timing``) as ``{name: ms}``."""
     found = {}

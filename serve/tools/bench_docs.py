@@ -149,8 +149,31 @@ def render_quality(result: dict) -> str:
     return "\n".join(quality_tables(result) + ["", provenance_line(result)])
 
 
+def movq_memory_table(result: dict) -> list[str]:
+    """The table of ``bench movq-memory`` (also what it prints)."""
+    lines = [
+        f"MOVQ stage, {result['model']} model, {result['device']}, {result['threads']} thread(s), tiles of "
+        f"{result['tile_size']} px overlapping by at least {result['tile_overlap']} px; each row a fresh process:",
+        "",
+        "| operation | size | tiled? | tiles | peak MB | seconds |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for row in result["rows"]:
+        peak = f"{row['peak_rss_over_load_mb']:.0f}"
+        if row.get("cuda_peak_mb") is not None:
+            peak += f" (CUDA {row['cuda_peak_mb']:.0f})"
+        lines.append(f"| {row['op']} | {row['size']}² | {'yes' if row['tiled'] else 'no'} | {row['tiles']} | {peak} "
+                     f"| {row['seconds']:.2f} |")
+    return lines + ["", "Peak MB: the process's peak resident memory (`ru_maxrss`) less its resident memory once the "
+                        "model was loaded and the input made."]
+
+
+def render_movq_memory(result: dict) -> str:
+    return "\n".join(movq_memory_table(result) + ["", provenance_line(result)])
+
+
 RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile, "models": render_models,
-             "sweep": render_sweep, "quality": render_quality}
+             "sweep": render_sweep, "quality": render_quality, "movq_memory": render_movq_memory}
 
 
 def render_docs(text: str, results: Path = RESULTS) -> str:
