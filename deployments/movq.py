@@ -17,7 +17,7 @@ from deployments.messages import (
     Composite, DecodeParams, EncodedImages, ImageLatents, InitImage, Latents, StageTiming, UpscaleParams,
 )
 from deployments.runtime import StageReplica
-from deployments.tiling import tiled
+from deployments.tiling import tiled_with_shared_norms
 
 STAGE = "movq"
 STAGE_ENCODE = "movq_encode"
@@ -84,7 +84,8 @@ class MovqModel:
         sample = torch.tensor(latents).to(self.device, self.dtype)
         size = tuple(sample.shape[-2:])
         if self.tiles(size):
-            image = tiled(self._decode_forward, sample, size, self.tile, self.overlap, 1, self.scale)
+            image = tiled_with_shared_norms(self._decode_forward, self.movq.decoder, sample, size, self.tile, self.overlap,
+                                            1, self.scale)
         else:
             image = self._decode_forward(sample)
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
@@ -143,7 +144,8 @@ class MovqModel:
         size = (height // self.scale, width // self.scale)
         # Sizes that are not a multiple of the scale factor (never from the API) go through whole.
         if self.tiles(size) and not (height % self.scale or width % self.scale):
-            return tiled(lambda part: self.movq.encode(part)["latents"], pixels, size, self.tile, self.overlap, self.scale, 1)
+            return tiled_with_shared_norms(lambda part: self.movq.encode(part)["latents"], self.movq.encoder, pixels, size,
+                                           self.tile, self.overlap, self.scale, 1)
         return self.movq.encode(pixels)["latents"]
 
     def health_probe(self) -> None:

@@ -178,7 +178,8 @@ def quality_tables(result: dict) -> list[str]:
     fast = result["presets"]["fast"]
     lines += ["", f"**fast / default latency: {fast['latency_ratio']:.2f}** (goal ≤ {goals['fast_latency_ratio']}; "
                   f"{'met' if goals['fast_latency_met'] else 'not met'}); colour {fast['colour_change']:+.1f} points "
-                  f"(goal within {goals['fast_colour_points']:g}; {'met' if goals['fast_colour_met'] else 'not met'})."]
+                  f"against the default (goal: at most {goals['fast_colour_points']:g} below; "
+                  f"{'met' if goals['fast_colour_met'] else 'not met'})."]
     return lines
 
 
