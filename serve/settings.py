@@ -455,12 +455,12 @@ class MovqSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tile_size: int | None = Field(default=1024, ge=0, le=16384, multiple_of=8)
+    tile_size: int | None = Field(default=1152, ge=0, le=16384, multiple_of=8)
     """Images with a side above this many pixels are decoded (and input images encoded) in
     overlapping tiles of this size, so the stage's memory stays that of one tile at any output
     size. At or below it an image goes through whole, exactly as diffusers' pipelines decode it:
-    1024 keeps every size up to the default ``limits.max_side`` identical to them. A multiple of
-    8 (the MOVQ's scale factor); 0 or null: never tile."""
+    1152 keeps every size up to 1152 identical to them and covers 2048 in two tiles a side
+    (1024 + the 128 overlap). A multiple of 8 (the MOVQ's scale factor); 0 or null: never tile."""
     tile_overlap: int = Field(default=128, ge=0, le=8192, multiple_of=8)
     """Least overlap of neighbouring tiles in pixels (a multiple of 8), blended with weights that
     sum to one; at most half of ``tile_size``."""

@@ -209,7 +209,7 @@ def test_tile_settings_are_checked_with_what_to_change():
 
     from serve.settings import MovqSettings, parse_service_settings
 
-    assert parse_service_settings({}).movq == MovqSettings(tile_size=1024, tile_overlap=128)
+    assert parse_service_settings({}).movq == MovqSettings(tile_size=1152, tile_overlap=128)
     assert parse_service_settings({"movq": {"tile_size": None}}).movq.tile_size is None
     with pytest.raises(ValidationError, match="lower tile_overlap to at most 256"):
         MovqSettings(tile_size=512, tile_overlap=320)
