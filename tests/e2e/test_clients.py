@@ -37,7 +37,8 @@ def test_webuiapi_unmodified_draws_the_native_image_with_its_default_sampler(ser
     result = api.txt2img(prompt="a red circle", **TINY)
     assert len(result.images) == 1 and result.images[0].size == (64, 64)
     assert result.info["substitutions"] == {"sampler_name": {"asked": "Euler a", "used": "DDPM"}}
-    assert {"alwayson_scripts", "enable_hr", "scheduler"} <= set(result.info["unsupported_fields"])
+    assert {"alwayson_scripts", "scheduler"} <= set(result.info["unsupported_fields"])
+    assert "enable_hr" not in result.info["unsupported_fields"]  # read: off (webuiapi's default), no hires pass
     assert np.array_equal(np.asarray(result.images[0].convert("RGB")), native_image(url))
     # The image carries its parameters (a PNG chunk Pillow reads), and png-info reads them back.
     carried = result.images[0].info["parameters"]

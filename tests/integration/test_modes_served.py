@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tests.reference import MAX_PIXEL_DIFF, decode_png, max_diff, reference_images
-from tests.unit.test_modes import mode_specs
+from tests.unit.test_modes import batch_tolerance, mode_specs
 
 SERVED = [
     "img2img", "img2img-wide", "inpaint-wide-negative", "mix-two-texts-negative", "variations-prompt-negative",
@@ -45,7 +45,8 @@ def test_each_mode_reports_the_stages_it_went_through(served_app):
 
 def test_every_mode_alone_equals_every_mode_concurrently(served_app):
     _, handle = served_app
-    specs = list(mode_specs().values())
+    named = mode_specs()
+    specs = list(named.values())
     alone = [[decode_png(data) for data in _generate(handle, s, f"alone{i}").images] for i, s in enumerate(specs)]
 
     async def together():
@@ -55,6 +56,6 @@ def test_every_mode_alone_equals_every_mode_concurrently(served_app):
     # Requests of different modes really shared the prior's and the denoiser's batches.
     assert max(r.timings["prior"].batch_size for r in results) > 1
     assert max(r.timings.get("denoiser", r.timings.get("prior")).batch_size for r in results) > 1
-    for s, result, expected in zip(specs, results, alone):
+    for name, result, expected in zip(named, results, alone):
         for data, image in zip(result.images, expected, strict=True):
-            assert max_diff(decode_png(data), image) <= MAX_PIXEL_DIFF, s.mode
+            assert max_diff(decode_png(data), image) <= batch_tolerance(name), name
