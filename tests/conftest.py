@@ -90,6 +90,14 @@ def tiny_checkpoint_21(tmp_path_factory):
     return make_tiny_21(tmp_path_factory.mktemp("tiny21"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_kosmos2(tmp_path_factory):
+    """A tiny random-weight Kosmos-2 checkpoint in the layout of microsoft/kosmos-2-patch14-224."""
+    from serve.training.tiny_kosmos2 import make_tiny_kosmos2
+
+    return make_tiny_kosmos2(tmp_path_factory.mktemp("kosmos2"), seed=0)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
