@@ -148,3 +148,12 @@ def test_missing_files_are_named(tiny_kosmos2, tmp_path):
 def test_images_must_be_uint8_rgb(kosmos2):
     with pytest.raises(ValueError, match=r"requests\[1\]\.image"):
         kosmos2.run([_requests()[0], Kosmos2Request(np.zeros((8, 8, 3), np.float32))])
+
+
+def test_make_tiny_cli_writes_kosmos2(tmp_path, capsys):
+    from serve.cli import main
+
+    assert main(["make-tiny", str(tmp_path / "out"), "--family", "kosmos2"]) == 0
+    path = tmp_path / "out" / "kosmos-2-patch14-224"
+    assert (path / "model.safetensors").is_file() and (path / "preprocessor_config.json").is_file()
+    assert "kosmos2:" in capsys.readouterr().out
