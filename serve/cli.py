@@ -75,6 +75,11 @@ def _wait_for_stop(timeout_s: float | None = None) -> None:
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from serve.training.tiny import make_tiny, make_tiny_21
 
+    if args.family == "florence2":
+        from serve.training.tiny_florence2 import make_tiny_florence2
+
+        print(f"{'florence2:':20s}{make_tiny_florence2(args.dir, args.seed)}")
+        return 0
     checkpoint = (make_tiny_21 if args.family == "2.1" else make_tiny)(args.dir, args.seed)
     for name, path in checkpoint._asdict().items():
         print(f"{name + ':':20s}{path}")
@@ -270,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="write a tiny random-weight checkpoint (prior and decoders)")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--family", choices=("2.2", "2.1"), default="2.2",
+    tiny.add_argument("--family", choices=("2.2", "2.1", "florence2"), default="2.2",
                       help="2.2: prior, decoder, decoder_inpaint, decoder_controlnet; 2.1: kandinsky-2-1-prior, "
-                           "kandinsky-2-1, kandinsky-2-1-inpaint")
+                           "kandinsky-2-1, kandinsky-2-1-inpaint; florence2: one Florence-2 directory (model and "
+                           "processor)")
     tiny.set_defaults(func=_cmd_make_tiny)
 
     keys = commands.add_parser("keys", help="API keys: make one (printed once, stored hashed) or revoke one")
