@@ -64,7 +64,9 @@ class Florence2Model:
         self.processor = processor
         self.model = model
         self.device = device
-        self.max_new_tokens = max_new_tokens
+        # Prompt and answer each stay within BART's learned positions.
+        self.max_positions = model.config.text_config.max_position_embeddings
+        self.max_new_tokens = min(max_new_tokens, self.max_positions - 1)
 
     @classmethod
     def from_pretrained(cls, path: Path | str, device: str = "cpu", dtype: str = "float32") -> "Florence2Model":
@@ -84,6 +86,12 @@ class Florence2Model:
         prompts = [request.task + (request.text or "") for request in requests]
         images = [Image.fromarray(request.image) for request in requests]
         batch = self.processor(text=prompts, images=images, padding="longest", return_tensors="pt")
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for request, length in zip(requests, lengths):
+            if length > self.max_positions:
+                raise ValueError(
+                    f"text of task {request.task} is too long: {length} tokens with the image's, "
+                    f"limit {self.max_positions}")
         return {
             "input_ids": batch["input_ids"].to(self.device),
             "attention_mask": batch["attention_mask"].to(self.device),

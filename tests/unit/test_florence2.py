@@ -137,6 +137,11 @@ def test_text_input_rules(model):
         model.run([Florence2Request(np.zeros((8, 8), np.float32), "<CAPTION>")])
 
 
+def test_too_long_a_text_is_refused(model):
+    with pytest.raises(ValueError, match="too long.*limit 256"):
+        model.run([Florence2Request(_image(7, 32, 32), "<CAPTION_TO_PHRASE_GROUNDING>", "cat " * 300)])
+
+
 def test_supported_tasks_all_run(model):
     model.max_new_tokens = 4
     requests = [Florence2Request(_image(8, 40, 40), task, "a cat" if "GROUNDING" in task else None) for task in sorted(TASKS)]
