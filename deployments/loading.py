@@ -40,6 +40,11 @@ DECODER_21_LAYOUT: dict[str, tuple[str, ...]] = {
     "tokenizer": ("tokenizer_config.json", "tokenizer.json|sentencepiece.bpe.model"),
 }
 """``kandinsky-2-1`` and ``kandinsky-2-1-inpaint``: the decoder carries its own text encoder."""
+FLORENCE2_LAYOUT: dict[str, tuple[str, ...]] = {
+    "": ("config.json", "*.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+         "vocab.json|tokenizer.json"),
+}
+"""``florence-community/Florence-2-base`` (transformers-native): one flat directory."""
 
 
 class CheckpointError(RuntimeError):
@@ -53,25 +58,30 @@ def _present(folder: Path, pattern: str) -> bool:
     )
 
 
-def check_layout(root: Path | str, layout: dict[str, tuple[str, ...]], what: str, parts: tuple[str, ...] | None = None) -> Path:
-    """Raise :class:`CheckpointError` naming ``root`` and everything missing from it."""
+def check_layout(
+    root: Path | str, layout: dict[str, tuple[str, ...]], what: str, parts: tuple[str, ...] | None = None,
+    published: str | None = None,
+) -> Path:
+    """Raise :class:`CheckpointError` naming ``root`` and everything missing from it
+    (a layout's ``""`` part is ``root`` itself; ``published`` names the expected repository)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"{what} checkpoint directory {root} does not exist")
     missing = []
     for sub in parts or tuple(layout):
         folder = root / sub
+        prefix = f"{sub}/" if sub else ""
         if not folder.is_dir():
             missing.append(f"{sub}/")
             continue
         for pattern in layout[sub]:
             if not _present(folder, pattern):
                 hint = " (only .safetensors weights are loaded)" if pattern == "*.safetensors" and any(folder.glob("*.bin")) else ""
-                missing.append(f"{sub}/{pattern.replace('|', ' or ')}{hint}")
+                missing.append(f"{prefix}{pattern.replace('|', ' or ')}{hint}")
     if missing:
         raise CheckpointError(
             f"{what} checkpoint directory {root} is incomplete: missing {', '.join(missing)} "
-            f"(expected the layout of kandinsky-2-2-{what})"
+            f"(expected the layout of {published or f'kandinsky-2-2-{what}'})"
         )
     return root
 

@@ -73,10 +73,12 @@ def _wait_for_stop(timeout_s: float | None = None) -> None:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    if args.family == "kosmos2":
+    if args.family in ("florence2", "kosmos2"):  # one directory: the model and its processor
+        from serve.training.tiny_florence2 import make_tiny_florence2
         from serve.training.tiny_kosmos2 import make_tiny_kosmos2
 
-        print(f"{'kosmos2:':20s}{make_tiny_kosmos2(args.dir, args.seed)}")
+        make = make_tiny_florence2 if args.family == "florence2" else make_tiny_kosmos2
+        print(f"{args.family + ':':20s}{make(args.dir, args.seed)}")
         return 0
     from serve.training.tiny import make_tiny, make_tiny_21
 
@@ -275,10 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="write a tiny random-weight checkpoint (prior and decoders)")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--family", choices=("2.2", "2.1", "kosmos2"), default="2.2",
+    tiny.add_argument("--family", choices=("2.2", "2.1", "florence2", "kosmos2"), default="2.2",
                       help="2.2: prior, decoder, decoder_inpaint, decoder_controlnet; 2.1: kandinsky-2-1-prior, "
-                           "kandinsky-2-1, kandinsky-2-1-inpaint; "
-                           "kosmos2: kosmos-2-patch14-224")
+                           "kandinsky-2-1, kandinsky-2-1-inpaint; florence2: one Florence-2 directory (model and "
+                           "processor); kosmos2: kosmos-2-patch14-224")
     tiny.set_defaults(func=_cmd_make_tiny)
 
     keys = commands.add_parser("keys", help="API keys: make one (printed once, stored hashed) or revoke one")

@@ -98,6 +98,14 @@ def tiny_kosmos2(tmp_path_factory):
     return make_tiny_kosmos2(tmp_path_factory.mktemp("kosmos2"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_florence2(tmp_path_factory):
+    """A tiny random-weight Florence-2 checkpoint (model and processor), the published layout."""
+    from serve.training.tiny_florence2 import make_tiny_florence2
+
+    return make_tiny_florence2(tmp_path_factory.mktemp("florence2"), seed=0)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

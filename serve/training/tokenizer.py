@@ -33,19 +33,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def build_clip_vocab(
-    num_merges: int, corpus: tuple[str, ...] | None = None
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn a CLIP-style byte-level BPE vocabulary from a word list (default: the built-in one).
-
-    Words are learned in their byte-level form (UTF-8 bytes through the byte-to-unicode
-    table, as CLIP's tokenizer sees them), so non-Latin scripts merge like any other.
-    """
-    byte_chars = list(_bytes_to_unicode().values())
-    vocab_tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    table = _bytes_to_unicode()
-    byte_words = ["".join(table[b] for b in w.encode("utf-8")) for w in (corpus if corpus is not None else BUILT_IN_WORDS)]
-    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in byte_words)
+def _learn_merges(words: Counter[tuple[str, ...]], num_merges: int) -> list[tuple[str, str]]:
+    """Up to ``num_merges`` BPE merges, most frequent pair first, over words as symbol tuples."""
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
@@ -57,7 +46,6 @@ def build_clip_vocab(
         # Ties broken lexicographically so the vocabulary never depends on dict order.
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        vocab_tokens.append(best[0] + best[1])
         merged: Counter[tuple[str, ...]] = Counter()
         for word, count in words.items():
             out, i = [], 0
@@ -70,6 +58,23 @@ def build_clip_vocab(
                     i += 1
             merged[tuple(out)] += count
         words = merged
+    return merges
+
+
+def build_clip_vocab(
+    num_merges: int, corpus: tuple[str, ...] | None = None
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn a CLIP-style byte-level BPE vocabulary from a word list (default: the built-in one).
+
+    Words are learned in their byte-level form (UTF-8 bytes through the byte-to-unicode
+    table, as CLIP's tokenizer sees them), so non-Latin scripts merge like any other.
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab_tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    table = _bytes_to_unicode()
+    byte_words = ["".join(table[b] for b in w.encode("utf-8")) for w in (corpus if corpus is not None else BUILT_IN_WORDS)]
+    merges = _learn_merges(Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in byte_words), num_merges)
+    vocab_tokens += [a + b for a, b in merges]
     vocab_tokens += [BOS, EOS]
     return {token: index for index, token in enumerate(vocab_tokens)}, merges
 
@@ -101,4 +106,26 @@ def build_xlm_roberta_tokenizer(corpus: tuple[str, ...] | None = None, *, max_le
     vocab.append(("<mask>", 0.0))
     tokenizer = XLMRobertaTokenizer(vocab=vocab)
     tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def build_bart_tokenizer(
+    corpus: tuple[str, ...] | None = None, *, num_merges: int, max_length: int = 1024, extra_tokens: tuple[str, ...] = (),
+    **named_tokens: str,
+):
+    """A ``BartTokenizer`` (GPT-2 byte-level BPE, no end-of-word marker; words after a space
+    start with ``Ġ``) learned from ``corpus`` (default: the built-in word list), BART's
+    special tokens at its ids (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>``
+    last), then ``extra_tokens`` and ``named_tokens`` (e.g. ``image_token="<image>"``) as
+    added special tokens."""
+    from transformers import BartTokenizer
+
+    table = _bytes_to_unicode()
+    words = corpus if corpus is not None else tuple(BUILT_IN_WORDS)
+    byte_words = ["".join(table[b] for b in (prefix + w).encode("utf-8")) for w in words for prefix in ("", " ")]
+    merges = _learn_merges(Counter(tuple(w) for w in byte_words), num_merges)
+    tokens = ["<s>", "<pad>", "</s>", "<unk>"] + list(table.values()) + [a + b for a, b in merges] + ["<mask>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    tokenizer = BartTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, **named_tokens)
+    tokenizer.add_special_tokens({"extra_special_tokens": list(extra_tokens) + list(named_tokens.values())})
     return tokenizer

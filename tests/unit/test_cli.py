@@ -18,6 +18,14 @@ def test_make_tiny_writes_the_21_family_in_its_published_layout(tmp_path, capsys
     assert "inpaint_decoder:" in capsys.readouterr().out
 
 
+def test_make_tiny_writes_a_florence2_checkpoint(tmp_path, capsys):
+    from deployments.florence2 import check_florence2_layout
+
+    assert main(["make-tiny", str(tmp_path / "out"), "--family", "florence2"]) == 0
+    assert check_florence2_layout(tmp_path / "out") == tmp_path / "out"
+    assert "florence2:" in capsys.readouterr().out
+
+
 def test_run_refuses_a_bad_config_with_a_clear_message(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"applications": [{"name": "k", "import_path": "serve.graph.build:build_app",
