@@ -428,3 +428,36 @@ class StepScheduler(Generic[S]):
                 self._observer.on_progress(item.key, item.steps_done, item.total_steps)
         except Exception:
             logger.exception("a step observer failed (the step's results are delivered regardless)")
+
+
+async def answer_or_raise(work: Awaitable[T]) -> T:
+    """A ``@serve.batch`` result, raising the error of a request that failed alone."""
+    result = await work
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+async def run_isolated(thread: Any, run: Callable[[list], list], check: Callable[[Any], None],
+                       requests: list) -> list:
+    """Each request's answer or its own ``ValueError``: invalid requests never join the batch,
+    and a batch refused for one request's input is rerun one request at a time."""
+    errors: list[Exception | None] = []
+    for request in requests:
+        try:
+            check(request)
+            errors.append(None)
+        except ValueError as error:
+            errors.append(error)
+    valid = [request for request, error in zip(requests, errors) if error is None]
+    try:
+        answers = await thread.run(run, valid) if valid else []
+    except ValueError:
+        answers = []
+        for request in valid:
+            try:
+                answers.extend(await thread.run(run, [request]))
+            except ValueError as error:
+                answers.append(error)
+    rest = iter(answers)
+    return [error if error is not None else next(rest) for error in errors]

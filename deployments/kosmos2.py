@@ -7,6 +7,7 @@ requests in one ``generate`` call, parsed by the processor's ``post_process_gene
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,8 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from ray import serve
 
+from deployments.batching import Queued, answer_or_raise, run_isolated
 from deployments.loading import CheckpointError, torch_dtype
+from deployments.messages import StageTiming, UnderstandingAnswer
+from deployments.runtime import StageReplica
 
 STAGE = "kosmos2"
 DEFAULT_PROMPT = "<grounding>An image of"
@@ -177,3 +182,32 @@ class Kosmos2Model:
     def health_probe(self) -> None:
         """A one-token generation (check_health)."""
         self.generate([Kosmos2Request(np.zeros((16, 16, 3), np.uint8))], max_new_tokens=1)
+
+
+def check_request(request: Kosmos2Request) -> None:
+    """Raise ``ValueError`` naming what is wrong with the image or prompt."""
+    image = request.image
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError("image must be an (H, W, 3) uint8 array")
+    if not request.prompt.strip():
+        raise ValueError("prompt must not be empty")
+
+
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
+class Kosmos2(StageReplica):
+    """Batches grounded-caption requests into one ``generate`` call."""
+
+    def __init__(self, path: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.setup(STAGE, device, lambda: Kosmos2Model.from_pretrained(path, device, dtype))
+
+    async def run(self, request: Kosmos2Request, request_id: str = "") -> UnderstandingAnswer:
+        return await self.serve_call(answer_or_raise(self._run_batch(Queued(request))), request_id)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _run_batch(self, calls: list[Queued[Kosmos2Request]]) -> list[UnderstandingAnswer | Exception]:
+        started = time.perf_counter()
+        answers = await run_isolated(self.thread, self.model.run, check_request, [call.payload for call in calls])
+        compute_ms = self.record_batch(calls, started)
+        return [answer if isinstance(answer, Exception) else UnderstandingAnswer(
+            answer, {self.stage: StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))})
+            for call, answer in zip(calls, answers)]

@@ -218,3 +218,11 @@ class EncodedImages:
     @property
     def count(self) -> int:
         return len(self.images)
+
+
+@dataclass
+class UnderstandingAnswer:
+    """One image-understanding answer (Florence-2's or Kosmos-2's parsed output, JSON-able)."""
+
+    answer: dict
+    timings: Timings = field(default_factory=dict)

@@ -112,6 +112,19 @@ STAGES: tuple[Stage, ...] = (
           ("movq",), loop=False, modes=_MODES_21, resource="kandinsky_small", family="2.1"),
 )
 
+UNDERSTANDING_MODES = ("caption", "detect", "ground", "ocr", "grounded-caption")
+"""Every image-understanding route (``/v1/<mode>``)."""
+
+UNDERSTANDING_STAGES: tuple[Stage, ...] = (
+    # Not in STAGES: they are no part of the generation graph (no family, no plan, no U-Net),
+    # each deployed only when its checkpoint is configured; else its routes answer 404.
+    Stage("Florence2", "deployments.florence2:Florence2", "understanding", "florence2",
+          (), loop=False, modes=("caption", "detect", "ground", "ocr"), resource="kandinsky_small", optional=True),
+    Stage("Kosmos2", "deployments.kosmos2:Kosmos2", "understanding", "kosmos2",
+          (), loop=False, modes=("grounded-caption",), resource="kandinsky_small", optional=True),
+)
+"""Image-understanding stages, beside the generation graph."""
+
 INGRESS_NAME = "Ingress"
 """The HTTP ingress deployment (not a stage: it calls them)."""
 
@@ -122,6 +135,11 @@ CHECKPOINTS = tuple(dict.fromkeys(stage.checkpoint for stage in STAGES))
 """Every checkpoint some stage loads, required ones first: ``prior``, ``decoder``, then the variants'."""
 OPTIONAL_STAGES = tuple(stage for stage in STAGES if stage.optional and stage.family == DEFAULT_FAMILY)
 """The default family's decoder variants, each left out when its checkpoint is not configured."""
+
+
+def understanding_stage(mode: str) -> Stage:
+    """The image-understanding stage that serves ``mode``."""
+    return next(stage for stage in UNDERSTANDING_STAGES if mode in stage.modes)
 
 
 def stage_for(role: str, variant: str | None = None, family: str = DEFAULT_FAMILY) -> Stage:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
-from deployments.registry import BY_NAME, DEFAULT_FAMILY, INGRESS_NAME, MODEL_IDS, STAGE_NAMES, STAGES
+from deployments.registry import BY_NAME, DEFAULT_FAMILY, INGRESS_NAME, MODEL_IDS, STAGE_NAMES, STAGES, UNDERSTANDING_STAGES
 
 CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
 API_KEYS_FILE_ENV = "KANDINSKY_API_KEYS_FILE"
@@ -139,6 +139,11 @@ class ModelSettings(BaseModel):
     """Layout of ``kandinsky-2-1`` (U-Net, MOVQ and the multilingual text encoder)."""
     inpaint_decoder_21_path: Path | None = None
     """Layout of ``kandinsky-2-1-inpaint``; enables inpainting with ``model: kandinsky-2-1``."""
+    florence2_path: Path | None = None
+    """Florence-2 in the layout of ``florence-community/Florence-2-base``; enables ``/v1/caption``,
+    ``/v1/detect``, ``/v1/ground`` and ``/v1/ocr``. None: those answer 404."""
+    kosmos2_path: Path | None = None
+    """Kosmos-2 in the layout of ``microsoft/kosmos-2-patch14-224``; enables ``/v1/grounded-caption``."""
     priors: list[FineTunedPrior] = Field(default_factory=list, max_length=64)
     """Fine-tuned priors served as models of their own, on their family's Prior replicas
     (``@serve.multiplexed``: each replica keeps the most recently used few loaded)."""
@@ -209,7 +214,7 @@ class ModelSettings(BaseModel):
     def with_env_overrides(self) -> "ModelSettings":
         """``KANDINSKY_PRIOR_PATH`` / ``KANDINSKY_DECODER_PATH`` (and the variants') win over the file."""
         updates = {}
-        for stage in STAGES:
+        for stage in (*STAGES, *UNDERSTANDING_STAGES):
             if os.environ.get(stage.path_env):
                 updates[stage.path_field] = Path(os.environ[stage.path_env])
         if not updates:
@@ -591,16 +596,22 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
 
     options: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    known = (*STAGE_NAMES, INGRESS_NAME)
+    understanding = {stage.name: stage for stage in UNDERSTANDING_STAGES}
+    known = (*STAGE_NAMES, *understanding, INGRESS_NAME)
     for index, deployment in enumerate(app.deployments):
         where = f"applications.{app_index}.deployments.{index}"
         if deployment.name not in known:
             problems.append(f"{source}: {where}.name: unknown deployment {deployment.name!r}; expected one of {known}")
             continue
         opts = deployment.model_dump(exclude_unset=True, exclude={"name"})
-        if deployment.name in STAGE_NAMES:
+        if deployment.name in understanding and getattr(service.models, understanding[deployment.name].path_field) is None:
+            stage = understanding[deployment.name]
+            skipped[deployment.name] = (f"args.models.{stage.path_field} (${stage.path_env}) is not set: not deployed; "
+                                        f"/v1/{' and /v1/'.join(stage.modes)} will answer 404 mode_not_configured")
+            continue
+        if deployment.name in STAGE_NAMES or deployment.name in understanding:
             try:
-                settings_class = LoopBatchSettings if BY_NAME[deployment.name].loop else BatchSettings
+                settings_class = LoopBatchSettings if deployment.name in STAGE_NAMES and BY_NAME[deployment.name].loop else BatchSettings
                 batch = settings_class.model_validate(opts.get("user_config") or {})
             except ValidationError as error:
                 problems.extend(_format_errors(source, f"{where}.user_config", error))

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from ray.serve import Application
 
 from deployments.loading import DECODER_21_LAYOUT, DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
-from deployments.registry import DEFAULT_FAMILY, STAGES
+from deployments.registry import DEFAULT_FAMILY, STAGES, UNDERSTANDING_STAGES
 from serve.graph.ingress import Ingress
 from serve.settings import ModelSettings, default_cache_dir, parse_service_settings
 
@@ -93,6 +93,20 @@ def fine_tuned_priors(models: ModelSettings, paths: ModelPaths) -> dict[str, dic
     return by_family
 
 
+def understanding_paths(models: ModelSettings) -> dict[str, Path]:
+    """Each configured image-understanding stage's checkpoint, checked (by stage name)."""
+    from deployments.florence2 import check_florence2_layout
+    from deployments.kosmos2 import check_kosmos2_layout
+
+    checks = {"florence2": check_florence2_layout, "kosmos2": check_kosmos2_layout}
+    paths = {}
+    for stage in UNDERSTANDING_STAGES:
+        path = getattr(models, stage.path_field)
+        if path is not None:
+            paths[stage.name] = checks[stage.checkpoint](path)
+    return paths
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The ``import_path`` target: Ray calls it with the application's ``args`` and
     applies the config's ``deployments`` section itself."""
@@ -122,5 +136,8 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
         stages[stage.name] = None if path is None else (
             stage.load().options(name=stage.name, **options.get(stage.name, {})).bind(str(path), **runtime, **extra)
         )
+    for name, path in understanding_paths(settings.models).items():
+        stage = next(s for s in UNDERSTANDING_STAGES if s.name == name)
+        stages[name] = stage.load().options(name=name, **options.get(name, {})).bind(str(path), **runtime)
     ingress = Ingress.options(**options.get(Ingress.name, {}))
     return ingress.bind(settings.model_dump(mode="json"), **stages)
