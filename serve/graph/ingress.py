@@ -34,7 +34,8 @@ from serve.graph.resilience import run_resilient
 from serve.http.schemas import GenerationSpec
 from serve.settings import ServiceSettings
 
-from deployments.registry import DEFAULT_FAMILY, INGRESS_NAME, OPTIONAL_STAGES, STAGE_NAMES, denoiser_of_mode, stage_for
+from deployments.registry import (DEFAULT_FAMILY, INGRESS_NAME, OPTIONAL_STAGES, STAGE_NAMES, UNDERSTANDING_STAGES,
+                                 denoiser_of_mode, stage_for)
 
 logger = logging.getLogger("ray.serve")
 
@@ -147,6 +148,15 @@ def unavailable_modes(deployed: set[str]) -> dict[str, str]:
     return missing
 
 
+def unconfigured_understanding(deployed: set[str]) -> dict[str, str]:
+    """Image-understanding routes whose stage is not deployed, each with the setting to configure."""
+    return {
+        mode: (f"/v1/{mode} is not configured on this deployment: set args.models.{stage.path_field} "
+               f"(or ${stage.path_env}) to a {stage.name} checkpoint directory and redeploy")
+        for stage in UNDERSTANDING_STAGES if stage.name not in deployed for mode in stage.modes
+    }
+
+
 @serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress()
 class Ingress:
@@ -167,6 +177,7 @@ class Ingress:
         # A route answers 404 at once only when no served model offers its mode.
         offered = {mode for model in catalog.models.values() for mode in model.modes}
         unavailable = {mode: why for mode, why in unavailable_modes(self.deployed).items() if mode not in offered}
+        unavailable.update(unconfigured_understanding(self.deployed))
         app = create_app(
             self.settings.limits, backend=self, echo_request_id=False, metrics=self.metrics,
             unavailable=unavailable, admission=self.settings.admission, auth=self.settings.auth,
@@ -302,6 +313,27 @@ class Ingress:
                     calls.embed_images(images, request_id) if images else asyncio.sleep(0, None),
                 )
                 return (text.text_embeds if text else empty), (image.image_embeds if image else empty)
+            except BaseException:
+                calls.cancel_all()
+                raise
+
+        return await self._resilient(attempt)
+
+    async def understand(self, stage: str, image: np.ndarray, task: str, text: str | None, request_id: str = "") -> dict:
+        """One Florence-2 task or Kosmos-2 grounded caption (a ``ValueError`` when it refuses the input)."""
+        if stage == "florence2":
+            from deployments.florence2 import Florence2Request
+
+            name, request = "Florence2", Florence2Request(image, task, text)
+        else:
+            from deployments.kosmos2 import DEFAULT_PROMPT, Kosmos2Request
+
+            name, request = "Kosmos2", Kosmos2Request(image, text or DEFAULT_PROMPT)
+
+        async def attempt() -> dict:
+            calls = self._calls()
+            try:
+                return (await calls._call(name, "run", request_id, request, request_id)).answer
             except BaseException:
                 calls.cancel_all()
                 raise

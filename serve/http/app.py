@@ -44,6 +44,8 @@ from serve.http.schemas import (
     bind_limits,
     request_models,
 )
+from serve.http.understanding import ROUTES as UNDERSTANDING_ROUTES
+from serve.http.understanding import add_understanding_routes
 from serve.jobs.runner import JobRunner
 from serve.settings import AdmissionSettings, ApiLimits, AuthSettings
 
@@ -71,6 +73,11 @@ class GenerationBackend(Protocol):
         """The product's metrics from every stage, in Prometheus text format."""
         ...
 
+    async def understand(self, stage: str, image: np.ndarray, task: str, text: str | None, request_id: str) -> dict:
+        """An image-understanding answer of ``stage`` (``florence2``: ``task`` with ``text``;
+        ``kosmos2``: ``text`` is the prompt or None); ``ValueError`` when it refuses the input."""
+        ...
+
 
 class ApiMetrics(Protocol):
     """What the HTTP layer records (``deployments.metrics.IngressMetrics`` in production)."""
@@ -93,7 +100,7 @@ class NoMetrics:
         pass
 
 
-KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in MODES), SWEEP_PATH, "/v1/embeddings", "/healthz", "/readyz", "/v1/status",
+KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in (*MODES, *UNDERSTANDING_ROUTES)), SWEEP_PATH, "/v1/embeddings", "/healthz", "/readyz", "/v1/status",
                 "/metrics", "/docs", "/openapi.json")
 
 
@@ -365,6 +372,9 @@ def create_app(
             similarity = (a @ b.T).tolist()
         return EmbeddingsResponse(text_embeddings=texts.tolist(), image_embeddings=image_embeddings.tolist(),
                                   similarity=similarity, request_id=request_id)
+
+    add_understanding_routes(keyed, limits, lambda *call: backend.understand(*call), unavailable, decode,
+                             guards.generation_slot)
 
     @keyed.get("/v1/models", summary="The models requests may name (OpenAI's model-list shape, plus family, modes, "
                "default size and whether its stages are loaded).")
