@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from deployments.registry import DEFAULT_FAMILY, INGRESS_NAME, STAGE_NAMES, STAGES
+from deployments.registry import DEFAULT_FAMILY, INGRESS_NAME, STAGE_NAMES, STAGES, UNDERSTANDING_STAGES
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -32,6 +32,8 @@ TEST_DEPLOYMENT_OPTIONS = {
     for name in STAGE_NAMES
 }
 TEST_DEPLOYMENT_OPTIONS[INGRESS_NAME] = {"ray_actor_options": {"num_cpus": 0.1}}
+for _stage in UNDERSTANDING_STAGES:  # tiny models beside the graph, on the same 4 logical CPUs
+    TEST_DEPLOYMENT_OPTIONS[_stage.name] = {**TEST_DEPLOYMENT_OPTIONS[STAGE_NAMES[0]], "ray_actor_options": {"num_cpus": 0.02}}
 for _stage in STAGES:  # the session's second family: placed beside the first on the same 4 logical CPUs
     if _stage.family != DEFAULT_FAMILY:
         TEST_DEPLOYMENT_OPTIONS[_stage.name]["ray_actor_options"] = {"num_cpus": 0.02}
@@ -132,9 +134,10 @@ def jobs_database(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def served_app(ray_session, tiny_checkpoint, tiny_checkpoint_21, tiny_finetuned_prior, jobs_database):
-    """The full graph on the tiny checkpoint, with the tiny Kandinsky 2.1 family beside it
-    (model ``kandinsky-2-1``): (base_url, ingress handle). Webhooks may call 127.0.0.1 (a
+def served_app(ray_session, tiny_checkpoint, tiny_checkpoint_21, tiny_finetuned_prior, tiny_florence2, tiny_kosmos2,
+               jobs_database):
+    """The full graph on the tiny checkpoint, with the tiny Kandinsky 2.1 family and the tiny
+    Florence-2 and Kosmos-2 beside it (model ``kandinsky-2-1``): (base_url, ingress handle). Webhooks may call 127.0.0.1 (a
     receiver in the test process), and no other private address."""
     from ray import serve
 
@@ -151,6 +154,8 @@ def served_app(ray_session, tiny_checkpoint, tiny_checkpoint_21, tiny_finetuned_
         "decoder_21_path": str(tiny_checkpoint_21.decoder),
         "inpaint_decoder_21_path": str(tiny_checkpoint_21.inpaint_decoder),
         "priors": [{"id": FINE_TUNED_PRIOR, "family": "2.2", "path": str(tiny_finetuned_prior)}],
+        "florence2_path": str(tiny_florence2),
+        "kosmos2_path": str(tiny_kosmos2),
     }, "jobs": {"database_path": str(jobs_database)}, "webhooks": {"allowed_hosts": ["127.0.0.1"]}}
     handle = serve.run(build_graph(args, TEST_DEPLOYMENT_OPTIONS), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle
