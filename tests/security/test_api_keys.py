@@ -164,8 +164,10 @@ def test_a_rate_limit_refusal_is_held_until_a_retry_could_succeed(tmp_path):
     key = add_key(path, "two-per-s")
     client = TestClient(create_app(ApiLimits(), SlowBackend(),
                                    auth=AuthSettings(api_keys_file=path, requests_per_s=2, burst_requests=1)))
-    assert client.post("/v1/text2img", json=GOOD, headers=bearer(key)).status_code == 200
+    # Timed from before the first request: its token was taken at its admission, at or after
+    # this, so the bucket cannot refill (and the refusal be sent) before 0.5 s from here.
     started = time.perf_counter()
+    assert client.post("/v1/text2img", json=GOOD, headers=bearer(key)).status_code == 200
     refused = client.post("/v1/text2img", json=GOOD, headers=bearer(key))
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
     assert time.perf_counter() - started >= 0.45
