@@ -7,7 +7,6 @@ once); every answer is parsed by the processor's own ``post_process_generation``
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,7 @@ import torch
 from PIL import Image
 from ray import serve
 
-from deployments.batching import Queued, answer_or_raise, run_isolated
-from deployments.messages import StageTiming, UnderstandingAnswer
-from deployments.runtime import StageReplica
+from deployments.runtime import UnderstandingReplica
 from deployments.loading import FLORENCE2_LAYOUT, CheckpointError, check_layout, torch_dtype
 
 STAGE = "florence2"
@@ -156,20 +153,10 @@ def _plain(value: Any) -> Any:
 
 
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
-class Florence2(StageReplica):
+class Florence2(UnderstandingReplica):
     """Batches task requests (any mix of tasks) into one ``generate`` call."""
+
+    check_request = staticmethod(check_request)
 
     def __init__(self, path: str, device: str = "cpu", dtype: str = "float32") -> None:
         self.setup(STAGE, device, lambda: Florence2Model.from_pretrained(path, device, dtype))
-
-    async def run(self, request: Florence2Request, request_id: str = "") -> UnderstandingAnswer:
-        return await self.serve_call(answer_or_raise(self._run_batch(Queued(request))), request_id)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _run_batch(self, calls: list[Queued[Florence2Request]]) -> list[UnderstandingAnswer | Exception]:
-        started = time.perf_counter()
-        answers = await run_isolated(self.thread, self.model.run, check_request, [call.payload for call in calls])
-        compute_ms = self.record_batch(calls, started)
-        return [answer if isinstance(answer, Exception) else UnderstandingAnswer(
-            answer, {self.stage: StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))})
-            for call, answer in zip(calls, answers)]

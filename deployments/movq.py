@@ -172,9 +172,9 @@ class MovqModel:
         the latents resized (bilinear), cheaper but softer.
         """
         if mode == "latent":
-            scale = 2 ** (len(self.movq.config.block_out_channels) - 1)
             sample = torch.tensor(latents).to(self.device, self.dtype)
-            resized = torch.nn.functional.interpolate(sample, size=(height // scale, width // scale), mode="bilinear")
+            size = (height // self.scale, width // self.scale)
+            resized = torch.nn.functional.interpolate(sample, size=size, mode="bilinear")
             return resized.float().cpu().numpy()
         if mode != "pixel":
             raise ValueError(f"upscale mode must be pixel or latent, got {mode!r}")

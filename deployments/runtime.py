@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.batching import BatchSettings, LoopBatchSettings, Observers, Queued, StepItem, StepScheduler, StepStats
-from deployments.messages import StageTiming
+from deployments.batching import (
+    BatchSettings, LoopBatchSettings, Observers, Queued, StepItem, StepScheduler, StepStats, answer_or_raise, run_isolated,
+)
+from deployments.messages import StageTiming, UnderstandingAnswer
 from deployments.progress import ProgressBoard
 
 R = TypeVar("R")
@@ -215,6 +217,28 @@ class StageReplica:
         if kind == "exit":
             os._exit(1)
         self._injected_faults.add(kind)
+
+
+class UnderstandingReplica(StageReplica):
+    """An image-understanding stage: requests of any task batched into one ``generate`` call
+    of ``self.model.run``; a request ``check_request`` refuses (or the model refuses alone)
+    fails on its own, not its batch."""
+
+    @staticmethod
+    def check_request(request: Any) -> None:
+        """Raise ``ValueError`` naming what is wrong with ``request``."""
+
+    async def run(self, request: Any, request_id: str = "") -> UnderstandingAnswer:
+        return await self.serve_call(answer_or_raise(self._run_batch(Queued(request))), request_id)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _run_batch(self, calls: list[Queued[Any]]) -> list[UnderstandingAnswer | Exception]:
+        started = time.perf_counter()
+        answers = await run_isolated(self.thread, self.model.run, self.check_request, [call.payload for call in calls])
+        compute_ms = self.record_batch(calls, started)
+        return [answer if isinstance(answer, Exception) else UnderstandingAnswer(
+            answer, {self.stage: StageTiming(call.queue_wait_ms(started), compute_ms, len(calls))})
+            for call, answer in zip(calls, answers)]
 
 
 class LoopReplica(StageReplica):

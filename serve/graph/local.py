@@ -4,6 +4,7 @@ ingress calls the deployments: for the quality benchmark and tests that check th
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from deployments.denoiser import DenoiserModel
 from deployments.image_encoder import ImageEncoderModel
@@ -178,3 +179,14 @@ class BatchedCalls(LocalCalls):
         for call, images in zip(calls, self.movq.decode_many([call.args[0].latents for call in calls])):
             composite = call.args[1].composite
             call.value = EncodedImages([image if composite is None else feather(image, composite) for image in images], "raw")
+
+
+def embedded_graph(checkpoint: Path | str | None = None) -> BatchedCalls:
+    """The shipped trained model (or ``checkpoint``, a directory with ``prior/`` and ``decoder/``)
+    with its derived decoder variants, batched stage by stage. The variants land where the
+    service keeps them (once per decoder weights), not in a temporary directory per run."""
+    from serve.embedded import trained_checkpoint, with_derived_variants
+    from serve.settings import default_cache_dir
+
+    prior, decoder = (Path(checkpoint) / "prior", Path(checkpoint) / "decoder") if checkpoint else trained_checkpoint()
+    return BatchedCalls(LocalCalls(with_derived_variants(prior, decoder, default_cache_dir())))

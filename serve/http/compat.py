@@ -452,8 +452,8 @@ def a1111_hires(body: dict) -> tuple[dict, dict | None]:
     if steps not in (None, 0):
         hires["steps"] = _number(body, "hr_second_pass_steps", int)
     upscaler = body.get("hr_upscaler")
-    if upscaler is not None and not isinstance(upscaler, str):
-        raise CompatError("hr_upscaler", f"must be an upscaler's name, got {upscaler!r:.40}")
+    if upscaler is not None and not (isinstance(upscaler, str) and len(upscaler) <= 64):
+        raise CompatError("hr_upscaler", f"must be an upscaler's name of at most 64 characters, got {upscaler!r:.40}")
     latent = upscaler is None or upscaler.lower().startswith("latent")  # A1111's default is "Latent"
     hires["upscale"] = "latent" if latent else "pixel"
     if upscaler is None or upscaler.lower() == "latent":

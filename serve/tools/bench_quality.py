@@ -35,26 +35,14 @@ FAST_COLOUR_POINTS = 5.0
 """The issue's goals: fast at most 0.3x the defaults' latency, colour accuracy within 5 points."""
 
 
-def _graph(checkpoint: Path | None):
-    from serve.embedded import trained_checkpoint, with_derived_variants
-    from serve.graph.local import BatchedCalls, LocalCalls
-    from serve.settings import default_cache_dir
-
-    prior, decoder = (checkpoint / "prior", checkpoint / "decoder") if checkpoint else trained_checkpoint()
-    return BatchedCalls(LocalCalls(with_derived_variants(prior, decoder, default_cache_dir())))
-
-
-def held_out(languages: tuple[str, ...], per_combo: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """Each held-out (colour, shape, background) combination's caption in each language, ``per_combo`` times."""
+def held_out(languages: tuple[str, ...], per_combo: int) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Each held-out (colour, shape, background) combination's full caption in each language,
+    ``per_combo`` times, and the combination of each."""
     from serve.training.data import HELD_OUT, full_caption
 
-    prompts, truth = [], []
-    for lang in languages:
-        for colour, shape, background in HELD_OUT:
-            for _ in range(per_combo):
-                prompts.append(full_caption(colour, shape, background, lang))
-                truth.append((colour, shape))
-    return prompts, truth
+    combos = [combo for _ in languages for combo in HELD_OUT for _ in range(per_combo)]
+    prompts = [full_caption(*combo, lang) for lang in languages for combo in HELD_OUT for _ in range(per_combo)]
+    return prompts, combos
 
 
 def specs(prompts: list[str], **fields) -> list:
@@ -64,9 +52,10 @@ def specs(prompts: list[str], **fields) -> list:
             for index, prompt in enumerate(prompts)]
 
 
-def accuracy(images: list[np.ndarray], truth: list[tuple[str, str]]) -> dict[str, float]:
-    colour = np.mean([dominant_colour(image) == c for image, (c, _) in zip(images, truth)])
-    shape = np.mean([shape_of(image) == s for image, (_, s) in zip(images, truth)])
+def accuracy(images: list[np.ndarray], truth: list[tuple]) -> dict[str, float]:
+    """Colour and shape accuracy in percent; ``truth``: each image's (colour, shape, ...)."""
+    colour = np.mean([dominant_colour(image) == t[0] for image, t in zip(images, truth)])
+    shape = np.mean([shape_of(image) == t[1] for image, t in zip(images, truth)])
     return {"colour": round(float(colour) * 100, 1), "shape": round(float(shape) * 100, 1)}
 
 
@@ -80,7 +69,9 @@ def preset_configs() -> dict[str, dict]:
 def bench_quality(out: Path, per_combo: int = 4, steps: str = ",".join(map(str, STEPS)), schedulers: str | None = None,
                   rounds: int = 7, languages: str = "en,ru", checkpoint: str | None = None,
                   plot: str | None = None) -> dict:
-    graph = _graph(Path(checkpoint) if checkpoint else None)
+    from serve.graph.local import embedded_graph
+
+    graph = embedded_graph(checkpoint)
     step_counts = [int(value) for value in steps.split(",")]
     names = schedulers.split(",") if schedulers else list(SCHEDULERS)
     unknown = sorted(set(names) - set(SCHEDULERS))

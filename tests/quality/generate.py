@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from serve.http.schemas import GenerationSpec, MixItem, Text2ImgRequest
-from serve.training.data import HELD_OUT, LANGUAGES, full_caption
-from serve.graph.local import BatchedCalls, LocalCalls
+from serve.training.data import LANGUAGES
+from serve.graph.local import BatchedCalls, embedded_graph
+from serve.tools.bench_quality import held_out
 
 PRIOR_STEPS = 10  # fewer than the service's defaults, for the checks that need many runs
 STEPS = 20
@@ -31,13 +31,7 @@ SIZE = 64
 
 @lru_cache(maxsize=1)
 def graph() -> BatchedCalls:
-    from serve.embedded import trained_checkpoint, with_derived_variants
-    from serve.settings import default_cache_dir
-
-    root = os.environ.get("QUALITY_CHECKPOINT")
-    prior, decoder = (Path(root) / "prior", Path(root) / "decoder") if root else trained_checkpoint()
-    # The variants land where the service keeps them (once per decoder weights), not in a temp dir per run.
-    return BatchedCalls(LocalCalls(with_derived_variants(prior, decoder, default_cache_dir())))
+    return embedded_graph(os.environ.get("QUALITY_CHECKPOINT"))
 
 
 def spec(prompt: str, seed: int, guidance: float = GUIDANCE, prior_steps: int = PRIOR_STEPS, steps: int = STEPS, **fields) -> GenerationSpec:
@@ -74,5 +68,4 @@ def mix(prompts: list[str], weights: list[float], seed: int, count: int) -> list
 def held_out_prompts(lang: str, per_combo: int) -> tuple[list[str], list[tuple[str, str, str]]]:
     """Each held-out (colour, shape, background) combination's full caption, ``per_combo`` times."""
     assert lang in LANGUAGES
-    combos = [combo for combo in HELD_OUT for _ in range(per_combo)]
-    return [full_caption(c, s, b, lang) for c, s, b in combos], combos
+    return held_out((lang,), per_combo)

@@ -68,6 +68,13 @@ def test_a1111_hires_fix_maps_to_the_native_hires(fields, hires, substitution):
     assert substitutions.get("hr_upscaler") == substitution
 
 
+def test_a1111_hires_upscaler_is_a_short_name():
+    with pytest.raises(CompatError, match="hr_upscaler"):
+        a1111_to_native({"prompt": "a", "enable_hr": True, "hr_upscaler": "x" * 65}, img2img=False)
+    with pytest.raises(CompatError, match="hr_upscaler"):
+        a1111_to_native({"prompt": "a", "enable_hr": True, "hr_upscaler": 4}, img2img=False)
+
+
 def test_a1111_hires_errors_name_a1111_fields(client):
     response = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "width": 512, "height": 512, "enable_hr": True,
                                                       "hr_scale": 3})
