@@ -191,3 +191,19 @@ def test_bench_sweep_runs_and_writes_its_json(served_app, tmp_path):
         assert _finite(result, key) > 0
     assert result["cells"] == 16 and result["max_pixel_diff"] >= 0
     _check_provenance(result)
+
+
+def test_bench_understanding_runs_and_writes_its_json(served_app, tmp_path):
+    url, _ = served_app
+    out = tmp_path / "understanding.json"
+    done = _run(["bench", "understanding", "--url", url, "--images", "3", "--rounds", "1", "--steps", "2",
+                 "--prior-steps", "2", "--parts", "captioning", "--out", str(out)], tmp_path)
+    assert "batched / one at a time" in done.stdout
+    result = json.loads(out.read_text())
+    for key in ("captioning.throughput_ratio", "captioning.batched.images_per_s", "captioning.sequential.wall_s"):
+        assert _finite(result, key) > 0
+    captioning = result["captioning"]
+    assert captioning["sequential"]["calls"] == 3 and captioning["sequential"]["mean_batch_size"] == 1.0
+    assert captioning["batched"]["calls"] == 3, "every call of the batched side is seen in the stage's batches"
+    assert captioning["captions_identical"], captioning["mismatched_images"]
+    _check_provenance(result)
