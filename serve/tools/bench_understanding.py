@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from serve.settings import ConfigError
 from serve.tools.provenance import write_result
 
 PARTS = ("captioning", "caption-check")
@@ -39,8 +40,9 @@ IMAGE_SIDE = 96  # pixels; the tiny Florence-2 resizes to 64, the published one 
 METRICS_TIMEOUT_S = 30.0  # Ray exports a replica's metrics every few seconds (10 s by default)
 
 
-class CaptionCheckUnavailable(RuntimeError):
-    """The service refuses ``caption_check`` (a build without it, or no Florence-2 configured)."""
+class CaptionCheckUnavailable(ConfigError):
+    """The service refuses ``caption_check`` (a build without it, or no Florence-2 configured):
+    the CLI exits 2 with the message."""
 
 
 # ----------------------------------------------------------------------------- the service
@@ -312,7 +314,7 @@ def bench_understanding(config: str, size: int, steps: int, out: Path, prior_ste
     wanted = [part.strip() for part in parts.split(",") if part.strip()]
     unknown = set(wanted) - set(PARTS)
     if unknown or not wanted:
-        raise ValueError(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        raise ConfigError(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     request = {"prompt": "a red circle", "seed": 7, "width": size, "height": size, "steps": steps,
                "prior_steps": prior_steps}
     root = Path(tempfile.mkdtemp(prefix="bench-understanding-"))
@@ -324,6 +326,9 @@ def bench_understanding(config: str, size: int, steps: int, out: Path, prior_ste
         if url is None:
             url = _start_service(root, port, max_batch, batch_wait)
         _wait_ready(url)
+        if "caption-check" in wanted:  # before measuring anything: refused, the run stops here
+            with httpx.Client(base_url=url, timeout=300.0) as client:
+                _checked(_generate(client, {**request, "steps": 1, "prior_steps": 1, "caption_check": True})[1])
         if "captioning" in wanted:
             result["captioning"] = asyncio.run(_captioning(url, images, rounds))
         if "caption-check" in wanted:

@@ -127,3 +127,10 @@ def test_caption_check_refused_or_answered_without_checks_is_a_clear_error():
         measure_caption_check(fake_generator(refuse=True), REQUEST, rounds=1)
     with pytest.raises(CaptionCheckUnavailable, match="one check per image"):
         measure_caption_check(fake_generator(answer_checks=False), REQUEST, rounds=1)
+
+
+def test_an_unknown_part_exits_2_naming_it(capsys):
+    from serve.cli import main
+
+    assert main(["bench", "understanding", "--parts", "captioning,nope", "--url", "http://127.0.0.1:9"]) == 2
+    assert "--parts: unknown ['nope']" in capsys.readouterr().err
