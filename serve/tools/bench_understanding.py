@@ -265,6 +265,11 @@ def _checked(answer: dict) -> dict:
     return answer
 
 
+def _timing_ms(timing: dict | float) -> float:
+    """A stage's time in a response's ``timings``: queue wait + compute (or a bare number)."""
+    return timing["queue_ms"] + timing["compute_ms"] if isinstance(timing, dict) else float(timing)
+
+
 def measure_caption_check(client: httpx.Client, request: dict, rounds: int) -> dict:
     """The same request with and without ``caption_check``, interleaved; p50s and the difference."""
     plain, checked = dict(request), {**request, "caption_check": True}
@@ -283,8 +288,7 @@ def measure_caption_check(client: httpx.Client, request: dict, rounds: int) -> d
             if side == "checked":
                 checks = _checked(answer)["checks"]
                 for key in stage_ms:
-                    timing = answer["timings"][key]
-                    stage_ms[key].append(timing["queue_ms"] + timing["compute_ms"])
+                    stage_ms[key].append(_timing_ms(answer["timings"][key]))
         images_identical &= images["checked"] == images["plain"]
     plain_p50, checked_p50 = statistics.median(samples["plain"]), statistics.median(samples["checked"])
     return {
