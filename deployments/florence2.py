@@ -7,7 +7,6 @@ once); every answer is parsed by the processor's own ``post_process_generation``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from deployments.messages import Florence2Request
 from deployments.runtime import UnderstandingReplica
 from deployments.loading import FLORENCE2_LAYOUT, CheckpointError, check_layout, torch_dtype
 
@@ -30,15 +30,6 @@ TASKS = TASKS_WITHOUT_TEXT | TASKS_WITH_TEXT
 """The task tokens served; the grounding task also takes a text (the phrase or caption)."""
 
 MAX_NEW_TOKENS = 256  # Florence-2's examples use 1024; captions and boxes of a few objects fit in 256
-
-
-@dataclass(frozen=True)
-class Florence2Request:
-    """One image, one task token and, for grounding only, its text."""
-
-    image: np.ndarray  # (H, W, 3) uint8
-    task: str
-    text: str | None = None
 
 
 def check_florence2_layout(root: Path | str) -> Path:

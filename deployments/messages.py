@@ -214,10 +214,38 @@ class EncodedImages:
     """Things the client should know (e.g. a prompt truncated to the encoder's window)."""
     call_ms: dict[str, float] = field(default_factory=dict)
     """Each stage call's round trip from the ingress (queue + compute + routing and transfer), by timing key."""
+    checks: list[CaptionCheck] | None = None
+    """``caption_check``: one per image, in image order; None when the request did not ask."""
 
     @property
     def count(self) -> int:
         return len(self.images)
+
+    def checks_json(self) -> list[dict] | None:
+        """``checks`` as JSON-able dicts; None when the request did not ask."""
+        return None if self.checks is None else [dict(vars(check)) for check in self.checks]
+
+
+@dataclass(frozen=True)
+class CaptionCheck:
+    """What a generated image shows: Florence-2's caption of it, and the cosine similarity of
+    its CLIP image embedding to the prompt's CLIP text embedding (None: no prompt, as in mix)."""
+
+    caption: str
+    clip_similarity: float | None
+
+
+CAPTION_TASK = "<CAPTION>"
+"""Florence-2's brief-caption task token (``caption_check`` and ``/v1/caption``'s default)."""
+
+
+@dataclass(frozen=True)
+class Florence2Request:
+    """One image, one Florence-2 task token and, for grounding only, its text."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    task: str
+    text: str | None = None
 
 
 @dataclass

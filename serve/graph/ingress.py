@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 import numpy as np
 
-from deployments.messages import EncodedImages
+from deployments.messages import CAPTION_TASK, EncodedImages, Florence2Request
 from deployments.metrics import merge_exposition
 from serve.http.app import create_app
 from serve.http.catalog import ModelCatalog
@@ -35,7 +35,7 @@ from serve.http.schemas import GenerationSpec
 from serve.settings import ServiceSettings
 
 from deployments.registry import (DEFAULT_FAMILY, INGRESS_NAME, OPTIONAL_STAGES, STAGE_NAMES, UNDERSTANDING_STAGES,
-                                 denoiser_of_mode, stage_for)
+                                 denoiser_of_mode, stage_for, understanding_stage)
 
 logger = logging.getLogger("ray.serve")
 
@@ -116,6 +116,13 @@ class HandleCalls:
 
     async def upscale(self, latents, params):
         return await self._call(self._stage("movq"), "upscale", params.request_id, latents, params)
+
+    async def caption(self, image, request_id):
+        return await self.understand("caption", Florence2Request(image, CAPTION_TASK), request_id)
+
+    async def understand(self, mode: str, request, request_id: str):
+        """One request to the image-understanding stage serving ``mode``."""
+        return await self._call(understanding_stage(mode).name, "run", request_id, request, request_id)
 
 
 def classify_stage_error(error: BaseException) -> str | None:
@@ -319,21 +326,20 @@ class Ingress:
 
         return await self._resilient(attempt)
 
-    async def understand(self, stage: str, image: np.ndarray, task: str, text: str | None, request_id: str = "") -> dict:
-        """One Florence-2 task or Kosmos-2 grounded caption (a ``ValueError`` when it refuses the input)."""
-        if stage == "florence2":
-            from deployments.florence2 import Florence2Request
-
-            name, request = "Florence2", Florence2Request(image, task, text)
+    async def understand(self, mode: str, image: np.ndarray, task: str, text: str | None, request_id: str = "") -> dict:
+        """One image-understanding request of route ``mode``: a Florence-2 task or a Kosmos-2
+        grounded caption (a ``ValueError`` when the stage refuses the input)."""
+        if understanding_stage(mode).checkpoint == "florence2":
+            request = Florence2Request(image, task, text)
         else:
             from deployments.kosmos2 import DEFAULT_PROMPT, Kosmos2Request
 
-            name, request = "Kosmos2", Kosmos2Request(image, text or DEFAULT_PROMPT)
+            request = Kosmos2Request(image, text or DEFAULT_PROMPT)
 
         async def attempt() -> dict:
             calls = self._calls()
             try:
-                return (await calls._call(name, "run", request_id, request, request_id)).answer
+                return (await calls.understand(mode, request, request_id)).answer
             except BaseException:
                 calls.cancel_all()
                 raise

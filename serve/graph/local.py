@@ -8,7 +8,10 @@ from pathlib import Path
 
 from deployments.denoiser import DenoiserModel
 from deployments.image_encoder import ImageEncoderModel
-from deployments.messages import ClipImageEmbeddings, EncodedImages, ImageEmbeddings, ImageLatents, Latents, TextEmbeddings
+from deployments.messages import (
+    CAPTION_TASK, ClipImageEmbeddings, EncodedImages, Florence2Request, ImageEmbeddings, ImageLatents, Latents, TextEmbeddings,
+    UnderstandingAnswer,
+)
 from deployments.movq import MovqModel, feather
 from deployments.prior import PriorModel
 from deployments.text_encoder import MultilingualTextEncoderModel, TextEncoderModel
@@ -21,7 +24,8 @@ class LocalCalls:
     ``checkpoint``: a 2.2 one (prior, decoder, inpaint, controlnet) or a 2.1 one (prior,
     decoder, inpaint), whose decoder also carries its text encoder."""
 
-    def __init__(self, checkpoint, fine_tuned: dict | None = None) -> None:
+    def __init__(self, checkpoint, fine_tuned: dict | None = None, florence2=None) -> None:
+        """``florence2``: a Florence-2 checkpoint directory, for ``caption_check``."""
         prior_path, decoder_path, inpaint_path, *controlnet_path = checkpoint
         self.fine_tuned = {model_id: PriorModel.from_pretrained(path) for model_id, path in (fine_tuned or {}).items()}
         self.text = TextEncoderModel.from_pretrained(prior_path)
@@ -35,6 +39,11 @@ class LocalCalls:
         self.family = "2.1" if self.decoders["text2img"].text_conditioned else "2.2"
         self.decoder_text = MultilingualTextEncoderModel.from_pretrained(decoder_path) if self.family == "2.1" else None
         self.movq = MovqModel.from_pretrained(decoder_path)
+        self.captioner = None
+        if florence2 is not None:
+            from deployments.florence2 import Florence2Model
+
+            self.captioner = Florence2Model.from_pretrained(florence2)
 
     async def encode_text(self, texts, request_id):
         return TextEmbeddings(*self.text.encode(texts))
@@ -60,6 +69,12 @@ class LocalCalls:
 
     async def upscale(self, latents, params):
         return ImageLatents(self.movq.upscale(latents.latents, params.width, params.height, params.mode))
+
+    async def caption(self, image, request_id):
+        if self.captioner is None:
+            raise ValueError("caption_check needs a Florence-2 checkpoint (LocalCalls(florence2=...))")
+        [answer] = self.captioner.run([Florence2Request(image, CAPTION_TASK)])
+        return UnderstandingAnswer(answer)
 
     async def decode(self, latents, params):
         [images] = self.movq.decode_many([latents.latents])

@@ -17,6 +17,7 @@ tens to hundreds of KB) next to the final images.
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import replace
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -25,7 +26,8 @@ import numpy as np
 
 from deployments.registry import FAMILIES, denoiser_of_mode
 from deployments.messages import (
-    Composite, DecodeParams, DenoiseParams, InitImage, MixTerm, PriorParams, TextRows, UpscaleParams,
+    CaptionCheck, Composite, DecodeParams, DenoiseParams, EncodedImages, InitImage, MixTerm, PriorParams, StageTiming,
+    TextRows, UpscaleParams,
 )
 from serve.http.schemas import GenerationSpec
 
@@ -59,6 +61,10 @@ class StageCalls(Protocol):
 
     def upscale(self, latents: Any, params: UpscaleParams) -> Awaitable[Any]:
         """Hires fix: the latents at the output size (one row per image), as input latents."""
+        ...
+
+    def caption(self, image: np.ndarray, request_id: str) -> Awaitable[Any]:
+        """Florence-2's brief caption of one (H, W, 3) uint8 image (an ``UnderstandingAnswer``)."""
         ...
 
 
@@ -142,6 +148,10 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
     if spec.mode == "inpaint" and spec.mask_blur > 0:
         composite = Composite(spec.image, spec.mask, spec.mask_blur)
     decoded = await calls.decode(latents, DecodeParams(spec.output_format, request_id, composite))
+    checks, check_timings = None, {}
+    if spec.caption_check:
+        prompt_embedding = text.text_embeds[0] if spec.prompt else None
+        checks, check_timings = await caption_check(decoded, prompt_embedding, calls, request_id)
     # Each stage's output carries its own timing only; the request's whole story is told here.
     timings: dict = {}
     for output in (text, images, embeddings, init, decoder_text, first_pass, upscaled, latents, decoded):
@@ -149,4 +159,40 @@ async def plan(spec: GenerationSpec, calls: StageCalls, request_id: str) -> Any:
     if first_pass is not None:  # the second pass's timing under its own key
         for key, timing in (first_pass.timings or {}).items():
             timings[key], timings[f"{key}_hires"] = timing, latents.timings.get(key, timing)
-    return replace(decoded, seeds=list(seeds), timings=timings, notes=tuple(text.notes))
+    timings.update(check_timings)
+    return replace(decoded, seeds=list(seeds), timings=timings, notes=tuple(text.notes), checks=checks)
+
+
+async def caption_check(decoded: EncodedImages, prompt_embedding: np.ndarray | None, calls: StageCalls,
+                        request_id: str) -> tuple[list[CaptionCheck], dict[str, StageTiming]]:
+    """Each decoded image's Florence-2 caption and the cosine similarity of its CLIP image
+    embedding to ``prompt_embedding`` (None: no similarity), with the two calls' timings as
+    ``caption_check`` (the slowest image's caption) and ``caption_check_embed``.
+
+    What is checked is the image the client gets: decoded from its encoding (lossy ones
+    included). Captions go one call per image, which the Florence-2 stage batches."""
+    pixels = await asyncio.to_thread(_pixels, decoded)
+    *answers, embedded = await asyncio.gather(
+        *(calls.caption(image, request_id) for image in pixels),
+        calls.embed_images(pixels, request_id) if prompt_embedding is not None else _none())
+    similarities: list[float | None] = [None] * len(pixels)
+    timings: dict[str, StageTiming] = {}
+    if embedded is not None:
+        text = prompt_embedding / np.linalg.norm(prompt_embedding)
+        images = embedded.image_embeds / np.linalg.norm(embedded.image_embeds, axis=1, keepdims=True)
+        similarities = [float(value) for value in images @ text]
+        timings.update({"caption_check_embed": timing for timing in (embedded.timings or {}).values()})
+    caption_timings = [timing for answer in answers for timing in (answer.timings or {}).values()]
+    if caption_timings:
+        timings["caption_check"] = max(caption_timings, key=lambda t: t.queue_ms + t.compute_ms)
+    checks = [CaptionCheck(answer.answer.get("text", ""), similarity) for answer, similarity in zip(answers, similarities)]
+    return checks, timings
+
+
+def _pixels(decoded: EncodedImages) -> list[np.ndarray]:
+    """The decoded images as (H, W, 3) uint8 arrays (``raw``: they already are)."""
+    if decoded.media_type == "raw":
+        return [np.asarray(image) for image in decoded.images]
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in decoded.images]

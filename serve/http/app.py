@@ -73,9 +73,9 @@ class GenerationBackend(Protocol):
         """The product's metrics from every stage, in Prometheus text format."""
         ...
 
-    async def understand(self, stage: str, image: np.ndarray, task: str, text: str | None, request_id: str) -> dict:
-        """An image-understanding answer of ``stage`` (``florence2``: ``task`` with ``text``;
-        ``kosmos2``: ``text`` is the prompt or None); ``ValueError`` when it refuses the input."""
+    async def understand(self, mode: str, image: np.ndarray, task: str, text: str | None, request_id: str) -> dict:
+        """The answer of image-understanding route ``mode`` (Florence-2's: ``task`` with ``text``;
+        Kosmos-2's: ``text`` is the prompt or None); ``ValueError`` when it refuses the input."""
         ...
 
 
@@ -325,6 +325,7 @@ def create_app(
             total_ms=total_ms,
             request_id=request_id,
             warnings=list(getattr(result, "notes", ())),
+            checks=result.checks_json(),
         )
 
     def add_generation_route(mode: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from deployments.registry import DEFAULT_FAMILY, FAMILIES, MODEL_IDS, STAGES, denoiser_of_mode
+from deployments.registry import DEFAULT_FAMILY, FAMILIES, MODEL_IDS, STAGES, denoiser_of_mode, understanding_stage
 from serve.http.errors import ApiError
 from serve.http.schemas import GenerationSpec
 
@@ -24,9 +24,15 @@ class ServedModel:
     prior: str = ""
     """A fine-tuned prior: its id, which routes the prior call (``multiplexed_model_id``) to a
     replica of its family's Prior that holds it. Empty: the family's own prior."""
+    caption_check: str | None = None
+    """Why ``caption_check`` is refused here (its stage is not deployed); None: it is offered."""
 
-    def apply(self, spec: GenerationSpec) -> GenerationSpec:
-        """``spec`` as run by this model."""
+    def apply(self, spec: GenerationSpec, field: str = "caption_check") -> GenerationSpec:
+        """``spec`` as run by this model; 404 ``mode_not_configured`` naming ``field`` when
+        it asks for ``caption_check`` and that is not configured."""
+        if spec.caption_check and self.caption_check is not None:
+            raise ApiError(404, "mode_not_configured", self.caption_check,
+                           [{"field": field, "message": self.caption_check}], reason="mode_not_configured")
         return replace(spec, model=self.id, family=self.family, prior_model=self.prior)
 
     def as_json(self, default: bool, default_side: int, loaded: bool) -> dict:
@@ -49,11 +55,16 @@ class ModelCatalog:
         """One model per family (named by ``names``, default :data:`MODEL_IDS`), then one per
         fine-tuned prior ``(id, family)``; a mode whose
         U-Net stage is not in ``deployed`` (None: all are) is left out of its model's modes."""
+        captioner = understanding_stage("caption")
+        refusal = None if deployed is None or captioner.name in deployed else (
+            f"caption_check is not configured on this deployment: set args.models.{captioner.path_field} "
+            f"(or ${captioner.path_env}) to a {captioner.name} checkpoint directory and redeploy")
         by_family = {}
         for family in families:
             stages = tuple(s.name for s in STAGES if s.family == family and (deployed is None or s.name in deployed))
             modes = tuple(mode for mode in FAMILIES[family] if denoiser_of_mode(mode, family).name in stages)
-            by_family[family] = ServedModel((names or MODEL_IDS).get(family, MODEL_IDS[family]), family, modes, stages)
+            by_family[family] = ServedModel((names or MODEL_IDS).get(family, MODEL_IDS[family]), family, modes, stages,
+                                            caption_check=refusal)
         fine_tuned = [replace(by_family[family], id=prior_id, prior=prior_id) for prior_id, family in priors]
         return cls([*by_family.values(), *fine_tuned], default_id or by_family[DEFAULT_FAMILY].id)
 

@@ -30,7 +30,7 @@ from serve.http.auth import ApiKey
 from serve.http.catalog import ModelCatalog
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
-from serve.http.schemas import Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
+from serve.http.schemas import CaptionCheckOut, Cap, ErrorResponse, GenerationSpec, SpecError, bind_limits
 from serve.http.sweep import SWEEP_JOB_MODE, AxisValue, SweepAxis, SweepPlan, SweepRequest, sweep_cells
 from serve.jobs.runner import JobRunner, Submission
 from serve.jobs.webhooks import WebhookRefused
@@ -67,7 +67,7 @@ def build_spec(models: dict, mode: str, params: Any, prefix: str, catalog: Model
         raise ApiError.from_validation(error, under) from None
     except SpecError as error:
         raise ApiError.invalid(under(error.field), error.message) from None
-    return spec if served is None else served.apply(spec)
+    return spec if served is None else served.apply(spec, under("caption_check"))
 
 
 async def from_store(call: Awaitable[T]) -> T:
@@ -160,6 +160,7 @@ class JobImageOut(BaseModel):
     url: str
     media_type: str | None
     seed: int
+    check: CaptionCheckOut | None = Field(default=None, description="With caption_check: its caption and CLIP similarity.")
 
 
 class JobGridOut(BaseModel):
@@ -177,6 +178,7 @@ class JobSweepCellOut(BaseModel):
     images: list[JobImageOut] = Field(description="Once the job has succeeded.")
     total_ms: float | None = Field(description="From the cells' start to this cell's images.")
     warnings: list[str]
+    checks: list[CaptionCheckOut] | None = Field(default=None, description="With caption_check: one per image.")
 
 
 class JobSweepOut(BaseModel):

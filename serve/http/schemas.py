@@ -96,6 +96,8 @@ class GenerationSpec:
     """A fine-tuned prior's id (the Prior replica's multiplexed model); empty: the family's prior."""
     hires: Hires | None = None
     """Hires fix: a first pass at ``hires``'s size, then upscaled to ``width`` x ``height`` and denoised again."""
+    caption_check: bool = False
+    """After decoding, caption each image (Florence-2) and score it against the prompt (CLIP)."""
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,9 @@ class GenerationRequest(BaseModel):
     quality: Quality | None = Field(  # type: ignore[valid-type]
         default=None, description="A measured preset of steps, scheduler, prior_steps and (fast) decoder guidance, "
         "for the fields the request leaves out: fast, balanced or best (the defaults).")
+    caption_check: bool = Field(
+        default=False, description="Check what each image shows: the response's checks carry Florence-2's caption "
+        "of it and the CLIP cosine similarity of the image to the prompt (needs the Florence-2 stage).")
 
     @model_validator(mode="after")
     def _apply_quality(self) -> GenerationRequest:
@@ -325,6 +330,7 @@ class GenerationRequest(BaseModel):
             output_format=self.output_format,
             mode=self.mode,
             scheduler=self.scheduler,
+            caption_check=self.caption_check,
             **mode_fields,
         )
 
@@ -543,6 +549,12 @@ class StageTimingOut(BaseModel):
     batch_size: int
 
 
+class CaptionCheckOut(BaseModel):
+    caption: str = Field(description="Florence-2's brief caption of the image.")
+    clip_similarity: float | None = Field(
+        description="Cosine similarity of the image's and the prompt's CLIP embeddings; null in mix mode (no single prompt).")
+
+
 class ImagesResponse(BaseModel):
     images: list[str] = Field(description="Base64-encoded images, one per seed.")
     media_type: str
@@ -553,6 +565,8 @@ class ImagesResponse(BaseModel):
     total_ms: float
     request_id: str
     warnings: list[str] = Field(default=[], description="E.g. a prompt longer than the text encoder's 77-token window, which reads only its start.")
+    checks: list[CaptionCheckOut] | None = Field(
+        default=None, description="With caption_check: one per image, in image order.")
 
 
 class EmbeddingsResponse(BaseModel):

@@ -32,7 +32,7 @@ from serve.http.grid import GridAxis, render_grid
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.schemas import (
-    REQUEST_MODELS, Cap, ErrorResponse, GenerationRequest, GenerationSpec, SpecError, bind_limits,
+    REQUEST_MODELS, CaptionCheckOut, Cap, ErrorResponse, GenerationRequest, GenerationSpec, SpecError, bind_limits,
 )
 from serve.jobs.runner import JobFailed
 from serve.settings import ApiLimits
@@ -87,6 +87,7 @@ class SweepCellOut(BaseModel):
     seeds: list[int]
     total_ms: float = Field(description="From the sweep's start to this cell's images.")
     warnings: list[str] = []
+    checks: list[CaptionCheckOut] | None = Field(default=None, description="With caption_check: one per image.")
 
 
 class SweepResponse(BaseModel):
@@ -197,7 +198,7 @@ async def sweep_cells(body: SweepRequest, models: dict[str, type[GenerationReque
     if catalog is None:
         return cells
     served = catalog.resolve(body.base.get("model"), body.mode, "base.model")
-    return [replace(cell, spec=served.apply(cell.spec)) for cell in cells]
+    return [replace(cell, spec=served.apply(cell.spec, "base.caption_check")) for cell in cells]
 
 
 async def run_cells(cells: Sequence[Cell], generate: Callable[[int, GenerationSpec], Awaitable[EncodedImages]],
@@ -279,6 +280,7 @@ class SweepPlan:
                 "seeds": list(cell.spec.seeds if result is None else result.seeds),
                 "total_ms": None if finished_ms is None else round(finished_ms[cell.index], 2),
                 "warnings": [] if result is None else list(getattr(result, "notes", ())),
+                "checks": None if result is None else result.checks_json(),
             })
         return {"mode": self.body.mode, "axes": [axis.model_dump() for axis in self.body.axes], "cells": cells,
                 "grid": None if grid is None else {"width": grid[0], "height": grid[1]}}
@@ -350,7 +352,7 @@ def add_sweep_route(router: APIRouter, limits: ApiLimits, models: dict[str, type
             cells=[SweepCellOut(index=list(cell.index), values=cell.values,
                                 images=[base64.b64encode(image).decode("ascii") for image in result.images],
                                 seeds=list(result.seeds), total_ms=finished[cell.index],
-                                warnings=list(getattr(result, "notes", ())))
+                                warnings=list(getattr(result, "notes", ())), checks=result.checks_json())
                    for cell, result in zip(cells, results)],
             media_type=results[0].media_type, width=spec.width, height=spec.height,
             grid=None if grid is None else base64.b64encode(grid[0]).decode("ascii"),

@@ -13,15 +13,16 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.messages import CAPTION_TASK
 from serve.http.errors import ApiError, from_backend
 from serve.http.images import PixelBudget, decode_image
 from serve.http.schemas import Base64Image, ErrorResponse, SpecError, Text, bind_limits
 from serve.settings import ApiLimits
 
 Understand = Callable[[str, np.ndarray, str, "str | None", str], Awaitable[dict]]
-"""``(stage, image, task, text, request_id) -> answer``: the backend's ``understand``."""
+"""``(route, image, task, text, request_id) -> answer``: the backend's ``understand``."""
 
-DETAIL_TASKS = {"brief": "<CAPTION>", "detailed": "<DETAILED_CAPTION>", "more_detailed": "<MORE_DETAILED_CAPTION>"}
+DETAIL_TASKS = {"brief": CAPTION_TASK, "detailed": "<DETAILED_CAPTION>", "more_detailed": "<MORE_DETAILED_CAPTION>"}
 Box = list[float]
 
 
@@ -114,20 +115,21 @@ def _detections(answer: dict) -> list[Detection]:
     return [Detection(label=label, box=box) for label, box in zip(answer.get("labels", []), answer.get("bboxes", []))]
 
 
-# route -> (request model, stage, (body -> (task, text, field the text came from)), (answer -> response fields))
-ROUTES: dict[str, tuple[type[_ImageRequest], str, Callable[[Any], tuple[str, str | None, str]], Callable[[dict], dict], type[BaseModel]]] = {
-    "caption": (CaptionRequest, "florence2", lambda b: (DETAIL_TASKS[b.detail], None, "detail"),
+# route -> (request model, (body -> (task, text, field the text came from)), (answer -> response fields), response)
+# The stage serving a route is the registry's (deployments.registry.understanding_stage).
+ROUTES: dict[str, tuple[type[_ImageRequest], Callable[[Any], tuple[str, str | None, str]], Callable[[dict], dict], type[BaseModel]]] = {
+    "caption": (CaptionRequest, lambda b: (DETAIL_TASKS[b.detail], None, "detail"),
                 lambda a: {"text": a.get("text", "")}, CaptionResponse),
-    "detect": (DetectRequest, "florence2", lambda b: ("<OD>", None, "image"),
+    "detect": (DetectRequest, lambda b: ("<OD>", None, "image"),
                lambda a: {"objects": _detections(a)}, DetectResponse),
-    "ground": (GroundRequest, "florence2", lambda b: ("<CAPTION_TO_PHRASE_GROUNDING>", b.phrase, "phrase"),
+    "ground": (GroundRequest, lambda b: ("<CAPTION_TO_PHRASE_GROUNDING>", b.phrase, "phrase"),
                lambda a: {"boxes": a.get("bboxes", [])}, GroundResponse),
-    "ocr": (OcrRequest, "florence2", lambda b: ("<OCR_WITH_REGION>" if b.regions else "<OCR>", None, "image"),
+    "ocr": (OcrRequest, lambda b: ("<OCR_WITH_REGION>" if b.regions else "<OCR>", None, "image"),
             lambda a: {"text": a["text"]} if "text" in a else {
                 "text": "\n".join(a.get("labels", [])),
                 "regions": [TextRegion(text=t, quad=q) for t, q in zip(a.get("labels", []), a.get("quad_boxes", []))]},
             OcrResponse),
-    "grounded-caption": (GroundedCaptionRequest, "kosmos2", lambda b: ("", b.prompt, "prompt"),
+    "grounded-caption": (GroundedCaptionRequest, lambda b: ("", b.prompt, "prompt"),
                          lambda a: {"text": a["text"], "entities": a["entities"]}, GroundedCaptionResponse),
 }
 
@@ -136,11 +138,11 @@ def add_understanding_routes(router: APIRouter, limits: ApiLimits, understand: U
                              decode: Any, slot: Any) -> None:
     """One route per entry of :data:`ROUTES`; 404 ``mode_not_configured`` for those in ``unavailable``."""
     errors = {status: {"model": ErrorResponse} for status in (401, 403, 413, 422, 429, 500, 503, 504)}
-    for mode, (model, stage, task_of, shape, response_model) in ROUTES.items():
+    for mode, (model, task_of, shape, response_model) in ROUTES.items():
         if mode in unavailable:
             _add_not_configured(router, mode, unavailable[mode], model.__doc__)
             continue
-        _add_route(router, mode, bind_limits(model, limits), stage, task_of, shape, response_model, understand,
+        _add_route(router, mode, bind_limits(model, limits), task_of, shape, response_model, understand,
                    decode, slot, errors)
 
 
@@ -150,13 +152,13 @@ def _add_not_configured(router: APIRouter, mode: str, reason: str, summary: str 
         raise ApiError(404, "mode_not_configured", reason, reason="mode_not_configured")
 
 
-def _add_route(router, mode, model, stage, task_of, shape, response_model, understand, decode, slot, errors) -> None:
+def _add_route(router, mode, model, task_of, shape, response_model, understand, decode, slot, errors) -> None:
     async def route(body: model, request: Request):  # type: ignore[valid-type]
         request_id = request.state.request_id
         image = await decode.run(body.decoded_image)
         task, text, field = task_of(body)
         try:
-            answer = await from_backend(_refusals(understand(stage, image, task, text, request_id)),
+            answer = await from_backend(_refusals(understand(mode, image, task, text, request_id)),
                                         request_id)
         except _Refused as error:
             raise SpecError(field, str(error)) from None

@@ -300,7 +300,8 @@ class JobRunner:
             await self.store.succeed(job_id, outcome.images, outcome.media_type, outcome.seeds, {}, outcome.record)
             return
         timings = {stage: dict(vars(timing)) for stage, timing in result.timings.items()}
-        await self.store.succeed(job_id, list(result.images), result.media_type, list(result.seeds), timings)
+        await self.store.succeed(job_id, list(result.images), result.media_type, list(result.seeds), timings,
+                                 checks=result.checks_json())
 
     async def _monitor(self, job_id: str, submission: Submission, requests: list[tuple[Any, str]],
                        tracker: CombinedTracker, job_task: asyncio.Task) -> None:

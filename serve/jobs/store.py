@@ -87,6 +87,8 @@ class Job:
     fingerprint: str | None = None
     """A digest of the request that created it: a retry with the same ``idempotency_key``
     must carry the same request."""
+    checks: list[dict] | None = None
+    """``caption_check``: each image's caption and CLIP similarity, in image order."""
     sweep: dict | None = None
     """A sweep job's ``{mode, axes, cells: [{index, values, seeds, total_ms, warnings}], grid}``
     (``serve.http.sweep.SweepPlan.record``); its images are every cell's in cell order, then
@@ -162,7 +164,10 @@ def _image_url(job_id: str, index: int) -> str:
 
 
 def _image_view(job: Job, index: int, seed: int) -> dict:
-    return {"index": index, "url": _image_url(job.id, index), "media_type": job.media_type, "seed": seed}
+    view = {"index": index, "url": _image_url(job.id, index), "media_type": job.media_type, "seed": seed}
+    if job.checks is not None and index < len(job.checks):
+        view["check"] = job.checks[index]
+    return view
 
 
 class JobStore:
@@ -437,12 +442,14 @@ class JobStore:
             self._emit(job, "preview", dict(job.preview))
 
     def succeed(self, job_id: str, images: list[bytes], media_type: str, seeds: list[int], stage_timings: dict,
-                sweep: dict | None = None) -> None:
-        """``sweep``: a sweep job's record with its results (seeds, times, grid size)."""
+                sweep: dict | None = None, checks: list[dict] | None = None) -> None:
+        """``sweep``: a sweep job's record with its results (seeds, times, grid size);
+        ``checks``: ``caption_check``'s, one per image."""
         job = self._jobs.get(job_id)
         if job is None or job.finished:
             return
         job.images, job.media_type, job.seeds, job.stage_timings = list(images), media_type, list(seeds), stage_timings
+        job.checks = checks
         if sweep is not None:
             job.sweep = sweep
         job.stored_bytes += sum(len(image) for image in images)
@@ -604,8 +611,8 @@ class AsyncJobStore:
         await self._notify()
 
     async def succeed(self, job_id: str, images: list[bytes], media_type: str, seeds: list[int], stage_timings: dict,
-                      sweep: dict | None = None) -> dict | None:
-        self.store.succeed(job_id, images, media_type, seeds, stage_timings, sweep)
+                      sweep: dict | None = None, checks: list[dict] | None = None) -> dict | None:
+        self.store.succeed(job_id, images, media_type, seeds, stage_timings, sweep, checks)
         await self._notify()
         return self.store.view(job_id)
 

@@ -29,3 +29,34 @@ def test_caption_and_grounded_caption_over_http_equal_the_models_in_process(serv
     assert caption.json()["text"] == florence["text"]
     answer = grounded.json()
     assert {"text": answer["text"], "entities": answer["entities"]} == kosmos
+
+
+def test_caption_check_over_http_equals_the_caption_and_embeddings_routes_on_the_returned_images(served_app):
+    import time
+
+    url, _ = served_app
+    params = {"prompt": "a green triangle", "width": 64, "height": 64, "prior_steps": 3, "steps": 4, "seed": 5,
+              "num_images": 2, "caption_check": True}
+    with httpx.Client(base_url=url, timeout=120.0) as client:
+        response = client.post("/v1/text2img", json=params)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert len(body["checks"]) == 2 and {"caption_check", "caption_check_embed"} <= set(body["timings"])
+        for image, check in zip(body["images"], body["checks"]):
+            caption = client.post("/v1/caption", json={"image": image}).json()["text"]
+            similarity = client.post("/v1/embeddings", json={"texts": [params["prompt"]], "images": [image]}).json()
+            assert check["caption"] == caption
+            assert abs(check["clip_similarity"] - similarity["similarity"][0][0]) < 1e-5
+
+        # The same request as a job: each image's check on its entry in the job's view.
+        job = client.post("/v1/jobs", json={"mode": "text2img", "params": params})
+        assert job.status_code == 202, job.text
+        deadline = time.monotonic() + 120
+        while (view := client.get(f"/v1/jobs/{job.json()['id']}").json())["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, view
+            time.sleep(0.05)  # polling interval
+        assert view["state"] == "succeeded", view
+        assert [image["check"] for image in view["images"]] == body["checks"]
+        # Without it, no checks.
+        plain = client.post("/v1/text2img", json={**params, "caption_check": False}).json()
+        assert plain["checks"] is None and plain["images"] == body["images"]

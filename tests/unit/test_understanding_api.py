@@ -23,12 +23,12 @@ class FakeBackend:
     async def readiness(self):
         return {}
 
-    async def understand(self, stage, image, task, text, request_id):
-        self.calls.append((stage, image.shape, task, text))
+    async def understand(self, mode, image, task, text, request_id):
+        self.calls.append((mode, image.shape, task, text))
         if self.refuse:
             raise ValueError(self.refuse)
         height, width = image.shape[:2]
-        if stage == "kosmos2":
+        if mode == "grounded-caption":
             return {"text": "An image of a cat", "entities": [{"phrase": "a cat", "span": [12, 17], "boxes": [[0.0, 0.0, width, height]]}]}
         if task == "<OD>":
             return {"task": task, "bboxes": [[1.0, 2.0, 3.0, 4.0]], "labels": ["cat"]}
@@ -71,8 +71,8 @@ def test_each_route_answers_its_shape_from_the_decoded_image(client, backend, ro
     answer = response.json()
     assert answer.pop("request_id")
     assert answer == expected
-    stage, shape, sent_task, _ = backend.calls[0]
-    assert (stage, shape, sent_task) == ("kosmos2" if route == "grounded-caption" else "florence2", (24, 32, 3), task)
+    sent_route, shape, sent_task, _ = backend.calls[0]
+    assert (sent_route, shape, sent_task) == (route, (24, 32, 3), task)
 
 
 @pytest.mark.parametrize("route, body, field", [
