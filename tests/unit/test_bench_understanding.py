@@ -117,9 +117,11 @@ def test_caption_check_reports_p50s_the_difference_and_the_stage_timings():
     assert len(result["samples_ms"]["plain"]) == len(result["samples_ms"]["checked"]) == 3
     assert result["added_ms"] == pytest.approx(result["checked_p50_ms"] - result["plain_p50_ms"])
     assert result["ratio"] == pytest.approx(result["checked_p50_ms"] / result["plain_p50_ms"])
+    pairs = sorted(c - p for c, p in zip(result["samples_ms"]["checked"], result["samples_ms"]["plain"]))
+    assert result["added_ms_paired_p50"] == pytest.approx(pairs[1])
     assert result["stage_p50_ms"] == {"caption_check": 31.0, "caption_check_embed": 5.0}
     assert result["images_identical"] and result["checks"][0]["caption"] == "a red circle"
-    assert "added:" in "\n".join(understanding_tables({"caption_check": result}))
+    assert "each round's own difference" in "\n".join(understanding_tables({"caption_check": result}))
 
 
 def test_caption_check_refused_or_answered_without_checks_is_a_clear_error():
