@@ -1,4 +1,4 @@
-"""The stage registry: every stage of the graph, once.
+"""The stage registry: every stage, once — the generation graph's and the image-understanding ones.
 
 Settings (which deployments a config may name, which take loop settings), the graph
 builder (what to deploy, from which checkpoint), the ingress (which deployment serves a
@@ -36,7 +36,8 @@ class Stage:
     deployment: str
     """``module:attribute`` of the Ray Serve deployment, imported when the graph is built."""
     role: str
-    """What the ingress calls it for: ``text_encoder``, ``image_encoder``, ``prior``, ``denoiser``, ``movq``."""
+    """What the ingress calls it for: ``text_encoder``, ``image_encoder``, ``prior``, ``denoiser``, ``movq``,
+    ``decoder_text_encoder`` (2.1) or ``understanding`` (an image-understanding route)."""
     checkpoint: str
     """The checkpoint it loads: a ``ModelSettings`` field ``<checkpoint>_path`` and env ``KANDINSKY_<CHECKPOINT>_PATH``."""
     subfolders: tuple[str, ...]
@@ -44,16 +45,16 @@ class Stage:
     loop: bool
     """A step loop: its ``user_config`` is ``LoopBatchSettings`` and it reports request progress."""
     modes: tuple[str, ...]
-    """The generation modes that call it."""
+    """The generation modes that call it (for an understanding stage: its routes, ``/v1/<mode>``)."""
     resource: str
     """The custom Ray resource (``ray_actor_options.resources``) that places it on its node type in cluster configs."""
     variant: str | None = None
     """For a denoiser: the decoder variant the plan asks for (``text2img``, ``inpaint``, ``controlnet``)."""
     optional: bool = False
     """Deployed only when its checkpoint is configured (the embedded model has all); else its modes answer 404."""
-    family: str = DEFAULT_FAMILY
+    family: str | None = DEFAULT_FAMILY
     """The model family it serves (:data:`FAMILIES`); a family other than the default is
-    deployed only when its checkpoints are configured."""
+    deployed only when its checkpoints are configured. None: an image-understanding stage."""
 
     @property
     def path_field(self) -> str:
@@ -110,30 +111,30 @@ STAGES: tuple[Stage, ...] = (
           optional=True, family="2.1"),
     Stage("MovqDecoder21", "deployments.movq:MovqDecoder", "movq", "decoder_21",
           ("movq",), loop=False, modes=_MODES_21, resource="kandinsky_small", family="2.1"),
-)
-
-UNDERSTANDING_MODES = ("caption", "detect", "ground", "ocr", "grounded-caption")
-"""Every image-understanding route (``/v1/<mode>``)."""
-
-UNDERSTANDING_STAGES: tuple[Stage, ...] = (
-    # Not in STAGES: they are no part of the generation graph (no family, no plan, no U-Net),
-    # each deployed only when its checkpoint is configured; else its routes answer 404.
+    # Image understanding: of no model family (no plan of their own, no U-Net); each deployed
+    # only when its checkpoint is configured, else its routes answer 404. Florence-2 also
+    # serves generation's caption_check.
     Stage("Florence2", "deployments.florence2:Florence2", "understanding", "florence2",
-          (), loop=False, modes=("caption", "detect", "ground", "ocr"), resource="kandinsky_small", optional=True),
+          (), loop=False, modes=("caption", "detect", "ground", "ocr"), resource="kandinsky_small", optional=True,
+          family=None),
     Stage("Kosmos2", "deployments.kosmos2:Kosmos2", "understanding", "kosmos2",
-          (), loop=False, modes=("grounded-caption",), resource="kandinsky_small", optional=True),
+          (), loop=False, modes=("grounded-caption",), resource="kandinsky_small", optional=True, family=None),
 )
-"""Image-understanding stages, beside the generation graph."""
 
 INGRESS_NAME = "Ingress"
 """The HTTP ingress deployment (not a stage: it calls them)."""
 
+GENERATION_STAGES = tuple(stage for stage in STAGES if stage.family is not None)
+"""The generation graph's stages, every family's."""
+UNDERSTANDING_STAGES = tuple(stage for stage in STAGES if stage.role == "understanding")
+"""Image-understanding stages, beside the generation graph."""
+
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 LOOP_STAGE_NAMES = tuple(stage.name for stage in STAGES if stage.loop)
 BY_NAME = {stage.name: stage for stage in STAGES}
-CHECKPOINTS = tuple(dict.fromkeys(stage.checkpoint for stage in STAGES))
-"""Every checkpoint some stage loads, required ones first: ``prior``, ``decoder``, then the variants'."""
-OPTIONAL_STAGES = tuple(stage for stage in STAGES if stage.optional and stage.family == DEFAULT_FAMILY)
+CHECKPOINTS = tuple(dict.fromkeys(stage.checkpoint for stage in GENERATION_STAGES))
+"""Every checkpoint some generation stage loads, required ones first: ``prior``, ``decoder``, then the variants'."""
+OPTIONAL_STAGES = tuple(stage for stage in GENERATION_STAGES if stage.optional and stage.family == DEFAULT_FAMILY)
 """The default family's decoder variants, each left out when its checkpoint is not configured."""
 
 
@@ -144,7 +145,7 @@ def understanding_stage(mode: str) -> Stage:
 
 def stage_for(role: str, variant: str | None = None, family: str = DEFAULT_FAMILY) -> Stage:
     """The one stage of ``family`` playing ``role`` (for a denoiser: of ``variant``)."""
-    matches = [s for s in STAGES if s.role == role and s.family == family and (variant is None or s.variant == variant)]
+    matches = [s for s in GENERATION_STAGES if s.role == role and s.family == family and (variant is None or s.variant == variant)]
     if len(matches) != 1:
         raise KeyError(f"{len(matches)} stages with role {role!r}, variant {variant!r} in family {family}; expected one")
     return matches[0]
@@ -152,7 +153,7 @@ def stage_for(role: str, variant: str | None = None, family: str = DEFAULT_FAMIL
 
 def denoiser_of_mode(mode: str, family: str = DEFAULT_FAMILY) -> Stage:
     """The U-Net stage of ``family`` that serves ``mode``; each batches only with itself."""
-    matches = [s for s in STAGES if s.role == "denoiser" and s.family == family and mode in s.modes]
+    matches = [s for s in GENERATION_STAGES if s.role == "denoiser" and s.family == family and mode in s.modes]
     if len(matches) != 1:
         raise KeyError(f"{len(matches)} denoisers of family {family} serve mode {mode!r}; expected one")
     return matches[0]

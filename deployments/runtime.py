@@ -44,7 +44,7 @@ def _family_label(stage: str) -> str:
         entry = BY_NAME.get(serve.get_replica_context().deployment)
     except Exception:  # outside a replica (models driven in process)
         return stage
-    if entry is None or entry.family == DEFAULT_FAMILY:
+    if entry is None or entry.family in (DEFAULT_FAMILY, None):
         return stage
     return f"{stage}_{entry.family.replace('.', '')}"
 

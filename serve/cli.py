@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -72,13 +74,17 @@ def _wait_for_stop(timeout_s: float | None = None) -> None:
     _StopSignals().first.wait(timeout_s)
 
 
-def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    if args.family in ("florence2", "kosmos2"):  # one directory: the model and its processor
-        from serve.training.tiny_florence2 import make_tiny_florence2
-        from serve.training.tiny_kosmos2 import make_tiny_kosmos2
+def _make_tiny_understanding(checkpoint: str, out_dir: Path | str, seed: int = 0) -> Path:
+    """A tiny random-weight ``florence2`` or ``kosmos2`` checkpoint (one directory: the model and its processor)."""
+    from serve.training.tiny_florence2 import make_tiny_florence2
+    from serve.training.tiny_kosmos2 import make_tiny_kosmos2
 
-        make = make_tiny_florence2 if args.family == "florence2" else make_tiny_kosmos2
-        print(f"{args.family + ':':20s}{make(args.dir, args.seed)}")
+    return (make_tiny_florence2 if checkpoint == "florence2" else make_tiny_kosmos2)(out_dir, seed)
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    if args.family in ("florence2", "kosmos2"):
+        print(f"{args.family + ':':20s}{_make_tiny_understanding(args.family, args.dir, args.seed)}")
         return 0
     from serve.training.tiny import make_tiny, make_tiny_21
 
@@ -129,12 +135,23 @@ def _cmd_cluster_local(args: argparse.Namespace) -> int:
     workers = _parse_workers(args.workers) if args.workers else {t.name: 1 for t in shape.workers}
     from serve.graph.service import start_service
 
-    with LocalCluster(shape, workers) as cluster:
-        print(f"nodes: head + {', '.join(f'{n} x {t}' for t, n in workers.items())}; dashboard {cluster.dashboard_url}", flush=True)
-        url = start_service(on_cpu(config), port=args.port)
-        print(*placement_lines(cluster, config.app_name), sep="\n")
-        print(f"kandinsky-serve is up on the local cluster: {url}  (Ctrl-C tears it down)", flush=True)
-        _wait_for_stop(args.hold_s)
+    from deployments.registry import UNDERSTANDING_STAGES
+
+    # The config's image-understanding stages run on tiny checkpoints too.
+    models = config.service.models
+    tiny_dir = Path(tempfile.mkdtemp(prefix="kandinsky-tiny-"))
+    try:
+        understanding = {stage.path_field: str(_make_tiny_understanding(stage.checkpoint, tiny_dir / stage.checkpoint))
+                         for stage in UNDERSTANDING_STAGES if getattr(models, stage.path_field) is not None}
+        with LocalCluster(shape, workers) as cluster:
+            print(f"nodes: head + {', '.join(f'{n} x {t}' for t, n in workers.items())}; dashboard {cluster.dashboard_url}",
+                  flush=True)
+            url = start_service(on_cpu(config, understanding=understanding), port=args.port)
+            print(*placement_lines(cluster, config.app_name), sep="\n")
+            print(f"kandinsky-serve is up on the local cluster: {url}  (Ctrl-C tears it down)", flush=True)
+            _wait_for_stop(args.hold_s)
+    finally:
+        shutil.rmtree(tiny_dir, ignore_errors=True)
     print("local cluster stopped")
     return 0
 

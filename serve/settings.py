@@ -21,7 +21,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
-from deployments.registry import BY_NAME, DEFAULT_FAMILY, INGRESS_NAME, MODEL_IDS, STAGE_NAMES, STAGES, UNDERSTANDING_STAGES
+from deployments.registry import BY_NAME, DEFAULT_FAMILY, INGRESS_NAME, MODEL_IDS, STAGE_NAMES, STAGES
 
 CACHE_DIR_ENV = "KANDINSKY_CACHE_DIR"
 API_KEYS_FILE_ENV = "KANDINSKY_API_KEYS_FILE"
@@ -214,7 +214,7 @@ class ModelSettings(BaseModel):
     def with_env_overrides(self) -> "ModelSettings":
         """``KANDINSKY_PRIOR_PATH`` / ``KANDINSKY_DECODER_PATH`` (and the variants') win over the file."""
         updates = {}
-        for stage in (*STAGES, *UNDERSTANDING_STAGES):
+        for stage in STAGES:
             if os.environ.get(stage.path_env):
                 updates[stage.path_field] = Path(os.environ[stage.path_env])
         if not updates:
@@ -596,22 +596,21 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
 
     options: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    understanding = {stage.name: stage for stage in UNDERSTANDING_STAGES}
-    known = (*STAGE_NAMES, *understanding, INGRESS_NAME)
+    known = (*STAGE_NAMES, INGRESS_NAME)
     for index, deployment in enumerate(app.deployments):
         where = f"applications.{app_index}.deployments.{index}"
         if deployment.name not in known:
             problems.append(f"{source}: {where}.name: unknown deployment {deployment.name!r}; expected one of {known}")
             continue
         opts = deployment.model_dump(exclude_unset=True, exclude={"name"})
-        if deployment.name in understanding and getattr(service.models, understanding[deployment.name].path_field) is None:
-            stage = understanding[deployment.name]
+        stage = BY_NAME.get(deployment.name)
+        if stage is not None and stage.family is None and getattr(service.models, stage.path_field) is None:
             skipped[deployment.name] = (f"args.models.{stage.path_field} (${stage.path_env}) is not set: not deployed; "
                                         f"/v1/{' and /v1/'.join(stage.modes)} will answer 404 mode_not_configured")
             continue
-        if deployment.name in STAGE_NAMES or deployment.name in understanding:
+        if stage is not None:
             try:
-                settings_class = LoopBatchSettings if deployment.name in STAGE_NAMES and BY_NAME[deployment.name].loop else BatchSettings
+                settings_class = LoopBatchSettings if stage.loop else BatchSettings
                 batch = settings_class.model_validate(opts.get("user_config") or {})
             except ValidationError as error:
                 problems.extend(_format_errors(source, f"{where}.user_config", error))
@@ -625,9 +624,8 @@ def load_config(path: str | Path, app_index: int = 0) -> LoadedConfig:
                 )
         if deployment.name == INGRESS_NAME:
             problems.extend(_ingress_headroom(source, where, opts.get("max_ongoing_requests"), service))
-        stage = BY_NAME.get(deployment.name)
         models = service.models
-        if stage is not None and stage.family != DEFAULT_FAMILY and getattr(models, stage.path_field) is None:
+        if stage is not None and stage.family not in (DEFAULT_FAMILY, None) and getattr(models, stage.path_field) is None:
             # Another family's stage: deployed only when that family's checkpoints are configured.
             model = MODEL_IDS[stage.family]
             skipped[deployment.name] = (

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from ray.serve import Application
 
 from deployments.loading import DECODER_21_LAYOUT, DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
-from deployments.registry import DEFAULT_FAMILY, STAGES, UNDERSTANDING_STAGES
+from deployments.registry import BY_NAME, DEFAULT_FAMILY, GENERATION_STAGES, UNDERSTANDING_STAGES
 from serve.graph.ingress import Ingress
 from serve.settings import ModelSettings, default_cache_dir, parse_service_settings
 
@@ -127,7 +127,7 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
 
     fine_tuned = fine_tuned_priors(settings.models, paths)
     stages = {}
-    for stage in STAGES:
+    for stage in GENERATION_STAGES:
         path = getattr(paths, stage.checkpoint)
         # The prior stage also serves its family's fine-tuned priors (multiplexed models).
         extra = {"fine_tuned": fine_tuned[stage.family]} if stage.role == "prior" and fine_tuned.get(stage.family) else {}
@@ -137,7 +137,7 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
             stage.load().options(name=stage.name, **options.get(stage.name, {})).bind(str(path), **runtime, **extra)
         )
     for name, path in understanding_paths(settings.models).items():
-        stage = next(s for s in UNDERSTANDING_STAGES if s.name == name)
+        stage = BY_NAME[name]
         stages[name] = stage.load().options(name=name, **options.get(name, {})).bind(str(path), **runtime)
     ingress = Ingress.options(**options.get(Ingress.name, {}))
     return ingress.bind(settings.model_dump(mode="json"), **stages)

@@ -55,7 +55,7 @@ def _fine_tuned_copies(prior: Path, count: int, root: Path) -> list[Path]:
 def _start_service(root: Path, priors: int, keep: int, port: int) -> tuple[str, list[str]]:
     from ray import serve
 
-    from deployments.registry import STAGES
+    from deployments.registry import GENERATION_STAGES
     from serve.graph.build import build_graph
     from serve.graph.local_ray import connect_ray
     from serve.training.tiny import make_tiny, make_tiny_21
@@ -70,8 +70,8 @@ def _start_service(root: Path, priors: int, keep: int, port: int) -> tuple[str, 
     }, "jobs": {"persist": False}}
     options = {stage.name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1},
                             "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "torch_threads": 1}}
-               for stage in STAGES}
-    for stage in STAGES:
+               for stage in GENERATION_STAGES}
+    for stage in GENERATION_STAGES:
         if stage.role == "prior":  # how many fine-tuned priors one replica keeps loaded
             options[stage.name]["ray_actor_options"]["runtime_env"] = {"env_vars": {"KANDINSKY_PRIORS_PER_REPLICA": str(keep)}}
     connect_ray(logging_level="WARNING")

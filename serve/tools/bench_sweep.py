@@ -31,7 +31,7 @@ AXES = [{"field": "seed", "values": [1, 2, 3, 4]}, {"field": "guidance_scale", "
 def _start_service(root: Path, port: int, max_batch: int) -> str:
     from ray import serve
 
-    from deployments.registry import STAGES
+    from deployments.registry import GENERATION_STAGES
     from serve.graph.build import build_graph
     from serve.graph.local_ray import connect_ray
     from serve.training.tiny import make_tiny
@@ -42,7 +42,7 @@ def _start_service(root: Path, port: int, max_batch: int) -> str:
                             "ray_actor_options": {"num_cpus": 0.1},
                             "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": 0.005,
                                             "torch_threads": 1}}
-               for stage in STAGES}
+               for stage in GENERATION_STAGES}
     connect_ray(logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_graph(args, options), name="bench-sweep", route_prefix="/")

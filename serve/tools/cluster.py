@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deployments.registry import INGRESS_NAME, OPTIONAL_STAGES, STAGE_NAMES
+from deployments.registry import INGRESS_NAME, OPTIONAL_STAGES, STAGE_NAMES, UNDERSTANDING_STAGES
 from serve.settings import CACHE_DIR_ENV, ConfigError, LoadedConfig, _format_errors
 
 DEFAULT_NODE_TYPES = "cluster/node-types.yaml"
@@ -520,11 +520,13 @@ def on_cpu(
     decoder_path: str | None = None,
     inpaint_decoder_path: str | None = None,
     controlnet_decoder_path: str | None = None,
+    understanding: dict[str, str] | None = None,
 ) -> LoadedConfig:
     """The same config for a machine without GPUs: the tiny checkpoint (the given paths,
     or the embedded one with every variant) on CPU, one intra-op thread per stage. A
-    decoder variant without a path, next to given main paths, is dropped. Placement
-    (custom resources, logical GPUs), autoscaling, queues and health checks are unchanged."""
+    decoder variant without a path, next to given main paths, is dropped; so is an
+    image-understanding stage without a path in ``understanding`` (by ``path_field``).
+    Placement (custom resources, logical GPUs), autoscaling, queues and health checks are unchanged."""
     raw = copy.deepcopy(config.raw)
     app = raw["applications"][0]
     args = app.setdefault("args", {})
@@ -532,12 +534,15 @@ def on_cpu(
         args["models"] = {}  # a list of models names real checkpoints: the tiny one stands in for them all
     models = args.setdefault("models", {})
     variants = {"inpaint_decoder_path": inpaint_decoder_path, "controlnet_decoder_path": controlnet_decoder_path}
-    models.update(prior_path=prior_path, decoder_path=decoder_path, device="cpu", dtype="float32", **variants)
+    tiny_understanding = {stage.path_field: (understanding or {}).get(stage.path_field) for stage in UNDERSTANDING_STAGES}
+    models.update(prior_path=prior_path, decoder_path=decoder_path, device="cpu", dtype="float32", **variants,
+                  **tiny_understanding)
     options = copy.deepcopy(config.deployment_options)
+    dropped = {stage.name for stage in UNDERSTANDING_STAGES if tiny_understanding[stage.path_field] is None}
     if prior_path is not None:
-        dropped = {stage.name for stage in OPTIONAL_STAGES if variants[stage.path_field] is None}
-        app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") not in dropped]
-        options = {name: opts for name, opts in options.items() if name not in dropped}
+        dropped |= {stage.name for stage in OPTIONAL_STAGES if variants[stage.path_field] is None}
+    app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") not in dropped]
+    options = {name: opts for name, opts in options.items() if name not in dropped}
     for name in STAGE_NAMES:
         if name in options:
             options[name]["user_config"] = {**(options[name].get("user_config") or {}), "torch_threads": 1}

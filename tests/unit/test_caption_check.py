@@ -16,7 +16,7 @@ from deployments.image_encoder import ImageEncoderModel
 from deployments.messages import (
     CAPTION_TASK, CaptionCheck, ClipImageEmbeddings, EncodedImages, Florence2Request, StageTiming, UnderstandingAnswer,
 )
-from deployments.registry import STAGE_NAMES, understanding_stage
+from deployments.registry import GENERATION_STAGES, understanding_stage
 from deployments.text_encoder import TextEncoderModel
 from serve.graph.local import LocalCalls
 from serve.graph.plan import caption_check
@@ -118,14 +118,15 @@ def test_without_a_prompt_no_image_is_embedded():
 
 def test_caption_check_without_the_florence2_stage_is_a_404_naming_the_field_and_the_setting():
     request = REQUEST_MODELS["text2img"].model_validate({"prompt": "a cat", "caption_check": True})
-    without = ModelCatalog.serving(("2.2",), set(STAGE_NAMES)).resolve(None, "text2img")
+    graph = {stage.name for stage in GENERATION_STAGES}
+    without = ModelCatalog.serving(("2.2",), graph).resolve(None, "text2img")
     with pytest.raises(ApiError) as refused:
         without.apply(request.to_spec())
     stage = understanding_stage("caption")
     assert refused.value.status == 404 and refused.value.kind == "mode_not_configured"
     assert refused.value.details[0]["field"] == "caption_check" and stage.path_field in refused.value.message
 
-    served = ModelCatalog.serving(("2.2",), {*STAGE_NAMES, stage.name}).resolve(None, "text2img")
+    served = ModelCatalog.serving(("2.2",), {*graph, stage.name}).resolve(None, "text2img")
     assert served.apply(request.to_spec()).caption_check is True
     # Not asked for: nothing to refuse.
     assert without.apply(replace(request.to_spec(), caption_check=False)).caption_check is False

@@ -146,9 +146,12 @@ def test_node_types_refuse_a_resource_that_selects_two_types(shape):
 
 
 def test_on_cpu_keeps_placement_and_scaling(config):
-    local = on_cpu(config, "/tiny/prior", "/tiny/decoder", "/tiny/inpaint", "/tiny/controlnet")
+    from deployments.registry import UNDERSTANDING_STAGES
+
+    tiny = {stage.path_field: f"/tiny/{stage.checkpoint}" for stage in UNDERSTANDING_STAGES}
+    local = on_cpu(config, "/tiny/prior", "/tiny/decoder", "/tiny/inpaint", "/tiny/controlnet", understanding=tiny)
     models = local.raw["applications"][0]["args"]["models"]
-    assert models == {**models, "prior_path": "/tiny/prior", "device": "cpu", "dtype": "float32"}
+    assert models == {**models, "prior_path": "/tiny/prior", "device": "cpu", "dtype": "float32", **tiny}
     for name, options in config.deployment_options.items():
         changed = local.deployment_options[name]
         assert changed["ray_actor_options"] == options["ray_actor_options"]
@@ -192,3 +195,16 @@ def test_on_cpu_stands_the_tiny_checkpoint_in_for_a_list_of_models(config):
     models = local.raw["applications"][0]["args"]["models"]
     assert models["prior_path"] == "/tiny/prior" and models["device"] == "cpu" and "catalog" not in models
     assert raw["applications"][0]["args"]["models"][0]["prior_path"] == "/real/prior", "the original is left alone"
+
+
+def test_on_cpu_runs_the_understanding_stages_on_the_given_tiny_checkpoints_or_drops_them(config):
+    from deployments.registry import UNDERSTANDING_STAGES
+
+    florence2, kosmos2 = UNDERSTANDING_STAGES
+    assert {florence2.name, kosmos2.name} <= set(config.deployment_options), "cluster.yaml deploys both"
+    local = on_cpu(config, "/tiny/prior", "/tiny/decoder", "/tiny/inpaint", "/tiny/controlnet",
+                   understanding={florence2.path_field: "/tiny/florence2"})
+    models = local.raw["applications"][0]["args"]["models"]
+    assert models[florence2.path_field] == "/tiny/florence2" and models[kosmos2.path_field] is None
+    assert florence2.name in local.deployment_options and kosmos2.name not in local.deployment_options
+    assert kosmos2.name not in [d["name"] for d in local.raw["applications"][0]["deployments"]]

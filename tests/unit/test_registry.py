@@ -20,6 +20,7 @@ from deployments.registry import (
     STAGES,
     denoiser_of_mode,
     stage_for,
+    understanding_stage,
 )
 from serve.graph.build import ModelPaths
 from serve.settings import ModelSettings, load_config
@@ -35,6 +36,12 @@ def test_each_entry_names_a_deployment_of_that_name_reading_its_checkpoints_subf
     # Another family's stage is the same deployment code, named by the graph builder.
     assert deployment.name == stage.name or stage.family != DEFAULT_FAMILY
     assert issubclass(deployment.func_or_class, LoopReplica) == stage.loop
+    assert stage.path_field in ModelSettings.model_fields
+    if stage.family is None:  # image understanding: one checkpoint directory, routes of its own
+        assert stage.role == "understanding" and stage.optional and not stage.subfolders
+        assert all(understanding_stage(mode) is stage for mode in stage.modes)
+        assert not set(stage.modes) & set(MODES)
+        return
     layout = PRIOR_LAYOUT if stage.checkpoint.startswith("prior") else DECODER_21_LAYOUT
     assert set(stage.subfolders) <= set(layout), f"{stage.name} reads folders its checkpoint layout lacks"
     assert stage.path_field in ModelSettings.model_fields
@@ -72,7 +79,7 @@ def test_cluster_config_places_each_stage_by_its_registry_resource():
     raw = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
     deployments = {d["name"]: d for d in raw["applications"][0]["deployments"]}
     for stage in STAGES:
-        if stage.family != DEFAULT_FAMILY:
+        if stage.family not in (DEFAULT_FAMILY, None):
             continue  # listed only in configs that set its family's checkpoints (Serve refuses options for absent deployments)
         resources = deployments[stage.name]["ray_actor_options"].get("resources", {})
         assert stage.resource in resources, f"{stage.name} should ask for {stage.resource}"

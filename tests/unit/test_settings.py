@@ -25,7 +25,10 @@ def test_shipped_configs_are_valid(path):
     config = load_config(path)
     assert config.http_host == "127.0.0.1", "configs bind HTTP to localhost by default"
     default_family = {stage.name for stage in STAGES if stage.family == DEFAULT_FAMILY}
-    assert set(config.deployment_options) == {*default_family, INGRESS_NAME}, "configure every deployment of the graph"
+    understanding = {stage.name for stage in STAGES
+                     if stage.family is None and getattr(config.service.models, stage.path_field) is not None}
+    assert set(config.deployment_options) == {*default_family, *understanding, INGRESS_NAME}, \
+        "configure every deployment of the graph, and each configured understanding stage"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
