@@ -52,7 +52,7 @@ def _start_service(root: Path, port: int, max_batch: int, batch_wait_s: float) -
     """Tiny prior/decoder and tiny Florence-2 on a fresh local Ray; returns the base URL."""
     from ray import serve
 
-    from deployments.registry import STAGES, UNDERSTANDING_STAGES
+    from deployments.registry import STAGES
     from serve.graph.build import build_graph
     from serve.graph.local_ray import connect_ray
     from serve.training.tiny import make_tiny
@@ -66,7 +66,7 @@ def _start_service(root: Path, port: int, max_batch: int, batch_wait_s: float) -
                             "ray_actor_options": {"num_cpus": 0.1},
                             "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": batch_wait_s,
                                             "torch_threads": 1}}
-               for stage in (*STAGES, *UNDERSTANDING_STAGES)}
+               for stage in STAGES}  # the understanding stages too
     os.environ.setdefault("RAY_metrics_report_interval_ms", "500")  # batch sizes are read from /metrics
     connect_ray(logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
