@@ -456,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-batch", type=int, default=16, help="the loop stages' step batch (own service only)")
     sweep.add_argument("--url", default=None, help="a running service (default: start one on a tiny checkpoint)")
     sweep.add_argument("--port", type=int, default=8030)
+    understanding = bench_kind("understanding", "Florence-2 captioning: dynamic batching against one image at a "
+                                                "time, and the latency caption_check adds to a generation")
+    understanding.set_defaults(steps=4)
+    understanding.add_argument("--prior-steps", type=int, default=4, help="caption-check generation's prior steps")
+    understanding.add_argument("--images", type=int, default=8, help="distinct images captioned per side")
+    understanding.add_argument("--rounds", type=int, default=5, help="rounds per part, sides alternating; medians reported")
+    understanding.add_argument("--max-batch", type=int, default=8, help="every stage's batch (own service only)")
+    understanding.add_argument("--batch-wait", type=float, default=0.01,
+                               help="seconds a batch waits to fill (own service only)")
+    understanding.add_argument("--parts", default="captioning,caption-check", help="comma-separated subset")
+    understanding.add_argument("--url", default=None, help="a running service with Florence-2 configured "
+                                                           "(default: start one on tiny checkpoints)")
+    understanding.add_argument("--port", type=int, default=8040)
     quality = kinds.add_parser("quality", help="steps against held-out accuracy per scheduler, and the quality "
                                                "presets' latency and accuracy, on the embedded model in process")
     quality.add_argument("--per-combo", type=int, default=4, help="images per held-out combination and language")

@@ -147,6 +147,13 @@ def bench_sweep(**options) -> dict:
     return run(**options)
 
 
+def bench_understanding(**options) -> dict:
+    """See :mod:`serve.tools.bench_understanding`."""
+    from serve.tools.bench_understanding import bench_understanding as run
+
+    return run(**options)
+
+
 def bench_quality(**options) -> dict:
     """See :mod:`serve.tools.bench_quality`."""
     from serve.tools.bench_quality import bench_quality as run

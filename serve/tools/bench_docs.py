@@ -143,6 +143,12 @@ def render_sweep(result: dict) -> str:
     return "\n".join(sweep_tables(result) + ["", provenance_line(result)])
 
 
+def render_understanding(result: dict) -> str:
+    from serve.tools.bench_understanding import understanding_tables
+
+    return "\n".join(understanding_tables(result) + ["", provenance_line(result)])
+
+
 def render_quality(result: dict) -> str:
     from serve.tools.bench_quality import quality_tables
 
@@ -173,7 +179,8 @@ def render_movq_memory(result: dict) -> str:
 
 
 RENDERERS = {"latency": render_latency, "batching": render_batching, "hostile": render_hostile, "models": render_models,
-             "sweep": render_sweep, "quality": render_quality, "movq_memory": render_movq_memory}
+             "sweep": render_sweep, "quality": render_quality, "movq_memory": render_movq_memory,
+             "understanding": render_understanding}
 
 
 def render_docs(text: str, results: Path = RESULTS) -> str:

@@ -191,3 +191,25 @@ def test_bench_sweep_runs_and_writes_its_json(served_app, tmp_path):
         assert _finite(result, key) > 0
     assert result["cells"] == 16 and result["max_pixel_diff"] >= 0
     _check_provenance(result)
+
+
+def test_bench_understanding_runs_and_writes_its_json(served_app, tmp_path):
+    url, _ = served_app
+    out = tmp_path / "understanding.json"
+    done = _run(["bench", "understanding", "--url", url, "--images", "3", "--rounds", "1", "--steps", "2",
+                 "--prior-steps", "2", "--out", str(out)], tmp_path)
+    assert "batched / one at a time" in done.stdout and "`caption_check`" in done.stdout
+    result = json.loads(out.read_text())
+    for key in ("captioning.throughput_ratio", "captioning.batched.images_per_s", "captioning.sequential.wall_s",
+                "caption_check.plain_p50_ms", "caption_check.checked_p50_ms", "caption_check.ratio",
+                "caption_check.stage_p50_ms.caption_check", "caption_check.stage_p50_ms.caption_check_embed"):
+        assert _finite(result, key) > 0
+    assert math.isfinite(result["caption_check"]["added_ms"])
+    check = result["caption_check"]
+    assert check["images_identical"], "caption_check changed the image"
+    assert len(check["checks"]) == 1 and isinstance(check["checks"][0]["caption"], str)
+    captioning = result["captioning"]
+    assert captioning["sequential"]["calls"] == 3 and captioning["sequential"]["mean_batch_size"] == 1.0
+    assert captioning["batched"]["calls"] == 3, "every call of the batched side is seen in the stage's batches"
+    assert captioning["captions_identical"], captioning["mismatched_images"]
+    _check_provenance(result)

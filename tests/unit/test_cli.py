@@ -51,10 +51,14 @@ def test_every_bench_subcommand_matches_its_function():
     from serve.cli import build_parser
 
     parser = build_parser()
-    for kind in ("latency", "batching", "compare"):
+    from serve.tools.bench_understanding import bench_understanding
+
+    functions = {kind: getattr(bench, f"bench_{kind}") for kind in ("latency", "batching", "compare")}
+    functions["understanding"] = bench_understanding  # bench.bench_understanding passes **options on
+    for kind, function in functions.items():
         options = vars(parser.parse_args(["bench", kind]))
         given = set(options) - {"command", "kind", "func"}
-        assert given == set(inspect.signature(getattr(bench, f"bench_{kind}")).parameters), kind
+        assert given == set(inspect.signature(function).parameters), kind
 
 
 def test_run_refuses_a_negative_drain_timeout(capsys):
