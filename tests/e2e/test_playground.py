@@ -7,9 +7,15 @@ with ``KANDINSKY_UPDATE_DOCS=1`` the text-to-image test also rewrites ``docs/pla
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import shutil
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 import httpx
 import pytest
@@ -83,6 +89,44 @@ def test_text2img_from_the_page_reaches_100_percent_and_shows_the_image(page, se
     assert (page.input_value("#seed"), page.input_value("#num_images")) == ("8", "1")
     if os.environ.get("KANDINSKY_UPDATE_DOCS") == "1":
         page.screenshot(path=ROOT / "docs" / "playground.png")
+
+
+def png(size: int = 64) -> bytes:
+    """A red disc on white: the input image of the image modes."""
+    y, x = np.mgrid[:size, :size]
+    pixels = np.full((size, size, 3), 255, np.uint8)
+    pixels[(x - size / 2) ** 2 + (y - size / 2) ** 2 < (size / 4) ** 2] = (220, 30, 30)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "mix", "variations"])
+def test_each_image_mode_runs_from_the_page(page, served_app, mode):
+    url, _ = served_app
+    page.goto(f"{url}/playground")
+    page.check(f"input[name=mode][value={mode}]")
+    page.set_input_files("#image", files=[{"name": "disc.png", "mimeType": "image/png", "buffer": png()}])
+    expect(page.locator("#image")).to_have_attribute("data-loaded", "disc.png")
+    fill(page, {**SMALL, "strength": "0.5"} if mode in ("img2img", "variations") else SMALL)
+    if mode == "inpaint":  # paint a stroke across the mask canvas
+        box = page.locator("#mask").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] / 2, steps=5)
+        page.mouse.up()
+    with page.expect_request(lambda request: request.url.endswith("/v1/jobs") and request.method == "POST") as sent:
+        page.click("#generate")
+    body = json.loads(sent.value.post_data)
+    assert body["mode"] == mode
+    params = body["params"]
+    if mode == "inpaint":  # white where painted, black elsewhere, the image's size
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(params["mask"]))).convert("L"))
+        assert mask.shape == (64, 64) and mask[32, 32] == 255 and mask[2, 2] == 0
+    if mode == "mix":
+        assert [sorted(item) for item in params["items"]] == [["text"], ["image"]] and params["weights"] == [0.5, 0.5]
+    expect(page.locator("#job-state")).to_have_text("succeeded")
+    expect(page.locator(".results img.result")).to_have_count(1)
 
 
 def test_cancel_stops_a_long_job(page, served_app):

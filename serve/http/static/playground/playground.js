@@ -121,6 +121,7 @@ function showError(error) {
 
 function readImage(file) {
   const reader = new FileReader();
+  delete $("image").dataset.loaded;
   reader.onload = () => {
     const url = String(reader.result);
     state.imageB64 = url.slice(url.indexOf(",") + 1);
@@ -132,6 +133,7 @@ function readImage(file) {
         canvas.height = image.naturalHeight;
       }
       $("mask-image").getContext("2d").drawImage(image, 0, 0);
+      $("image").dataset.loaded = file.name; // read, and the mask canvas sized to it
     };
     image.src = url;
   };
