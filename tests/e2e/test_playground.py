@@ -1,8 +1,7 @@
 """/playground in a real browser: Debian's headless Chromium driven by Playwright, against the
 session's served app over HTTP (and, for API keys, the guarded app).
 
-Screenshots go to ``test-artifacts/playground/`` (``$KANDINSKY_TEST_ARTIFACTS`` overrides it);
-with ``KANDINSKY_UPDATE_DOCS=1`` the text-to-image test also rewrites ``docs/playground.png``.
+Screenshots go to ``test-artifacts/playground/`` (``$KANDINSKY_TEST_ARTIFACTS`` overrides it).
 """
 
 from __future__ import annotations
@@ -87,8 +86,6 @@ def test_text2img_from_the_page_reaches_100_percent_and_shows_the_image(page, se
     # "Reuse seed" on image 1 puts its seed (7 + 1) back in the form, for one image.
     page.locator(".reuse-seed").nth(1).click()
     assert (page.input_value("#seed"), page.input_value("#num_images")) == ("8", "1")
-    if os.environ.get("KANDINSKY_UPDATE_DOCS") == "1":
-        page.screenshot(path=ROOT / "docs" / "playground.png")
 
 
 def png(size: int = 64) -> bytes:
@@ -135,6 +132,10 @@ def test_cancel_stops_a_long_job(page, served_app):
     fill(page, {**SMALL, "width": "256", "height": "256", "steps": "150"})  # seconds of work
     page.click("#generate")
     expect(page.locator("#job-state")).to_have_text("running")
+    # Live: a preview from the event stream (every 15 of 150 steps) while the bar is part way.
+    expect(page.locator("#preview")).to_be_visible()
+    assert page.evaluate("document.getElementById('preview').naturalWidth") > 0
+    assert 0 < page.evaluate("document.getElementById('progress').value") < 100
     expect(page.locator("#cancel")).to_be_enabled()
     page.click("#cancel")
     expect(page.locator("#job-state")).to_have_text("cancelled")

@@ -72,12 +72,10 @@ function formParams() {
   const params = {};
   const set = (name, value) => { if (value !== undefined && value !== "" && !Number.isNaN(value)) params[name] = value; };
   if (current === "mix") {
-    const items = [{text: prompt}];
-    const texts = [prompt];
-    if ($("mix_text").value.trim()) { items.push({text: $("mix_text").value}); texts.push(null); }
+    // The texts share what the image's weight leaves.
+    const items = [prompt, $("mix_text").value].filter((text) => text.trim()).map((text) => ({text}));
     const imageWeight = state.imageB64 ? (number("mix_weight") ?? 0.5) : 0;
-    const textWeight = (1 - imageWeight) / texts.length;
-    params.weights = items.map(() => textWeight);
+    params.weights = items.map(() => (1 - imageWeight) / Math.max(1, items.length));
     if (state.imageB64) { items.push({image: state.imageB64}); params.weights.push(imageWeight); }
     params.items = items;
   } else {
@@ -188,6 +186,8 @@ async function submit(event) {
   const steps = params.steps || 50;
   const body = {mode: mode(), params, preview_every: Math.max(1, Math.round(steps / 10))};
   $("generate").disabled = true;
+  $("job-state").textContent = "submitting";  // the last job's state no longer shows as this one's
+  delete $("job-state").dataset.state;
   try {
     const response = await api("v1/jobs", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
     if (!response.ok) { showError(await errorOf(response)); return; }
@@ -458,7 +458,8 @@ async function loadModels() {
   $("model").replaceChildren(...state.models.map((model) => {
     const option = document.createElement("option");
     option.value = model.id;
-    option.textContent = `${model.id} (Kandinsky ${model.family})`;
+    option.textContent = model.id;
+    option.title = `Kandinsky ${model.family}`;
     option.selected = model.default;
     return option;
   }));
