@@ -95,10 +95,11 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster_render(args: argparse.Namespace) -> int:
-    from serve.tools.cluster import load_shape, render_rayservice
+    from serve.tools.cluster import load_shape, render_rayservice, with_overrides
 
+    shape = with_overrides(load_shape(args.nodes), args.image, args.runtime_env)
     text = render_rayservice(
-        load_config(args.config), load_shape(args.nodes), args.config, args.nodes, args.name,
+        load_config(args.config), shape, args.config, args.nodes, args.name,
         allow_unpinned_image=args.allow_unpinned_image,
     )
     if args.output == "-":
@@ -380,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unpinned-image", action="store_true",
         help="render an image that is not pinned by digest (NAME@sha256:...), for a test cluster",
     )
+    render.add_argument("--image", default=None, help="the image every pod runs, in place of the node types file's "
+                        "(the repository's Dockerfile, pushed: NAME@sha256:...)")
+    render.add_argument("--runtime-env", default=None, metavar="JSON",
+                        help='instead of an image with the package: Ray\'s runtime_env that installs it, e.g. '
+                             '\'{"pip": ["kandinsky-serve @ https://example.com/kandinsky_serve-0.1.0-py3-none-any.whl"]}\'')
     render.set_defaults(func=_cmd_cluster_render)
     local = cluster_commands.add_parser("local", help="start a head and worker nodes on this machine and deploy a config to them")
     local.add_argument("--config", default=DEFAULT_CLUSTER_CONFIG)

@@ -32,6 +32,7 @@ from serve.http.errors import ApiError, answer_error, error_response, from_backe
 from serve.http.guards import Guards
 from serve.http.images import DecodePool
 from serve.http.job_routes import add_job_routes
+from serve.http.playground import PLAYGROUND_PATH, add_playground_routes
 from serve.http.readiness import ReadinessCache, is_ready
 from serve.http.sweep import SWEEP_PATH, add_sweep_route
 from serve.http.schemas import (
@@ -101,7 +102,7 @@ class NoMetrics:
 
 
 KNOWN_ROUTES = (*(f"/v1/{mode}" for mode in (*MODES, *UNDERSTANDING_ROUTES)), SWEEP_PATH, "/v1/embeddings", "/healthz", "/readyz", "/v1/status",
-                "/metrics", "/docs", "/openapi.json")
+                "/metrics", "/docs", "/openapi.json", PLAYGROUND_PATH)
 
 
 def _app_path(scope: Scope) -> str:
@@ -427,6 +428,7 @@ def create_app(
         streams = add_job_routes(keyed, limits, models, jobs, unavailable, guards, decode, catalog)
         add_compat_routes(keyed, models, jobs, unavailable, guards, metrics, decode, streams, catalog)
     app.include_router(keyed)
+    add_playground_routes(app)  # static, outside the key: the page asks for one when the API does
 
     # Added last, so it is the outermost middleware: oversized bodies never reach a route.
     app.add_middleware(BodyLimits, max_bytes=limits.max_body_bytes, metrics=metrics,

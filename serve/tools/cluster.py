@@ -123,13 +123,41 @@ class KubernetesSecurity(BaseModel):
     """Prometheus: the only peer (Ray pods aside) that reaches the metrics port."""
 
 
+class RuntimeEnv(BaseModel):
+    """``runtime_env:`` in ``cluster/node-types.yaml`` (or ``cluster render --runtime-env``): the
+    alternative to an image with the package in it. The pods run a stock ``rayproject/ray`` image
+    and Ray installs the package into the application's workers from these (Ray's ``runtime_env``,
+    written into ``serveConfigV2``); the pods then need egress to where they point."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pip: list[str] = Field(default_factory=list, max_length=64)
+    """Requirements Ray pip-installs, e.g. ``kandinsky-serve @ https://example.com/kandinsky_serve-0.1.0-py3-none-any.whl``."""
+    working_dir: str | None = Field(default=None, pattern=r"^(https|s3|gs)://\S+\.zip$")
+    """A zip of the source tree at a remote URI (a pod has no local copy of this checkout)."""
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RuntimeEnv":
+        if not self.pip and self.working_dir is None:
+            raise ValueError("runtime_env needs pip requirements or a working_dir that bring the package")
+        return self
+
+    def as_ray(self) -> dict[str, Any]:
+        """Ray's ``runtime_env`` mapping (only the fields set)."""
+        return self.model_dump(exclude_defaults=True)
+
+
 class ClusterShape(BaseModel):
     """``cluster/node-types.yaml``."""
 
     model_config = ConfigDict(extra="forbid")
 
     image: str
-    """The image every pod runs; the KubeRay render wants it pinned by digest (:data:`IMAGE_DIGEST`)."""
+    """The image every pod runs (the repository's Dockerfile, pushed); the KubeRay render wants it
+    pinned by digest (:data:`IMAGE_DIGEST`). ``cluster render --image`` overrides it."""
+    runtime_env: RuntimeEnv | None = None
+    """Set it to run a stock Ray image that Ray installs the package into (:class:`RuntimeEnv`)."""
     ray_version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
     models: ModelsVolume
     head: NodeType
@@ -171,6 +199,22 @@ def load_shape(path: str | Path = DEFAULT_NODE_TYPES) -> ClusterShape:
         return ClusterShape.model_validate(raw)
     except ValidationError as error:
         raise ConfigError("\n".join(_format_errors(str(path), "", error))) from None
+
+
+def with_overrides(shape: ClusterShape, image: str | None = None, runtime_env: str | None = None) -> ClusterShape:
+    """``shape`` with ``cluster render``'s ``--image`` and ``--runtime-env`` (JSON) in place of
+    the file's; :class:`ConfigError` naming the option when one is invalid."""
+    update: dict[str, Any] = {}
+    if image is not None:
+        if not image or any(c.isspace() for c in image):
+            raise ConfigError(f"--image: {image!r} is not an image reference")
+        update["image"] = image
+    if runtime_env is not None:
+        try:
+            update["runtime_env"] = RuntimeEnv.model_validate_json(runtime_env)
+        except ValidationError as error:
+            raise ConfigError("\n".join(_format_errors("--runtime-env", "", error))) from None
+    return shape.model_copy(update=update)
 
 
 # --- placement -------------------------------------------------------------------------------
@@ -253,8 +297,8 @@ MANIFEST_HEADER = """\
 # Do not edit: change those two files and render again (a test fails on drift).
 #
 # Needs KubeRay >= 1.5.1 (authOptions: Ray token authentication), a network plugin that
-# enforces NetworkPolicy, and an image with kandinsky-serve installed, pinned by digest
-# (docs/configuration-and-cluster.md, "KubeRay"). API keys are on: create the Secret
+# enforces NetworkPolicy, and an image with kandinsky-serve installed (the repository's
+# Dockerfile), pinned by digest (docs/configuration-and-cluster.md, "KubeRay"). API keys are on: create the Secret
 # {secret} (key {keys_file}) before applying, e.g.
 #   kandinsky-serve keys new team-a --file {keys_file}
 #   kubectl create secret generic {secret} --from-file={keys_file}
@@ -307,15 +351,19 @@ def api_keys_path(shape: ClusterShape) -> str:
     return f"{shape.kubernetes.api_keys_mount_path.rstrip('/')}/{API_KEYS_FILE}"
 
 
-def serve_config_for_kubernetes(config: LoadedConfig, api_keys_file: str | None = None) -> dict[str, Any]:
+def serve_config_for_kubernetes(config: LoadedConfig, api_keys_file: str | None = None,
+                                runtime_env: RuntimeEnv | None = None) -> dict[str, Any]:
     """The config as KubeRay deploys it: the proxy listens on the pod network, reached
     only through KubeRay's ClusterIP serve Service (127.0.0.1 would be unreachable), and
-    every application's ``auth.api_keys_file`` is ``api_keys_file`` (the mounted Secret)."""
+    every application's ``auth.api_keys_file`` is ``api_keys_file`` (the mounted Secret);
+    with ``runtime_env``, every application installs the package from it."""
     raw = copy.deepcopy(config.raw)
     raw.setdefault("http_options", {})["host"] = "0.0.0.0"
-    if api_keys_file:
-        for app in raw.get("applications", []):
+    for app in raw.get("applications", []):
+        if api_keys_file:
             app.setdefault("args", {}).setdefault("auth", {})["api_keys_file"] = api_keys_file
+        if runtime_env is not None:
+            app["runtime_env"] = {**(app.get("runtime_env") or {}), **runtime_env.as_ray()}
     return raw
 
 
@@ -415,7 +463,8 @@ def rayservice_manifest(config: LoadedConfig, shape: ClusterShape, name: str = "
         {"containerPort": METRICS_PORT, "name": "metrics"},
     ]
     serve_config = yaml.dump(
-        serve_config_for_kubernetes(config, api_keys_path(shape)), Dumper=_LiteralDumper, sort_keys=False
+        serve_config_for_kubernetes(config, api_keys_path(shape), shape.runtime_env), Dumper=_LiteralDumper,
+        sort_keys=False
     )
     keyed = ingress_node_types(config, shape)
     return {
