@@ -200,11 +200,13 @@ def test_on_cpu_stands_the_tiny_checkpoint_in_for_a_list_of_models(config):
 def test_on_cpu_runs_the_understanding_stages_on_the_given_tiny_checkpoints_or_drops_them(config):
     from deployments.registry import UNDERSTANDING_STAGES
 
-    florence2, kosmos2 = UNDERSTANDING_STAGES
-    assert {florence2.name, kosmos2.name} <= set(config.deployment_options), "cluster.yaml deploys both"
-    local = on_cpu(config, "/tiny/prior", "/tiny/decoder", "/tiny/inpaint", "/tiny/controlnet",
-                   understanding={florence2.path_field: "/tiny/florence2"})
-    models = local.raw["applications"][0]["args"]["models"]
-    assert models[florence2.path_field] == "/tiny/florence2" and models[kosmos2.path_field] is None
-    assert florence2.name in local.deployment_options and kosmos2.name not in local.deployment_options
-    assert kosmos2.name not in [d["name"] for d in local.raw["applications"][0]["deployments"]]
+    florence2, _ = UNDERSTANDING_STAGES
+    assert florence2.name in config.deployment_options, "cluster.yaml deploys Florence-2"
+    kept = on_cpu(config, "/tiny/prior", "/tiny/decoder", "/tiny/inpaint", "/tiny/controlnet",
+                  understanding={florence2.path_field: "/tiny/florence2"})
+    assert kept.raw["applications"][0]["args"]["models"][florence2.path_field] == "/tiny/florence2"
+    assert florence2.name in kept.deployment_options
+    dropped = on_cpu(config, "/tiny/prior", "/tiny/decoder", "/tiny/inpaint", "/tiny/controlnet")
+    assert dropped.raw["applications"][0]["args"]["models"][florence2.path_field] is None
+    assert florence2.name not in dropped.deployment_options
+    assert florence2.name not in [d["name"] for d in dropped.raw["applications"][0]["deployments"]]
