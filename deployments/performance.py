@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
+RECOMPILE_LIMIT = 64
+"""Compiled graphs kept per compiled function (buckets x latent sizes)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,11 @@ def compiled(module: torch.nn.Module, options: ModelOptions, backend: Any = "ind
     ``backend="eager"`` (or a callable backend) traces with Dynamo but generates no code: the
     tests' fast path."""
     if options.compile:
+        import torch._dynamo.config
+
+        # One graph per batch bucket and latent size: past Dynamo's default of 8 graphs per
+        # function it would fall back to eager for new shapes with only a warning.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         mode = options.compile_mode if backend == "inductor" else None  # modes are Inductor's
         module.compile(mode=mode, dynamic=False, backend=backend)
     return module

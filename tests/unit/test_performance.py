@@ -10,7 +10,7 @@ import torch
 
 from deployments.denoiser import DenoiserModel
 from deployments.messages import DenoiseParams, ImageEmbeddings
-from deployments.performance import ModelOptions, compiled, pad_rows, padded_size, set_attention
+from deployments.performance import RECOMPILE_LIMIT, ModelOptions, compiled, pad_rows, padded_size, set_attention
 from serve.graph.local import LocalCalls
 from serve.settings import ConfigError, parse_service_settings
 from tests.reference import MAX_PIXEL_DIFF, max_diff, spec
@@ -238,6 +238,7 @@ def test_a_compiled_unet_traces_once_per_bucket_and_keeps_the_latents(tiny_check
     _denoise(model, counts=(2,), guidance=(4.0,))  # 4 rows: the same graph
     torch._dynamo.reset()
     assert traced >= 1 and len(graphs) == traced
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
     np.testing.assert_allclose(result, plain, rtol=0, atol=1e-4)  # batch-shape rounding, as above
 
 
