@@ -274,8 +274,8 @@ class DenoiserModel:
                 if text is not None:
                     text_embeds.append(text[0])
                     text_hidden.append(text[1])
-        # Padding rows (copies of the first) are dropped with ``output``'s tail: each row's
-        # result depends on that row alone.
+        # Padding rows (copies of the first) are dropped with ``output``'s tail: rows are
+        # independent (up to float rounding that depends on the batch's shape, padded or not).
         size = padded_size(len(samples), self.buckets)
 
         def batch(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -219,15 +219,21 @@ def test_bfloat16_on_cpu_stays_within_its_stated_bound(fp32, tiny_checkpoint):
     assert np.abs(theirs[0].astype(np.int16) - theirs[1].astype(np.int16)).mean() > 5 * BF16_MEAN_PIXEL_DIFF
 
 
-def test_a_compiled_unet_traces_once_per_bucket_and_keeps_the_latents(tiny_checkpoint):
-    """Dynamo with a counting backend (no code generation, seconds): padding to one bucket
-    means one graph for step batches of 3 and 4 rows, and the results are the eager ones."""
+def counting_backend():
+    """A ``torch.compile`` backend that records each graph Dynamo hands it and runs it as traced."""
     graphs = []
 
     def counting(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
 
+    return graphs, counting
+
+
+def test_a_compiled_unet_traces_once_per_bucket_and_keeps_the_latents(tiny_checkpoint):
+    """Dynamo with a counting backend (no code generation, seconds): padding to one bucket
+    means one graph for step batches of 3 and 4 rows, and the results are the eager ones."""
+    graphs, counting = counting_backend()
     torch._dynamo.reset()
     plain = _denoise(DenoiserModel.from_pretrained(tiny_checkpoint.decoder))
     model = DenoiserModel.from_pretrained(tiny_checkpoint.decoder)
@@ -242,6 +248,21 @@ def test_a_compiled_unet_traces_once_per_bucket_and_keeps_the_latents(tiny_check
     np.testing.assert_allclose(result, plain, rtol=0, atol=1e-4)  # batch-shape rounding, as above
 
 
+def test_a_compiled_movq_decoder_keeps_the_pixels(tiny_checkpoint):
+    from deployments.movq import MovqModel
+
+    graphs, counting = counting_backend()
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    plain = MovqModel.from_pretrained(tiny_checkpoint.decoder).decode(latents)
+    torch._dynamo.reset()
+    model = MovqModel.from_pretrained(tiny_checkpoint.decoder, options=ModelOptions(channels_last=True))
+    compiled(model.movq.decoder, ModelOptions(compile=True), backend=counting)
+    result = model.decode(latents)
+    torch._dynamo.reset()
+    assert graphs and model.channels_last
+    assert max_diff(result, plain) <= MAX_PIXEL_DIFF
+
+
 @pytest.mark.slow
 def test_an_inductor_compiled_unet_matches_eager(tiny_checkpoint):
     """Inductor's code generation on the tiny U-Net (tens of seconds on 2 cores)."""
@@ -250,4 +271,5 @@ def test_an_inductor_compiled_unet_matches_eager(tiny_checkpoint):
     model = DenoiserModel.from_pretrained(tiny_checkpoint.decoder, options=ModelOptions(compile=True, batch_buckets=(4,)))
     result = _denoise(model)
     torch._dynamo.reset()
-    np.testing.assert_allclose(result, plain, atol=1e-4)
+    assert model.buckets == (4,) and model.unet._compiled_call_impl is not None
+    np.testing.assert_allclose(result, plain, rtol=0, atol=1e-4)
