@@ -484,7 +484,7 @@ class MovqSettings(BaseModel):
 CPU_FLOAT16 = ("needs a GPU device (torch's float16 kernels on CPU are missing or slow); "
                "use float32 or bfloat16 with device cpu")
 DTYPE = Literal["float32", "float16", "bfloat16"]
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 _ROLE_OPTIONS = {
     "denoiser": ("dtype", "attention", "channels_last", "compile", "compile_mode", "batch_buckets"),
     "movq": ("dtype", "attention", "channels_last", "compile", "compile_mode"),
@@ -511,7 +511,7 @@ class StagePerformance(BaseModel):
     compile: bool = False
     """``torch.compile`` the U-Net (the MOVQ's decoder): slower start-up (a compile per batch bucket
     and latent size), faster steps."""
-    compile_mode: Literal[COMPILE_MODES] = "default"  # type: ignore[valid-type]
+    compile_mode: CompileMode = "default"
     """``torch.compile``'s ``mode``."""
     batch_buckets: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, max_length=32)
