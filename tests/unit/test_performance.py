@@ -265,7 +265,7 @@ def test_a_compiled_movq_decoder_keeps_the_pixels(tiny_checkpoint):
 
 @pytest.mark.slow
 def test_an_inductor_compiled_unet_matches_eager(tiny_checkpoint):
-    """Inductor's code generation on the tiny U-Net (tens of seconds on 2 cores)."""
+    """Inductor's code generation on the tiny U-Net (88 s on 2 cores: hence slow)."""
     plain = _denoise(DenoiserModel.from_pretrained(tiny_checkpoint.decoder))
     torch._dynamo.reset()
     model = DenoiserModel.from_pretrained(tiny_checkpoint.decoder, options=ModelOptions(compile=True, batch_buckets=(4,)))
