@@ -17,7 +17,7 @@ from ray import serve
 
 from deployments.batching import Queued
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
-from deployments.performance import ModelOptions, transformers_attention
+from deployments.performance import ModelOptions
 from deployments.messages import ClipImageEmbeddings, StageTiming
 from deployments.runtime import StageReplica
 
@@ -40,7 +40,7 @@ class ImageEncoderModel:
         root = check_layout(prior_path, PRIOR_LAYOUT, "prior", parts=("image_encoder", "image_processor"))
         processor = load_pretrained(CLIPImageProcessor, root, "image_processor")
         encoder = load_pretrained(CLIPVisionModelWithProjection, root, "image_encoder", device, torch_dtype(dtype),
-                                  attn_implementation=transformers_attention(options.attention))
+                                  attn_implementation=options.attention)
         return cls(processor, encoder, device)
 
     @torch.inference_mode()

@@ -23,7 +23,8 @@ class ModelOptions:
     """How one stage's networks run (its dtype travels on its own, as ``dtype``)."""
 
     attention: str = "sdpa"
-    """``sdpa``: torch's ``scaled_dot_product_attention``; ``eager``: the plain math path."""
+    """``sdpa``: torch's ``scaled_dot_product_attention``; ``eager``: the plain math path. Also
+    transformers' ``attn_implementation`` names, passed to the CLIP encoders as they are."""
     channels_last: bool = False
     """Convolutional networks (U-Net, MOVQ) and their inputs in NHWC memory format."""
     compile: bool = False
@@ -76,11 +77,6 @@ def set_attention(module: torch.nn.Module, attention: str) -> None:
             if kind not in _PROCESSORS:
                 raise ValueError(f"{name}: attention processor {kind} has no {attention} counterpart here")
             child.set_processor(getattr(attention_processor, _PROCESSORS[kind][column])())
-
-
-def transformers_attention(attention: str) -> str:
-    """The ``attn_implementation`` transformers' ``from_pretrained`` takes for ``attention``."""
-    return {"sdpa": "sdpa", "eager": "eager"}[attention]
 
 
 def prepare_convolutional(module: torch.nn.Module, options: ModelOptions) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from ray import serve
 
 from deployments.batching import StepObserver, run_until_done
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
-from deployments.performance import ModelOptions, set_attention, transformers_attention
+from deployments.performance import ModelOptions, set_attention
 from deployments.messages import ClipImageEmbeddings, ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
 from deployments.runtime import LoopReplica
 
@@ -117,7 +117,7 @@ class PriorModel:
         # The vision encoder is needed only for the all-zero image's embedding, the
         # default negative; it is dropped once that is cached.
         image_encoder = load_pretrained(CLIPVisionModelWithProjection, root, "image_encoder", device, torch_dtype(dtype),
-                                        attn_implementation=transformers_attention(options.attention))
+                                        attn_implementation=options.attention)
         size = image_encoder.config.image_size
         with torch.inference_mode():
             zeros = torch.zeros(1, 3, size, size, device=device, dtype=image_encoder.dtype)

@@ -12,7 +12,7 @@ from ray import serve
 
 from deployments.batching import Queued
 from deployments.loading import DECODER_21_LAYOUT, PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
-from deployments.performance import ModelOptions, transformers_attention
+from deployments.performance import ModelOptions
 from deployments.messages import StageTiming, TextEmbeddings
 from deployments.runtime import StageReplica
 
@@ -39,7 +39,7 @@ class TextEncoderModel:
         root = check_layout(prior_path, PRIOR_LAYOUT, "prior", parts=("tokenizer", "text_encoder"))
         tokenizer = load_pretrained(CLIPTokenizer, root, "tokenizer")
         encoder = load_pretrained(CLIPTextModelWithProjection, root, "text_encoder", device, torch_dtype(dtype),
-                                  attn_implementation=transformers_attention(options.attention))
+                                  attn_implementation=options.attention)
         return cls(tokenizer, encoder, device)
 
     @torch.inference_mode()

@@ -200,6 +200,8 @@ def fp32(tiny_checkpoint):
 @pytest.mark.parametrize("options", [ModelOptions(attention="eager"), ModelOptions(channels_last=True)], ids=["eager", "channels_last"])
 def test_attention_and_memory_format_keep_the_pictures(fp32, tiny_checkpoint, options):
     other = LocalCalls(tiny_checkpoint, options=options)
+    assert other.text.text_encoder.config._attn_implementation == other.images.encoder.config._attn_implementation \
+        == options.attention
     if options.channels_last:
         weight = other.decoders["text2img"].unet.conv_in.weight
         assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
