@@ -30,6 +30,7 @@ from deployments.messages import (
     StageTiming,
     TextEmbeddings,
 )
+from deployments.performance import ModelOptions, compiled, pad_rows, padded_size, prepare_convolutional, to_memory_format
 from deployments.runtime import LoopReplica
 
 STAGE = "denoiser"
@@ -102,8 +103,12 @@ class DenoiserModel:
     """The decoder U-Net's math, without Ray: text-to-image and image-to-image, inpainting
     or ControlNet, by the checkpoint's U-Net."""
 
-    def __init__(self, unet, scheduler, movq_scale_factor: int, latent_channels: int = 4, device: str = "cpu") -> None:
+    def __init__(self, unet, scheduler, movq_scale_factor: int, latent_channels: int = 4, device: str = "cpu",
+                 options: ModelOptions = ModelOptions()) -> None:
         self.unet = unet
+        self.channels_last = options.channels_last
+        self.buckets = options.batch_buckets if options.compile else None
+        """Step batches are padded to these row counts, so a compiled U-Net reuses its graphs."""
         self.scheduler_config = scheduler.config
         self.movq_scale_factor = movq_scale_factor
         self.device = device
@@ -120,13 +125,15 @@ class DenoiserModel:
         self._schedulers: dict[str, tuple[type, dict, bool]] = {}
 
     @classmethod
-    def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "DenoiserModel":
+    def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32",
+                        options: ModelOptions = ModelOptions()) -> "DenoiserModel":
         import json
 
         import diffusers
 
         root = check_layout(decoder_path, DECODER_LAYOUT, "decoder")
         unet = load_pretrained(diffusers.UNet2DConditionModel, root, "unet", device, torch_dtype(dtype))
+        unet = compiled(prepare_convolutional(unet, options), options)
         scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
         if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
@@ -138,7 +145,7 @@ class DenoiserModel:
         # Only the MOVQ's config is needed here (scale factor, latent channels), not its weights.
         movq_config = json.loads((root / "movq" / "config.json").read_text())
         scale = 2 ** (len(movq_config["block_out_channels"]) - 1)
-        return cls(unet, scheduler, scale, int(movq_config.get("latent_channels", 4)), device)
+        return cls(unet, scheduler, scale, int(movq_config.get("latent_channels", 4)), device, options)
 
     def make_scheduler(self, name: str):
         """A fresh scheduler of the named kind, from the checkpoint's scheduler config."""
@@ -267,18 +274,25 @@ class DenoiserModel:
                 if text is not None:
                     text_embeds.append(text[0])
                     text_hidden.append(text[1])
-        added = {"image_embeds": torch.cat(embeds)}
+        # Padding rows (copies of the first) are dropped with ``output``'s tail: rows are
+        # independent (up to float rounding that depends on the batch's shape, padded or not).
+        size = padded_size(len(samples), self.buckets)
+
+        def batch(rows: list[torch.Tensor]) -> torch.Tensor:
+            return pad_rows(torch.cat(rows), size)
+
+        added = {"image_embeds": batch(embeds)}
         if hints:
-            added["hint"] = torch.cat(hints)
+            added["hint"] = to_memory_format(batch(hints), self.channels_last)
         if text_embeds:
-            added["text_embeds"] = torch.cat(text_embeds)
+            added["text_embeds"] = batch(text_embeds)
         output = self.unet(
-            sample=torch.cat(samples),
-            timestep=torch.cat(timesteps),
-            encoder_hidden_states=torch.cat(text_hidden) if text_hidden else None,
+            sample=to_memory_format(batch(samples), self.channels_last),
+            timestep=batch(timesteps),
+            encoder_hidden_states=batch(text_hidden) if text_hidden else None,
             added_cond_kwargs=added,
             return_dict=False,
-        )[0]
+        )[0][: len(samples)]
         channels, offset = self.latent_channels, 0
         for state in states:
             if state.negative_image_embeds is not None:
@@ -367,8 +381,9 @@ class DenoiserReplica(LoopReplica):
 
     stage = STAGE
 
-    def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.setup(self.stage, device, lambda: DenoiserModel.from_pretrained(decoder_path, device, dtype))
+    def __init__(self, decoder_path: str, device: str = "cpu", dtype: str = "float32",
+                 options: ModelOptions = ModelOptions()) -> None:
+        self.setup(self.stage, device, lambda: DenoiserModel.from_pretrained(decoder_path, device, dtype, options))
 
     async def generate(
         self, embeddings: ImageEmbeddings, params: DenoiseParams, init: ImageLatents | None = None,

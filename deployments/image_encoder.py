@@ -17,6 +17,7 @@ from ray import serve
 
 from deployments.batching import Queued
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
+from deployments.performance import ModelOptions
 from deployments.messages import ClipImageEmbeddings, StageTiming
 from deployments.runtime import StageReplica
 
@@ -32,12 +33,14 @@ class ImageEncoderModel:
         self.device = device
 
     @classmethod
-    def from_pretrained(cls, prior_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "ImageEncoderModel":
+    def from_pretrained(cls, prior_path: Path | str, device: str = "cpu", dtype: str = "float32",
+                        options: ModelOptions = ModelOptions()) -> "ImageEncoderModel":
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         root = check_layout(prior_path, PRIOR_LAYOUT, "prior", parts=("image_encoder", "image_processor"))
         processor = load_pretrained(CLIPImageProcessor, root, "image_processor")
-        encoder = load_pretrained(CLIPVisionModelWithProjection, root, "image_encoder", device, torch_dtype(dtype))
+        encoder = load_pretrained(CLIPVisionModelWithProjection, root, "image_encoder", device, torch_dtype(dtype),
+                                  attn_implementation=options.attention)
         return cls(processor, encoder, device)
 
     @torch.inference_mode()
@@ -57,8 +60,9 @@ class ImageEncoderModel:
 class ImageEncoder(StageReplica):
     """Batches input images from many requests into one encoder forward pass."""
 
-    def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.setup(STAGE, device, lambda: ImageEncoderModel.from_pretrained(prior_path, device, dtype))
+    def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32",
+                 options: ModelOptions = ModelOptions()) -> None:
+        self.setup(STAGE, device, lambda: ImageEncoderModel.from_pretrained(prior_path, device, dtype, options))
 
     async def embed(self, images: list[np.ndarray], request_id: str = "") -> ClipImageEmbeddings:
         return await self.serve_call(self._run_batch(Queued(list(images))), request_id)

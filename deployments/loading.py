@@ -90,9 +90,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pretrained(cls: Any, root: Path, subfolder: str, device: str | None = None, dtype: torch.dtype | None = None) -> Any:
-    """``cls.from_pretrained`` for one component: local files, safetensors only, eval mode."""
-    kwargs: dict[str, Any] = {"subfolder": subfolder, "local_files_only": True}
+def load_pretrained(cls: Any, root: Path, subfolder: str, device: str | None = None, dtype: torch.dtype | None = None,
+                    **extra: Any) -> Any:
+    """``cls.from_pretrained`` for one component: local files, safetensors only, eval mode;
+    ``extra`` goes to ``from_pretrained`` (e.g. transformers' ``attn_implementation``)."""
+    kwargs: dict[str, Any] = {"subfolder": subfolder, "local_files_only": True, **extra}
     if hasattr(cls, "save_pretrained") and issubclass(cls, torch.nn.Module):
         kwargs["use_safetensors"] = True
         if dtype is not None:

@@ -16,6 +16,7 @@ from deployments.loading import DECODER_LAYOUT, check_layout, load_pretrained, t
 from deployments.messages import (
     Composite, DecodeParams, EncodedImages, ImageLatents, InitImage, Latents, StageTiming, UpscaleParams,
 )
+from deployments.performance import ModelOptions, compiled, prepare_convolutional, to_memory_format
 from deployments.runtime import StageReplica
 from deployments.tiling import tiled_with_shared_norms
 
@@ -39,10 +40,12 @@ class MovqModel:
     never tile.
     """
 
-    def __init__(self, movq, device: str = "cpu", tile_size: int | None = None, tile_overlap: int = 0) -> None:
+    def __init__(self, movq, device: str = "cpu", tile_size: int | None = None, tile_overlap: int = 0,
+                 channels_last: bool = False) -> None:
         from diffusers.image_processor import VaeImageProcessor
 
         self.movq = movq
+        self.channels_last = channels_last
         self.device = device
         self.dtype = movq.dtype
         self.scale = 2 ** (len(movq.config.block_out_channels) - 1)
@@ -63,12 +66,16 @@ class MovqModel:
 
     @classmethod
     def from_pretrained(
-        cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32", tile_size: int | None = None, tile_overlap: int = 0
+        cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32", tile_size: int | None = None, tile_overlap: int = 0,
+        options: ModelOptions = ModelOptions(),
     ) -> "MovqModel":
+        """``options.compile`` compiles the decoder only (encoding is rarer): one graph per latent size."""
         from diffusers import VQModel
 
         root = check_layout(decoder_path, DECODER_LAYOUT, "decoder", parts=("movq",))
-        return cls(load_pretrained(VQModel, root, "movq", device, torch_dtype(dtype)), device, tile_size, tile_overlap)
+        movq = prepare_convolutional(load_pretrained(VQModel, root, "movq", device, torch_dtype(dtype)), options)
+        compiled(movq.decoder, options)
+        return cls(movq, device, tile_size, tile_overlap, options.channels_last)
 
     def tiles(self, latent_size: tuple[int, int]) -> bool:
         """Whether latents of this (h, w) are decoded (their image encoded) in tiles."""
@@ -81,7 +88,7 @@ class MovqModel:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(N, C, h, w) float latents of one size -> (N, H, W, 3) uint8 images."""
         # A copy: arrays that come through Ray's object store are read-only.
-        sample = torch.tensor(latents).to(self.device, self.dtype)
+        sample = to_memory_format(torch.tensor(latents).to(self.device, self.dtype), self.channels_last)
         size = tuple(sample.shape[-2:])
         if self.tiles(size):
             image = tiled_with_shared_norms(self._decode_forward, self.movq.decoder, sample, size, self.tile, self.overlap,
@@ -217,9 +224,10 @@ class MovqDecoder(StageReplica):
     batch_methods = ("_run_batch", "_run_encode_batch")
 
     def __init__(
-        self, decoder_path: str, device: str = "cpu", dtype: str = "float32", tile_size: int | None = None, tile_overlap: int = 0
+        self, decoder_path: str, device: str = "cpu", dtype: str = "float32", tile_size: int | None = None, tile_overlap: int = 0,
+        options: ModelOptions = ModelOptions(),
     ) -> None:
-        self.setup(STAGE, device, lambda: MovqModel.from_pretrained(decoder_path, device, dtype, tile_size, tile_overlap))
+        self.setup(STAGE, device, lambda: MovqModel.from_pretrained(decoder_path, device, dtype, tile_size, tile_overlap, options))
 
     async def decode(self, latents: Latents, params: DecodeParams) -> EncodedImages:
         return await self.serve_call(self._run_batch(Queued((latents, params))), params.request_id)

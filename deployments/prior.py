@@ -20,6 +20,7 @@ from ray import serve
 
 from deployments.batching import StepObserver, run_until_done
 from deployments.loading import PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
+from deployments.performance import ModelOptions, set_attention
 from deployments.messages import ClipImageEmbeddings, ImageEmbeddings, PriorParams, StageTiming, TextEmbeddings
 from deployments.runtime import LoopReplica
 
@@ -104,16 +105,19 @@ class PriorModel:
         self.dtype = prior.dtype
 
     @classmethod
-    def from_pretrained(cls, prior_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "PriorModel":
+    def from_pretrained(cls, prior_path: Path | str, device: str = "cpu", dtype: str = "float32",
+                        options: ModelOptions = ModelOptions()) -> "PriorModel":
         from diffusers import PriorTransformer, UnCLIPScheduler
         from transformers import CLIPVisionModelWithProjection
 
         root = check_layout(prior_path, PRIOR_LAYOUT, "prior", parts=("prior", "scheduler", "image_encoder"))
         prior = load_pretrained(PriorTransformer, root, "prior", device, torch_dtype(dtype))
+        set_attention(prior, options.attention)
         scheduler = load_pretrained(UnCLIPScheduler, root, "scheduler")
         # The vision encoder is needed only for the all-zero image's embedding, the
         # default negative; it is dropped once that is cached.
-        image_encoder = load_pretrained(CLIPVisionModelWithProjection, root, "image_encoder", device, torch_dtype(dtype))
+        image_encoder = load_pretrained(CLIPVisionModelWithProjection, root, "image_encoder", device, torch_dtype(dtype),
+                                        attn_implementation=options.attention)
         size = image_encoder.config.image_size
         with torch.inference_mode():
             zeros = torch.zeros(1, 3, size, size, device=device, dtype=image_encoder.dtype)
@@ -307,10 +311,10 @@ class Prior(LoopReplica):
     """
 
     def __init__(self, prior_path: str, device: str = "cpu", dtype: str = "float32",
-                 fine_tuned: dict[str, str] | None = None) -> None:
+                 fine_tuned: dict[str, str] | None = None, options: ModelOptions = ModelOptions()) -> None:
         self.fine_tuned_paths = dict(fine_tuned or {})
-        self.model_dtype = dtype
-        self.setup(STAGE, device, lambda: PriorModel.from_pretrained(prior_path, device, dtype))
+        self.model_dtype, self.model_options = dtype, options
+        self.setup(STAGE, device, lambda: PriorModel.from_pretrained(prior_path, device, dtype, options))
 
     @serve.multiplexed(max_num_models_per_replica=PRIORS_PER_REPLICA)
     async def fine_tuned_prior(self, model_id: str) -> PriorModel:
@@ -318,7 +322,7 @@ class Prior(LoopReplica):
         if path is None:
             raise ValueError(f"no fine-tuned prior {model_id!r} is configured for this stage")
         started = time.perf_counter()
-        model = await self.thread.run(PriorModel.from_pretrained, path, self.device, self.model_dtype)
+        model = await self.thread.run(PriorModel.from_pretrained, path, self.device, self.model_dtype, self.model_options)
         self.metrics.model_switched(model_id, time.perf_counter() - started)
         logger.info("stage %s: loaded fine-tuned prior %s in %.2f s", self.stage, model_id, time.perf_counter() - started)
         return model

@@ -12,6 +12,7 @@ from ray import serve
 
 from deployments.batching import Queued
 from deployments.loading import DECODER_21_LAYOUT, PRIOR_LAYOUT, check_layout, load_pretrained, torch_dtype
+from deployments.performance import ModelOptions
 from deployments.messages import StageTiming, TextEmbeddings
 from deployments.runtime import StageReplica
 
@@ -31,12 +32,14 @@ class TextEncoderModel:
         self.max_length = tokenizer.model_max_length
 
     @classmethod
-    def from_pretrained(cls, prior_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "TextEncoderModel":
+    def from_pretrained(cls, prior_path: Path | str, device: str = "cpu", dtype: str = "float32",
+                        options: ModelOptions = ModelOptions()) -> "TextEncoderModel":
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         root = check_layout(prior_path, PRIOR_LAYOUT, "prior", parts=("tokenizer", "text_encoder"))
         tokenizer = load_pretrained(CLIPTokenizer, root, "tokenizer")
-        encoder = load_pretrained(CLIPTextModelWithProjection, root, "text_encoder", device, torch_dtype(dtype))
+        encoder = load_pretrained(CLIPTextModelWithProjection, root, "text_encoder", device, torch_dtype(dtype),
+                                  attn_implementation=options.attention)
         return cls(tokenizer, encoder, device)
 
     @torch.inference_mode()
@@ -78,7 +81,9 @@ class MultilingualTextEncoderModel(TextEncoderModel):
         self.max_length = 77  # the 2.1 pipelines pad and truncate to 77, whatever the tokenizer allows
 
     @classmethod
-    def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32") -> "MultilingualTextEncoderModel":
+    def from_pretrained(cls, decoder_path: Path | str, device: str = "cpu", dtype: str = "float32",
+                        options: ModelOptions = ModelOptions()) -> "MultilingualTextEncoderModel":
+        """``options`` is accepted for the replica's sake; MultilingualCLIP has one attention path."""
         from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
         from transformers import XLMRobertaTokenizer
 
@@ -105,8 +110,9 @@ class TextEncoderReplica(StageReplica):
     stage = STAGE
     model_class: type = TextEncoderModel
 
-    def __init__(self, checkpoint_path: str, device: str = "cpu", dtype: str = "float32") -> None:
-        self.setup(self.stage, device, lambda: self.model_class.from_pretrained(checkpoint_path, device, dtype))
+    def __init__(self, checkpoint_path: str, device: str = "cpu", dtype: str = "float32",
+                 options: ModelOptions = ModelOptions()) -> None:
+        self.setup(self.stage, device, lambda: self.model_class.from_pretrained(checkpoint_path, device, dtype, options))
 
     async def encode(self, texts: list[str], request_id: str = "") -> TextEmbeddings:
         return await self.serve_call(self._run_batch(Queued(list(texts))), request_id)

@@ -160,7 +160,8 @@ class ModelSettings(BaseModel):
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     """Torch device of every stage: ``cpu``, ``cuda`` or ``cuda:N``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Weights and activations dtype. Half precision needs a GPU."""
+    """Weights and activations dtype of every stage (``args.performance`` may set one per stage).
+    ``float16`` needs a GPU; ``bfloat16`` runs on CPUs too."""
     embedded_dir: Path | None = None
     """Where the embedded model's derived decoder variants are written; default ``$KANDINSKY_CACHE_DIR`` or ~/.cache."""
     require_variants: bool = False
@@ -179,8 +180,8 @@ class ModelSettings(BaseModel):
             raise ValueError(
                 "set both prior_path and decoder_path (real checkpoints) or neither (embedded tiny model)"
             )
-        if self.device == "cpu" and self.dtype != "float32":
-            raise ValueError(f"dtype {self.dtype} needs a GPU device; use dtype float32 with device cpu")
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError(f"dtype {self.dtype} {CPU_FLOAT16}")
         if (self.prior_21_path is None) != (self.decoder_21_path is None):
             raise ValueError("set both prior_21_path and decoder_21_path (to serve Kandinsky 2.1) or neither")
         if self.inpaint_decoder_21_path is not None and self.decoder_21_path is None:
@@ -480,6 +481,85 @@ class MovqSettings(BaseModel):
         return self
 
 
+CPU_FLOAT16 = ("needs a GPU device (torch's float16 kernels on CPU are missing or slow); "
+               "use float32 or bfloat16 with device cpu")
+DTYPE = Literal["float32", "float16", "bfloat16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+_ROLE_OPTIONS = {
+    "denoiser": ("dtype", "attention", "channels_last", "compile", "compile_mode", "batch_buckets"),
+    "movq": ("dtype", "attention", "channels_last", "compile", "compile_mode"),
+    "prior": ("dtype", "attention"),
+    "text_encoder": ("dtype", "attention"),
+    "image_encoder": ("dtype", "attention"),
+    "decoder_text_encoder": ("dtype",),
+    "understanding": ("dtype",),
+}
+"""The options each stage role can apply; a default a role cannot apply is left out for it."""
+
+
+class StagePerformance(BaseModel):
+    """Precision and speed options of one stage (``args.performance.default`` or one of ``stages``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: DTYPE | None = None
+    """Weights and activations dtype; null: ``args.models.dtype``."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """``sdpa``: torch's ``scaled_dot_product_attention`` (fused kernels on GPUs); ``eager``: the math path."""
+    channels_last: bool = False
+    """U-Net and MOVQ (convolutional) in NHWC memory format: faster convolutions on GPUs with fp16/bf16."""
+    compile: bool = False
+    """``torch.compile`` the U-Net (the MOVQ's decoder): slower start-up (a compile per batch bucket
+    and latent size), faster steps."""
+    compile_mode: CompileMode = "default"
+    """``torch.compile``'s ``mode``."""
+    batch_buckets: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, max_length=32)
+    """With ``compile``, a U-Net step's batch (rows: two per guided image) is padded up to the next
+    of these sizes, so compiled graphs are reused; above the largest it runs unpadded (and compiles)."""
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _increasing(cls, buckets: list[int]) -> list[int]:
+        if any(a >= b for a, b in zip(buckets, buckets[1:])):
+            raise ValueError(f"{buckets} must be strictly increasing, e.g. [1, 2, 4, 8, 16]")
+        return buckets
+
+
+class PerformanceSettings(BaseModel):
+    """``args.performance``: precision and speed options, a default and per-stage overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default: StagePerformance = StagePerformance()
+    """Every stage's options, each applied where the stage can (e.g. ``channels_last`` on the U-Net and MOVQ only)."""
+    stages: dict[str, StagePerformance] = {}
+    """Per deployment name (``Denoiser``, ``MovqDecoder``, ...): the keys given replace the default's."""
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: dict[str, StagePerformance]) -> dict[str, StagePerformance]:
+        for name, options in stages.items():
+            if name not in BY_NAME:
+                raise ValueError(f"unknown stage {name!r}; name a deployment of {STAGE_NAMES}")
+            role = BY_NAME[name].role
+            refused = sorted(options.model_fields_set - set(_ROLE_OPTIONS[role]))
+            if refused:
+                raise ValueError(f"{name}: {', '.join(refused)} cannot apply to a {role} stage; it takes "
+                                 f"{', '.join(_ROLE_OPTIONS[role])}")
+        return stages
+
+    def resolve(self, stage: str, default_dtype: str) -> StagePerformance:
+        """``stage``'s options: the default's where the stage applies them, its own on top, dtype filled in."""
+        role_keys = _ROLE_OPTIONS[BY_NAME[stage].role]
+        own = self.stages.get(stage)
+        merged = self.default.model_dump(include=set(role_keys))
+        if own is not None:
+            merged.update(own.model_dump(include=own.model_fields_set))
+        merged["dtype"] = merged.get("dtype") or default_dtype
+        return StagePerformance.model_validate(merged)
+
+
 class ServiceSettings(BaseModel):
     """The application's ``args``: everything the graph builder needs."""
 
@@ -493,6 +573,18 @@ class ServiceSettings(BaseModel):
     outputs: OutputSettings = OutputSettings()
     webhooks: WebhookSettings = WebhookSettings()
     movq: MovqSettings = MovqSettings()
+    performance: PerformanceSettings = PerformanceSettings()
+
+    @model_validator(mode="after")
+    def _cpu_dtypes(self) -> "ServiceSettings":
+        if self.models.device != "cpu":
+            return self
+        if self.performance.default.dtype == "float16":
+            raise ValueError(f"performance.default.dtype: float16 {CPU_FLOAT16} (args.models.device is cpu)")
+        for name, options in self.performance.stages.items():
+            if options.dtype == "float16":
+                raise ValueError(f"performance.stages.{name}.dtype: float16 {CPU_FLOAT16} (args.models.device is cpu)")
+        return self
 
 
 class ConfigError(ValueError):

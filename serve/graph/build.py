@@ -15,7 +15,7 @@ from ray.serve import Application
 from deployments.loading import DECODER_21_LAYOUT, DECODER_LAYOUT, PRIOR_LAYOUT, CheckpointError, check_layout
 from deployments.registry import BY_NAME, DEFAULT_FAMILY, GENERATION_STAGES, UNDERSTANDING_STAGES
 from serve.graph.ingress import Ingress
-from serve.settings import ModelSettings, default_cache_dir, parse_service_settings
+from serve.settings import ModelSettings, ServiceSettings, default_cache_dir, parse_service_settings
 
 
 class ModelPaths(NamedTuple):
@@ -107,6 +107,19 @@ def understanding_paths(models: ModelSettings) -> dict[str, Path]:
     return paths
 
 
+def stage_runtime(settings: ServiceSettings, name: str) -> dict[str, Any]:
+    """The keyword arguments every stage's ``__init__`` takes for where and how its model runs:
+    ``device``, its own ``dtype`` and (for the generation stages) ``options``, from ``args.performance``."""
+    from deployments.performance import ModelOptions
+
+    resolved = settings.performance.resolve(name, settings.models.dtype)
+    runtime: dict[str, Any] = {"device": settings.models.device, "dtype": resolved.dtype}
+    if BY_NAME[name].family is not None:
+        runtime["options"] = ModelOptions(resolved.attention, resolved.channels_last, resolved.compile,
+                                          resolved.compile_mode, tuple(resolved.batch_buckets))
+    return runtime
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The ``import_path`` target: Ray calls it with the application's ``args`` and
     applies the config's ``deployments`` section itself."""
@@ -123,7 +136,6 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
     settings = parse_service_settings(args)
     paths = resolve_model_paths(settings.models)
     options = deployment_options or {}
-    runtime = {"device": settings.models.device, "dtype": settings.models.dtype}
 
     fine_tuned = fine_tuned_priors(settings.models, paths)
     stages = {}
@@ -134,10 +146,10 @@ def build_graph(args: dict[str, Any] | None = None, deployment_options: dict[str
         if stage.role == "movq":
             extra = {"tile_size": settings.movq.tile_size, "tile_overlap": settings.movq.tile_overlap}
         stages[stage.name] = None if path is None else (
-            stage.load().options(name=stage.name, **options.get(stage.name, {})).bind(str(path), **runtime, **extra)
+            stage.load().options(name=stage.name, **options.get(stage.name, {})).bind(str(path), **stage_runtime(settings, stage.name), **extra)
         )
     for name, path in understanding_paths(settings.models).items():
         stage = BY_NAME[name]
-        stages[name] = stage.load().options(name=name, **options.get(name, {})).bind(str(path), **runtime)
+        stages[name] = stage.load().options(name=name, **options.get(name, {})).bind(str(path), **stage_runtime(settings, name))
     ingress = Ingress.options(**options.get(Ingress.name, {}))
     return ingress.bind(settings.model_dump(mode="json"), **stages)

@@ -13,6 +13,7 @@ from deployments.messages import (
     UnderstandingAnswer,
 )
 from deployments.movq import MovqModel, feather
+from deployments.performance import ModelOptions
 from deployments.prior import PriorModel
 from deployments.text_encoder import MultilingualTextEncoderModel, TextEncoderModel
 from serve.graph.plan import plan
@@ -24,21 +25,24 @@ class LocalCalls:
     ``checkpoint``: a 2.2 one (prior, decoder, inpaint, controlnet) or a 2.1 one (prior,
     decoder, inpaint), whose decoder also carries its text encoder."""
 
-    def __init__(self, checkpoint, fine_tuned: dict | None = None, florence2=None) -> None:
-        """``florence2``: a Florence-2 checkpoint directory, for ``caption_check``."""
+    def __init__(self, checkpoint, fine_tuned: dict | None = None, florence2=None, dtype: str = "float32",
+                 options: ModelOptions = ModelOptions()) -> None:
+        """``florence2``: a Florence-2 checkpoint directory, for ``caption_check``. ``dtype`` and
+        ``options`` (:mod:`deployments.performance`): how every generation model runs."""
         prior_path, decoder_path, inpaint_path, *controlnet_path = checkpoint
-        self.fine_tuned = {model_id: PriorModel.from_pretrained(path) for model_id, path in (fine_tuned or {}).items()}
-        self.text = TextEncoderModel.from_pretrained(prior_path)
-        self.images = ImageEncoderModel.from_pretrained(prior_path)
-        self.prior_model = PriorModel.from_pretrained(prior_path)
+        run = {"device": "cpu", "dtype": dtype, "options": options}
+        self.fine_tuned = {model_id: PriorModel.from_pretrained(path, **run) for model_id, path in (fine_tuned or {}).items()}
+        self.text = TextEncoderModel.from_pretrained(prior_path, **run)
+        self.images = ImageEncoderModel.from_pretrained(prior_path, **run)
+        self.prior_model = PriorModel.from_pretrained(prior_path, **run)
         self.decoders = {
-            "text2img": DenoiserModel.from_pretrained(decoder_path),
-            "inpaint": DenoiserModel.from_pretrained(inpaint_path),
-            **({"controlnet": DenoiserModel.from_pretrained(controlnet_path[0])} if controlnet_path else {}),
+            "text2img": DenoiserModel.from_pretrained(decoder_path, **run),
+            "inpaint": DenoiserModel.from_pretrained(inpaint_path, **run),
+            **({"controlnet": DenoiserModel.from_pretrained(controlnet_path[0], **run)} if controlnet_path else {}),
         }
         self.family = "2.1" if self.decoders["text2img"].text_conditioned else "2.2"
-        self.decoder_text = MultilingualTextEncoderModel.from_pretrained(decoder_path) if self.family == "2.1" else None
-        self.movq = MovqModel.from_pretrained(decoder_path)
+        self.decoder_text = MultilingualTextEncoderModel.from_pretrained(decoder_path, **run) if self.family == "2.1" else None
+        self.movq = MovqModel.from_pretrained(decoder_path, **run)
         self.captioner = None
         if florence2 is not None:
             from deployments.florence2 import Florence2Model

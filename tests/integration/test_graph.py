@@ -66,3 +66,40 @@ def test_same_image_alone_and_inside_a_batch_of_eight_mixed_requests(served_app)
     assert batched.timings["denoiser"].batch_size > 1
     assert max(r.timings["prior"].batch_size for r in results) >= 4
     assert max_diff(decode_png(batched.images[0]), alone) <= MAX_PIXEL_DIFF
+
+
+PERF_APP = "perf"
+
+
+def test_each_stage_runs_with_its_own_performance_options(served_app, tiny_checkpoint):
+    """``args.performance`` reaches the replicas: a bf16, channels_last, eager-attention Denoiser
+    (everything else float32) gives what the same models give in process; the float32 graph differs."""
+    import torch
+    from ray import serve
+
+    from deployments.performance import ModelOptions
+    from serve.graph.build import build_graph
+    from serve.graph.local import LocalCalls
+    from tests.conftest import TEST_DEPLOYMENT_OPTIONS
+
+    _, plain = served_app
+    args = {"models": {"prior_path": str(tiny_checkpoint.prior), "decoder_path": str(tiny_checkpoint.decoder)},
+            "performance": {"stages": {"Denoiser": {"dtype": "bfloat16", "channels_last": True, "attention": "eager"}}}}
+    options = {name: {**opts, "ray_actor_options": {"num_cpus": 0.02}} for name, opts in TEST_DEPLOYMENT_OPTIONS.items()}
+    handle = serve.run(build_graph(args, options), name=PERF_APP, route_prefix=f"/{PERF_APP}")
+    try:
+        s = spec(seeds=(3,))
+        served = decode_png(_generate(handle, s).images[0])
+    finally:
+        serve.delete(PERF_APP)
+    local = LocalCalls(tiny_checkpoint)
+    local.decoders["text2img"] = LocalCalls(tiny_checkpoint, dtype="bfloat16", options=ModelOptions(
+        attention="eager", channels_last=True)).decoders["text2img"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replicas (torch_threads: 1): bf16 rounding follows the threads' split
+    try:
+        expected = local.generate(s)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert max_diff(served, expected) <= MAX_PIXEL_DIFF
+    assert max_diff(served, decode_png(_generate(plain, s).images[0])) > 10
