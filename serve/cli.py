@@ -83,14 +83,25 @@ def _make_tiny_understanding(checkpoint: str, out_dir: Path | str, seed: int = 0
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    if args.family in ("florence2", "kosmos2"):
+    if args.full_size:
+        from serve.training.full_size import make_full_size
+
+        if args.family != "2.2":
+            raise ConfigError(f"--full-size writes Kandinsky 2.2 only, not --family {args.family}")
+        try:
+            checkpoint = make_full_size(args.dir, args.seed, args.dtype, tuple(args.variants.split(",")))
+        except ValueError as error:
+            raise ConfigError(f"--variants {args.variants}: {error}") from error
+    elif args.family in ("florence2", "kosmos2"):
         print(f"{args.family + ':':20s}{_make_tiny_understanding(args.family, args.dir, args.seed)}")
         return 0
-    from serve.training.tiny import make_tiny, make_tiny_21
+    else:
+        from serve.training.tiny import make_tiny, make_tiny_21
 
-    checkpoint = (make_tiny_21 if args.family == "2.1" else make_tiny)(args.dir, args.seed)
+        checkpoint = (make_tiny_21 if args.family == "2.1" else make_tiny)(args.dir, args.seed)
     for name, path in checkpoint._asdict().items():
-        print(f"{name + ':':20s}{path}")
+        if path is not None:
+            print(f"{name + ':':20s}{path}")
     return 0
 
 
@@ -299,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="2.2: prior, decoder, decoder_inpaint, decoder_controlnet; 2.1: kandinsky-2-1-prior, "
                            "kandinsky-2-1, kandinsky-2-1-inpaint; florence2: one Florence-2 directory (model and "
                            "processor); kosmos2: kosmos-2-patch14-224")
+    tiny.add_argument("--full-size", action="store_true",
+                      help="the published Kandinsky 2.2 architectures (~6 B parameters) with seeded random weights "
+                           "instead of tiny ones: same FLOPs, nothing to download (about 12 GB in float16)")
+    tiny.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                      help="--full-size: the weights' dtype")
+    tiny.add_argument("--variants", default="decoder",
+                      help="--full-size: comma-separated decoders to write, of decoder,inpaint,controlnet")
     tiny.set_defaults(func=_cmd_make_tiny)
 
     keys = commands.add_parser("keys", help="API keys: make one (printed once, stored hashed) or revoke one")
