@@ -516,6 +516,32 @@ def build_parser() -> argparse.ArgumentParser:
     movq.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     movq.add_argument("--out", default="bench-results/movq_memory.json")
     movq.set_defaults(func=_bench("movq-memory"))
+    gpu = kinds.add_parser("gpu", help="the full-size model on a GPU: diffusers in-process against the served graph "
+                                       "(latency, throughput, step vs request batching under load, memory per stage)")
+    gpu.add_argument("--checkpoint", default=None, help="a directory with prior/ and decoder/ "
+                                                        "(`make-tiny --full-size DIR` writes the full size)")
+    gpu.add_argument("--tiny", action="store_true", help="a tiny checkpoint written for the run (smoke runs on a CPU)")
+    gpu.add_argument("--url", default=None, help="measure the service running here (on --checkpoint's weights; no "
+                                                 "--option sweep) instead of starting one")
+    gpu.add_argument("--device", default="cuda", help="cuda or cpu")
+    gpu.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                     help="default: float16 on cuda, float32 on cpu")
+    gpu.add_argument("--sizes", default="512,768", help="comma-separated square sizes in pixels")
+    gpu.add_argument("--steps", type=int, default=50, help="decoder steps")
+    gpu.add_argument("--prior-steps", type=int, default=25)
+    gpu.add_argument("--rounds", type=int, default=3, help="single-request rounds per side and size (median reported)")
+    gpu.add_argument("--batches", default="1,4,8,16", help="concurrent one-image requests for throughput; the largest "
+                                                           "is every stage's max_batch_size")
+    gpu.add_argument("--load-size", type=int, default=None, help="the open-loop part's size (default: the last of --sizes)")
+    gpu.add_argument("--load-duration", type=float, default=30.0, help="seconds of Poisson arrivals per batching policy")
+    gpu.add_argument("--capacity-duration", type=float, default=15.0, help="seconds of the closed loop measuring capacity")
+    gpu.add_argument("--option", action="append", default=None, metavar="NAME=JSON",
+                     help="repeatable: one more service start with JSON as args.performance (per-stage dtype, "
+                          "attention, channels_last, compile, ...; the service refuses it until it knows that key)")
+    gpu.add_argument("--skip", default="", help="comma-separated parts to leave out: diffusers, served, load")
+    gpu.add_argument("--port", type=int, default=8050)
+    gpu.add_argument("--out", default="bench-results/gpu.json")
+    gpu.set_defaults(func=_bench("gpu"))
     return parser
 
 

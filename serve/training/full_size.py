@@ -167,7 +167,10 @@ def materialize(module: torch.nn.Module, seed: int, dtype: torch.dtype, prefix: 
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full.encode()))
             sub._parameters[name] = torch.nn.Parameter(_init_value(full, param.shape, generator).to(dtype),
                                                        requires_grad=False)
-    return module.to(dtype).eval()
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                sub._buffers[name] = buffer.to(dtype)
+    return module.eval()
 
 
 def _write(component: str, path: Path, seed: int, dtype: torch.dtype, overrides: dict | None, **extra) -> None:
