@@ -196,8 +196,9 @@ def measure_served(url: str, sizes: list[int], steps: int, prior_steps: int, rou
                 await _generate(client, size, steps, prior_steps, 0)  # warm-up
                 latency = _summary([await _generate(client, size, steps, prior_steps, i) for i in range(rounds)])
                 throughput = {}
+                # One warm-up at the largest batch: allocations (and compiled graphs) for every smaller one.
+                await asyncio.gather(*(_generate(client, size, steps, prior_steps, i) for i in range(max(batches))))
                 for batch in batches:
-                    await asyncio.gather(*(_generate(client, size, steps, prior_steps, i) for i in range(batch)))
                     started = time.perf_counter()
                     await asyncio.gather(*(_generate(client, size, steps, prior_steps, i) for i in range(batch)))
                     throughput[str(batch)] = batch / (time.perf_counter() - started)
@@ -293,6 +294,7 @@ def bench_gpu(checkpoint: str | None, tiny: bool, url: str | None, device: str, 
         if "diffusers" in parts:
             result["diffusers"] = diffusers_baseline(prior_path, decoder_path, device, dtype, size_list, steps,
                                                      prior_steps, rounds)
+            write_result(result, out)  # each part as it ends: a run cut short keeps what it measured
         started_here = url is None
         try:
             if "served" in parts:
@@ -303,6 +305,7 @@ def bench_gpu(checkpoint: str | None, tiny: bool, url: str | None, device: str, 
                     _wait_ready(url)
                     result["served"][name] = {"performance": performance, **measure_served(
                         url, size_list, steps, prior_steps, rounds, batch_list)}
+                    write_result(result, out)
                     if started_here:
                         from ray import serve
 
