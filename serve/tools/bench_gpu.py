@@ -227,7 +227,8 @@ def measure_load(decoder_path: Path, device: str, dtype: str, size: int, steps: 
         connect_ray(logging_level="WARNING", log_to_driver=False)
     dim = json.loads((Path(decoder_path) / "unet" / "config.json").read_text())["encoder_hid_dim"]
     modes = ("step", "request")
-    gpu_share = GPU_SHARE["Denoiser"] if device.startswith("cuda") else 0
+    # A small share: the label only places them, and it must fit beside a service measured at --url.
+    gpu_share = OTHER_SHARE if device.startswith("cuda") else 0
 
     def make_request(index: int):
         return _embeddings(dim, index), DenoiseParams(size, size, steps, 4.0, f"bench-gpu-{index}")
