@@ -34,15 +34,19 @@ platforms=()
 for n in 17 24 27 28 31 34; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 "${platforms[@]}" -d "$work/wheels" "${pins[@]}"
-mkdir -p "$work/site"
-for wheel in "$work"/wheels/*.whl; do
-  "$PY" -m zipfile -e "$wheel" "$work/site"
-done
-# zipfile drops the executable bits: Ray starts its raylet and GCS server as programs.
-find "$work/site/ray/core/src" -type f -exec chmod +x {} +
+# Unpacked keeping each file's mode: Ray starts its raylet and GCS server as programs.
+"$PY" - "$work/site" "$work"/wheels/*.whl <<'EOF'
+import os, sys, zipfile
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            path = archive.extract(info, sys.argv[1])
+            if (info.external_attr >> 16) & 0o777:
+                os.chmod(path, (info.external_attr >> 16) & 0o777)
+EOF
 rm -rf "$work/site/ray/jars" "$work/site/ray/dashboard/client/build" "$work/site/ray/rllib"
 mkdir -p .gpu
 exclude=$(git rev-parse --git-path info/exclude)
 grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
-tar -C "$work/site" -cf - . | xz -9 -T2 > .gpu/site.tar.xz
+tar -C "$work/site" -cf - . | xz -9 --block-size=48MiB -T2 > .gpu/site.tar.xz
 du -h .gpu/site.tar.xz
