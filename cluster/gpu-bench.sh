@@ -7,7 +7,7 @@
 #                 bash cluster/gpu-bench.sh [extra `bench gpu` options, e.g. --option 'eager={...}']
 # It unpacks .gpu/site.tar.xz, runs the package from the checkout (PYTHONPATH; nothing is
 # installed into the machine's Python), writes the full-size random-weight checkpoint to local
-# disk (about 12 GB, a minute or two) and runs `bench gpu` with settings sized to end in about
+# disk (9.8 GB; 57 s on 2 CPU cores) and runs `bench gpu` with settings sized to end in about
 # 8 minutes on an H100. Results: $OUT/gpu.json (written after each part) and $OUT/gpu-bench.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "kandinsky-2-1, kandinsky-2-1-inpaint; florence2: one Florence-2 directory (model and "
                            "processor); kosmos2: kosmos-2-patch14-224")
     tiny.add_argument("--full-size", action="store_true",
-                      help="the published Kandinsky 2.2 architectures (~6 B parameters) with seeded random weights "
-                           "instead of tiny ones: same FLOPs, nothing to download (about 12 GB in float16)")
+                      help="the published Kandinsky 2.2 architectures (4.9 B parameters) with seeded random weights "
+                           "instead of tiny ones: same FLOPs, nothing to download (9.8 GB in float16)")
     tiny.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                       help="--full-size: the weights' dtype")
     tiny.add_argument("--variants", default="decoder",

@@ -57,7 +57,7 @@ SMALL = {
              "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]},
     "movq": {"block_out_channels": [32, 32, 32, 64], "num_vq_embeddings": 64, "layers_per_block": 1},
 }
-"""The writer's code path at a test's scale (the full size is ~6 B parameters)."""
+"""The writer's code path at a test's scale (the full size is 4.9 B parameters)."""
 
 
 @pytest.fixture(scope="module")
