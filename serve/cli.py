@@ -83,14 +83,25 @@ def _make_tiny_understanding(checkpoint: str, out_dir: Path | str, seed: int = 0
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    if args.family in ("florence2", "kosmos2"):
+    if args.full_size:
+        from serve.training.full_size import make_full_size
+
+        if args.family != "2.2":
+            raise ConfigError(f"--full-size writes Kandinsky 2.2 only, not --family {args.family}")
+        try:
+            checkpoint = make_full_size(args.dir, args.seed, args.dtype, tuple(args.variants.split(",")))
+        except ValueError as error:
+            raise ConfigError(f"--variants {args.variants}: {error}") from error
+    elif args.family in ("florence2", "kosmos2"):
         print(f"{args.family + ':':20s}{_make_tiny_understanding(args.family, args.dir, args.seed)}")
         return 0
-    from serve.training.tiny import make_tiny, make_tiny_21
+    else:
+        from serve.training.tiny import make_tiny, make_tiny_21
 
-    checkpoint = (make_tiny_21 if args.family == "2.1" else make_tiny)(args.dir, args.seed)
+        checkpoint = (make_tiny_21 if args.family == "2.1" else make_tiny)(args.dir, args.seed)
     for name, path in checkpoint._asdict().items():
-        print(f"{name + ':':20s}{path}")
+        if path is not None:
+            print(f"{name + ':':20s}{path}")
     return 0
 
 
@@ -299,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="2.2: prior, decoder, decoder_inpaint, decoder_controlnet; 2.1: kandinsky-2-1-prior, "
                            "kandinsky-2-1, kandinsky-2-1-inpaint; florence2: one Florence-2 directory (model and "
                            "processor); kosmos2: kosmos-2-patch14-224")
+    tiny.add_argument("--full-size", action="store_true",
+                      help="the published Kandinsky 2.2 architectures (4.9 B parameters) with seeded random weights "
+                           "instead of tiny ones: same FLOPs, nothing to download (9.8 GB in float16)")
+    tiny.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                      help="--full-size: the weights' dtype")
+    tiny.add_argument("--variants", default="decoder",
+                      help="--full-size: comma-separated decoders to write, of decoder,inpaint,controlnet")
     tiny.set_defaults(func=_cmd_make_tiny)
 
     keys = commands.add_parser("keys", help="API keys: make one (printed once, stored hashed) or revoke one")
@@ -498,6 +516,32 @@ def build_parser() -> argparse.ArgumentParser:
     movq.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     movq.add_argument("--out", default="bench-results/movq_memory.json")
     movq.set_defaults(func=_bench("movq-memory"))
+    gpu = kinds.add_parser("gpu", help="the full-size model on a GPU: diffusers in-process against the served graph "
+                                       "(latency, throughput, step vs request batching under load, memory per stage)")
+    gpu.add_argument("--checkpoint", default=None, help="a directory with prior/ and decoder/ "
+                                                        "(`make-tiny --full-size DIR` writes the full size)")
+    gpu.add_argument("--tiny", action="store_true", help="a tiny checkpoint written for the run (smoke runs on a CPU)")
+    gpu.add_argument("--url", default=None, help="measure the service running here (on --checkpoint's weights; no "
+                                                 "--option sweep) instead of starting one")
+    gpu.add_argument("--device", default="cuda", help="cuda or cpu")
+    gpu.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                     help="default: float16 on cuda, float32 on cpu")
+    gpu.add_argument("--sizes", default="512,768", help="comma-separated square sizes in pixels")
+    gpu.add_argument("--steps", type=int, default=50, help="decoder steps")
+    gpu.add_argument("--prior-steps", type=int, default=25)
+    gpu.add_argument("--rounds", type=int, default=3, help="single-request rounds per side and size (median reported)")
+    gpu.add_argument("--batches", default="1,4,8,16", help="concurrent one-image requests for throughput; the largest "
+                                                           "is every stage's max_batch_size")
+    gpu.add_argument("--load-size", type=int, default=None, help="the open-loop part's size (default: the last of --sizes)")
+    gpu.add_argument("--load-duration", type=float, default=30.0, help="seconds of Poisson arrivals per batching policy")
+    gpu.add_argument("--capacity-duration", type=float, default=15.0, help="seconds of the closed loop measuring capacity")
+    gpu.add_argument("--option", action="append", default=None, metavar="NAME=JSON",
+                     help="repeatable: one more service start with JSON as args.performance (per-stage dtype, "
+                          "attention, channels_last, compile, ...; the service refuses it until it knows that key)")
+    gpu.add_argument("--skip", default="", help="comma-separated parts to leave out: diffusers, served, load")
+    gpu.add_argument("--port", type=int, default=8050)
+    gpu.add_argument("--out", default="bench-results/gpu.json")
+    gpu.set_defaults(func=_bench("gpu"))
     return parser
 
 

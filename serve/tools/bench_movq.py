@@ -19,21 +19,8 @@ import sys
 from pathlib import Path
 
 from serve.tools.provenance import write_result
+from serve.training.full_size import MOVQ as FULL_SIZE_MOVQ  # kandinsky-2-2-decoder/movq/config.json
 
-FULL_SIZE_MOVQ = {
-    # kandinsky-2-2-decoder/movq/config.json (diffusers' scripts/convert_kandinsky_to_diffusers.py MOVQ_CONFIG).
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
-    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "num_vq_embeddings": 16384,
-    "block_out_channels": [128, 256, 256, 512],
-    "vq_embed_dim": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "norm_type": "spatial",
-}
 CHILD_TIMEOUT_S = 1800
 
 

@@ -213,3 +213,27 @@ def test_bench_understanding_runs_and_writes_its_json(served_app, tmp_path):
     assert captioning["batched"]["calls"] == 3, "every call of the batched side is seen in the stage's batches"
     assert captioning["captions_identical"], captioning["mismatched_images"]
     _check_provenance(result)
+
+
+def test_bench_gpu_runs_and_writes_its_json(served_app, tiny_checkpoint, tmp_path):
+    """The CPU smoke of the GPU benchmark: the session's service (--url) on the tiny checkpoint,
+    the load part's two Denoiser replicas on the session's cluster, removed after."""
+    import ray
+    from ray import serve
+
+    url, _ = served_app
+    out = tmp_path / "gpu.json"
+    done = _run(["bench", "gpu", "--url", url, "--checkpoint", str(tiny_checkpoint.prior.parent), "--device", "cpu",
+                 "--sizes", "64", "--steps", "2", "--prior-steps", "2", "--rounds", "1", "--batches", "1,2",
+                 "--load-duration", "1", "--capacity-duration", "0.5", "--out", str(out)], tmp_path,
+                ray_address=ray.get_runtime_context().gcs_address)
+    assert "served / diffusers latency" in done.stdout and "p99 step / request" in done.stdout
+    assert not [name for name in serve.status().applications if name.startswith("bench-gpu")], "the bench left its apps"
+    result = json.loads(out.read_text())
+    for key in ("diffusers.64.latency.p50_s", "diffusers.64.sequential_images_per_s",
+                "served.as-configured.sizes.64.latency.p50_s", "served.as-configured.sizes.64.images_per_s.2",
+                "ratios.as-configured.64.latency_served_over_diffusers", "load.capacity_rps",
+                "load.modes.step.p99_s", "load.modes.request.p99_s", "ratios.p99_step_over_request_at_70"):
+        assert _finite(result, key) > 0
+    assert result["service"] == url and result["dtype"] == "float32"
+    _check_provenance(result)
