@@ -203,13 +203,18 @@ def _cmd_train_prior(args: argparse.Namespace) -> int:
 
 
 def _bench(kind: str):
-    """Run ``serve.tools.bench.bench_<kind>`` with the subcommand's options as keyword arguments."""
+    """Run ``serve.tools.bench.bench_<kind>`` (or, for a benchmark that builds on that module's
+    load loops, ``serve.tools.bench_<kind>.bench_<kind>``) with the subcommand's options as keyword arguments."""
 
     def run(args: argparse.Namespace) -> int:
+        import importlib
+
         from serve.tools import bench
 
+        name = f"bench_{kind.replace('-', '_')}"
+        function = getattr(bench, name, None) or getattr(importlib.import_module(f"serve.tools.{name}"), name)
         options = {k: v for k, v in vars(args).items() if k not in ("command", "kind", "func")}
-        getattr(bench, f"bench_{kind.replace('-', '_')}")(**{**options, "out": Path(options["out"])})
+        function(**{**options, "out": Path(options["out"])})
         return 0
 
     return run

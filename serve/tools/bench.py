@@ -161,13 +161,6 @@ def bench_quality(**options) -> dict:
     return run(**options)
 
 
-def bench_gpu(**options) -> dict:
-    """``bench gpu`` lives in :mod:`serve.tools.bench_gpu`."""
-    from serve.tools.bench_gpu import bench_gpu as run
-
-    return run(**options)
-
-
 def bench_movq_memory(**options) -> dict:
     """See :mod:`serve.tools.bench_movq`."""
     from serve.tools.bench_movq import bench_movq_memory as run

@@ -116,7 +116,7 @@ def diffusers_baseline(prior_path: Path, decoder_path: Path, device: str, dtype:
         latency = _summary([once() for _ in range(rounds)])
         out[str(size)] = {"latency": latency, "sequential_images_per_s": 1.0 / latency["p50_s"],
                           "peak_memory_bytes": memory}
-    del prior, decoder
+    prior = decoder = None  # free both pipelines' weights before the served graph loads its own
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
