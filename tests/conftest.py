@@ -47,11 +47,14 @@ TIERS = ("unit", "integration", "e2e", "chaos", "security", "multinode", "qualit
 def pytest_collection_modifyitems(session, config, items):
     """Mark each test with its folder's tier. tests/multinode starts Ray clusters of its own
     after shutting the shared instance down, so it runs last (a stable sort keeps every
-    other test's order)."""
+    other test's order); it is also ``slow`` (minutes of cluster start-ups), so the default
+    run leaves it out: ``pytest -m multinode`` runs it."""
     for item in items:
         parts = item.path.relative_to(config.rootpath).parts
         if len(parts) > 2 and parts[0] == "tests" and parts[1] in TIERS:
             item.add_marker(getattr(pytest.mark, parts[1]))
+            if parts[1] == "multinode":
+                item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: "multinode" in item.path.parts)
 
 

@@ -41,8 +41,8 @@ from serve.tools.provenance import write_result
 TARGETS = {"latency_ratio_max": 1.05, "throughput_ratio_min": 2.0, "p99_step_over_request_max": 0.5}
 """#25's goals: served / diffusers latency at 768², served / diffusers-sequential throughput, p99 at 70 % load."""
 LOAD = 0.7
-GPU_SHARE = {"Denoiser": 0.4}
-"""Fraction of the GPU per replica (configs/gpu.yaml's split); every other stage 0.1."""
+GPU_SHARE = {"denoiser": 0.4}
+"""Fraction of the GPU per replica, by stage role (configs/gpu.yaml's split); every other stage 0.1."""
 OTHER_SHARE = 0.1
 PROMPT = "a red circle on a blue background"
 AS_CONFIGURED = "as-configured"
@@ -142,7 +142,7 @@ def start_service(prior_path: Path, decoder_path: Path, device: str, dtype: str,
     gpu = device.startswith("cuda")
     options = {stage.name: {"num_replicas": 1, "max_ongoing_requests": 2 * max_batch,
                             "ray_actor_options": {"num_cpus": 0.1,
-                                                  "num_gpus": GPU_SHARE.get(stage.name, OTHER_SHARE) if gpu else 0},
+                                                  "num_gpus": GPU_SHARE.get(stage.role, OTHER_SHARE) if gpu else 0},
                             "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": 0.005,
                                             "torch_threads": 1}}
                for stage in GENERATION_STAGES}
