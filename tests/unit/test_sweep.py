@@ -225,3 +225,28 @@ def test_cells_run_at_once():
     backend = Barrier()
     response = sweep(TestClient(create_app(ApiLimits(), backend)), [{"field": "seed", "values": [1, 2, 3, 4]}])
     assert response.status_code == 200 and backend.arrived == 4
+
+
+class CheckingBackend(ImageBackend):
+    """Answers ``caption_check`` with one check per image, naming the cell's seed and steps."""
+
+    async def generate(self, spec, request_id, timeout_s=None):
+        from dataclasses import replace
+
+        from deployments.messages import CaptionCheck
+
+        result = await super().generate(spec, request_id, timeout_s)
+        if not spec.caption_check:
+            return result
+        return replace(result, checks=[CaptionCheck(f"seed {seed} steps {spec.steps}", seed / 100) for seed in spec.seeds])
+
+
+def test_caption_check_reaches_every_cell_and_comes_back_per_cell():
+    client = TestClient(create_app(ApiLimits(max_image_pixels=512 * 512), CheckingBackend()))
+    body = {"mode": "text2img", "base": {**BASE, "seed": 3, "caption_check": True},
+            "axes": [{"field": "steps", "values": [2, 4]}], "grid": False}
+    cells = client.post("/v1/sweep", json=body).json()["cells"]
+    assert [cell["checks"] for cell in cells] == [[{"caption": f"seed 3 steps {steps}", "clip_similarity": 0.03}]
+                                                 for steps in (2, 4)]
+    plain = client.post("/v1/sweep", json={**body, "base": {**BASE, "seed": 3}}).json()["cells"]
+    assert [cell["checks"] for cell in plain] == [None, None]
