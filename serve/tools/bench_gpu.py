@@ -36,6 +36,7 @@ import httpx
 
 from serve.settings import ConfigError
 from serve.tools.loadtest import percentile
+from serve.tools.bench_service import stage_options, start_local_service, stop_service, wait_ready
 from serve.tools.provenance import write_result
 
 TARGETS = {"latency_ratio_max": 1.05, "throughput_ratio_min": 2.0, "p99_step_over_request_max": 0.5}
@@ -128,41 +129,17 @@ def diffusers_baseline(prior_path: Path, decoder_path: Path, device: str, dtype:
 def start_service(prior_path: Path, decoder_path: Path, device: str, dtype: str, port: int, max_batch: int,
                   performance: dict | None) -> str:
     """The generation graph on this checkpoint, one replica per stage, sharing the GPU by :data:`GPU_SHARE`."""
-    import ray
-    from ray import serve
-
     from deployments.registry import GENERATION_STAGES
-    from serve.graph.build import build_graph
-    from serve.graph.local_ray import connect_ray
 
     args: dict = {"models": {"prior_path": str(prior_path), "decoder_path": str(decoder_path), "device": device,
                              "dtype": dtype}, "jobs": {"persist": False}}
     if performance is not None:
         args["performance"] = performance
     gpu = device.startswith("cuda")
-    options = {stage.name: {"num_replicas": 1, "max_ongoing_requests": 2 * max_batch,
-                            "ray_actor_options": {"num_cpus": 0.1,
-                                                  "num_gpus": GPU_SHARE.get(stage.role, OTHER_SHARE) if gpu else 0},
-                            "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": 0.005,
-                                            "torch_threads": 1}}
-               for stage in GENERATION_STAGES}
-    if not ray.is_initialized():
-        connect_ray(logging_level="WARNING")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_graph(args, options), name="bench-gpu", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(url: str, timeout_s: float = 900.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)  # polling interval
-    raise RuntimeError(f"{url}: not ready within {timeout_s:.0f} s (full-size weights load for minutes)")
+    options = stage_options(GENERATION_STAGES, max_batch, max_ongoing=2 * max_batch)
+    for stage in GENERATION_STAGES:
+        options[stage.name]["ray_actor_options"]["num_gpus"] = GPU_SHARE.get(stage.role, OTHER_SHARE) if gpu else 0
+    return start_local_service(args, options, "bench-gpu", port)
 
 
 async def _generate(client: httpx.AsyncClient, size: int, steps: int, prior_steps: int, seed: int) -> float:
@@ -274,8 +251,6 @@ def _checkpoint(checkpoint: str | None, tiny: bool, scratch: Path) -> tuple[Path
 def bench_gpu(checkpoint: str | None, tiny: bool, url: str | None, device: str, dtype: str | None, sizes: str,
               steps: int, prior_steps: int, rounds: int, batches: str, load_size: int | None, load_duration: float,
               capacity_duration: float, option: list[str] | None, port: int, skip: str, out: Path) -> dict:
-    from serve.tools.bench_sweep import _stop_service
-
     dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
     size_list = [int(s) for s in sizes.split(",")]
     batch_list = [int(b) for b in batches.split(",")]
@@ -303,7 +278,7 @@ def bench_gpu(checkpoint: str | None, tiny: bool, url: str | None, device: str, 
                 for name, performance in options.items():
                     if started_here:
                         url = start_service(prior_path, decoder_path, device, dtype, port, max(batch_list), performance)
-                    _wait_ready(url)
+                    wait_ready(url, 900.0, "full-size weights load for minutes")
                     result["served"][name] = {"performance": performance, **measure_served(
                         url, size_list, steps, prior_steps, rounds, batch_list)}
                     write_result(result, out)
@@ -316,7 +291,7 @@ def bench_gpu(checkpoint: str | None, tiny: bool, url: str | None, device: str, 
                                               max(batch_list), load_duration, capacity_duration)
         finally:
             if started_here:
-                _stop_service()
+                stop_service()
     result["service"] = "started by the bench" if started_here else url
     result["ratios"] = ratios(result)
     print_table(result)

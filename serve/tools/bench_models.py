@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from serve.tools.bench_service import stage_options, start_local_service, stop_service
 from serve.tools.provenance import write_result
 
 REQUEST = {"prompt": "a red circle", "width": 64, "height": 64, "prior_steps": 10, "steps": 4, "seed": 1}
@@ -53,11 +54,7 @@ def _fine_tuned_copies(prior: Path, count: int, root: Path) -> list[Path]:
 
 
 def _start_service(root: Path, priors: int, keep: int, port: int) -> tuple[str, list[str]]:
-    from ray import serve
-
     from deployments.registry import GENERATION_STAGES
-    from serve.graph.build import build_graph
-    from serve.graph.local_ray import connect_ray
     from serve.training.tiny import make_tiny, make_tiny_21
 
     tiny, tiny21 = make_tiny(root / "tiny"), make_tiny_21(root / "tiny21")
@@ -68,25 +65,11 @@ def _start_service(root: Path, priors: int, keep: int, port: int) -> tuple[str, 
         "prior_21_path": str(tiny21.prior), "decoder_21_path": str(tiny21.decoder),
         "priors": [{"id": model_id, "family": "2.2", "path": str(path)} for model_id, path in zip(ids, fine_tuned)],
     }, "jobs": {"persist": False}}
-    options = {stage.name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1},
-                            "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "torch_threads": 1}}
-               for stage in GENERATION_STAGES}
+    options = stage_options(GENERATION_STAGES, max_batch=8)
     for stage in GENERATION_STAGES:
         if stage.role == "prior":  # how many fine-tuned priors one replica keeps loaded
             options[stage.name]["ray_actor_options"]["runtime_env"] = {"env_vars": {"KANDINSKY_PRIORS_PER_REPLICA": str(keep)}}
-    connect_ray(logging_level="WARNING")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_graph(args, options), name="bench-models", route_prefix="/")
-    return f"http://127.0.0.1:{port}", ids
-
-
-def _stop_service() -> None:
-    import ray
-    from ray import serve
-
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
+    return start_local_service(args, options, "bench-models", port), ids
 
 
 def _timed(client: httpx.Client, body: dict) -> float:
@@ -175,7 +158,7 @@ def bench_models(out: Path, url: str | None = None, priors: int = 4, keep: int =
         mixed = measure_mixed_load(url, ids, rate, duration)
     finally:
         if started_here:
-            _stop_service()
+            stop_service()
         shutil.rmtree(root, ignore_errors=True)
     result = {"benchmark": "models", "url": url, "fine_tuned_priors": ids, "kept_per_replica": keep,
               "request": REQUEST, "prior_switch": switch, "mixed_load": mixed}

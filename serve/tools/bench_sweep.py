@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from serve.tools.bench_service import stage_options, start_local_service, stop_service, wait_ready
 from serve.tools.provenance import write_result
 
 AXES = [{"field": "seed", "values": [1, 2, 3, 4]}, {"field": "guidance_scale", "values": [1.0, 3.0, 5.0, 7.0]}]
@@ -29,45 +30,13 @@ AXES = [{"field": "seed", "values": [1, 2, 3, 4]}, {"field": "guidance_scale", "
 
 
 def _start_service(root: Path, port: int, max_batch: int) -> str:
-    from ray import serve
-
     from deployments.registry import GENERATION_STAGES
-    from serve.graph.build import build_graph
-    from serve.graph.local_ray import connect_ray
     from serve.training.tiny import make_tiny
 
     tiny = make_tiny(root / "tiny")
     args = {"models": {"prior_path": str(tiny.prior), "decoder_path": str(tiny.decoder)}, "jobs": {"persist": False}}
-    options = {stage.name: {"num_replicas": 1, "max_ongoing_requests": max(32, 2 * max_batch),
-                            "ray_actor_options": {"num_cpus": 0.1},
-                            "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": 0.005,
-                                            "torch_threads": 1}}
-               for stage in GENERATION_STAGES}
-    connect_ray(logging_level="WARNING")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_graph(args, options), name="bench-sweep", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def _stop_service() -> None:
-    import ray
-    from ray import serve
-
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _wait_ready(url: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)  # polling interval
-    raise RuntimeError(f"{url}: not ready within {timeout_s:.0f} s")
+    options = stage_options(GENERATION_STAGES, max_batch, max_ongoing=max(32, 2 * max_batch))
+    return start_local_service(args, options, "bench-sweep", port)
 
 
 def _pixels(data: str) -> np.ndarray:
@@ -108,13 +77,13 @@ def bench_sweep(out: Path, url: str | None = None, size: int = 64, steps: int = 
     try:
         if url is None:
             url = _start_service(root, port, max_batch)
-        _wait_ready(url)
+        wait_ready(url)
         with httpx.Client(base_url=url, timeout=600.0) as client:
             run_once(client, {**base, "steps": 2, "prior_steps": 2})  # warm every code path
             samples = [run_once(client, base) for _ in range(rounds)]
     finally:
         if started_here:
-            _stop_service()
+            stop_service()
         shutil.rmtree(root, ignore_errors=True)
     cells = len(_cell_requests(base))
     sweep_s = statistics.median(s for s, _, _ in samples)

@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from serve.settings import ConfigError
+from serve.tools.bench_service import stage_options, start_local_service, stop_service, wait_ready
 from serve.tools.provenance import write_result
 
 PARTS = ("captioning", "caption-check")
@@ -50,11 +51,7 @@ class CaptionCheckUnavailable(ConfigError):
 
 def _start_service(root: Path, port: int, max_batch: int, batch_wait_s: float) -> str:
     """Tiny prior/decoder and tiny Florence-2 on a fresh local Ray; returns the base URL."""
-    from ray import serve
-
     from deployments.registry import STAGES
-    from serve.graph.build import build_graph
-    from serve.graph.local_ray import connect_ray
     from serve.training.tiny import make_tiny
     from serve.training.tiny_florence2 import make_tiny_florence2
 
@@ -62,37 +59,10 @@ def _start_service(root: Path, port: int, max_batch: int, batch_wait_s: float) -
     florence2 = make_tiny_florence2(root / "florence2", seed=0)
     args = {"models": {"prior_path": str(tiny.prior), "decoder_path": str(tiny.decoder),
                        "florence2_path": str(florence2)}, "jobs": {"persist": False}}
-    options = {stage.name: {"num_replicas": 1, "max_ongoing_requests": max(32, 2 * max_batch),
-                            "ray_actor_options": {"num_cpus": 0.1},
-                            "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": batch_wait_s,
-                                            "torch_threads": 1}}
-               for stage in STAGES}  # the understanding stages too
+    # Every stage, the understanding ones too (build_graph uses a deployed stage's options only).
+    options = stage_options(STAGES, max_batch, batch_wait_s, max_ongoing=max(32, 2 * max_batch))
     os.environ.setdefault("RAY_metrics_report_interval_ms", "500")  # batch sizes are read from /metrics
-    connect_ray(logging_level="WARNING")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_graph(args, options), name="bench-understanding", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def _stop_service() -> None:
-    import ray
-    from ray import serve
-
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _wait_ready(url: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)  # polling interval
-    raise RuntimeError(f"{url}: not ready within {timeout_s:.0f} s")
+    return start_local_service(args, options, "bench-understanding", port)
 
 
 # ----------------------------------------------------------------------------- images
@@ -332,7 +302,7 @@ def bench_understanding(config: str, size: int, steps: int, out: Path, prior_ste
     try:
         if url is None:
             url = _start_service(root, port, max_batch, batch_wait)
-        _wait_ready(url)
+        wait_ready(url)
         if "caption-check" in wanted:  # before measuring anything: refused, the run stops here
             with httpx.Client(base_url=url, timeout=300.0) as client:
                 _checked(_generate(client, {**request, "caption_check": True})[1])
@@ -343,7 +313,7 @@ def bench_understanding(config: str, size: int, steps: int, out: Path, prior_ste
                 result["caption_check"] = measure_caption_check(client, request, rounds)
     finally:
         if started_here:
-            _stop_service()
+            stop_service()
         shutil.rmtree(root, ignore_errors=True)
     print("\n" + "\n".join(understanding_tables(result)))
     write_result(result, out)
