@@ -86,9 +86,13 @@ def test_three_times_capacity_is_shed_fast_and_admitted_latency_holds(one_at_a_t
         # hop, so the tail is bounded loosely for a loaded 2-core CI box.
         assert percentile([latency for latency, _ in shed], 0.5) < 0.1
         assert percentile([latency for latency, _ in shed], 0.99) < 1.0
-        # Admitted requests do not queue behind the excess: were they queued, most would take a
-        # multiple of the unloaded time. p90, not p99: of ~25 admitted requests p99 is the single
-        # slowest, which one scheduling hiccup of a shared 2-core box decides (seen at 2.4x once).
-        assert percentile(ok, 0.9) <= 2 * baseline_p99
+        # Admitted requests do not queue behind the excess. Were they queued, a 6 s round at 3x
+        # capacity builds a backlog of ~12 s of work, so admitted latency would climb to 10-50x
+        # the unloaded p99. What admission control cannot remove is CPU contention: the proxy and
+        # ingress answer the ~15 req/s shed on the same 2 cores, which slows the one admitted
+        # request (CI saw p90 at 2.15x). So the median stays near unloaded and the tail below 4x:
+        # both far under what queueing gives, neither decided by one scheduling hiccup.
+        assert percentile(ok, 0.5) <= 2 * baseline_p99
+        assert percentile(ok, 0.9) <= 4 * baseline_p99
     # Nothing queues without bound: the second round does not grow memory further.
     assert memory[1][0] - memory[0][0] < 64 and memory[1][1] - memory[0][1] < 64
