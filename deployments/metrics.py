@@ -58,6 +58,14 @@ MODEL_SWITCH = _spec(
 )
 GPU_ALLOCATED = _spec("kandinsky_serve_gpu_memory_allocated_bytes", "gauge", "CUDA memory allocated by the replica.", ["stage"])
 GPU_RESERVED = _spec("kandinsky_serve_gpu_memory_reserved_bytes", "gauge", "CUDA memory reserved by the replica.", ["stage"])
+GPU_PEAK = _spec(
+    "kandinsky_serve_gpu_memory_peak_bytes", "gauge",
+    "Most CUDA memory the replica's allocator has reserved since it started (inside batches too).", ["stage"],
+)
+GPU_BUDGET = _spec(
+    "kandinsky_serve_gpu_memory_budget_bytes", "gauge",
+    "The replica's share of its GPU's memory: its Ray GPU share (num_gpus) times the device's memory.", ["stage"],
+)
 
 # --- denoising loops (prior and denoiser) ------------------------------------------------
 LOOP_STEPS = _spec("kandinsky_serve_denoise_steps_total", "counter", "Denoising steps run (one forward pass each).", ["stage"])
@@ -91,7 +99,7 @@ STAGE_RETRIES = _spec(
 
 ALL_METRICS: tuple[MetricSpec, ...] = (
     STAGE_REQUESTS, STAGE_ERRORS, STAGE_IMAGES, STAGE_QUEUE_WAIT, STAGE_BATCH_SIZE, STAGE_BATCH_ITEMS,
-    STAGE_BATCH_COMPUTE, MODEL_LOAD, MODEL_SWITCH, GPU_ALLOCATED, GPU_RESERVED,
+    STAGE_BATCH_COMPUTE, MODEL_LOAD, MODEL_SWITCH, GPU_ALLOCATED, GPU_RESERVED, GPU_PEAK, GPU_BUDGET,
     LOOP_STEPS, LOOP_BATCH, LOOP_IMAGE_STEPS, LOOP_STEP_SECONDS, LOOP_QUEUE_WAIT,
     HTTP_REQUESTS, REQUEST_DURATION, REQUEST_BYTES, RESPONSE_BYTES, REJECTED, STAGE_RETRIES,
 )
@@ -135,9 +143,10 @@ class LoopMetrics:
 class StageMetrics:
     """Per-call and per-batch figures of one stage replica."""
 
-    def __init__(self, stage: str, device: str = "cpu") -> None:
+    def __init__(self, stage: str, device: str = "cpu", gpu_share: float | None = None) -> None:
         self.stage = stage
         self.device = device
+        self.gpu_share = gpu_share
         self._tags = {"stage": stage}
         self.requests = make(STAGE_REQUESTS)
         self.errors = make(STAGE_ERRORS)
@@ -150,6 +159,8 @@ class StageMetrics:
         self.model_switch = make(MODEL_SWITCH)
         self.gpu_allocated = make(GPU_ALLOCATED)
         self.gpu_reserved = make(GPU_RESERVED)
+        self.gpu_peak = make(GPU_PEAK)
+        self.gpu_budget = make(GPU_BUDGET)
         self._model_load_s: float | None = None
 
     def model_loaded(self, seconds: float) -> None:
@@ -192,6 +203,20 @@ class StageMetrics:
 
         self.gpu_allocated.set(torch.cuda.memory_allocated(self.device), tags=self._tags)
         self.gpu_reserved.set(torch.cuda.memory_reserved(self.device), tags=self._tags)
+        # The peak, not a sample after the batch: a batch's activations are freed by then.
+        self.gpu_peak.set(torch.cuda.max_memory_reserved(self.device), tags=self._tags)
+        budget = gpu_memory_budget(self.gpu_share, torch.cuda.get_device_properties(self.device).total_memory)
+        if budget is not None:
+            self.gpu_budget.set(budget, tags=self._tags)
+
+
+def gpu_memory_budget(share: float | None, device_bytes: int) -> int | None:
+    """The memory a replica with ``share`` of a GPU may hold: Ray schedules fractional GPUs by
+    that number alone and leaves memory to the replicas, so the share is the budget to check
+    the peak against. None without a share (outside Ray, or no GPU assigned)."""
+    if not share:
+        return None
+    return int(min(share, 1.0) * device_bytes)
 
 
 class IngressMetrics:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,12 +43,18 @@ class MovqModel:
     """
 
     def __init__(self, movq, device: str = "cpu", tile_size: int | None = None, tile_overlap: int = 0,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, decode_chunk: int = 0) -> None:
         from diffusers.image_processor import VaeImageProcessor
 
         self.movq = movq
         self.channels_last = channels_last
         self.device = device
+        if decode_chunk < 0:
+            raise ValueError(f"decode_chunk={decode_chunk}: must be 0 (no limit) or a positive number of images")
+        self.decode_chunk = decode_chunk
+        # Decodes run on a stream of their own: never queued behind (or holding up) other work on
+        # the default stream of a process that shares the GPU, and never a host sync per chunk.
+        self.stream = torch.cuda.Stream(device) if str(device).startswith("cuda") else None
         self.dtype = movq.dtype
         self.scale = 2 ** (len(movq.config.block_out_channels) - 1)
         for name, value in (("tile_size", tile_size or 0), ("tile_overlap", tile_overlap)):
@@ -75,7 +83,7 @@ class MovqModel:
         root = check_layout(decoder_path, DECODER_LAYOUT, "decoder", parts=("movq",))
         movq = prepare_convolutional(load_pretrained(VQModel, root, "movq", device, torch_dtype(dtype)), options)
         compiled(movq.decoder, options)
-        return cls(movq, device, tile_size, tile_overlap, options.channels_last)
+        return cls(movq, device, tile_size, tile_overlap, options.channels_last, options.decode_chunk)
 
     def tiles(self, latent_size: tuple[int, int]) -> bool:
         """Whether latents of this (h, w) are decoded (their image encoded) in tiles."""
@@ -84,19 +92,65 @@ class MovqModel:
     def _decode_forward(self, sample: torch.Tensor) -> torch.Tensor:
         return self.movq.decode(sample, force_not_quantize=True)["sample"]
 
-    @torch.inference_mode()
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(N, C, h, w) float latents of one size -> (N, H, W, 3) uint8 images."""
-        # A copy: arrays that come through Ray's object store are read-only.
-        sample = to_memory_format(torch.tensor(latents).to(self.device, self.dtype), self.channels_last)
+        return np.concatenate(list(self.decode_chunks(latents)))
+
+    @torch.inference_mode()
+    def decode_chunks(self, latents: np.ndarray) -> Iterator[np.ndarray]:
+        """(N, C, h, w) latents of one size -> their (n, H, W, 3) uint8 images, ``decode_chunk``
+        images per forward (all N without it), in order. On CUDA the next chunk is already
+        queued on the decode stream when a chunk is yielded: the caller's work on the yielded
+        images (PNG encoding) overlaps the GPU's decode of the next."""
+        rows = latents.shape[0]
+        step = self.decode_chunk or rows
+        pending = None
+        for start in range(0, rows, step):
+            queued = self._queue_decode(latents[start : start + step])
+            if pending is not None:
+                yield self._collect(pending)
+            pending = queued
+        if pending is not None:
+            yield self._collect(pending)
+
+    def _queue_decode(self, latents: np.ndarray) -> Any:
+        """Start decoding one chunk: its images (CPU), or the CUDA event and pinned host buffer
+        they arrive in."""
+        if self.stream is None:
+            # A copy: arrays that come through Ray's object store are read-only.
+            return self._decode_pixels(torch.tensor(latents).to(self.device, self.dtype)).numpy()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # after the weights and earlier work
+        with torch.cuda.stream(self.stream):
+            sample = torch.from_numpy(np.array(latents)).pin_memory().to(self.device, self.dtype, non_blocking=True)
+            pixels = self._decode_pixels(sample)
+            host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        # ``pixels`` is freed here while the copy may still read it: safe, because the caching
+        # allocator reuses a block only in stream order and it was allocated on this stream.
+        return done, host
+
+    def _collect(self, queued: Any) -> np.ndarray:
+        if isinstance(queued, np.ndarray):
+            return queued
+        done, host = queued
+        done.synchronize()
+        return host.numpy()
+
+    def _decode_pixels(self, sample: torch.Tensor) -> torch.Tensor:
+        """Latents on the device -> (n, H, W, 3) uint8 pixels on the device: the reference
+        pipeline's ``* 0.5 + 0.5``, clamp, float32 ``* 255`` and round, at a quarter of the bytes
+        to copy back."""
+        sample = to_memory_format(sample, self.channels_last)
         size = tuple(sample.shape[-2:])
         if self.tiles(size):
             image = tiled_with_shared_norms(self._decode_forward, self.movq.decoder, sample, size, self.tile, self.overlap,
                                             1, self.scale)
         else:
             image = self._decode_forward(sample)
-        image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        return (image * 255).round().astype("uint8")
+        image = (image * 0.5 + 0.5).clamp(0, 1).float() * 255
+        return image.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
     @torch.inference_mode()
     def preview(self, latents: np.ndarray, max_side: int) -> np.ndarray:
@@ -160,14 +214,21 @@ class MovqModel:
         self.decode(np.zeros((1, self.movq.config.latent_channels, 2, 2), np.float32))
 
     def decode_many(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """Decode several requests' latents, one forward per latent size."""
-        rows = [(index, row) for index, array in enumerate(arrays) for row in array]
+        """Decode several requests' latents, one forward per latent size (and chunk)."""
         decoded: dict[int, list[np.ndarray]] = {index: [] for index in range(len(arrays))}
-        for _, group in group_by(rows, key=lambda item: item[1].shape):
-            images = self.decode(np.stack([row for _, row in group]))
-            for (index, _), image in zip(group, images):
-                decoded[index].append(image)
+        for index, image in self.decode_rows(arrays):
+            decoded[index].append(image)
         return [np.stack(decoded[index]) for index in range(len(arrays))]
+
+    def decode_rows(self, arrays: list[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        """(request index, image) for each image of several requests' latents as its chunk
+        arrives; one request's images in their order."""
+        rows = [(index, row) for index, array in enumerate(arrays) for row in array]
+        for _, group in group_by(rows, key=lambda item: item[1].shape):
+            owners = iter(index for index, _ in group)
+            for images in self.decode_chunks(np.stack([row for _, row in group])):
+                for image in images:
+                    yield next(owners), image
 
     @torch.inference_mode()
     def upscale(self, latents: np.ndarray, width: int, height: int, mode: str = "pixel") -> np.ndarray:
@@ -278,14 +339,13 @@ class MovqDecoder(StageReplica):
         started = time.perf_counter()
 
         def work() -> list[list[bytes]]:
-            pixels = self.model.decode_many([latents.latents for latents, _ in (c.payload for c in calls)])
-            return [
-                [
-                    encode_image(image if params.composite is None else feather(image, params.composite), params.output_format)
-                    for image in images
-                ]
-                for images, (_, params) in zip(pixels, (c.payload for c in calls))
-            ]
+            # Each image is encoded as its chunk arrives, while the GPU decodes the next chunk.
+            encoded: list[list[bytes]] = [[] for _ in calls]
+            for index, image in self.model.decode_rows([call.payload[0].latents for call in calls]):
+                params = calls[index].payload[1]
+                pixels = image if params.composite is None else feather(image, params.composite)
+                encoded[index].append(encode_image(pixels, params.output_format))
+            return encoded
 
         encoded = await self.thread.run(work)
         compute_ms = self.record_batch(calls, started)

@@ -33,6 +33,10 @@ class ModelOptions:
     batch_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     """With ``compile``: a loop's step batch is padded up to the next of these sizes, so
     compiled graphs are reused instead of recompiled for every batch size."""
+    decode_chunk: int = 0
+    """MOVQ: at most this many images per decoder forward (0: a batch's images of one size in
+    one forward). On CUDA the chunks run on a stream of their own and the next chunk is queued
+    before the previous one's images are encoded, so PNG encoding on the CPU overlaps the GPU."""
 
 
 def padded_size(rows: int, buckets: Sequence[int] | None) -> int:

@@ -49,6 +49,15 @@ def _family_label(stage: str) -> str:
     return f"{stage}_{entry.family.replace('.', '')}"
 
 
+def assigned_gpu_share() -> float | None:
+    """The GPU share Ray assigned this replica (its ``num_gpus``), None outside Ray or without one."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("GPU")
+
+
 class ModelThread:
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
@@ -94,7 +103,7 @@ class StageReplica:
         self.stage = stage = _family_label(stage)
         self.device = device
         self.thread = ModelThread(stage)
-        self.metrics = StageMetrics(stage, device)
+        self.metrics = StageMetrics(stage, device, assigned_gpu_share() if device.startswith("cuda") else None)
         self._load_model = load_model
         self.model = None
         self.load_error: str | None = None

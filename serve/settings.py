@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from deployments.batching import BatchSettings, LoopBatchSettings
 from deployments.registry import BY_NAME, DEFAULT_FAMILY, INGRESS_NAME, MODEL_IDS, STAGE_NAMES, STAGES
@@ -487,7 +487,7 @@ DTYPE = Literal["float32", "float16", "bfloat16"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 _ROLE_OPTIONS = {
     "denoiser": ("dtype", "attention", "channels_last", "compile", "compile_mode", "batch_buckets"),
-    "movq": ("dtype", "attention", "channels_last", "compile", "compile_mode"),
+    "movq": ("dtype", "attention", "channels_last", "compile", "compile_mode", "decode_chunk"),
     "prior": ("dtype", "attention"),
     "text_encoder": ("dtype", "attention"),
     "image_encoder": ("dtype", "attention"),
@@ -517,6 +517,10 @@ class StagePerformance(BaseModel):
         default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, max_length=32)
     """With ``compile``, a U-Net step's batch (rows: two per guided image) is padded up to the next
     of these sizes, so compiled graphs are reused; above the largest it runs unpadded (and compiles)."""
+    decode_chunk: int = Field(default=0, ge=0, le=64)
+    """MOVQ only: at most this many images per decoder forward (0: all of a batch's images of one
+    size at once). Bounds the decode's activation memory, which grows with the images per forward,
+    and on CUDA overlaps image encoding on the CPU with the next chunk's decode on the GPU."""
 
     @field_validator("batch_buckets")
     @classmethod
@@ -548,6 +552,12 @@ class PerformanceSettings(BaseModel):
                 raise ValueError(f"{name}: {', '.join(refused)} cannot apply to a {role} stage; it takes "
                                  f"{', '.join(_ROLE_OPTIONS[role])}")
         return stages
+
+    @field_serializer("stages")
+    def _only_given_keys(self, stages: dict[str, StagePerformance]) -> dict[str, dict[str, Any]]:
+        # Only the keys given: a dump must validate again (the Ingress gets the settings that
+        # way), and a stage refuses keys of other roles even at their defaults.
+        return {name: options.model_dump(mode="json", exclude_unset=True) for name, options in stages.items()}
 
     def resolve(self, stage: str, default_dtype: str) -> StagePerformance:
         """``stage``'s options: the default's where the stage applies them, its own on top, dtype filled in."""

@@ -115,8 +115,9 @@ def stage_runtime(settings: ServiceSettings, name: str) -> dict[str, Any]:
     resolved = settings.performance.resolve(name, settings.models.dtype)
     runtime: dict[str, Any] = {"device": settings.models.device, "dtype": resolved.dtype}
     if BY_NAME[name].family is not None:
-        runtime["options"] = ModelOptions(resolved.attention, resolved.channels_last, resolved.compile,
-                                          resolved.compile_mode, tuple(resolved.batch_buckets))
+        runtime["options"] = ModelOptions(
+            attention=resolved.attention, channels_last=resolved.channels_last, compile=resolved.compile,
+            compile_mode=resolved.compile_mode, batch_buckets=tuple(resolved.batch_buckets), decode_chunk=resolved.decode_chunk)
     return runtime
 
 

@@ -12,8 +12,9 @@ with random weights):
    ``args.performance``; ``as-configured``, no such key, always runs first): per size,
    single-request latency over HTTP and throughput with 1/4/8/16 concurrent one-image
    requests; per stage, the CUDA memory its replica reports at ``/metrics``
-   (``kandinsky_serve_gpu_memory_{allocated,reserved}_bytes``, sampled after each batch:
-   reserved is the allocator's high-water mark unless a stage empties its cache).
+   (``kandinsky_serve_gpu_memory_{allocated,reserved,peak,budget}_bytes``): the allocator's
+   peak against the replica's budget (its GPU share × the device's memory), the goal that no
+   stage holds more than its config gives it.
 3. **open-loop load**: one Denoiser replica per loop policy (``step``, ``request``), as
    ``bench batching`` does: capacity from a closed loop on ``step``, then Poisson arrivals at
    70 % of it for each policy; the p99 ratio.
@@ -47,7 +48,7 @@ GPU_SHARE = {"denoiser": 0.4}
 OTHER_SHARE = 0.1
 PROMPT = "a red circle on a blue background"
 AS_CONFIGURED = "as-configured"
-_GAUGE = re.compile(r'^kandinsky_serve_gpu_memory_(allocated|reserved)_bytes\{(.*)\}\s+(\S+)$')
+_GAUGE = re.compile(r'^kandinsky_serve_gpu_memory_(allocated|reserved|peak|budget)_bytes\{(.*)\}\s+(\S+)$')
 
 
 def parse_options(items: list[str] | None) -> dict[str, dict | None]:
@@ -151,7 +152,8 @@ async def _generate(client: httpx.AsyncClient, size: int, steps: int, prior_step
 
 
 def stage_memory(metrics_text: str) -> dict[str, dict[str, float]]:
-    """``{stage: {"allocated_bytes", "reserved_bytes"}}`` from a /metrics text (largest over replicas)."""
+    """``{stage: {"allocated_bytes", "reserved_bytes", "peak_bytes", "budget_bytes", "peak_over_budget"}}``
+    from a /metrics text (the largest over replicas; the budget the smallest, the binding one)."""
     out: dict[str, dict[str, float]] = {}
     for line in metrics_text.splitlines():
         match = _GAUGE.match(line)
@@ -159,7 +161,11 @@ def stage_memory(metrics_text: str) -> dict[str, dict[str, float]]:
         if stage:
             row = out.setdefault(stage.group(1), {})
             key = f"{match.group(1)}_bytes"
-            row[key] = max(row.get(key, 0.0), float(match.group(3)))
+            pick = min if key == "budget_bytes" else max
+            row[key] = pick(row.get(key, float(match.group(3))), float(match.group(3)))
+    for row in out.values():
+        if row.get("peak_bytes") is not None and row.get("budget_bytes"):
+            row["peak_over_budget"] = row["peak_bytes"] / row["budget_bytes"]
     return out
 
 
@@ -341,8 +347,11 @@ def print_table(result: dict) -> None:
             print(f"diffusers peak memory {size}²: {memory}")
     for name, served in result.get("served", {}).items():
         for stage, row in served.get("stage_memory", {}).items():
+            within = row.get("peak_over_budget")
             print(f"served ({name}) {stage}: allocated {row.get('allocated_bytes', 0) / gib:.2f} GiB, "
-                  f"reserved {row.get('reserved_bytes', 0) / gib:.2f} GiB")
+                  f"reserved {row.get('reserved_bytes', 0) / gib:.2f} GiB, peak {row.get('peak_bytes', 0) / gib:.2f} GiB"
+                  + (f" of a {row['budget_bytes'] / gib:.2f} GiB budget ({within:.0%}{'' if within <= 1 else ': OVER'})"
+                     if within is not None else ""))
     if "load" in result:
         load = result["load"]
         print(f"open loop at {load['load']:.0%} of {load['capacity_rps']:.2f} req/s ({load['size']}², one Denoiser):")

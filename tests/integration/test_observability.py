@@ -155,11 +155,11 @@ def test_request_id_reaches_the_response_and_every_stage_log(client):
 
 
 def test_every_metric_on_the_dashboard_and_in_the_alerts_is_exported(client):
-    from deployments.metrics import GPU_ALLOCATED, GPU_RESERVED
+    from deployments.metrics import GPU_ALLOCATED, GPU_BUDGET, GPU_PEAK, GPU_RESERVED
     from tests.dashboards import family, referenced_metrics
     from tests.promtext import family_names
 
-    gpu_only = {GPU_ALLOCATED.exported_name, GPU_RESERVED.exported_name}  # exported on CUDA replicas only
+    gpu_only = {spec.exported_name for spec in (GPU_ALLOCATED, GPU_RESERVED, GPU_PEAK, GPU_BUDGET)}  # CUDA replicas only
     wanted = {family(name) for name in referenced_metrics()} - gpu_only
     # Make every referenced series exist whatever ran before: a success, a rejection, a stage error.
     assert client.post("/v1/text2img", json={"prompt": "a dot", "width": 64, "height": 64, "steps": 2, "prior_steps": 2}).status_code == 200

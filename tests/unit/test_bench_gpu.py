@@ -33,6 +33,19 @@ def test_stage_memory_reads_the_gauges_largest_over_replicas():
                                   "MovqDecoder": {"reserved_bytes": 1e9}}
 
 
+def test_stage_memory_sets_each_peak_against_the_smallest_budget():
+    text = "\n".join([
+        'kandinsky_serve_gpu_memory_peak_bytes{Component="x",stage="MovqDecoder"} 9e+09',
+        'kandinsky_serve_gpu_memory_peak_bytes{Component="y",stage="MovqDecoder"} 5e+09',
+        'kandinsky_serve_gpu_memory_budget_bytes{Component="x",stage="MovqDecoder"} 8e+09',
+        'kandinsky_serve_gpu_memory_budget_bytes{Component="y",stage="MovqDecoder"} 1.6e+10',
+        'kandinsky_serve_gpu_memory_peak_bytes{stage="Prior"} 2e+09',
+    ])
+    memory = stage_memory(text)
+    assert memory["MovqDecoder"] == {"peak_bytes": 9e9, "budget_bytes": 8e9, "peak_over_budget": 9e9 / 8e9}
+    assert memory["Prior"] == {"peak_bytes": 2e9}  # no budget exported (no GPU share): no ratio
+
+
 def test_ratios_against_diffusers():
     result = {
         "diffusers": {"768": {"latency": {"p50_s": 4.0}, "sequential_images_per_s": 0.25}},

@@ -275,3 +275,85 @@ def test_an_inductor_compiled_unet_matches_eager(tiny_checkpoint):
     torch._dynamo.reset()
     assert model.buckets == (4,) and model.unet._compiled_call_impl is not None
     np.testing.assert_allclose(result, plain, rtol=0, atol=1e-4)
+
+
+# --- MOVQ decode in chunks ------------------------------------------------------------------------
+
+
+def _counting_decoder(model) -> list[int]:
+    """Rows of each MOVQ decoder forward of ``model``, recorded as they run."""
+    rows: list[int] = []
+    forward = model._decode_forward
+    model._decode_forward = lambda sample: (rows.append(sample.shape[0]), forward(sample))[1]
+    return rows
+
+
+@pytest.mark.parametrize(("chunk", "forwards"), [(0, [5]), (2, [2, 2, 1]), (5, [5]), (8, [5])])
+def test_decode_in_chunks_runs_that_many_images_per_forward_and_keeps_the_pixels(tiny_checkpoint, chunk, forwards):
+    from deployments.movq import MovqModel
+
+    latents = np.random.default_rng(1).standard_normal((5, 4, 8, 8)).astype(np.float32)
+    whole = MovqModel.from_pretrained(tiny_checkpoint.decoder)
+    expected = np.stack([whole.decode(latents[i : i + 1])[0] for i in range(5)])  # one image per forward
+    model = MovqModel.from_pretrained(tiny_checkpoint.decoder, options=ModelOptions(decode_chunk=chunk))
+    rows = _counting_decoder(model)
+    chunks = list(model.decode_chunks(latents))
+    assert rows == forwards and [len(c) for c in chunks] == forwards
+    assert model.stream is None  # CPU: no CUDA stream
+    assert max_diff(np.concatenate(chunks), expected) <= MAX_PIXEL_DIFF
+    assert not np.array_equal(chunks[0][0], np.concatenate(chunks)[-1])  # distinct images: order is checked
+
+
+def test_chunked_decode_rows_keep_each_requests_images_in_order(tiny_checkpoint):
+    """Several requests' latents of two sizes, decoded two images per forward: every image
+    comes back to its own request in its own place."""
+    from deployments.movq import MovqModel
+
+    rng = np.random.default_rng(2)
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in ((3, 4, 8, 8), (1, 4, 6, 8), (2, 4, 8, 8))]
+    model = MovqModel.from_pretrained(tiny_checkpoint.decoder, options=ModelOptions(decode_chunk=2))
+    rows = _counting_decoder(model)
+    decoded = model.decode_many(arrays)
+    assert sorted(rows) == [1, 1, 2, 2]  # 5 images of 8x8 in 2+2+1, one of 6x8
+    for array, images in zip(arrays, decoded, strict=True):
+        assert images.shape[0] == array.shape[0]
+        for latent, image in zip(array, images):
+            assert max_diff(image, model.decode(latent[None])[0]) <= MAX_PIXEL_DIFF
+
+
+def test_decode_chunk_is_a_movq_option_only():
+    from serve.graph.build import stage_runtime
+
+    settings = parse_service_settings({"performance": {"stages": {"MovqDecoder": {"decode_chunk": 4}}}})
+    assert stage_runtime(settings, "MovqDecoder")["options"].decode_chunk == 4
+    with pytest.raises(ConfigError, match="decode_chunk cannot apply to a denoiser stage"):
+        parse_service_settings({"performance": {"stages": {"Denoiser": {"decode_chunk": 4}}}})
+    with pytest.raises(ConfigError, match="decode_chunk"):
+        parse_service_settings({"performance": {"default": {"decode_chunk": -1}}})
+
+
+@pytest.mark.gpu
+def test_chunked_decode_on_its_cuda_stream_matches_one_forward(tiny_checkpoint):
+    """The CUDA path: chunks queued on the decode stream, copied back through pinned memory."""
+    from deployments.movq import MovqModel
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    latents = np.random.default_rng(3).standard_normal((5, 4, 8, 8)).astype(np.float32)
+    whole = MovqModel.from_pretrained(tiny_checkpoint.decoder, device="cuda").decode(latents)
+    model = MovqModel.from_pretrained(tiny_checkpoint.decoder, device="cuda", options=ModelOptions(decode_chunk=2))
+    assert model.stream is not None
+    assert max_diff(model.decode(latents), whole) <= MAX_PIXEL_DIFF
+
+
+def test_settings_with_stage_overrides_survive_the_dump_the_ingress_validates():
+    """The graph hands the Ingress ``model_dump(mode="json")``: every stage's override, of any
+    role, must validate again and resolve to the same options."""
+    from serve.settings import ServiceSettings
+
+    settings = parse_service_settings({"performance": {"stages": {
+        "Prior": {"dtype": "bfloat16"}, "Denoiser": {"channels_last": True}, "MovqDecoder": {"decode_chunk": 2}}}})
+    again = ServiceSettings.model_validate(settings.model_dump(mode="json"))
+    for name in ("Prior", "Denoiser", "MovqDecoder", "TextEncoder"):
+        assert again.performance.resolve(name, "float32") == settings.performance.resolve(name, "float32")
+    assert again.performance.resolve("MovqDecoder", "float32").decode_chunk == 2
