@@ -5,6 +5,8 @@
 # Before, HERE:   cluster/gpu-wheels.sh            (packs what that machine lacks into .gpu/site.tar.xz)
 # There, from the repository's root, carrying .gpu:
 #                 bash cluster/gpu-bench.sh [extra `bench gpu` options, e.g. --option 'eager={...}']
+#                 bash cluster/gpu-bench.sh tests   (instead: the `gpu`-marked tests, tiny models,
+#                                                    about a minute plus compiles; $OUT/gpu-tests.xml)
 # It unpacks .gpu/site.tar.xz, runs the package from the checkout (PYTHONPATH; nothing is
 # installed into the machine's Python), writes the full-size random-weight checkpoint to local
 # disk (9.8 GB; 57 s on 2 CPU cores) and runs `bench gpu` with settings sized to end in about
@@ -38,6 +40,10 @@ if not torch.cuda.is_available():
 if missing:
     sys.exit("gpu-bench: cannot run:\n  " + "\n  ".join(missing) + "\n(run cluster/gpu-wheels.sh here and carry .gpu)")
 EOF
+
+if [ "${1:-}" = tests ]; then
+  exec "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu --junitxml "$OUT/gpu-tests.xml"
+fi
 
 CHECKPOINT=${CHECKPOINT:-/tmp/kandinsky-2-2-full}
 if [ ! -f "$CHECKPOINT/decoder/model_index.json" ]; then

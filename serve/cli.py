@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--capacity-duration", type=float, default=15.0, help="seconds of the closed loop measuring capacity")
     gpu.add_argument("--option", action="append", default=None, metavar="NAME=JSON",
                      help="repeatable: one more service start with JSON as args.performance (per-stage dtype, "
-                          "attention, channels_last, compile, ...; the service refuses it until it knows that key)")
+                          "attention, channels_last, compile, compile_mode, batch_buckets, decode_chunk)")
     gpu.add_argument("--skip", default="", help="comma-separated parts to leave out: diffusers, served, load")
     gpu.add_argument("--port", type=int, default=8050)
     gpu.add_argument("--out", default="bench-results/gpu.json")

@@ -26,11 +26,12 @@ class LocalCalls:
     decoder, inpaint), whose decoder also carries its text encoder."""
 
     def __init__(self, checkpoint, fine_tuned: dict | None = None, florence2=None, dtype: str = "float32",
-                 options: ModelOptions = ModelOptions()) -> None:
-        """``florence2``: a Florence-2 checkpoint directory, for ``caption_check``. ``dtype`` and
-        ``options`` (:mod:`deployments.performance`): how every generation model runs."""
+                 options: ModelOptions = ModelOptions(), device: str = "cpu") -> None:
+        """``florence2``: a Florence-2 checkpoint directory, for ``caption_check``. ``device``,
+        ``dtype`` and ``options`` (:mod:`deployments.performance`): where and how every
+        generation model runs."""
         prior_path, decoder_path, inpaint_path, *controlnet_path = checkpoint
-        run = {"device": "cpu", "dtype": dtype, "options": options}
+        run = {"device": device, "dtype": dtype, "options": options}
         self.fine_tuned = {model_id: PriorModel.from_pretrained(path, **run) for model_id, path in (fine_tuned or {}).items()}
         self.text = TextEncoderModel.from_pretrained(prior_path, **run)
         self.images = ImageEncoderModel.from_pretrained(prior_path, **run)

@@ -332,19 +332,6 @@ def test_decode_chunk_is_a_movq_option_only():
         parse_service_settings({"performance": {"default": {"decode_chunk": -1}}})
 
 
-@pytest.mark.gpu
-def test_chunked_decode_on_its_cuda_stream_matches_one_forward(tiny_checkpoint):
-    """The CUDA path: chunks queued on the decode stream, copied back through pinned memory."""
-    from deployments.movq import MovqModel
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    latents = np.random.default_rng(3).standard_normal((5, 4, 8, 8)).astype(np.float32)
-    whole = MovqModel.from_pretrained(tiny_checkpoint.decoder, device="cuda").decode(latents)
-    model = MovqModel.from_pretrained(tiny_checkpoint.decoder, device="cuda", options=ModelOptions(decode_chunk=2))
-    assert model.stream is not None
-    assert max_diff(model.decode(latents), whole) <= MAX_PIXEL_DIFF
-
 
 def test_settings_with_stage_overrides_survive_the_dump_the_ingress_validates():
     """The graph hands the Ingress ``model_dump(mode="json")``: every stage's override, of any
