@@ -374,10 +374,16 @@ async def settled_scrape(target: str, interval_s: float = 2.0, timeout_s: float 
     while previous is not None and time.monotonic() < deadline:
         await asyncio.sleep(interval_s)
         current = await scrape(target)
-        if current is None or _totals(current) == _totals(previous):
+        if current is None or _counters(current) == _counters(previous):
             return current or previous
         previous = current
     return previous
+
+
+def _counters(text: str) -> dict[tuple[str, str], float]:
+    """The counting series of :func:`_totals`: gauges are left out, since Ray re-exports them
+    only for a while after each set, so they come and go between scrapes and never settle."""
+    return {key: value for key, value in _totals(text).items() if key[0].endswith(("_total", "_count", "_sum"))}
 
 
 def _totals(text: str) -> dict[tuple[str, str], float]:

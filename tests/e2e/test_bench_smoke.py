@@ -140,7 +140,12 @@ def test_bench_compare_runs_and_writes_its_json(served_app, tiny_config, tmp_pat
 def test_loadtest_runs_and_writes_its_summary(served_app, tmp_path):
     url, _ = served_app
     out = tmp_path / "report"
-    _run(["loadtest", str(ROOT / "serve" / "tools" / "scenarios" / "example.yaml"), "--target", url, "--rate", "2",
+    # The example scenario as shipped, at 2 + 2 steps: the smoke checks the plumbing, not the model.
+    scenario = yaml.safe_load((ROOT / "serve" / "tools" / "scenarios" / "example.yaml").read_text())
+    for item in scenario["mix"]:
+        item["body"].update(steps=2, prior_steps=2)
+    (tmp_path / "scenario.yaml").write_text(yaml.safe_dump(scenario))
+    _run(["loadtest", str(tmp_path / "scenario.yaml"), "--target", url, "--rate", "2",
           "--duration", "1", "--timeout", "60", "--out", str(out), "--no-progress"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lost"] == 0

@@ -208,3 +208,16 @@ def test_stop_ends_a_closed_loop_run_early_and_accounts_for_every_request():
     [step] = result.steps
     assert step.sent == step.succeeded == len(result.records) and result.lost == 0
     assert step.sent < 3 * 5, "the run went on after stop()"
+
+
+def test_settling_compares_counters_only_not_gauges_that_come_and_go():
+    """Ray re-exports a gauge only for a while after each set: a scrape with a model-load gauge
+    and one without it are the same settled counters; a moved counter is not."""
+    from serve.tools.loadtest import _counters
+
+    counters = ('ray_kandinsky_serve_stage_requests_total{stage="Prior"} 3\n'
+                'ray_kandinsky_serve_stage_batch_compute_seconds_count{stage="Prior"} 2\n')
+    with_gauge = counters + 'ray_kandinsky_serve_model_load_seconds{stage="Prior"} 0.5\n'
+    assert _counters(with_gauge) == _counters(counters) == {
+        ("stage_requests_total", "Prior"): 3.0, ("stage_batch_compute_seconds_count", "Prior"): 2.0}
+    assert _counters(counters.replace("} 3", "} 4")) != _counters(counters)
