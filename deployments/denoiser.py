@@ -30,7 +30,9 @@ from deployments.messages import (
     StageTiming,
     TextEmbeddings,
 )
-from deployments.performance import ModelOptions, compiled, pad_rows, padded_size, prepare_convolutional, to_memory_format
+from deployments.performance import (
+    ModelOptions, compiled, cuda_graphs, graph_step, pad_rows, padded_size, prepare_convolutional, to_memory_format,
+)
 from deployments.runtime import LoopReplica
 
 STAGE = "denoiser"
@@ -108,6 +110,7 @@ class DenoiserModel:
         self.unet = unet
         self.channels_last = options.channels_last
         self.buckets = options.batch_buckets if options.compile else None
+        self.graph_replays = cuda_graphs(options)
         """Step batches are padded to these row counts, so a compiled U-Net reuses its graphs."""
         self.scheduler_config = scheduler.config
         self.movq_scale_factor = movq_scale_factor
@@ -286,7 +289,7 @@ class DenoiserModel:
             added["hint"] = to_memory_format(batch(hints), self.channels_last)
         if text_embeds:
             added["text_embeds"] = batch(text_embeds)
-        output = self.unet(
+        output = graph_step(self.unet, self.graph_replays)(
             sample=to_memory_format(batch(samples), self.channels_last),
             timestep=batch(timesteps),
             encoder_hidden_states=batch(text_hidden) if text_hidden else None,

@@ -18,7 +18,7 @@ from deployments.loading import DECODER_LAYOUT, check_layout, load_pretrained, t
 from deployments.messages import (
     Composite, DecodeParams, EncodedImages, ImageLatents, InitImage, Latents, StageTiming, UpscaleParams,
 )
-from deployments.performance import ModelOptions, compiled, prepare_convolutional, to_memory_format
+from deployments.performance import ModelOptions, compiled, cuda_graphs, graph_step, prepare_convolutional, to_memory_format
 from deployments.runtime import StageReplica
 from deployments.tiling import tiled_with_shared_norms
 
@@ -43,7 +43,7 @@ class MovqModel:
     """
 
     def __init__(self, movq, device: str = "cpu", tile_size: int | None = None, tile_overlap: int = 0,
-                 channels_last: bool = False, decode_chunk: int = 0) -> None:
+                 channels_last: bool = False, decode_chunk: int = 0, graph_replays: bool = False) -> None:
         from diffusers.image_processor import VaeImageProcessor
 
         self.movq = movq
@@ -52,6 +52,7 @@ class MovqModel:
         if decode_chunk < 0:
             raise ValueError(f"decode_chunk={decode_chunk}: must be 0 (no limit) or a positive number of images")
         self.decode_chunk = decode_chunk
+        self.graph_replays = graph_replays  # the decoder replays CUDA graphs (compile reduce-overhead)
         # Decodes run on a stream of their own: never queued behind (or holding up) other work on
         # the default stream of a process that shares the GPU, and never a host sync per chunk.
         self.stream = torch.cuda.Stream(device) if str(device).startswith("cuda") else None
@@ -83,14 +84,15 @@ class MovqModel:
         root = check_layout(decoder_path, DECODER_LAYOUT, "decoder", parts=("movq",))
         movq = prepare_convolutional(load_pretrained(VQModel, root, "movq", device, torch_dtype(dtype)), options)
         compiled(movq.decoder, options)
-        return cls(movq, device, tile_size, tile_overlap, options.channels_last, options.decode_chunk)
+        return cls(movq, device, tile_size, tile_overlap, options.channels_last, options.decode_chunk, cuda_graphs(options))
 
     def tiles(self, latent_size: tuple[int, int]) -> bool:
         """Whether latents of this (h, w) are decoded (their image encoded) in tiles."""
         return bool(self.tile) and max(latent_size) > self.tile
 
     def _decode_forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return self.movq.decode(sample, force_not_quantize=True)["sample"]
+        decode = graph_step(lambda latents: self.movq.decode(latents, force_not_quantize=True)["sample"], self.graph_replays)
+        return decode(sample)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(N, C, h, w) float latents of one size -> (N, H, W, 3) uint8 images."""

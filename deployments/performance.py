@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,28 @@ def compiled(module: torch.nn.Module, options: ModelOptions, backend: Any = "ind
         mode = options.compile_mode if backend == "inductor" else None  # modes are Inductor's
         module.compile(mode=mode, dynamic=False, backend=backend)
     return module
+
+
+def cuda_graphs(options: ModelOptions) -> bool:
+    """Whether the compiled network replays CUDA graphs (Inductor's ``reduce-overhead``)."""
+    return options.compile and options.compile_mode == "reduce-overhead"
+
+
+def graph_step(forward: Callable[..., Any], replayed: bool) -> Callable[..., Any]:
+    """``forward`` made safe for CUDA graph replays when ``replayed``: each call starts a new
+    graph step (no earlier call's outputs are read again) and its tensor outputs are cloned
+    out of the graph's buffers, which the next replay overwrites. ``forward`` itself otherwise."""
+    if not replayed:
+        return forward
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        output = forward(*args, **kwargs)
+        if isinstance(output, torch.Tensor):
+            return output.clone()
+        return type(output)(item.clone() if isinstance(item, torch.Tensor) else item for item in output)
+
+    return step
 
 
 def to_memory_format(tensor: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -344,3 +344,26 @@ def test_settings_with_stage_overrides_survive_the_dump_the_ingress_validates():
     for name in ("Prior", "Denoiser", "MovqDecoder", "TextEncoder"):
         assert again.performance.resolve(name, "float32") == settings.performance.resolve(name, "float32")
     assert again.performance.resolve("MovqDecoder", "float32").decode_chunk == 2
+
+
+def test_a_graph_step_starts_a_new_cuda_graph_step_and_clones_the_outputs(monkeypatch):
+    """With CUDA graphs (compile mode reduce-overhead) a replay overwrites the last outputs:
+    each forward marks a new step and hands back copies. Without them, the forward is untouched."""
+    from deployments.performance import cuda_graphs, graph_step
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    buffer = torch.zeros(2)
+
+    def forward(x):
+        buffer.copy_(x)  # as a replayed graph: the same output storage every call
+        return (buffer, "kept")
+
+    assert graph_step(forward, False) is forward
+    safe = graph_step(forward, True)
+    first, tag = safe(torch.ones(2))
+    safe(torch.full((2,), 5.0))
+    assert marks == [1, 1] and tag == "kept"
+    assert first.tolist() == [1.0, 1.0]  # not overwritten by the second call
+    assert cuda_graphs(ModelOptions(compile=True, compile_mode="reduce-overhead"))
+    assert not cuda_graphs(ModelOptions(compile_mode="reduce-overhead")) and not cuda_graphs(ModelOptions(compile=True))
