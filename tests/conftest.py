@@ -214,8 +214,9 @@ _GUARDED_DEPLOYMENT: dict = {}
 
 
 def deploy_guarded(**admission) -> None:
-    """(Re)deploy the guarded app, with ``admission`` settings overriding its own (only the
-    ingress restarts: the stages' arguments are unchanged)."""
+    """(Re)deploy the guarded app, with ``admission`` settings overriding its own. Ray restarts
+    every replica of an app that ``serve.run`` deploys again, unchanged stages too (checked on
+    Ray 2.60): about 35 s on 2 cores, so use it sparingly."""
     from ray import serve
 
     from serve.graph.build import build_graph
