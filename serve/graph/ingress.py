@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 import numpy as np
 
-from deployments.messages import CAPTION_TASK, EncodedImages, Florence2Request
+from deployments.messages import CAPTION_TASK, EncodedImages, Florence2Request, UnderstandingAnswer
 from deployments.metrics import merge_exposition
 from serve.http.app import create_app
 from serve.http.catalog import ModelCatalog
@@ -326,9 +326,10 @@ class Ingress:
 
         return await self._resilient(attempt)
 
-    async def understand(self, mode: str, image: np.ndarray, task: str, text: str | None, request_id: str = "") -> dict:
+    async def understand(self, mode: str, image: np.ndarray, task: str, text: str | None,
+                         request_id: str = "") -> UnderstandingAnswer:
         """One image-understanding request of route ``mode``: a Florence-2 task or a Kosmos-2
-        grounded caption (a ``ValueError`` when the stage refuses the input)."""
+        grounded caption, with its stage's timing (a ``ValueError`` when the stage refuses the input)."""
         if understanding_stage(mode).checkpoint == "florence2":
             request = Florence2Request(image, task, text)
         else:
@@ -336,10 +337,10 @@ class Ingress:
 
             request = Kosmos2Request(image, text or DEFAULT_PROMPT)
 
-        async def attempt() -> dict:
+        async def attempt() -> UnderstandingAnswer:
             calls = self._calls()
             try:
-                return (await calls.understand(mode, request, request_id)).answer
+                return await calls.understand(mode, request, request_id)
             except BaseException:
                 calls.cancel_all()
                 raise

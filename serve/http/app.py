@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.messages import EncodedImages
+from deployments.messages import EncodedImages, UnderstandingAnswer
 from deployments.registry import DEFAULT_FAMILY, MODES
 from serve.http.admission import AdmissionGate, RateLimiter
 from serve.http.auth import ApiKey, KeyStore
@@ -35,6 +35,7 @@ from serve.http.job_routes import add_job_routes
 from serve.http.playground import PLAYGROUND_PATH, add_playground_routes
 from serve.http.readiness import ReadinessCache, is_ready
 from serve.http.sweep import SWEEP_PATH, add_sweep_route
+from serve.http.timing import server_timing
 from serve.http.schemas import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -74,9 +75,10 @@ class GenerationBackend(Protocol):
         """The product's metrics from every stage, in Prometheus text format."""
         ...
 
-    async def understand(self, mode: str, image: np.ndarray, task: str, text: str | None, request_id: str) -> dict:
+    async def understand(self, mode: str, image: np.ndarray, task: str, text: str | None, request_id: str) -> UnderstandingAnswer:
         """The answer of image-understanding route ``mode`` (Florence-2's: ``task`` with ``text``;
-        Kosmos-2's: ``text`` is the prompt or None); ``ValueError`` when it refuses the input."""
+        Kosmos-2's: ``text`` is the prompt or None) and its stage's timing; ``ValueError`` when
+        it refuses the input."""
         ...
 
 
@@ -218,20 +220,6 @@ masks of a different size than their image get 422 — all before any model runs
 Inpainting masks: **white = repaint, black = keep** (the diffusers >= 0.19 convention);
 `invert_mask: true` accepts the opposite convention.
 """
-
-
-def server_timing(result: Any, total_ms: float) -> str:
-    """The ``Server-Timing`` header (W3C; browsers' dev tools show it): the ingress's total,
-    and per stage the call's round trip from the ingress, its queue wait and its compute.
-    The round trip minus queue and compute is routing and transfer (``bench latency --breakdown``)."""
-    entries = [f"total;dur={total_ms:.2f}"]
-    for key, timing in result.timings.items():
-        call = getattr(result, "call_ms", {}).get(key)
-        if call is not None:
-            entries.append(f"{key}-call;dur={call:.2f}")
-        entries.append(f"{key}-queue;dur={timing.queue_ms:.2f}")
-        entries.append(f"{key}-compute;dur={timing.compute_ms:.2f}")
-    return ", ".join(entries)
 
 
 def create_app(

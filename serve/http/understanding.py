@@ -7,20 +7,22 @@ runs; a route whose stage is not deployed answers 404 ``mode_not_configured``.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Awaitable, Callable, ClassVar, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.messages import CAPTION_TASK
+from deployments.messages import CAPTION_TASK, UnderstandingAnswer
 from serve.http.errors import ApiError, from_backend
 from serve.http.images import PixelBudget, decode_image
-from serve.http.schemas import Base64Image, ErrorResponse, SpecError, Text, bind_limits
+from serve.http.schemas import Base64Image, ErrorResponse, SpecError, StageTimingOut, Text, bind_limits
+from serve.http.timing import server_timing
 from serve.settings import ApiLimits
 
-Understand = Callable[[str, np.ndarray, str, "str | None", str], Awaitable[dict]]
-"""``(route, image, task, text, request_id) -> answer``: the backend's ``understand``."""
+Understand = Callable[[str, np.ndarray, str, "str | None", str], Awaitable[UnderstandingAnswer]]
+"""``(route, image, task, text, request_id) -> answer and timings``: the backend's ``understand``."""
 
 DETAIL_TASKS = {"brief": CAPTION_TASK, "detailed": "<DETAILED_CAPTION>", "more_detailed": "<MORE_DETAILED_CAPTION>"}
 Box = list[float]
@@ -84,31 +86,32 @@ class Entity(BaseModel):
     boxes: list[Box]
 
 
-class CaptionResponse(BaseModel):
+class _Answer(BaseModel):
+    request_id: str | None = None
+    timings: dict[str, StageTimingOut] = Field(
+        default_factory=dict, description="Per stage: queue wait, compute time (ms), batch size.")
+
+
+class CaptionResponse(_Answer):
     text: str
-    request_id: str | None = None
 
 
-class DetectResponse(BaseModel):
+class DetectResponse(_Answer):
     objects: list[Detection]
-    request_id: str | None = None
 
 
-class GroundResponse(BaseModel):
+class GroundResponse(_Answer):
     boxes: list[Box]
-    request_id: str | None = None
 
 
-class OcrResponse(BaseModel):
+class OcrResponse(_Answer):
     text: str
     regions: list[TextRegion] | None = None
-    request_id: str | None = None
 
 
-class GroundedCaptionResponse(BaseModel):
+class GroundedCaptionResponse(_Answer):
     text: str
     entities: list[Entity]
-    request_id: str | None = None
 
 
 def _detections(answer: dict) -> list[Detection]:
@@ -153,19 +156,22 @@ def _add_not_configured(router: APIRouter, mode: str, reason: str, summary: str 
 
 
 def _add_route(router, mode, model, task_of, shape, response_model, understand, decode, slot, errors) -> None:
-    async def route(body: model, request: Request):  # type: ignore[valid-type]
+    async def route(body: model, request: Request, response: Response):  # type: ignore[valid-type]
         request_id = request.state.request_id
         image = await decode.run(body.decoded_image)
         task, text, field = task_of(body)
+        started = time.perf_counter()
         try:
-            answer = await from_backend(_refusals(understand(mode, image, task, text, request_id)),
+            result = await from_backend(_refusals(understand(mode, image, task, text, request_id)),
                                         request_id)
         except _Refused as error:
             raise SpecError(field, str(error)) from None
-        return response_model(**shape(answer), request_id=request_id)
+        response.headers["Server-Timing"] = server_timing(result, (time.perf_counter() - started) * 1000.0)
+        timings = {stage: vars(timing) for stage, timing in result.timings.items()}
+        return response_model(**shape(result.answer), request_id=request_id, timings=timings)
 
     # The body model is made here (bound to the limits): give FastAPI the class, not a name to resolve.
-    route.__annotations__ = {"body": model, "request": Request}
+    route.__annotations__ = {"body": model, "request": Request, "response": Response}
     router.post(f"/v1/{mode}", response_model=response_model, responses=errors, summary=model.__doc__,
                 dependencies=[Depends(slot)])(route)
 
@@ -177,7 +183,7 @@ class _Refused(ApiError):
         super().__init__(422, "invalid_request", message)
 
 
-async def _refusals(call: Awaitable[dict]) -> dict:
+async def _refusals(call: Awaitable[UnderstandingAnswer]) -> UnderstandingAnswer:
     try:
         return await call
     except ValueError as error:  # through Ray: a RayTaskError that is also its cause's type

@@ -29,6 +29,12 @@ def test_caption_and_grounded_caption_over_http_equal_the_models_in_process(serv
     assert caption.json()["text"] == florence["text"]
     answer = grounded.json()
     assert {"text": answer["text"], "entities": answer["entities"]} == kosmos
+    # Each answer says where its time went: its stage's queue wait, compute and batch.
+    for response, stage in ((caption, "florence2"), (grounded, "kosmos2")):
+        (timing,) = response.json()["timings"].values()
+        assert list(response.json()["timings"]) == [stage], response.json()["timings"]
+        assert timing["compute_ms"] > 0 and timing["queue_ms"] >= 0 and timing["batch_size"] >= 1
+        assert f"{stage}-compute;dur=" in response.headers["Server-Timing"]
 
 
 def test_caption_check_over_http_equals_the_caption_and_embeddings_routes_on_the_returned_images(served_app):

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from deployments.messages import StageTiming, UnderstandingAnswer
 from serve.graph.ingress import unconfigured_understanding
 from serve.http.app import create_app
 from serve.settings import ApiLimits
@@ -27,6 +28,10 @@ class FakeBackend:
         self.calls.append((mode, image.shape, task, text))
         if self.refuse:
             raise ValueError(self.refuse)
+        stage = "kosmos2" if mode == "grounded-caption" else "florence2"
+        return UnderstandingAnswer(self._answer(mode, image, task, text), {stage: StageTiming(1.5, 20.25, 3)})
+
+    def _answer(self, mode, image, task, text):
         height, width = image.shape[:2]
         if mode == "grounded-caption":
             return {"text": "An image of a cat", "entities": [{"phrase": "a cat", "span": [12, 17], "boxes": [[0.0, 0.0, width, height]]}]}
@@ -70,7 +75,11 @@ def test_each_route_answers_its_shape_from_the_decoded_image(client, backend, ro
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer.pop("request_id")
+    stage = "kosmos2" if route == "grounded-caption" else "florence2"
+    assert answer.pop("timings") == {stage: {"queue_ms": 1.5, "compute_ms": 20.25, "batch_size": 3}}
     assert answer == expected
+    header = response.headers["Server-Timing"]
+    assert f"{stage}-queue;dur=1.50" in header and f"{stage}-compute;dur=20.25" in header and header.startswith("total;dur=")
     sent_route, shape, sent_task, _ = backend.calls[0]
     assert (sent_route, shape, sent_task) == (route, (24, 32, 3), task)
 
