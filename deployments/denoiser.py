@@ -110,8 +110,8 @@ class DenoiserModel:
         self.unet = unet
         self.channels_last = options.channels_last
         self.buckets = options.batch_buckets if options.compile else None
-        self.graph_replays = cuda_graphs(options)
         """Step batches are padded to these row counts, so a compiled U-Net reuses its graphs."""
+        self.graph_replays = cuda_graphs(options)
         self.scheduler_config = scheduler.config
         self.movq_scale_factor = movq_scale_factor
         self.device = device

@@ -161,6 +161,7 @@ class StageMetrics:
         self.gpu_reserved = make(GPU_RESERVED)
         self.gpu_peak = make(GPU_PEAK)
         self.gpu_budget = make(GPU_BUDGET)
+        self._budget_bytes: int | None = None
         self._model_load_s: float | None = None
 
     def model_loaded(self, seconds: float) -> None:
@@ -205,9 +206,10 @@ class StageMetrics:
         self.gpu_reserved.set(torch.cuda.memory_reserved(self.device), tags=self._tags)
         # The peak, not a sample after the batch: a batch's activations are freed by then.
         self.gpu_peak.set(torch.cuda.max_memory_reserved(self.device), tags=self._tags)
-        budget = gpu_memory_budget(self.gpu_share, torch.cuda.get_device_properties(self.device).total_memory)
-        if budget is not None:
-            self.gpu_budget.set(budget, tags=self._tags)
+        if self._budget_bytes is None and self.gpu_share:  # constant: read the device once
+            self._budget_bytes = gpu_memory_budget(self.gpu_share, torch.cuda.get_device_properties(self.device).total_memory)
+        if self._budget_bytes is not None:
+            self.gpu_budget.set(self._budget_bytes, tags=self._tags)
 
 
 def gpu_memory_budget(share: float | None, device_bytes: int) -> int | None:

@@ -164,9 +164,7 @@ class MovqModel:
         if factor > 1:
             size = (max(1, height // factor), max(1, width // factor))
             sample = torch.nn.functional.interpolate(sample, size=size, mode="area")
-        image = self.movq.decode(sample, force_not_quantize=True)["sample"]
-        image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        return (image[0] * 255).round().astype("uint8")
+        return self._decode_pixels(sample)[0].cpu().numpy()
 
     def prepare(self, image: InitImage) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Resize and normalise one input image (and mask) exactly as the reference pipelines do.

@@ -160,9 +160,9 @@ def stage_memory(metrics_text: str) -> dict[str, dict[str, float]]:
         stage = match and re.search(r'stage="([^"]+)"', match.group(2))
         if stage:
             row = out.setdefault(stage.group(1), {})
-            key = f"{match.group(1)}_bytes"
+            key, value = f"{match.group(1)}_bytes", float(match.group(3))
             pick = min if key == "budget_bytes" else max
-            row[key] = pick(row.get(key, float(match.group(3))), float(match.group(3)))
+            row[key] = pick(row.get(key, value), value)
     for row in out.values():
         if row.get("peak_bytes") is not None and row.get("budget_bytes"):
             row["peak_over_budget"] = row["peak_bytes"] / row["budget_bytes"]
